@@ -1,0 +1,574 @@
+"""The broker's sans-IO core: `on_*(event) -> list[Send]`, no sockets, no clock.
+
+Runs inside the broker process; `broker.server` owns the sockets and feeds it.
+Everything the broker decides lives here: request admission and unrolling, ready
+queues, credit-based dispatch with batching and affinity, the tensor directory
+(holders and reference counts, FREE when consumed), progress and results, cancel,
+heartbeats and the recovery of work from dead actors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker import protocol as p
+from broker.protocol.errors import ErrorCode
+from broker.state import DONE, READY, RUNNING, WAITING, ActorState, AgentState, LatencyWindow, Node, ReadyQueue, Request
+from broker.workflows import Catalog, ParamError, unroll, validate_params
+
+log = structlog.get_logger(__name__)
+
+FRONTEND, BACKEND = "frontend", "backend"
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 5
+    max_task_attempts: int = 3  # a task re-queued after this many lost attempts fails its request
+    max_request_restarts: int = 3  # whole-request recomputations after lost intermediate tensors
+    max_requests_in_flight: int = 100_000
+    latency_window: int = 20_000
+
+
+@dataclass
+class Send:
+    """An instruction for the IO shell: send `msg` (+ raw payload frames) to a peer."""
+
+    socket: str
+    identity: bytes
+    msg: p.Message
+    payload: list = field(default_factory=list)
+
+
+class BrokerCore:
+    def __init__(self, catalog: Catalog, settings: BrokerSettings = BrokerSettings(), broker_id: str = "broker", seed: int | None = None):
+        self.catalog = catalog
+        self.settings = settings
+        self.broker_id = broker_id
+        self.rng = random.Random(seed)
+        self.requests: dict[str, Request] = {}
+        self.tasks: dict[str, Node] = {}  # task_id -> node, for nodes of live requests
+        self.actors: dict[str, ActorState] = {}
+        self.actor_by_identity: dict[bytes, ActorState] = {}
+        self.agents: dict[bytes, AgentState] = {}
+        self.queues: dict[str, ReadyQueue] = {}
+        self.model_batches: dict[str, list[int]] = {}  # model -> [tasks, batches, mixed]
+        self.model_workflows: dict[str, set[str]] = {}
+        self.hop_latency = LatencyWindow(settings.latency_window)
+        self.counters = dict.fromkeys(
+            ("requests_submitted", "requests_completed", "requests_failed", "requests_rejected",
+             "requests_cancelled", "requests_restarted", "tasks_dispatched", "tasks_done",
+             "tasks_requeued", "stale_results", "actors_lost", "protocol_errors"), 0)
+        self._seq = itertools.count()
+        self._batch_ids = itertools.count(1)
+        self._spawn_ids = itertools.count(1)
+        self._out: list[Send] = []
+        self._backend_handlers = {
+            p.ActorHello: self._actor_hello,
+            p.AgentHello: self._agent_hello,
+            p.Heartbeat: self._peer_heartbeat,
+            p.Credit: self._credit,
+            p.BatchDone: self._batch_done,
+            p.BatchFailed: self._batch_failed,
+            p.AgentEvent: self._agent_event,
+            p.Disconnect: self._peer_disconnect,
+        }
+        self._frontend_handlers = {
+            p.Submit: self._submit,
+            p.Cancel: self._cancel,
+            p.ListWorkflows: self._list_workflows,
+            p.GetStats: self._get_stats,
+            p.AdminSpawn: self._admin_spawn,
+        }
+
+    # ------------------------------------------------------------------ entry points
+
+    def on_backend(self, identity: bytes, msg: p.Message, payload: list, now: float) -> list[Send]:
+        handler = self._backend_handlers.get(type(msg))
+        if handler is None:
+            self._error(BACKEND, identity, ErrorCode.UNKNOWN_COMMAND, f"{msg.COMMAND.name} is not a backend command")
+        else:
+            peer = self.actor_by_identity.get(identity) or self.agents.get(identity)
+            if peer is not None:
+                peer.last_seen = now
+            handler(identity, msg, payload, now)
+        return self._flush()
+
+    def on_frontend(self, identity: bytes, msg: p.Message, payload: list, now: float) -> list[Send]:
+        handler = self._frontend_handlers.get(type(msg))
+        if handler is None:
+            self._error(FRONTEND, identity, ErrorCode.UNKNOWN_COMMAND, f"{msg.COMMAND.name} is not a client command")
+        else:
+            handler(identity, msg, payload, now)
+        return self._flush()
+
+    def on_protocol_error(self, socket: str, identity: bytes, err: p.ProtocolError) -> list[Send]:
+        """A message that could not be decoded: answer with a typed error, keep going."""
+        self.counters["protocol_errors"] += 1
+        log.warning("protocol_error", socket=socket, peer=identity.hex(), code=err.code.value, error=err.message)
+        self._error(socket, identity, err.code, err.message, err.field)
+        return self._flush()
+
+    def on_tick(self, now: float) -> list[Send]:
+        """Heartbeats out, silent peers declared dead. Call about 4x per interval."""
+        expiry = self.settings.heartbeat_interval_s * self.settings.heartbeat_misses
+        for actor in list(self.actors.values()):
+            if now - actor.last_seen > expiry:
+                self._lose_actor(actor, f"silent for {now - actor.last_seen:.1f}s", now)
+            elif now - actor.last_sent >= self.settings.heartbeat_interval_s:
+                actor.last_sent = now
+                self._send(BACKEND, actor.identity, p.Heartbeat(sent_at=now))
+        for identity, agent in list(self.agents.items()):
+            if now - agent.last_seen > expiry:
+                log.warning("agent_lost", agent_id=agent.agent_id, host=agent.host)
+                del self.agents[identity]
+            elif now - agent.last_sent >= self.settings.heartbeat_interval_s:
+                agent.last_sent = now
+                self._send(BACKEND, identity, p.Heartbeat(sent_at=now))
+        return self._flush()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _send(self, socket: str, identity: bytes, msg: p.Message, payload: list | None = None) -> None:
+        self._out.append(Send(socket, identity, msg, payload or []))
+
+    def _flush(self) -> list[Send]:
+        out, self._out = self._out, []
+        return out
+
+    def _error(self, socket, identity, code: ErrorCode, message: str, field: str | None = None, request_id=None):
+        self._send(socket, identity, p.Error(code=code.value, message=message, field=field, request_id=request_id))
+
+    def _queue(self, model: str) -> ReadyQueue:
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = ReadyQueue()
+        return queue
+
+    # ------------------------------------------------------------------ peers
+
+    def _welcome(self, identity: bytes) -> None:
+        s = self.settings
+        self._send(BACKEND, identity, p.Welcome(self.broker_id, s.heartbeat_interval_s, s.heartbeat_misses))
+
+    def _actor_hello(self, identity: bytes, msg: p.ActorHello, payload, now: float) -> None:
+        old = self.actors.get(msg.actor_id)
+        if old is not None:  # the same actor reconnected: what it held is gone
+            self._lose_actor(old, "reconnected with a new session", now)
+        if msg.max_batch_rows < 1 or msg.credits < 0:
+            self._error(BACKEND, identity, ErrorCode.BAD_HEADER, "max_batch_rows must be >= 1 and credits >= 0", "max_batch_rows")
+            return
+        actor = ActorState(
+            actor_id=msg.actor_id, identity=identity, model=msg.model, host=msg.host, device=msg.device,
+            backend=msg.backend, data_address=msg.data_address, max_batch_rows=msg.max_batch_rows,
+            credits=msg.credits, last_seen=now, last_sent=now,
+        )
+        self.actors[msg.actor_id] = actor
+        self.actor_by_identity[identity] = actor
+        log.info("actor_joined", actor_id=msg.actor_id, model=msg.model, device=msg.device, host=msg.host, backend=msg.backend)
+        self._welcome(identity)
+        self._dispatch(msg.model, now)
+
+    def _agent_hello(self, identity: bytes, msg: p.AgentHello, payload, now: float) -> None:
+        self.agents[identity] = AgentState(msg.agent_id, identity, msg.host, list(msg.devices), now, now)
+        log.info("agent_joined", agent_id=msg.agent_id, host=msg.host, devices=len(msg.devices))
+        self._welcome(identity)
+
+    def _known_actor(self, identity: bytes) -> ActorState | None:
+        actor = self.actor_by_identity.get(identity)
+        if actor is None:
+            # Declared dead (or never said hello): its results were re-queued elsewhere.
+            self._send(BACKEND, identity, p.Disconnect(reason="unknown actor: send ACTOR_HELLO again"))
+        return actor
+
+    def _peer_heartbeat(self, identity: bytes, msg: p.Heartbeat, payload, now: float) -> None:
+        actor = self.actor_by_identity.get(identity)
+        if actor is not None:
+            actor.telemetry = msg.telemetry
+        elif identity not in self.agents:
+            self._send(BACKEND, identity, p.Disconnect(reason="unknown peer: send a HELLO first"))
+
+    def _peer_disconnect(self, identity: bytes, msg: p.Disconnect, payload, now: float) -> None:
+        actor = self.actor_by_identity.get(identity)
+        if actor is not None:
+            self._lose_actor(actor, f"disconnected: {msg.reason}", now)
+        agent = self.agents.pop(identity, None)
+        if agent is not None:
+            log.info("agent_left", agent_id=agent.agent_id, reason=msg.reason)
+
+    def _credit(self, identity: bytes, msg: p.Credit, payload, now: float) -> None:
+        actor = self._known_actor(identity)
+        if actor is not None:
+            actor.credits += max(0, msg.credits)
+            self._dispatch(actor.model, now)
+
+    # ------------------------------------------------------------------ requests
+
+    def _submit(self, identity: bytes, msg: p.Submit, payload, now: float) -> None:
+        def reject(code: ErrorCode, message: str, field_name: str | None = None):
+            self.counters["requests_rejected"] += 1
+            log.info("request_rejected", request_id=msg.request_id, code=code.value, field=field_name, reason=message)
+            self._send(FRONTEND, identity, p.Rejected(msg.request_id, code.value, message, field_name))
+
+        if not msg.request_id or len(msg.request_id) > 128 or "/" in msg.request_id:
+            return reject(ErrorCode.INVALID_PARAM, "request_id must be 1-128 characters without '/'", "request_id")
+        if msg.request_id in self.requests:
+            return reject(ErrorCode.DUPLICATE_REQUEST, "a request with this id is in flight", "request_id")
+        workflow = self.catalog.workflows.get(msg.workflow)
+        if workflow is None:
+            return reject(ErrorCode.UNKNOWN_WORKFLOW, f"unknown workflow {msg.workflow!r} (known: {sorted(self.catalog.workflows)})", "workflow")
+        if len(self.requests) >= self.settings.max_requests_in_flight:
+            return reject(ErrorCode.OVERLOADED, f"{len(self.requests)} requests in flight")
+        try:
+            params = validate_params(workflow, msg.params, self.rng)
+        except ParamError as exc:
+            return reject(ErrorCode.INVALID_PARAM, str(exc), f"params.{exc.field}")
+        request = Request(msg.request_id, identity, workflow.name, params, next(self._seq), now, msg.progress)
+        plans = unroll(workflow, params)
+        for plan in plans:
+            node = Node(request, plan, next(self._seq))
+            node.inputs = [request.nodes[k] for k in plan.inputs]
+            for producer in node.inputs:
+                producer.consumers.append(node)
+            request.nodes[plan.key] = node
+            self.tasks[node.task_id] = node
+            self.model_workflows.setdefault(node.model, set()).add(workflow.name)
+        self.requests[request.request_id] = request
+        self.counters["requests_submitted"] += 1
+        steps = sum(1 for n in plans if n.kind == "denoise")
+        self._send(FRONTEND, identity, p.Accepted(request.request_id, len(plans), steps, params))
+        log.info("request_accepted", request_id=request.request_id, workflow=workflow.name, nodes=len(plans))
+        self._start_request(request, now)
+
+    def _start_request(self, request: Request, now: float) -> None:
+        """(Re)arm every node of the request and queue the ones with no inputs."""
+        models = set()
+        for node in request.nodes.values():
+            node.deps_left = len(node.inputs)
+            node.refs_left = len(node.consumers)
+            node.state = WAITING
+            node.actor_id = ""
+        for node in request.nodes.values():
+            if not node.inputs:
+                self._make_ready(node)
+                models.add(node.model)
+        for model in models:
+            self._dispatch(model, now)
+
+    def _make_ready(self, node: Node) -> None:
+        node.state = READY
+        self._queue(node.model).push(node)
+
+    def _finish_request(self, request: Request) -> None:
+        """Forget the request; free whatever of it is still held anywhere."""
+        request.finished = True
+        self.requests.pop(request.request_id, None)
+        for node in request.nodes.values():
+            self.tasks.pop(node.task_id, None)
+            if node.state == READY:
+                self._queue(node.model).discard(node)
+                node.state = WAITING
+            elif node.state == DONE and node.refs_left > 0:
+                self._free(node)
+
+    def _fail_request(self, request: Request, code: ErrorCode, message: str) -> None:
+        counter = "requests_cancelled" if code is ErrorCode.CANCELLED else "requests_failed"
+        self.counters[counter] += 1
+        log.warning("request_failed", request_id=request.request_id, code=code.value, reason=message)
+        self._send(FRONTEND, request.client, p.Failed(request.request_id, code.value, message))
+        self._finish_request(request)
+
+    def _cancel(self, identity: bytes, msg: p.Cancel, payload, now: float) -> None:
+        request = self.requests.get(msg.request_id)
+        if request is None or request.client != identity:
+            self._error(FRONTEND, identity, ErrorCode.UNKNOWN_REQUEST, "no such request in flight", "request_id", msg.request_id)
+            return
+        self._fail_request(request, ErrorCode.CANCELLED, "cancelled by the client")
+
+    def _free(self, node: Node) -> None:
+        """The node's output is no longer needed: tell its holder to drop it."""
+        node.refs_left = 0
+        actor = self.actors.get(node.actor_id)
+        if actor is not None and node.output_id in actor.held:
+            actor.held.discard(node.output_id)
+            self._send(BACKEND, actor.identity, p.Free([node.output_id]))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _pick_actor(self, head: Node, candidates: list[ActorState]) -> ActorState:
+        """Affinity first (the holder of the head task's input), then the least loaded."""
+        for producer in head.inputs:
+            for actor in candidates:
+                if actor.actor_id == producer.actor_id:
+                    return actor
+        return max(candidates, key=lambda a: (a.credits, -len(a.in_flight)))
+
+    def _dispatch(self, model: str, now: float) -> None:
+        queue = self.queues.get(model)
+        if queue is None or queue.depth <= 0:
+            return
+        free = [a for a in self.actors.values() if a.model == model and a.credits > 0]
+        while free:
+            head = queue.head()
+            if head is None:
+                return
+            actor = self._pick_actor(head, free)
+            batch = queue.take_batch(head, actor.max_batch_rows)
+            self._send_batch(actor, batch, now)
+            if actor.credits <= 0:
+                free.remove(actor)
+
+    def _send_batch(self, actor: ActorState, batch: list[Node], now: float) -> None:
+        batch_id = next(self._batch_ids)
+        specs = []
+        workflows = set()
+        for node in batch:
+            node.state = RUNNING
+            node.actor_id = actor.actor_id
+            node.dispatched_at = now
+            node.output_id = f"{node.task_id}@{node.attempt}"
+            workflows.add(node.request.workflow)
+            inputs = []
+            for producer in node.inputs:
+                holder = self.actors.get(producer.actor_id)
+                inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "", producer.nbytes))
+            specs.append(p.TaskSpec(
+                task_id=node.task_id, request_id=node.request.request_id, attempt=node.attempt,
+                node=node.key, kind=node.kind, model=node.model, workflow=node.request.workflow,
+                rows=node.rows, shape=list(node.shape), params=node.params, inputs=inputs,
+                output_id=node.output_id, return_output=node.return_output,
+            ))
+        actor.credits -= 1
+        actor.in_flight[batch_id] = [(node, node.attempt) for node in batch]
+        rows = sum(n.rows for n in batch)
+        mixed = len(workflows) > 1
+        actor.batches += 1
+        actor.tasks += len(batch)
+        actor.mixed_workflow_batches += mixed
+        actor.max_batch_rows_seen = max(actor.max_batch_rows_seen, rows)
+        stats = self.model_batches.setdefault(actor.model, [0, 0, 0])
+        stats[1] += 1
+        stats[2] += mixed
+        self.counters["tasks_dispatched"] += len(batch)
+        self._send(BACKEND, actor.identity, p.Tasks(batch_id, specs))
+
+    # ------------------------------------------------------------------ results
+
+    def _batch_done(self, identity: bytes, msg: p.BatchDone, payload, now: float) -> None:
+        actor = self._known_actor(identity)
+        if actor is None:
+            return
+        actor.credits += max(0, msg.credits)
+        entries = actor.in_flight.pop(msg.batch_id, None)
+        if entries is None:
+            log.warning("unknown_batch", actor_id=actor.actor_id, batch_id=msg.batch_id)
+        else:
+            expected = {(n.task_id, attempt): n for n, attempt in entries}
+            ready_models = set()
+            for result in msg.results:
+                node = expected.get((result.task_id, result.attempt))
+                if node is None or node.request.finished or node.state != RUNNING or node.attempt != result.attempt:
+                    self._drop_stale(actor, result)
+                    continue
+                self._node_done(node, actor, result, payload, now, ready_models)
+            for model in ready_models:
+                self._dispatch(model, now)
+        self._dispatch(actor.model, now)
+
+    def _drop_stale(self, actor: ActorState, result: p.TaskResult) -> None:
+        self.counters["stale_results"] += 1
+        if not result.tensors:  # kept in the actor's store: release it
+            self._send(BACKEND, actor.identity, p.Free([result.output_id]))
+
+    def _node_done(self, node: Node, actor: ActorState, result: p.TaskResult, payload, now, ready_models) -> None:
+        request = node.request
+        node.state = DONE
+        node.nbytes = result.nbytes
+        request.done_nodes += 1
+        self.counters["tasks_done"] += 1
+        self.model_batches.setdefault(node.model, [0, 0, 0])[0] += 1
+        self.hop_latency.add(now - node.dispatched_at)
+        for producer in node.inputs:
+            producer.refs_left -= 1
+            if producer.refs_left <= 0:
+                self._free(producer)
+        if node.consumers:
+            actor.held.add(node.output_id)
+        if request.progress:
+            total_steps = request.params.get("steps", 0)
+            self._send(FRONTEND, request.client, p.Progress(
+                request.request_id, node.key, node.kind, node.step + 1 if node.step >= 0 else 0,
+                total_steps, request.done_nodes, len(request.nodes), actor.actor_id))
+        if node.return_output:
+            self._deliver(request, result, payload, now)
+            return
+        for consumer in node.consumers:
+            consumer.deps_left -= 1
+            if consumer.deps_left == 0:
+                self._make_ready(consumer)
+                ready_models.add(consumer.model)
+
+    def _deliver(self, request: Request, result: p.TaskResult, payload: list, now: float) -> None:
+        """Forward the final output's frames to the client without opening them."""
+        tensors, frames = [], []
+        for desc in result.tensors:
+            if not 0 <= desc.frame < len(payload):
+                self._fail_request(request, ErrorCode.TASK_ERROR, f"result tensor {desc.name!r} names a missing frame")
+                return
+            frames.append(payload[desc.frame])
+            tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(frames) - 1, desc.where, desc.nbytes))
+        self.counters["requests_completed"] += 1
+        latency = now - request.submitted_at
+        log.info("request_completed", request_id=request.request_id, latency_s=round(latency, 4))
+        self._send(FRONTEND, request.client, p.Result(request.request_id, tensors, latency, request.restarts + 1), frames)
+        self._finish_request(request)
+
+    def _batch_failed(self, identity: bytes, msg: p.BatchFailed, payload, now: float) -> None:
+        actor = self._known_actor(identity)
+        if actor is None:
+            return
+        actor.credits += max(0, msg.credits)
+        entries = actor.in_flight.pop(msg.batch_id, None) or []
+        for node, attempt in entries:
+            if node.request.finished or node.attempt != attempt or node.state != RUNNING:
+                continue
+            if msg.code == ErrorCode.INPUT_UNAVAILABLE.value:
+                # The holder of an input vanished: recompute the request's lineage.
+                self._restart_request(node.request, f"{node.key}: {msg.message}", now)
+            else:
+                # A model error is deterministic for these inputs: retrying would fail again.
+                self._fail_request(node.request, ErrorCode.TASK_ERROR, f"{node.key} failed on {actor.actor_id}: {msg.code}: {msg.message}")
+        self._dispatch(actor.model, now)
+
+    # ------------------------------------------------------------------ recovery
+
+    def _lose_actor(self, actor: ActorState, reason: str, now: float) -> None:
+        """Re-queue what the actor was running; recompute what only it held."""
+        self.counters["actors_lost"] += 1
+        log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
+                    in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
+        self.actors.pop(actor.actor_id, None)
+        self.actor_by_identity.pop(actor.identity, None)
+        self._send(BACKEND, actor.identity, p.Disconnect(reason=f"declared dead: {reason}"))
+        lost_held = {}
+        for request in list(self.requests.values()):
+            for node in request.nodes.values():
+                if node.state == DONE and node.refs_left > 0 and node.actor_id == actor.actor_id:
+                    lost_held.setdefault(request.request_id, request)
+        touched = set()
+        for entries in actor.in_flight.values():
+            for node, attempt in entries:
+                request = node.request
+                if request.finished or node.attempt != attempt or node.state != RUNNING:
+                    continue
+                if request.request_id in lost_held:
+                    continue  # recomputed from scratch below
+                if any(self.actors.get(prod.actor_id) is None for prod in node.inputs):
+                    lost_held[request.request_id] = request
+                    continue
+                self._requeue(node, reason)
+                touched.add(node.model)
+        actor.in_flight.clear()
+        for request in lost_held.values():
+            if not request.finished:
+                self._restart_request(request, reason, now)
+        for model in touched:
+            self._dispatch(model, now)
+
+    def _requeue(self, node: Node, reason: str) -> None:
+        node.attempt += 1
+        node.losses += 1
+        if node.losses >= self.settings.max_task_attempts:
+            self._fail_request(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,
+                               f"{node.key} lost {node.losses} times (last: {reason})")
+            return
+        self.counters["tasks_requeued"] += 1
+        log.info("task_requeued", request_id=node.request.request_id, task_id=node.task_id, attempt=node.attempt)
+        self._make_ready(node)
+
+    def _restart_request(self, request: Request, reason: str, now: float) -> None:
+        """An intermediate tensor is gone: recompute the request (seeded, so same result)."""
+        request.restarts += 1
+        if request.restarts > self.settings.max_request_restarts:
+            self._fail_request(request, ErrorCode.ATTEMPTS_EXHAUSTED,
+                               f"intermediate results lost {request.restarts} times (last: {reason})")
+            return
+        self.counters["requests_restarted"] += 1
+        log.warning("request_restarted", request_id=request.request_id, restarts=request.restarts, reason=reason)
+        for node in request.nodes.values():
+            if node.state == READY:
+                self._queue(node.model).discard(node)
+            elif node.state == DONE and node.refs_left > 0:
+                self._free(node)
+            node.attempt += 1  # results still in flight for the old attempt are dropped
+        request.done_nodes = 0
+        self._start_request(request, now)
+
+    # ------------------------------------------------------------------ agents, admin, stats
+
+    def _agent_event(self, identity: bytes, msg: p.AgentEvent, payload, now: float) -> None:
+        agent = self.agents.get(identity)
+        if agent is None:
+            self._send(BACKEND, identity, p.Disconnect(reason="unknown agent: send AGENT_HELLO again"))
+            return
+        agent.actors[msg.spawn_id] = msg.event
+        if msg.devices:
+            agent.devices = list(msg.devices)
+        log.info("agent_event", agent_id=agent.agent_id, spawn_id=msg.spawn_id, event_name=msg.event,
+                 actor_id=msg.actor_id, returncode=msg.returncode, detail=msg.message)
+
+    def _admin_spawn(self, identity: bytes, msg: p.AdminSpawn, payload, now: float) -> None:
+        if msg.model not in self.catalog.models:
+            self._send(FRONTEND, identity, p.AdminReply(False, f"model: unknown model {msg.model!r}"))
+            return
+        agents = [a for a in self.agents.values() if not msg.host or a.host == msg.host]
+        if not agents:
+            self._send(FRONTEND, identity, p.AdminReply(False, f"host: no node agent on {msg.host or 'any host'}"))
+            return
+        if not 1 <= msg.count <= 1024:
+            self._send(FRONTEND, identity, p.AdminReply(False, "count: must be 1..1024"))
+            return
+        agent = agents[0]
+        spawn_ids = []
+        for _ in range(msg.count):
+            spawn_id = f"{agent.agent_id}-{next(self._spawn_ids)}"
+            spawn_ids.append(spawn_id)
+            agent.actors[spawn_id] = "requested"
+            self._send(BACKEND, agent.identity, p.SpawnActor(spawn_id, msg.model, msg.device, msg.backend, msg.max_batch_rows, msg.options))
+        self._send(FRONTEND, identity, p.AdminReply(True, f"asked {agent.agent_id} for {msg.count} actor(s)", spawn_ids))
+
+    def _list_workflows(self, identity: bytes, msg, payload, now: float) -> None:
+        infos = []
+        for wf in self.catalog.workflows.values():
+            inputs = [p.InputInfo(i.name, i.type, i.required, i.default, i.min, i.max,
+                                  list(i.choices) if i.choices else None, i.description) for i in wf.inputs.values()]
+            infos.append(p.WorkflowInfo(wf.name, wf.description, wf.models, inputs, "image"))
+        self._send(FRONTEND, identity, p.Workflows(infos))
+
+    def _get_stats(self, identity: bytes, msg, payload, now: float) -> None:
+        self._send(FRONTEND, identity, self.snapshot(now))
+
+    def snapshot(self, now: float) -> p.Stats:
+        models = sorted(set(self.queues) | {a.model for a in self.actors.values()} | set(self.model_batches))
+        model_stats = []
+        for model in models:
+            tasks, batches, mixed = self.model_batches.get(model, (0, 0, 0))
+            queue = self.queues.get(model)
+            model_stats.append(p.ModelStats(
+                model, queue.depth if queue else 0, sum(a.model == model for a in self.actors.values()),
+                tasks, batches, mixed, sorted(self.model_workflows.get(model, ()))))
+        actor_stats = [
+            p.ActorStats(a.actor_id, a.model, a.host, a.device, "busy" if a.in_flight else "idle", a.credits,
+                         sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
+                         a.max_batch_rows_seen, len(a.held), a.telemetry)
+            for a in self.actors.values()
+        ]
+        agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in self.agents.values()]
+        counters = dict(self.counters, requests_in_flight=len(self.requests))
+        return p.Stats(now, model_stats, actor_stats, agent_stats, counters, self.hop_latency.summary())

@@ -1,0 +1,24 @@
+"""The wire protocol: the one leaf package every LegoDiffusion process imports.
+
+It owns every command, message type, error code and limit, and the codec that turns
+a typed message plus raw tensor buffers into ZeroMQ frames and back. It imports
+nothing else of ours (and no torch: `tensors.py` loads torch only when a torch
+tensor is packed). No pickle anywhere.
+"""
+
+from broker.protocol.codec import decode, encode
+from broker.protocol.constants import PROTOCOL_TAG, Command, Limits
+from broker.protocol.errors import ErrorCode, ProtocolError
+from broker.protocol.messages import *  # noqa: F403 (the message classes are the API)
+from broker.protocol.messages import __all__ as _message_names
+
+__all__ = [
+    "PROTOCOL_TAG",
+    "Command",
+    "ErrorCode",
+    "Limits",
+    "ProtocolError",
+    "decode",
+    "encode",
+    *_message_names,
+]

@@ -1,0 +1,65 @@
+"""Protocol tag, command codes and the limits every receiver checks before decoding."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# Bumped on any incompatible change; a peer speaking another version is refused.
+PROTOCOL_TAG = b"LEGO/1"
+
+
+class Command(bytes, enum.Enum):
+    """One command per message; the value is the command frame on the wire."""
+
+    # peer (actor or node agent) <-> broker, on the broker's backend socket
+    ACTOR_HELLO = b"AHLO"
+    AGENT_HELLO = b"GHLO"
+    WELCOME = b"WLCM"
+    HEARTBEAT = b"HBEAT"
+    CREDIT = b"CRED"
+    TASKS = b"TASK"
+    BATCH_DONE = b"DONE"
+    BATCH_FAILED = b"BFAIL"
+    FREE = b"FREE"
+    DISCONNECT = b"DISC"
+    SPAWN_ACTOR = b"SPWN"
+    STOP_ACTOR = b"STOP"
+    AGENT_EVENT = b"AEVT"
+    # actor <-> actor, on the holder's data socket
+    FETCH = b"FTCH"
+    FETCH_REPLY = b"FRPL"
+    # client <-> broker, on the broker's frontend socket
+    SUBMIT = b"SUBM"
+    ACCEPTED = b"ACPT"
+    REJECTED = b"RJCT"
+    PROGRESS = b"PROG"
+    RESULT = b"RSLT"
+    FAILED = b"FAIL"
+    CANCEL = b"CNCL"
+    LIST_WORKFLOWS = b"LSWF"
+    WORKFLOWS = b"WFLS"
+    GET_STATS = b"STAT"
+    STATS = b"STRP"
+    ADMIN_SPAWN = b"ASPN"
+    ADMIN_REPLY = b"ARPL"
+    # any direction: a typed error about one message
+    ERROR = b"ERR"
+
+
+COMMANDS_BY_VALUE = {c.value: c for c in Command}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds checked on every received message before any byte is decoded."""
+
+    max_frames: int = 4096
+    max_header_bytes: int = 4 * 1024 * 1024
+    max_payload_bytes: int = 8 * 1024**3
+    # msgpack nesting/containers in a header: beyond these a peer is misbehaving.
+    max_container_len: int = 100_000
+    max_str_len: int = 1024 * 1024
+
+
+DEFAULT_LIMITS = Limits()

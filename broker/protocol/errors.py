@@ -1,0 +1,39 @@
+"""Typed errors with stable codes: what a peer sees when something is refused."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    # protocol violations: the message was not understood
+    BAD_TAG = "bad_tag"
+    UNKNOWN_COMMAND = "unknown_command"
+    BAD_FRAMES = "bad_frames"
+    BAD_HEADER = "bad_header"
+    TOO_LARGE = "too_large"
+    # request-level outcomes
+    INVALID_PARAM = "invalid_param"
+    UNKNOWN_WORKFLOW = "unknown_workflow"
+    DUPLICATE_REQUEST = "duplicate_request"
+    OVERLOADED = "overloaded"
+    CANCELLED = "cancelled"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    TASK_ERROR = "task_error"
+    INPUT_UNAVAILABLE = "input_unavailable"
+    UNKNOWN_REQUEST = "unknown_request"
+    # cluster-level
+    UNKNOWN_PEER = "unknown_peer"
+    NOT_FOUND = "not_found"
+    NO_CAPACITY = "no_capacity"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol. `field` names the offending part when known."""
+
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None):
+        super().__init__(f"{code.value}: {message}" + (f" (field {field!r})" if field else ""))
+        self.code = code
+        self.message = message
+        self.field = field

@@ -1,0 +1,483 @@
+"""Every message type on the wire, one class per command.
+
+A message's header is its `to_wire()` map; tensor bytes travel as separate payload
+frames referenced by index from `TensorDesc.frame`. Field names ending in `_s` are
+seconds, `_bytes` bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from broker.protocol.constants import Command
+from broker.protocol.structs import Struct, struct
+
+__all__ = [
+    "Message",
+    "TensorDesc",
+    "TensorRef",
+    "TaskSpec",
+    "TaskResult",
+    "DeviceInfo",
+    "InputInfo",
+    "WorkflowInfo",
+    "ModelStats",
+    "ActorStats",
+    "AgentStats",
+    "ActorTelemetry",
+    "ActorHello",
+    "AgentHello",
+    "Welcome",
+    "Heartbeat",
+    "Credit",
+    "Tasks",
+    "BatchDone",
+    "BatchFailed",
+    "Free",
+    "Disconnect",
+    "SpawnActor",
+    "StopActor",
+    "AgentEvent",
+    "Fetch",
+    "FetchReply",
+    "Submit",
+    "Accepted",
+    "Rejected",
+    "Progress",
+    "Result",
+    "Failed",
+    "Cancel",
+    "ListWorkflows",
+    "Workflows",
+    "GetStats",
+    "Stats",
+    "AdminSpawn",
+    "AdminReply",
+    "Error",
+    "MESSAGE_TYPES",
+]
+
+
+class Message(Struct):
+    """A struct that is a whole message: it has a command."""
+
+    __slots__ = ()
+    COMMAND: ClassVar[Command]
+
+
+# ---------------------------------------------------------------- nested structs
+
+
+@struct
+class TensorDesc(Struct):
+    """One tensor in the payload: raw bytes of `dtype` laid out row-major in `shape`.
+
+    `where` is "frame" (payload frame number `frame`); later transports (CUDA IPC,
+    shared memory) add their own handles as optional fields.
+    """
+
+    name: str
+    dtype: str
+    shape: list
+    frame: int = -1
+    where: str = "frame"
+    nbytes: int = 0
+
+
+@struct
+class TensorRef(Struct):
+    """Where a task's input lives: the output bundle `tensor_id` held by an actor."""
+
+    tensor_id: str
+    holder: str
+    address: str
+    nbytes: int = 0
+
+
+@struct
+class TaskSpec(Struct):
+    """One node task as an actor sees it."""
+
+    task_id: str
+    request_id: str
+    attempt: int
+    node: str
+    kind: str  # encode | denoise | decode | noop
+    model: str
+    workflow: str
+    rows: int
+    shape: list  # [height, width] of the image this task works on
+    params: dict
+    inputs: list[TensorRef]
+    output_id: str
+    return_output: bool = False
+
+
+@struct
+class TaskResult(Struct):
+    task_id: str
+    attempt: int
+    output_id: str
+    nbytes: int = 0
+    tensors: list[TensorDesc] = ()  # only for return_output tasks
+
+
+@struct
+class DeviceInfo(Struct):
+    device: str  # cpu | cuda:N | emu:N
+    kind: str  # cpu | cuda | emulated
+    name: str
+    memory_bytes: int
+    free_bytes: int
+
+
+@struct
+class InputInfo(Struct):
+    name: str
+    type: str
+    required: bool = False
+    default: Any = None
+    min: Any = None
+    max: Any = None
+    choices: list | None = None
+    description: str = ""
+
+
+@struct
+class WorkflowInfo(Struct):
+    name: str
+    description: str
+    models: list
+    inputs: list[InputInfo]
+    output: str
+
+
+@struct
+class ActorTelemetry(Struct):
+    """Counters an actor reports with each heartbeat (cumulative since start)."""
+
+    batches: int = 0
+    tasks: int = 0
+    rows: int = 0
+    busy_s: float = 0.0
+    fetches: int = 0
+    fetched_bytes: int = 0
+    stored_tensors: int = 0
+    stored_bytes: int = 0
+    memory_used_bytes: int = 0
+
+
+@struct
+class ModelStats(Struct):
+    model: str
+    queue_depth: int
+    actors: int
+    tasks_done: int
+    batches: int
+    mixed_workflow_batches: int
+    workflows: list
+
+
+@struct
+class ActorStats(Struct):
+    actor_id: str
+    model: str
+    host: str
+    device: str
+    state: str
+    credits: int
+    in_flight: int
+    batches: int
+    tasks: int
+    mixed_workflow_batches: int
+    max_batch_rows_seen: int
+    held_tensors: int
+    telemetry: ActorTelemetry | None = None
+
+
+@struct
+class AgentStats(Struct):
+    agent_id: str
+    host: str
+    devices: list[DeviceInfo]
+    actors: list
+
+
+# ------------------------------------------------------- peer <-> broker (backend)
+
+
+@struct
+class ActorHello(Message):
+    COMMAND: ClassVar[Command] = Command.ACTOR_HELLO
+    actor_id: str
+    model: str
+    device: str
+    host: str
+    pid: int
+    backend: str
+    max_batch_rows: int
+    data_address: str
+    credits: int
+    capabilities: list = ()
+    memory_bytes: int = 0
+
+
+@struct
+class AgentHello(Message):
+    COMMAND: ClassVar[Command] = Command.AGENT_HELLO
+    agent_id: str
+    host: str
+    pid: int
+    devices: list[DeviceInfo]
+
+
+@struct
+class Welcome(Message):
+    COMMAND: ClassVar[Command] = Command.WELCOME
+    broker_id: str
+    heartbeat_interval_s: float
+    heartbeat_misses: int
+
+
+@struct
+class Heartbeat(Message):
+    COMMAND: ClassVar[Command] = Command.HEARTBEAT
+    sent_at: float = 0.0
+    telemetry: ActorTelemetry | None = None
+
+
+@struct
+class Credit(Message):
+    """The actor can take `credits` more batches."""
+
+    COMMAND: ClassVar[Command] = Command.CREDIT
+    credits: int
+
+
+@struct
+class Tasks(Message):
+    """A batch of compatible tasks for one actor; costs the actor one credit."""
+
+    COMMAND: ClassVar[Command] = Command.TASKS
+    batch_id: int
+    tasks: list[TaskSpec]
+
+
+@struct
+class BatchDone(Message):
+    """A batch ran; each output stays in the actor's store unless returned.
+
+    Finishing a batch gives back the credit it took (`credits`, normally 1).
+    """
+
+    COMMAND: ClassVar[Command] = Command.BATCH_DONE
+    batch_id: int
+    results: list[TaskResult]
+    exec_s: float = 0.0
+    credits: int = 1
+
+
+@struct
+class BatchFailed(Message):
+    COMMAND: ClassVar[Command] = Command.BATCH_FAILED
+    batch_id: int
+    task_ids: list
+    attempts: list
+    code: str
+    message: str
+    credits: int = 1
+
+
+@struct
+class Free(Message):
+    COMMAND: ClassVar[Command] = Command.FREE
+    tensor_ids: list
+
+
+@struct
+class Disconnect(Message):
+    COMMAND: ClassVar[Command] = Command.DISCONNECT
+    reason: str
+
+
+@struct
+class SpawnActor(Message):
+    COMMAND: ClassVar[Command] = Command.SPAWN_ACTOR
+    spawn_id: str
+    model: str
+    device: str
+    backend: str
+    max_batch_rows: int = 8
+    options: dict | None = None  # backend-specific settings (strings/numbers only)
+
+
+@struct
+class StopActor(Message):
+    COMMAND: ClassVar[Command] = Command.STOP_ACTOR
+    actor_id: str
+
+
+@struct
+class AgentEvent(Message):
+    """started | exited | refused, for an actor process the agent manages."""
+
+    COMMAND: ClassVar[Command] = Command.AGENT_EVENT
+    spawn_id: str
+    event: str
+    actor_id: str = ""
+    pid: int = 0
+    returncode: int | None = None
+    message: str = ""
+    devices: list[DeviceInfo] = ()
+
+
+# ------------------------------------------------------------ actor <-> actor (data)
+
+
+@struct
+class Fetch(Message):
+    COMMAND: ClassVar[Command] = Command.FETCH
+    tensor_id: str
+    request_id: str = ""
+
+
+@struct
+class FetchReply(Message):
+    COMMAND: ClassVar[Command] = Command.FETCH_REPLY
+    tensor_id: str
+    tensors: list[TensorDesc]
+
+
+# ----------------------------------------------------- client <-> broker (frontend)
+
+
+@struct
+class Submit(Message):
+    COMMAND: ClassVar[Command] = Command.SUBMIT
+    request_id: str
+    workflow: str
+    params: dict
+    progress: bool = True
+
+
+@struct
+class Accepted(Message):
+    COMMAND: ClassVar[Command] = Command.ACCEPTED
+    request_id: str
+    nodes: int
+    steps: int
+    params: dict  # the validated parameters, defaults filled in
+
+
+@struct
+class Rejected(Message):
+    COMMAND: ClassVar[Command] = Command.REJECTED
+    request_id: str
+    code: str
+    message: str
+    field: str | None = None
+
+
+@struct
+class Progress(Message):
+    COMMAND: ClassVar[Command] = Command.PROGRESS
+    request_id: str
+    node: str
+    kind: str
+    step: int
+    total_steps: int
+    done_nodes: int
+    total_nodes: int
+    actor_id: str = ""
+
+
+@struct
+class Result(Message):
+    COMMAND: ClassVar[Command] = Command.RESULT
+    request_id: str
+    tensors: list[TensorDesc]
+    latency_s: float
+    attempts: int = 1
+
+
+@struct
+class Failed(Message):
+    COMMAND: ClassVar[Command] = Command.FAILED
+    request_id: str
+    code: str
+    message: str
+
+
+@struct
+class Cancel(Message):
+    COMMAND: ClassVar[Command] = Command.CANCEL
+    request_id: str
+
+
+@struct
+class ListWorkflows(Message):
+    COMMAND: ClassVar[Command] = Command.LIST_WORKFLOWS
+
+
+@struct
+class Workflows(Message):
+    COMMAND: ClassVar[Command] = Command.WORKFLOWS
+    workflows: list[WorkflowInfo]
+
+
+@struct
+class GetStats(Message):
+    COMMAND: ClassVar[Command] = Command.GET_STATS
+
+
+@struct
+class Stats(Message):
+    """The broker's telemetry snapshot."""
+
+    COMMAND: ClassVar[Command] = Command.STATS
+    time: float
+    models: list[ModelStats]
+    actors: list[ActorStats]
+    agents: list[AgentStats]
+    counters: dict
+    hop_latency_s: dict  # {"p50": .., "p99": .., "count": ..} over recent tasks
+
+
+@struct
+class AdminSpawn(Message):
+    """Ask the agent on `host` (any agent if empty) to start actors."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_SPAWN
+    model: str
+    device: str
+    backend: str
+    host: str = ""
+    count: int = 1
+    max_batch_rows: int = 8
+    options: dict | None = None
+
+
+@struct
+class AdminReply(Message):
+    COMMAND: ClassVar[Command] = Command.ADMIN_REPLY
+    ok: bool
+    message: str
+    spawn_ids: list = ()
+
+
+@struct
+class Error(Message):
+    COMMAND: ClassVar[Command] = Command.ERROR
+    code: str
+    message: str
+    field: str | None = None
+    request_id: str | None = None
+
+
+MESSAGE_TYPES: dict[Command, type[Message]] = {
+    cls.COMMAND: cls
+    for cls in globals().copy().values()
+    if isinstance(cls, type) and issubclass(cls, Message) and cls is not Message
+}
+if len(MESSAGE_TYPES) != len(Command):  # a programming error, caught at import
+    raise RuntimeError("every protocol command needs exactly one message class")

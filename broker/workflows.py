@@ -1,0 +1,274 @@
+"""Workflow catalog, parameter validation and DAG unrolling: pure functions.
+
+Runs inside the broker (and the client CLI, to list workflows offline). A workflow
+names its models; a request's parameters are validated against the workflow's
+declared inputs and then unrolled into node plans: one encode node per text encoder,
+one denoise node per step, one VAE decode node. Sampler state and the prompt
+conditioning travel with the latent (step k's output bundle is step k+1's only
+input), so any actor of the base model can take the next step.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+MODEL_KINDS = ("text_encoder", "denoiser", "vae")
+INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+MAX_SEED = 2**63 - 1
+
+
+class CatalogError(ValueError):
+    """The catalog file itself is wrong; `field` is the dotted key at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"catalog: {field}: {message}")
+        self.field = field
+
+
+class ParamError(ValueError):
+    """A request parameter was refused; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str
+    profile: str = ""
+    dtype: str = "float32"
+    seq_len: int = 1
+    embed_dim: int = 8
+    latent_channels: int = 4
+    vae_scale: int = 8
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    type: str
+    required: bool = False
+    default: Any = None
+    min: Any = None
+    max: Any = None
+    choices: tuple | None = None
+    multiple_of: int | None = None
+    max_length: int | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    name: str
+    description: str
+    text_encoders: tuple[str, ...]
+    denoiser: str
+    vae: str
+    cfg: bool
+    inputs: dict[str, InputSpec]
+
+    @property
+    def models(self) -> list[str]:
+        return [*self.text_encoders, self.denoiser, self.vae]
+
+
+@dataclass
+class NodePlan:
+    """One node of a request's DAG before it becomes a live task."""
+
+    key: str
+    kind: str
+    model: str
+    rows: int
+    shape: tuple[int, int]
+    params: dict
+    inputs: list[str]
+    path_len: int
+    step: int = -1
+    return_output: bool = False
+
+
+@dataclass
+class Catalog:
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    workflows: dict[str, WorkflowSpec] = field(default_factory=dict)
+
+    def workflow(self, name: str) -> WorkflowSpec:
+        return self.workflows[name]
+
+
+# ------------------------------------------------------------------- catalog files
+
+
+def _standard_inputs(cfg: bool, vae_scale: int) -> dict[str, InputSpec]:
+    multiple = 2 * vae_scale  # Flux packs 2x2 latent patches; UNets need /8 at least
+    inputs = [
+        InputSpec("prompt", "str", required=True, max_length=8192, description="what to draw"),
+        InputSpec("steps", "int", default=20, min=1, max=100, description="denoising steps"),
+        InputSpec("width", "int", default=1024, min=64, max=2048, multiple_of=multiple),
+        InputSpec("height", "int", default=1024, min=64, max=2048, multiple_of=multiple),
+        InputSpec("seed", "int", default=None, min=0, max=MAX_SEED, description="random if absent"),
+    ]
+    if cfg:
+        inputs += [
+            InputSpec("negative_prompt", "str", default="", max_length=8192),
+            InputSpec("guidance", "float", default=7.0, min=1.0, max=30.0, description="CFG scale"),
+        ]
+    return {i.name: i for i in inputs}
+
+
+_INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
+_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale"}
+_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "inputs"}
+
+
+def _parse_model(name: str, raw: dict) -> ModelSpec:
+    unknown = set(raw) - _MODEL_FIELDS
+    if unknown:
+        raise CatalogError(f"models.{name}.{sorted(unknown)[0]}", "unknown field")
+    if raw.get("kind") not in MODEL_KINDS:
+        raise CatalogError(f"models.{name}.kind", f"must be one of {MODEL_KINDS}")
+    return ModelSpec(name=name, **raw)
+
+
+def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> WorkflowSpec:
+    unknown = set(raw) - _WORKFLOW_FIELDS
+    if unknown:
+        raise CatalogError(f"workflows.{name}.{sorted(unknown)[0]}", "unknown field")
+    roles = {"denoiser": "denoiser", "vae": "vae"}
+    for role, kind in roles.items():
+        model = raw.get(role)
+        if model not in models or models[model].kind != kind:
+            raise CatalogError(f"workflows.{name}.{role}", f"{model!r} is not a declared {kind} model")
+    encoders = tuple(raw.get("text_encoders", ()))
+    for i, enc in enumerate(encoders):
+        if enc not in models or models[enc].kind != "text_encoder":
+            raise CatalogError(f"workflows.{name}.text_encoders[{i}]", f"{enc!r} is not a declared text_encoder model")
+    cfg = bool(raw.get("cfg", False))
+    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale)
+    for input_name, override in raw.get("inputs", {}).items():
+        if input_name not in inputs:
+            raise CatalogError(f"workflows.{name}.inputs.{input_name}", "not an input of this workflow")
+        bad = set(override) - _INPUT_OVERRIDABLE
+        if bad:
+            raise CatalogError(f"workflows.{name}.inputs.{input_name}.{sorted(bad)[0]}", "cannot be overridden")
+        spec = inputs[input_name]
+        merged = {**spec.__dict__, **override}
+        if merged.get("choices") is not None:
+            merged["choices"] = tuple(merged["choices"])
+        inputs[input_name] = InputSpec(**merged)
+        if spec.default is not None or override.get("default") is not None:
+            try:  # a default must itself pass validation
+                _check_value(inputs[input_name], inputs[input_name].default)
+            except ParamError as exc:
+                raise CatalogError(f"workflows.{name}.inputs.{input_name}.default", exc.message) from None
+    return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs)
+
+
+def parse_catalog(doc: dict, base: Catalog | None = None) -> Catalog:
+    """Merge a parsed catalog document over `base` (same-named entries are replaced)."""
+    catalog = Catalog(dict(base.models) if base else {}, dict(base.workflows) if base else {})
+    for name, raw in doc.get("models", {}).items():
+        catalog.models[name] = _parse_model(name, raw)
+    for name, raw in doc.get("workflows", {}).items():
+        catalog.workflows[name] = _parse_workflow(name, raw, catalog.models)
+    return catalog
+
+
+def load_catalog(extra_files: list[str | Path] = (), builtin: bool = True) -> Catalog:
+    catalog = Catalog()
+    if builtin:
+        text = resources.files("broker").joinpath("catalog/builtin.toml").read_text()
+        catalog = parse_catalog(tomllib.loads(text))
+    for path in extra_files:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise CatalogError(str(path), f"not valid TOML: {exc}") from None
+        catalog = parse_catalog(doc, catalog)
+    return catalog
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_value(spec: InputSpec, value: Any) -> Any:
+    expected = INPUT_TYPES[spec.type]
+    if spec.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ParamError(spec.name, f"must be {spec.type}, got {type(value).__name__}")
+    if spec.min is not None and value < spec.min:
+        raise ParamError(spec.name, f"must be >= {spec.min}, got {value}")
+    if spec.max is not None and value > spec.max:
+        raise ParamError(spec.name, f"must be <= {spec.max}, got {value}")
+    if spec.multiple_of and value % spec.multiple_of:
+        raise ParamError(spec.name, f"must be a multiple of {spec.multiple_of}, got {value}")
+    if spec.max_length is not None and len(value) > spec.max_length:
+        raise ParamError(spec.name, f"must be at most {spec.max_length} characters, got {len(value)}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ParamError(spec.name, f"must be one of {list(spec.choices)}, got {value!r}")
+    return value
+
+
+def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | None = None) -> dict:
+    """The complete parameter set (defaults filled in) or ParamError naming the field."""
+    if not isinstance(params, dict):
+        raise ParamError("params", "must be a map of input name to value")
+    for name in params:
+        if name not in workflow.inputs:
+            raise ParamError(str(name), f"is not an input of workflow {workflow.name!r} (inputs: {sorted(workflow.inputs)})")
+    out = {}
+    for name, spec in workflow.inputs.items():
+        if name in params and params[name] is not None:
+            out[name] = _check_value(spec, params[name])
+        elif spec.required:
+            raise ParamError(name, "is required")
+        else:
+            out[name] = spec.default
+    if out.get("seed") is None:
+        out["seed"] = (rng or random).randrange(0, 2**31)  # reported back so a result can be reproduced
+    if "prompt" in out and not out["prompt"].strip():
+        raise ParamError("prompt", "must not be empty")
+    return out
+
+
+# ---------------------------------------------------------------- unrolling
+
+
+def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
+    """The request's DAG, producers before consumers. `params` must be validated."""
+    steps = params["steps"]
+    shape = (params["height"], params["width"])
+    rows = 2 if workflow.cfg else 1
+    nodes = []
+    for enc in workflow.text_encoders:
+        prompt_params = {"prompt": params["prompt"]}
+        if workflow.cfg:
+            prompt_params["negative_prompt"] = params["negative_prompt"]
+        nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], steps + 2))
+    previous = [n.key for n in nodes]
+    for k in range(steps):
+        step_params = {"step": k, "steps": steps, "seed": params["seed"]}
+        if workflow.cfg:
+            step_params["guidance"] = params["guidance"]
+        key = f"denoise/{k}"
+        nodes.append(
+            NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, steps - k + 1, step=k)
+        )
+        previous = [key]
+    nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))
+    return nodes
