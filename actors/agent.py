@@ -1,0 +1,280 @@
+"""The node agent: one per host; starts and stops actor processes on the broker's word.
+
+Owns one DEALER to the broker's backend socket (single thread). Reports the host's
+devices (real GPUs from nvidia-smi, or N emulated GPUs of a given memory size, plus
+the CPU), accounts the resident memory each actor's profile says it needs, pins
+actors to GPUs with CUDA_VISIBLE_DEVICES, writes a pidfile and a log per actor, and
+reports every start and exit. It restarts nothing on its own: replacing a dead actor
+is the scheduler's decision.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket as socketlib
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import zmq
+
+from broker import protocol as p
+from broker.workflows import load_catalog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    broker_backend: str = "tcp://127.0.0.1:5556"
+    host: str = ""
+    agent_id: str = ""
+    emulate_gpus: int = 0  # > 0: report N emulated GPUs instead of probing real ones
+    gpu_memory_gib: float = 80.0  # memory of each emulated GPU
+    catalog: list[str] = field(default_factory=list)
+    run_dir: str = "run"  # logs/ and pids/ of the actors this agent starts
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 5
+    stop_grace_s: float = 5.0
+    actor_log_format: str = "console"
+    log_format: str = "console"
+    log_level: str = "info"
+
+
+def detect_devices(emulate_gpus: int, gpu_memory_gib: float) -> list[p.DeviceInfo]:
+    devices = []
+    if emulate_gpus > 0:
+        size = int(gpu_memory_gib * 1024**3)
+        devices = [p.DeviceInfo(f"emu:{i}", "emulated", "emulated GPU", size, size) for i in range(emulate_gpus)]
+    elif shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
+        try:
+            lines = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+        except (subprocess.SubprocessError, OSError):
+            lines = []
+        for line in lines:
+            index, name, total, free = (x.strip() for x in line.split(","))
+            devices.append(p.DeviceInfo(f"cuda:{index}", "cuda", name, int(total) * 1024**2, int(free) * 1024**2))
+    import psutil
+
+    mem = psutil.virtual_memory()
+    devices.append(p.DeviceInfo("cpu", "cpu", f"{os.cpu_count()} cores", mem.total, mem.available))
+    return devices
+
+
+@dataclass
+class Child:
+    spawn_id: str
+    actor_id: str
+    device: str
+    memory_bytes: int
+    process: subprocess.Popen
+    pidfile: Path
+    stop_requested_at: float = 0.0
+
+
+class NodeAgent:
+    def __init__(self, config: AgentConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.host = config.host or socketlib.gethostname()
+        self.agent_id = config.agent_id or f"agent@{self.host}"
+        self.catalog = load_catalog(config.catalog)
+        self.devices = {d.device: d for d in detect_devices(config.emulate_gpus, config.gpu_memory_gib)}
+        self.children: dict[str, Child] = {}  # actor_id -> child
+        self.run_dir = Path(config.run_dir)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
+        self.context = context or zmq.Context()
+        self._own_context = context is None
+        self.stopping = threading.Event()
+        self._outbox: list[p.Message] = []
+
+    # ------------------------------------------------------------------ actors
+
+    def _memory_needed(self, model: str, backend: str, options: dict) -> int:
+        if backend != "emulated":
+            return 0  # real backends report what they hold once loaded
+        from actors.profiles import load_profile
+
+        spec = self.catalog.models[model]
+        return load_profile(options.get("profile") or spec.profile or spec.name).resident_bytes
+
+    def spawn(self, msg: p.SpawnActor) -> None:
+        def refuse(reason: str) -> None:
+            log.warning("spawn_refused", spawn_id=msg.spawn_id, model=msg.model, device=msg.device, reason=reason)
+            self._outbox.append(p.AgentEvent(msg.spawn_id, "refused", message=reason, devices=list(self.devices.values())))
+
+        options = dict(msg.options or {})
+        device = self.devices.get(msg.device)
+        if device is None:
+            return refuse(f"device: no device {msg.device!r} on {self.host} (has {sorted(self.devices)})")
+        if msg.model not in self.catalog.models:
+            return refuse(f"model: unknown model {msg.model!r}")
+        try:
+            need = self._memory_needed(msg.model, msg.backend, options)
+        except ValueError as exc:
+            return refuse(str(exc))
+        if device.kind != "cpu" and need > device.free_bytes:
+            return refuse(f"device: {msg.device} has {device.free_bytes} bytes free, {msg.model} needs {need}")
+        actor_id = f"{msg.model}@{self.host}/{msg.device}#{msg.spawn_id}"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LEGO_EXIT_WITH_PARENT="1")
+        actor_device = msg.device
+        if device.kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
+            actor_device = "cuda:0"
+        cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
+               "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
+               "--max-batch-rows", str(msg.max_batch_rows), "--log-format", self.config.actor_log_format]
+        for path in self.config.catalog:
+            cmd += ["--catalog", str(path)]
+        for key, value in options.items():
+            cmd += ["--option", f"{key}={value}"]
+        safe = msg.spawn_id.replace("/", "_")
+        logfile = open(self.run_dir / "logs" / f"actor-{safe}.log", "ab")
+        try:
+            process = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            return refuse(f"could not start: {exc}")
+        finally:
+            logfile.close()
+        pidfile = self.run_dir / "pids" / f"actor-{safe}.pid"
+        pidfile.write_text(f"{process.pid}\n")
+        device.free_bytes -= need
+        self.children[actor_id] = Child(msg.spawn_id, actor_id, msg.device, need, process, pidfile)
+        log.info("actor_started", spawn_id=msg.spawn_id, actor_id=actor_id, pid=process.pid, device=msg.device)
+        self._outbox.append(p.AgentEvent(msg.spawn_id, "started", actor_id, process.pid, devices=list(self.devices.values())))
+
+    def stop_actor(self, actor_id: str) -> None:
+        child = self.children.get(actor_id)
+        if child is None:
+            log.warning("stop_unknown_actor", actor_id=actor_id)
+            return
+        if not child.stop_requested_at:
+            child.stop_requested_at = time.monotonic()
+            child.process.terminate()
+
+    def reap(self) -> None:
+        """Report exited children; SIGKILL those that ignored SIGTERM for too long."""
+        now = time.monotonic()
+        for actor_id, child in list(self.children.items()):
+            code = child.process.poll()
+            if code is None:
+                if child.stop_requested_at and now - child.stop_requested_at > self.config.stop_grace_s:
+                    child.process.kill()
+                continue
+            del self.children[actor_id]
+            child.pidfile.unlink(missing_ok=True)
+            self.devices[child.device].free_bytes += child.memory_bytes
+            log.info("actor_exited", actor_id=actor_id, returncode=code)
+            self._outbox.append(p.AgentEvent(child.spawn_id, "exited", actor_id, child.process.pid, code,
+                                             devices=list(self.devices.values())))
+
+    def stop_all(self) -> None:
+        for actor_id in list(self.children):
+            self.stop_actor(actor_id)
+        deadline = time.monotonic() + self.config.stop_grace_s
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for child in self.children.values():
+            child.process.kill()
+            child.process.wait()
+            child.pidfile.unlink(missing_ok=True)
+        self.children.clear()
+
+    # ------------------------------------------------------------------ broker link
+
+    def _hello(self) -> p.AgentHello:
+        return p.AgentHello(self.agent_id, self.host, os.getpid(), list(self.devices.values()))
+
+    def run(self) -> None:
+        sock = None
+        interval, misses = self.config.heartbeat_interval_s, self.config.heartbeat_misses
+        welcomed, next_hello, backoff = False, 0.0, 0.5
+        last_heard = last_beat = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if sock is None:
+                    sock = self.context.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(self.config.broker_backend)
+                if not welcomed and now >= next_hello:
+                    sock.send_multipart([b"", *p.encode(self._hello())])
+                    next_hello, backoff = now + backoff, min(backoff * 2, 5.0)
+                if sock.poll(100):
+                    frames = sock.recv_multipart()
+                    last_heard = time.monotonic()
+                    try:
+                        msg, _ = p.decode(frames[1:])
+                    except p.ProtocolError as err:
+                        log.warning("protocol_error", code=err.code.value, error=err.message)
+                        continue
+                    if isinstance(msg, p.Welcome):
+                        welcomed, backoff = True, 0.5
+                        interval, misses = msg.heartbeat_interval_s, msg.heartbeat_misses
+                        log.info("agent_welcomed", agent_id=self.agent_id, broker_id=msg.broker_id)
+                    elif isinstance(msg, p.SpawnActor):
+                        self.spawn(msg)
+                    elif isinstance(msg, p.StopActor):
+                        self.stop_actor(msg.actor_id)
+                    elif isinstance(msg, p.Disconnect):
+                        welcomed, next_hello = False, 0.0
+                        log.warning("agent_disconnected", reason=msg.reason)
+                self.reap()
+                now = time.monotonic()
+                if welcomed and now - last_heard > interval * misses:
+                    log.warning("broker_silent", seconds=round(now - last_heard, 1))
+                    sock.close(linger=0)
+                    sock, welcomed, next_hello, last_heard = None, False, 0.0, now
+                    continue
+                if welcomed and now - last_beat >= interval:
+                    last_beat = now
+                    self._outbox.append(p.Heartbeat(time.time()))
+                while self._outbox and welcomed:
+                    sock.send_multipart([b"", *p.encode(self._outbox.pop(0))])
+        finally:
+            self.stop_all()
+            if sock is not None:
+                if welcomed:
+                    sock.send_multipart([b"", *p.encode(p.Disconnect("agent shutting down"))])
+                sock.close(linger=100)
+            if self._own_context:
+                self.context.term()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from broker.config import add_common_arguments, load_config
+    from broker.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="lego agent", description="Run the node agent of this host.")
+    parser.add_argument("--broker", dest="broker_backend", help="broker backend address (env LEGO_BROKER_BACKEND)")
+    parser.add_argument("--host")
+    parser.add_argument("--agent-id")
+    parser.add_argument("--emulate-gpus", type=int)
+    parser.add_argument("--gpu-memory-gib", type=float)
+    parser.add_argument("--catalog", action="append")
+    parser.add_argument("--run-dir")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    config = load_config(AgentConfig, "agent", args.config, {k: v for k, v in vars(args).items() if k != "config"})
+    configure_logging(config.log_format, config.log_level, process="agent")
+    agent = NodeAgent(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.run()
+
+
+if __name__ == "__main__":
+    main()

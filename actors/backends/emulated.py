@@ -1,0 +1,129 @@
+"""The emulated backend: replays measured execution times; imports no torch.
+
+A batch takes the time the model's profile gives for its mode, rows and resolution
+(scaled by `time_scale`), and produces tensors of the real sizes so the data plane
+moves real bytes. Contents are zeros except a 16-byte digest at the front of each
+tensor that chains prompt -> embeddings -> latents (with seed and step) -> image, so
+a lost, stale or mixed-up tensor shows in the final image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+from actors.profiles import load_profile
+from actors.store import Bundle, RawTensor, raw_zeros
+from broker.protocol.messages import TaskSpec
+from broker.workflows import ModelSpec
+
+DIGEST_BYTES = 16
+_PROFILE_MODE = {"encode": "default", "denoise": "default", "decode": "decode_latents"}
+
+
+def _digest(*parts: bytes | str | int) -> bytes:
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for part in parts:
+        h.update(part if isinstance(part, (bytes, bytearray, memoryview)) else str(part).encode())
+    return h.digest()
+
+
+def read_digest(tensor: RawTensor) -> bytes:
+    return bytes(memoryview(tensor.buffer).cast("B")[:DIGEST_BYTES])
+
+
+def _stamped(dtype: str, shape: tuple, digest: bytes) -> RawTensor:
+    tensor = raw_zeros(dtype, shape)
+    n = min(DIGEST_BYTES, len(tensor.buffer))
+    tensor.buffer[:n] = digest[:n]
+    return tensor
+
+
+def render_image(digest: bytes, height: int, width: int) -> np.ndarray:
+    """A smooth colour field determined by the digest: [height, width, 3] uint8."""
+    params = np.frombuffer(digest, dtype=np.uint8).astype(np.float32) / 255.0
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    channels = []
+    for c in range(3):
+        a, b, ph, fr = params[4 * c: 4 * c + 4]
+        wave = np.sin((2 + 6 * fr) * np.pi * (a * x + b * y) + 6.283 * ph)
+        ring = np.cos((3 + 5 * a) * np.pi * np.hypot(x - b, y - ph))
+        channels.append(127.5 + 63.5 * wave + 63.5 * ring)
+    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+
+
+class EmulatedBackend:
+    tensor_kind = "raw"
+
+    def __init__(self, model: ModelSpec, device: str, options: dict):
+        self.model = model
+        self.device = device
+        self.time_scale = float(options.get("time_scale", 1.0))
+        self.load_time_scale = float(options.get("load_time_scale", 0.0))
+        if self.time_scale < 0 or self.load_time_scale < 0:
+            raise ValueError("options.time_scale and options.load_time_scale must be >= 0")
+        self.profile = load_profile(options.get("profile") or model.profile or model.name)
+        self.peak_bytes = self.profile.resident_bytes
+
+    def memory_bytes(self) -> int:
+        return self.profile.resident_bytes
+
+    def load(self) -> None:
+        time.sleep(self.profile.load_s * self.load_time_scale)
+
+    def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        started = time.perf_counter()
+        rows = sum(t.rows for t in tasks)
+        height, width = tasks[0].shape
+        mode = _PROFILE_MODE[tasks[0].kind]
+        duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale
+        self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
+        outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs)]
+        remaining = duration - (time.perf_counter() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+        return outputs
+
+    def _compute(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        m = self.model
+        height, width = task.shape
+        if task.kind == "encode":
+            digest = _digest(m.name, task.params.get("prompt", ""), task.params.get("negative_prompt", ""))
+            return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest)}
+        if task.kind == "denoise":
+            latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
+            if task.params["step"] == 0:
+                cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}
+                digest = _digest(task.params["seed"], *(read_digest(t) for t in cond.values()))
+            else:
+                (previous,) = inputs
+                cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
+                digest = _digest(read_digest(previous["latents"]), task.params["step"])
+            # conditioning travels with the latent, by reference (no copy)
+            return {"latents": _stamped(m.dtype, latent_shape, digest), **cond}
+        if task.kind == "decode":
+            (previous,) = inputs
+            image = render_image(read_digest(previous["latents"]), height, width)
+            return {"image": RawTensor("uint8", image.shape, image)}
+        raise ValueError(f"task kind {task.kind!r} is not one this backend runs")
+
+
+class NoopBackend:
+    """Returns at once with tiny outputs: measures the runtime's own overhead."""
+
+    tensor_kind = "raw"
+
+    def __init__(self, model: ModelSpec, device: str, options: dict):
+        self.model = model
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def load(self) -> None:
+        return None
+
+    def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        return [{"out": RawTensor("uint8", (1,), b"\0")} for _ in tasks]

@@ -1,0 +1,389 @@
+"""The model actor process: one model on one device, pulling work from the broker.
+
+Threads and the sockets each one owns:
+- IO thread: the DEALER to the broker's backend socket and the receiving end of an
+  inproc PAIR from the compute thread. It says hello, forwards batches to the
+  compute thread, applies FREE, beats the heartbeat (so it keeps beating while a
+  batch computes) and reconnects with capped exponential backoff when the broker
+  disconnects it or goes silent.
+- data thread: the ROUTER data socket from which peer actors FETCH the outputs this
+  actor holds (the data plane is actor-to-actor; the broker moves references).
+- compute (main) thread: the sending end of the PAIR and one DEALER per peer it
+  fetches from. It resolves inputs, runs the backend, stores outputs, reports.
+
+A session is one hello..disconnect span; everything tied to an older session
+(stored tensors, queued or finishing batches) is dropped when a new one starts.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket as socketlib
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+
+from actors.backends import create_backend
+from actors.store import Bundle, TensorStore, bundle_nbytes, pack_bundle, unpack_bundle
+from broker import protocol as p
+from broker.protocol.errors import ErrorCode
+from broker.workflows import load_catalog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ActorConfig:
+    model: str = ""
+    broker_backend: str = "tcp://127.0.0.1:5556"  # env LEGO_BROKER_BACKEND
+    device: str = "cpu"
+    backend: str = "emulated"
+    catalog: list[str] = field(default_factory=list)
+    actor_id: str = ""
+    host: str = ""
+    data_bind: str = "tcp://127.0.0.1:*"
+    max_batch_rows: int = 8
+    credits: int = 2  # batches the broker may queue here (one running, one waiting)
+    threads: int = 1  # torch intra-op threads; several actors share the host's cores
+    heartbeat_interval_s: float = 1.0  # until the broker's WELCOME says otherwise
+    heartbeat_misses: int = 5
+    fetch_timeout_s: float = 10.0
+    reconnect_max_s: float = 5.0
+    options: dict = field(default_factory=dict)  # backend settings, e.g. time_scale
+    log_format: str = "console"
+    log_level: str = "info"
+
+
+class InputUnavailable(Exception):
+    pass
+
+
+class ActorRuntime:
+    def __init__(self, config: ActorConfig, context: zmq.Context | None = None):
+        if not config.model:
+            raise ValueError("model: an actor needs a model name")
+        self.config = config
+        catalog = load_catalog(config.catalog)
+        if config.model not in catalog.models:
+            raise ValueError(f"model: unknown model {config.model!r} (known: {sorted(catalog.models)})")
+        self.host = config.host or socketlib.gethostname()
+        self.actor_id = config.actor_id or f"{config.model}@{self.host}:{os.getpid()}"
+        self.backend = create_backend(config.backend, catalog.models[config.model], config.device, config.options)
+        if self.backend.tensor_kind == "torch" or "torch" in sys.modules:
+            import torch
+
+            torch.set_num_threads(max(1, config.threads))
+        self.context = context or zmq.Context()
+        self._own_context = context is None
+        self.store = TensorStore()
+        self.inbox: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.epoch = 0  # session number; bumped by the IO thread on every reconnect
+        self.telemetry = p.ActorTelemetry()
+        self._pair_address = f"inproc://actor-out-{id(self)}"
+        self._data_sock = self.context.socket(zmq.ROUTER)
+        self._data_sock.setsockopt(zmq.LINGER, 0)
+        self._data_sock.bind(config.data_bind)
+        self.data_address = self._data_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._io_ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        # Spawned by a node agent: exit with it rather than outlive it as an orphan.
+        self._parent_pid = os.getppid() if os.environ.get("LEGO_EXIT_WITH_PARENT") == "1" else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Load the model, start the IO and data threads, compute until stopped."""
+        log.info("actor_loading", actor_id=self.actor_id, model=self.config.model, backend=self.config.backend)
+        self.backend.load()
+        self.telemetry.memory_used_bytes = self.backend.memory_bytes()
+        for target, name in ((self._io_loop, "io"), (self._data_loop, "data")):
+            thread = threading.Thread(target=target, name=f"actor-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._io_ready.wait(5.0)
+        out = self.context.socket(zmq.PAIR)
+        out.setsockopt(zmq.LINGER, 0)
+        out.connect(self._pair_address)
+        peers: dict[str, zmq.Socket] = {}
+        try:
+            while not self.stopping.is_set():
+                try:
+                    epoch, batch = self.inbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if epoch == self.epoch:
+                    self._run_batch(epoch, batch, out, peers)
+        finally:
+            for sock in peers.values():
+                sock.close(linger=0)
+            out.close(linger=0)
+            for thread in self._threads:
+                thread.join(timeout=2.0)
+            self._data_sock.close(linger=0)
+            if self._own_context:
+                self.context.term()
+            log.info("actor_stopped", actor_id=self.actor_id)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # ------------------------------------------------------------------ compute thread
+
+    def _run_batch(self, epoch: int, batch: p.Tasks, out: zmq.Socket, peers: dict) -> None:
+        bound = log.bind(actor_id=self.actor_id, batch_id=batch.batch_id)
+        started = time.perf_counter()
+        try:
+            inputs = self._resolve_inputs(batch.tasks, peers)
+            outputs = self.backend.run(batch.tasks, inputs)
+        except InputUnavailable as exc:
+            self._report_failure(out, epoch, batch, ErrorCode.INPUT_UNAVAILABLE, str(exc), bound)
+            return
+        except Exception as exc:
+            bound.exception("batch_failed", task_ids=[t.task_id for t in batch.tasks])
+            self._report_failure(out, epoch, batch, ErrorCode.TASK_ERROR, f"{type(exc).__name__}: {exc}", bound)
+            return
+        exec_s = time.perf_counter() - started
+        if epoch != self.epoch:
+            return  # the session ended while computing: the broker re-queued this batch
+        results, payload = [], []
+        for task, bundle in zip(batch.tasks, outputs):
+            nbytes = bundle_nbytes(bundle)
+            if task.return_output:
+                descs, buffers = pack_bundle(bundle, first_frame=len(payload))
+                payload.extend(buffers)
+                results.append(p.TaskResult(task.task_id, task.attempt, task.output_id, nbytes, descs))
+            else:
+                if not self.store.put(task.output_id, bundle, epoch):
+                    return  # the session ended meanwhile; the broker re-queued this batch
+                results.append(p.TaskResult(task.task_id, task.attempt, task.output_id, nbytes))
+        t = self.telemetry
+        t.batches += 1
+        t.tasks += len(batch.tasks)
+        t.rows += sum(task.rows for task in batch.tasks)
+        t.busy_s += exec_s
+        t.memory_used_bytes = getattr(self.backend, "peak_bytes", t.memory_used_bytes)
+        msg = p.BatchDone(batch.batch_id, results, exec_s, 1)
+        out.send_multipart([str(epoch).encode(), *p.encode(msg, payload)], copy=False)
+
+    def _report_failure(self, out, epoch, batch: p.Tasks, code: ErrorCode, message: str, bound) -> None:
+        bound.warning("batch_not_done", code=code.value, error=message)
+        msg = p.BatchFailed(batch.batch_id, [t.task_id for t in batch.tasks], [t.attempt for t in batch.tasks], code.value, message, 1)
+        out.send_multipart([str(epoch).encode(), *p.encode(msg)])
+
+    def _resolve_inputs(self, tasks: list[p.TaskSpec], peers: dict) -> list[list[Bundle]]:
+        fetched: dict[str, Bundle] = {}
+        resolved = []
+        for task in tasks:
+            bundles = []
+            for ref in task.inputs:
+                bundle = self.store.get(ref.tensor_id) if ref.holder == self.actor_id else fetched.get(ref.tensor_id)
+                if bundle is None and ref.holder != self.actor_id:
+                    bundle = fetched[ref.tensor_id] = self._fetch(ref, task, peers)
+                if bundle is None:
+                    raise InputUnavailable(f"{ref.tensor_id} is not in this actor's store")
+                bundles.append(bundle)
+            resolved.append(bundles)
+        return resolved
+
+    def _fetch(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict) -> Bundle:
+        sock = peers.get(ref.address)
+        if sock is None:
+            sock = peers[ref.address] = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ref.address)
+        sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, task.request_id))])
+        if not sock.poll(self.config.fetch_timeout_s * 1000):
+            # A late reply would confuse the next fetch on this socket: start afresh.
+            peers.pop(ref.address).close(linger=0)
+            raise InputUnavailable(f"{ref.holder} did not answer a fetch of {ref.tensor_id} within {self.config.fetch_timeout_s}s")
+        frames = sock.recv_multipart(copy=False)
+        msg, payload = p.decode(frames[1:])
+        if isinstance(msg, p.Error):
+            raise InputUnavailable(f"{ref.holder}: {msg.code}: {msg.message}")
+        if not isinstance(msg, p.FetchReply) or msg.tensor_id != ref.tensor_id:
+            raise InputUnavailable(f"{ref.holder} answered a fetch of {ref.tensor_id} with {msg.COMMAND.name}")
+        bundle = unpack_bundle(msg.tensors, payload, as_torch=self.backend.tensor_kind == "torch")
+        self.telemetry.fetches += 1
+        self.telemetry.fetched_bytes += sum(d.nbytes for d in msg.tensors)
+        return bundle
+
+    # ------------------------------------------------------------------ data thread
+
+    def _data_loop(self) -> None:
+        sock = self._data_sock
+        while not self.stopping.is_set():
+            if not sock.poll(100):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                if len(frames) < 2 or frames[1].bytes != b"":
+                    raise p.ProtocolError(ErrorCode.BAD_FRAMES, "missing empty delimiter frame")
+                msg, _ = p.decode(frames[2:])
+                if not isinstance(msg, p.Fetch):
+                    raise p.ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{msg.COMMAND.name} is not a data-plane command")
+            except p.ProtocolError as err:
+                reply = p.Error(err.code.value, err.message, err.field)
+                sock.send_multipart([identity, b"", *p.encode(reply)])
+                continue
+            bundle = self.store.get(msg.tensor_id)
+            if bundle is None:
+                reply = p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} is not held here", "tensor_id", msg.request_id)
+                sock.send_multipart([identity, b"", *p.encode(reply)])
+                continue
+            descs, buffers = pack_bundle(bundle)
+            sock.send_multipart([identity, b"", *p.encode(p.FetchReply(msg.tensor_id, descs), buffers)], copy=False)
+
+    # ------------------------------------------------------------------ IO thread
+
+    def _hello(self) -> p.ActorHello:
+        c = self.config
+        return p.ActorHello(
+            actor_id=self.actor_id, model=c.model, device=c.device, host=self.host, pid=os.getpid(),
+            backend=c.backend, max_batch_rows=c.max_batch_rows, data_address=self.data_address,
+            credits=c.credits, capabilities=[self.backend.tensor_kind], memory_bytes=self.backend.memory_bytes(),
+        )
+
+    def _connect(self, sock: zmq.Socket | None) -> zmq.Socket:
+        if sock is not None:
+            sock.close(linger=0)
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.broker_backend)
+        return sock
+
+    def _new_session(self, reason: str) -> None:
+        """Forget everything the broker knew us by: it has re-queued or will re-queue it."""
+        self.epoch += 1
+        self.store.clear(self.epoch)
+        while True:
+            try:
+                self.inbox.get_nowait()
+            except queue.Empty:
+                break
+        log.info("actor_new_session", actor_id=self.actor_id, epoch=self.epoch, reason=reason)
+
+    def _io_loop(self) -> None:
+        pair = self.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.bind(self._pair_address)
+        self._io_ready.set()
+        broker = self._connect(None)
+        interval, misses = self.config.heartbeat_interval_s, self.config.heartbeat_misses
+        backoff = 0.5
+        welcomed = False
+        last_heard = last_beat = time.monotonic()
+        next_hello = 0.0
+        poller = zmq.Poller()
+        poller.register(broker, zmq.POLLIN)
+        poller.register(pair, zmq.POLLIN)
+        try:
+            while not self.stopping.is_set():
+                if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                    log.warning("parent_gone", actor_id=self.actor_id)
+                    self.stopping.set()
+                    break
+                now = time.monotonic()
+                if not welcomed and now >= next_hello:
+                    broker.send_multipart([b"", *p.encode(self._hello())])
+                    next_hello = now + backoff
+                    backoff = min(backoff * 2, self.config.reconnect_max_s)
+                events = dict(poller.poll(min(100, interval * 250)))
+                if pair in events:
+                    while True:
+                        try:
+                            epoch, *frames = pair.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        if int(epoch.bytes) == self.epoch and welcomed:
+                            broker.send_multipart([b"", *frames], copy=False)
+                if broker in events:
+                    while True:
+                        try:
+                            frames = broker.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        last_heard = time.monotonic()
+                        try:
+                            msg, _ = p.decode(frames[1:])
+                        except p.ProtocolError as err:
+                            log.warning("protocol_error", actor_id=self.actor_id, code=err.code.value, error=err.message)
+                            continue
+                        if isinstance(msg, p.Tasks):
+                            self.inbox.put((self.epoch, msg))
+                        elif isinstance(msg, p.Free):
+                            self.store.free(msg.tensor_ids)
+                        elif isinstance(msg, p.Welcome):
+                            welcomed, backoff = True, 0.5
+                            interval, misses = msg.heartbeat_interval_s, msg.heartbeat_misses
+                            log.info("actor_welcomed", actor_id=self.actor_id, broker_id=msg.broker_id)
+                        elif isinstance(msg, p.Disconnect):
+                            log.warning("actor_disconnected", actor_id=self.actor_id, reason=msg.reason)
+                            self._new_session(msg.reason)
+                            welcomed, next_hello = False, 0.0
+                        elif isinstance(msg, p.Error):
+                            log.warning("broker_error", actor_id=self.actor_id, code=msg.code, error=msg.message)
+                now = time.monotonic()
+                if welcomed and now - last_heard > interval * misses:
+                    self._new_session(f"broker silent for {now - last_heard:.1f}s")
+                    broker = self._reconnect(poller, broker)
+                    welcomed, next_hello, last_heard = False, 0.0, now
+                if welcomed and now - last_beat >= interval:
+                    last_beat = now
+                    count, nbytes = self.store.stats()
+                    self.telemetry.stored_tensors, self.telemetry.stored_bytes = count, nbytes
+                    broker.send_multipart([b"", *p.encode(p.Heartbeat(time.time(), self.telemetry))])
+        finally:
+            if welcomed:  # tell the broker now rather than letting it time us out
+                broker.send_multipart([b"", *p.encode(p.Disconnect("actor shutting down"))])
+                time.sleep(0.05)
+            broker.close(linger=100)
+            pair.close(linger=0)
+
+    def _reconnect(self, poller: zmq.Poller, broker: zmq.Socket) -> zmq.Socket:
+        poller.unregister(broker)
+        broker = self._connect(broker)
+        poller.register(broker, zmq.POLLIN)
+        return broker
+
+
+def run_actor(config: ActorConfig) -> None:
+    runtime = ActorRuntime(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: runtime.stop())
+    runtime.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from broker.config import add_common_arguments, load_config, parse_options
+    from broker.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="lego actor", description="Run one model actor (one model, one device).")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--broker", dest="broker_backend", help="broker backend address (env LEGO_BROKER_BACKEND)")
+    parser.add_argument("--device")
+    parser.add_argument("--backend")
+    parser.add_argument("--catalog", action="append", help="extra workflow catalog TOML (repeatable)")
+    parser.add_argument("--actor-id")
+    parser.add_argument("--host")
+    parser.add_argument("--data-bind")
+    parser.add_argument("--max-batch-rows", type=int)
+    parser.add_argument("--credits", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option (repeatable)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if k not in ("option", "config")}
+    cli["options"] = parse_options(args.option) or None
+    config = load_config(ActorConfig, "actor", args.config, cli)
+    configure_logging(config.log_format, config.log_level, process=f"actor:{config.model}")
+    run_actor(config)

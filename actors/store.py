@@ -1,0 +1,123 @@
+"""The actor's tensor store and bundle packing.
+
+An output bundle (a node's outputs: name -> tensor) stays in the producing actor's
+memory until the broker sends FREE. Tensors are `RawTensor` (bytes plus dtype and
+shape: the emulated backend, which never imports torch) or torch tensors (the
+diffusers backend). The store is shared by the compute thread (put) and the data
+thread (get for peers), so it takes a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from broker.protocol.messages import TensorDesc
+from broker.protocol.tensors import ITEMSIZE, check_payload, pack_torch, raw_desc, unpack_torch
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Row-major bytes of `dtype` in `shape`; `buffer` is any buffer-protocol object."""
+
+    dtype: str
+    shape: tuple
+    buffer: Any
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.buffer).nbytes
+
+
+Bundle = dict[str, Any]
+
+
+def value_nbytes(value: Any) -> int:
+    if isinstance(value, RawTensor):
+        return value.nbytes
+    return value.numel() * value.element_size()  # torch
+
+
+def bundle_nbytes(bundle: Bundle) -> int:
+    return sum(value_nbytes(v) for v in bundle.values())
+
+
+def pack_bundle(bundle: Bundle, first_frame: int = 0) -> tuple[list[TensorDesc], list[Any]]:
+    """Descriptors and zero-copy buffers for every tensor of a bundle."""
+    descs, buffers = [], []
+    for name, value in bundle.items():
+        frame = first_frame + len(buffers)
+        if isinstance(value, RawTensor):
+            desc, buf = raw_desc(name, value.dtype, list(value.shape), value.buffer, frame), value.buffer
+        else:
+            desc, buf = pack_torch(name, value, frame)
+        descs.append(desc)
+        buffers.append(buf)
+    return descs, buffers
+
+
+def unpack_bundle(descs: list[TensorDesc], frames: list[Any], as_torch: bool) -> Bundle:
+    """Rebuild a bundle over received frames (no copy). Raises ProtocolError if they disagree."""
+    check_payload(descs, frames)
+    out = {}
+    for desc in descs:
+        frame = frames[desc.frame]
+        if as_torch:
+            out[desc.name] = unpack_torch(desc, frame)
+        else:
+            buf = frame.buffer if hasattr(frame, "buffer") and not isinstance(frame, memoryview) else frame
+            out[desc.name] = RawTensor(desc.dtype, tuple(desc.shape), buf)
+    return out
+
+
+def raw_zeros(dtype: str, shape: tuple) -> RawTensor:
+    n = ITEMSIZE[dtype]
+    for d in shape:
+        n *= d
+    return RawTensor(dtype, tuple(shape), bytearray(n))
+
+
+class TensorStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bundles: dict[str, Bundle] = {}
+        self._bytes = 0
+        self._epoch = 0
+
+    def put(self, tensor_id: str, bundle: Bundle, epoch: int | None = None) -> bool:
+        """Store a bundle made in session `epoch`; refused (False) if that session ended."""
+        with self._lock:
+            if epoch is not None and epoch != self._epoch:
+                return False
+            old = self._bundles.pop(tensor_id, None)
+            if old is not None:
+                self._bytes -= bundle_nbytes(old)
+            self._bundles[tensor_id] = bundle
+            self._bytes += bundle_nbytes(bundle)
+            return True
+
+    def get(self, tensor_id: str) -> Bundle | None:
+        with self._lock:
+            return self._bundles.get(tensor_id)
+
+    def free(self, tensor_ids: list[str]) -> int:
+        freed = 0
+        with self._lock:
+            for tensor_id in tensor_ids:
+                bundle = self._bundles.pop(tensor_id, None)
+                if bundle is not None:
+                    self._bytes -= bundle_nbytes(bundle)
+                    freed += 1
+        return freed
+
+    def clear(self, epoch: int = 0) -> None:
+        """Drop everything; later puts must come from session `epoch`."""
+        with self._lock:
+            self._epoch = epoch
+            self._bundles.clear()
+            self._bytes = 0
+
+    def stats(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._bundles), self._bytes

@@ -1,0 +1,176 @@
+"""The broker process's IO shell: two ROUTER sockets around `BrokerCore`.
+
+Owns (from one thread): the frontend ROUTER (clients, admin) and the backend ROUTER
+(actors, node agents). Decodes each message, hands it to the core, and sends what
+the core returns. It never opens tensor payload frames: the final result's frames
+are forwarded to the client as they arrived. A message that breaks the protocol or a
+handler that raises is answered with an error and the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+
+from broker import protocol as p
+from broker.core import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Send
+from broker.protocol.constants import DEFAULT_LIMITS
+from broker.protocol.errors import ErrorCode
+from broker.workflows import load_catalog
+
+log = structlog.get_logger(__name__)
+
+DRAIN_BATCH = 512  # messages read from one socket before looking at the other
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    catalog: list[str] = field(default_factory=list)
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 5
+    max_task_attempts: int = 3
+    max_request_restarts: int = 3
+    max_requests_in_flight: int = 100_000
+    send_hwm: int = 100_000
+    log_format: str = "console"
+    log_level: str = "info"
+
+    def settings(self) -> BrokerSettings:
+        return BrokerSettings(
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            heartbeat_misses=self.heartbeat_misses,
+            max_task_attempts=self.max_task_attempts,
+            max_request_restarts=self.max_request_restarts,
+            max_requests_in_flight=self.max_requests_in_flight,
+        )
+
+
+class BrokerServer:
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.core = BrokerCore(load_catalog(config.catalog), config.settings(), broker_id=f"broker-{uuid.uuid4().hex[:8]}")
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.stopped = threading.Event()
+
+    def bind(self) -> None:
+        for name, address in ((FRONTEND, self.config.frontend), (BACKEND, self.config.backend)):
+            sock = self.context.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+            sock.setsockopt(zmq.RCVHWM, self.config.send_hwm)
+            sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_payload_bytes)
+            sock.bind(address)
+            self.sockets[name] = sock
+        log.info("broker_listening", frontend=self.config.frontend, backend=self.config.backend,
+                 workflows=sorted(self.core.catalog.workflows))
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        by_socket = {}
+        for name, sock in self.sockets.items():
+            poller.register(sock, zmq.POLLIN)
+            by_socket[sock] = name
+        tick_every_s = self.config.heartbeat_interval_s / 4
+        next_tick = time.monotonic()
+        while not self.stopped.is_set():
+            wait_ms = max(0.0, next_tick - time.monotonic()) * 1000
+            for sock, _ in poller.poll(min(wait_ms, 100)):
+                self._drain(by_socket[sock], sock)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._apply(self._guarded(self.core.on_tick, now))
+                next_tick = now + tick_every_s
+
+    def _drain(self, name: str, sock: zmq.Socket) -> None:
+        handle = self.core.on_frontend if name == FRONTEND else self.core.on_backend
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            identity = frames[0].bytes
+            if len(frames) < 2 or frames[1].bytes != b"":
+                sends = self.core.on_protocol_error(name, identity, p.ProtocolError(ErrorCode.BAD_FRAMES, "missing empty delimiter frame"))
+            else:
+                try:
+                    msg, payload = p.decode(frames[2:])
+                except p.ProtocolError as err:
+                    sends = self.core.on_protocol_error(name, identity, err)
+                else:
+                    sends = self._guarded(handle, identity, msg, payload, now, reply_to=(name, identity))
+            self._apply(sends)
+
+    def _guarded(self, fn, *args, reply_to: tuple[str, bytes] | None = None) -> list[Send]:
+        """A handler that raises is logged and answered; the loop never dies of it."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log.exception("handler_failed", handler=getattr(fn, "__name__", "?"))
+            if reply_to is None:
+                return []
+            return [Send(reply_to[0], reply_to[1], p.Error(code=ErrorCode.INTERNAL.value, message=f"broker error: {exc}"))]
+
+    def _apply(self, sends: list[Send]) -> None:
+        for send in sends:
+            frames = [send.identity, b"", *p.encode(send.msg, send.payload)]
+            try:
+                self.sockets[send.socket].send_multipart(frames, copy=False)
+            except zmq.ZMQError as exc:  # a vanished peer must not stop the broker
+                log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc))
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self.sockets.clear()
+        if self._own_context:
+            self.context.term()
+
+
+def run_broker(config: BrokerConfig) -> None:
+    server = BrokerServer(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    server.bind()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+        log.info("broker_stopped", **server.core.counters)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from broker.config import add_common_arguments, load_config
+    from broker.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="lego broker", description="Run the broker.")
+    parser.add_argument("--frontend", help="client address to bind (default tcp://127.0.0.1:5555)")
+    parser.add_argument("--backend", help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
+    parser.add_argument("--catalog", action="append", help="extra workflow catalog TOML (repeatable)")
+    parser.add_argument("--heartbeat-interval-s", type=float)
+    parser.add_argument("--heartbeat-misses", type=int)
+    parser.add_argument("--max-task-attempts", type=int)
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    config = load_config(BrokerConfig, "broker", args.config, {k: v for k, v in vars(args).items() if k != "config"})
+    configure_logging(config.log_format, config.log_level, process="broker")
+    run_broker(config)
+
+
+if __name__ == "__main__":
+    main()

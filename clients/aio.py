@@ -1,0 +1,122 @@
+"""The asyncio client: the same core as `Client`, awaited instead of blocked on.
+
+    async with AsyncClient() as client:
+        job = await client.submit("flux-schnell-txt2img", prompt="a red fox")
+        async for event in job.progress():
+            ...
+        result = await job.result(timeout=60)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, AsyncIterator
+
+from broker import protocol as p
+from clients.core import ClientCore
+from clients.errors import LegoError, Timeout
+from clients.results import JobResult
+
+_END = object()
+
+
+class AsyncJob:
+    def __init__(self, core: ClientCore, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self._core = core
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._answered = loop.create_future()
+        self._done = loop.create_future()
+        self._state = core.register(request_id, lambda e: loop.call_soon_threadsafe(self._on_event, e))
+
+    def _on_event(self, event: Any) -> None:  # event loop thread
+        if isinstance(event, p.Accepted):
+            if not self._answered.done():
+                self._answered.set_result(event)
+        elif isinstance(event, (JobResult, Exception)):
+            if not self._answered.done():
+                self._answered.set_result(event)
+            if not self._done.done():
+                self._done.set_result(event)
+            self._events.put_nowait(_END)
+        else:
+            self._events.put_nowait(event)
+
+    @property
+    def params(self) -> dict:
+        return dict(self._state.accepted.params) if self._state.accepted else {}
+
+    async def wait_accepted(self, timeout: float | None) -> None:
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(self._answered), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"request {self.request_id}: no answer from the broker within {timeout}s") from None
+        if isinstance(answer, Exception):
+            raise answer
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    async def result(self, timeout: float | None = None) -> JobResult:
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"request {self.request_id} not finished within {timeout}s") from None
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def progress(self) -> AsyncIterator[p.Progress]:
+        while True:
+            event = await self._events.get()
+            if event is _END:
+                return
+            yield event
+
+    def cancel(self) -> None:
+        self._core.send(p.Cancel(self.request_id))
+
+
+class AsyncClient:
+    def __init__(self, address: str | None = None, submit_timeout_s: float = 10.0, admin_timeout_s: float = 10.0):
+        self._core = ClientCore(address)
+        self.address = self._core.address
+        self.submit_timeout_s = submit_timeout_s
+        self.admin_timeout_s = admin_timeout_s
+
+    async def submit(self, workflow: str, *, request_id: str | None = None, progress: bool = True,
+                     wait_accepted: bool = True, **params: Any) -> AsyncJob:
+        job = AsyncJob(self._core, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
+        self._core.send(p.Submit(job.request_id, workflow, params, progress))
+        if wait_accepted:
+            await job.wait_accepted(self.submit_timeout_s)
+        return job
+
+    async def _admin(self, msg: p.Message, reply_type: type) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._core.admin(msg, reply_type, lambda r: loop.call_soon_threadsafe(future.set_result, r))
+        try:
+            reply = await asyncio.wait_for(future, self.admin_timeout_s)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no answer from the broker at {self.address} within {self.admin_timeout_s}s") from None
+        if isinstance(reply, p.Error):
+            raise LegoError(f"{reply.code}: {reply.message}")
+        return reply
+
+    async def workflows(self) -> list[p.WorkflowInfo]:
+        return (await self._admin(p.ListWorkflows(), p.Workflows)).workflows
+
+    async def stats(self) -> p.Stats:
+        return await self._admin(p.GetStats(), p.Stats)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._core.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,229 @@
+"""`lego`: the command line. Each subcommand is a thin front for a library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from broker.config import parse_options
+
+
+def _print_progress(job, stream=sys.stderr) -> None:
+    width = 30
+    for event in job.progress():
+        frac = event.done_nodes / max(1, event.total_nodes)
+        bar = "#" * int(frac * width)
+        label = f"step {event.step}/{event.total_steps}" if event.kind == "denoise" else event.node
+        stream.write(f"\r[{bar:<{width}}] {event.done_nodes}/{event.total_nodes} {label:<24}")
+        stream.flush()
+    stream.write("\n")
+
+
+def _params(args) -> dict:
+    params = parse_options(args.param)
+    for key in ("seed", "steps", "width", "height"):
+        if getattr(args, key, None) is not None:
+            params[key] = getattr(args, key)
+    return params
+
+
+def cmd_generate(args) -> int:
+    from clients import Client, LegoError
+
+    with Client(args.broker) as client:
+        try:
+            job = client.submit(args.workflow, prompt=args.prompt, **_params(args))
+            if not args.quiet:
+                _print_progress(job)
+            result = job.result(timeout=args.timeout)
+        except LegoError as exc:
+            print(f"lego generate: {exc}", file=sys.stderr)
+            return 1
+    path = result.save_png(args.output)
+    print(f"wrote {path} ({result.image.shape[1]}x{result.image.shape[0]}, seed {result.params.get('seed')}, "
+          f"{result.latency_s:.2f}s)")
+    return 0
+
+
+def cmd_workflows(args) -> int:
+    if args.offline:
+        from broker.workflows import load_catalog
+
+        infos = [{"name": w.name, "description": w.description, "models": w.models,
+                  "inputs": {i.name: i.__dict__ for i in w.inputs.values()}} for w in load_catalog(args.catalog or []).workflows.values()]
+    else:
+        from clients import Client
+
+        with Client(args.broker) as client:
+            infos = [{"name": w.name, "description": w.description, "models": w.models,
+                      "inputs": {i.name: i.to_wire() for i in w.inputs}} for w in client.workflows()]
+    if args.json:
+        print(json.dumps(infos, indent=2, default=list))
+        return 0
+    for info in infos:
+        print(f"{info['name']:<28} {info['description']}")
+        print(f"{'':<28} models: {', '.join(info['models'])}")
+        inputs = ", ".join(f"{n}{'*' if i['required'] else '=' + repr(i['default'])}" for n, i in info["inputs"].items())
+        print(f"{'':<28} inputs: {inputs}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from clients import Client
+
+    with Client(args.broker) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats.to_wire(), indent=2))
+        return 0
+    print("models:")
+    for m in stats.models:
+        print(f"  {m.model:<24} queue {m.queue_depth:>5}  actors {m.actors:>3}  tasks {m.tasks_done:>7}  "
+              f"batches {m.batches:>6}  mixed-workflow {m.mixed_workflow_batches:>5}")
+    print("actors:")
+    for a in stats.actors:
+        print(f"  {a.actor_id:<48} {a.state:<5} credits {a.credits} in-flight {a.in_flight:>3} tasks {a.tasks:>6}")
+    print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
+    return 0
+
+
+def _cluster_spec(args):
+    from clients.local import LocalClusterSpec
+
+    replicas = {k: int(v) for k, v in parse_options(args.replicas).items()}
+    return LocalClusterSpec(
+        workflows=args.workflow or ["flux-schnell-txt2img"], replicas=replicas, backend=args.backend,
+        options=parse_options(args.option), emulate_gpus=args.emulate_gpus, catalog=args.catalog or [],
+        frontend_port=args.port, backend_port=args.port + 1 if args.port else 0, run_dir=args.run_dir,
+        log_format=args.log_format, log_level=args.log_level,
+    )
+
+
+def cmd_up(args) -> int:
+    from clients import Client, LegoError
+    from clients.local import LocalCluster
+
+    cluster = LocalCluster(_cluster_spec(args))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        cluster.start()
+        print(f"local cluster up: clients connect to {cluster.frontend} (logs in {cluster.run_dir}/logs)", file=sys.stderr)
+        if args.generate:
+            with Client(cluster.frontend) as client:
+                job = client.submit(cluster.spec.workflows[0], prompt=args.generate, **_params(args))
+                _print_progress(job)
+                result = job.result(timeout=args.timeout)
+            path = result.save_png(args.output)
+            print(f"wrote {path} ({result.image.shape[1]}x{result.image.shape[0]}, seed {result.params.get('seed')}, "
+                  f"{result.latency_s:.2f}s through the micro-served cluster)")
+            return 0
+        print("Ctrl-C stops everything this command started.", file=sys.stderr)
+        while not stop.wait(0.5):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except LegoError as exc:
+        print(f"lego up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+def cmd_bench(args) -> int:
+    from clients.bench_overhead import run_overhead_bench
+
+    return run_overhead_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    broker_addr = {"help": "broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)"}
+
+    for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor")):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    g = sub.add_parser("generate", help="generate one image and write it as PNG")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("-w", "--workflow", default="flux-schnell-txt2img")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other workflow input")
+    g.add_argument("--timeout", type=float, default=600.0)
+    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--broker", **broker_addr)
+    g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("workflows", help="list workflows and their inputs")
+    w.add_argument("--json", action="store_true")
+    w.add_argument("--offline", action="store_true", help="read the catalog here instead of asking the broker")
+    w.add_argument("--catalog", action="append")
+    w.add_argument("--broker", **broker_addr)
+    w.set_defaults(func=cmd_workflows)
+
+    s = sub.add_parser("status", help="the broker's telemetry snapshot")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--broker", **broker_addr)
+    s.set_defaults(func=cmd_status)
+
+    u = sub.add_parser("up", help="a whole local cluster in the foreground")
+    u.add_argument("-w", "--workflow", action="append", help="workflow to serve (repeatable)")
+    u.add_argument("--replicas", action="append", metavar="MODEL=N", help="actors for a model (default 1)")
+    u.add_argument("--backend", default="emulated")
+    u.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option, e.g. time_scale=0.5")
+    u.add_argument("--emulate-gpus", type=int, default=2)
+    u.add_argument("--catalog", action="append")
+    u.add_argument("--port", type=int, default=5555, help="frontend port (backend is port+1); 0 picks free ports")
+    u.add_argument("--run-dir", default="run/local")
+    u.add_argument("--generate", metavar="PROMPT", help="generate one image, write it, stop the cluster")
+    u.add_argument("-o", "--output", default="out.png")
+    u.add_argument("--seed", type=int)
+    u.add_argument("--steps", type=int)
+    u.add_argument("--width", type=int)
+    u.add_argument("--height", type=int)
+    u.add_argument("--param", action="append", metavar="KEY=VALUE")
+    u.add_argument("--timeout", type=float, default=600.0)
+    u.add_argument("--log-format", default="console", choices=("console", "json"))
+    u.add_argument("--log-level", default="info")
+    u.set_defaults(func=cmd_up)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    o = bsub.add_parser("overhead", help="broker dispatch throughput and hop latency with no-op actors")
+    o.add_argument("--actors", type=int, default=2)
+    o.add_argument("--max-batch-rows", type=int, default=64)
+    o.add_argument("--requests", type=int, default=400)
+    o.add_argument("--steps", type=int, default=48)
+    o.add_argument("--rate", type=float, default=1000.0, help="offered tasks/s for the latency run")
+    o.add_argument("--latency-seconds", type=float, default=5.0)
+    o.add_argument("--json", action="store_true")
+    o.add_argument("--record", metavar="FILE", help="append the table to this markdown file")
+    o.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("broker", "agent", "actor"):  # process entry points parse their own flags
+        from actors.agent import main as agent_main
+        from actors.runtime import main as actor_main
+        from broker.server import main as broker_main
+
+        {"broker": broker_main, "agent": agent_main, "actor": actor_main}[argv[0]](argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

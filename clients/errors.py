@@ -1,0 +1,31 @@
+"""Typed exceptions the client library raises."""
+
+from __future__ import annotations
+
+
+class LegoError(Exception):
+    """Base of every client-side error."""
+
+
+class RequestRejected(LegoError):
+    """The broker refused the request before doing any work (bad parameter, overload...)."""
+
+    def __init__(self, request_id: str, code: str, message: str, field: str | None = None):
+        super().__init__(f"request {request_id} rejected: {code}: {message}")
+        self.request_id, self.code, self.message, self.field = request_id, code, message, field
+
+
+class RequestFailed(LegoError):
+    """The request was accepted but did not complete (task error, attempts exhausted, cancelled)."""
+
+    def __init__(self, request_id: str, code: str, message: str):
+        super().__init__(f"request {request_id} failed: {code}: {message}")
+        self.request_id, self.code, self.message = request_id, code, message
+
+
+class Cancelled(RequestFailed):
+    pass
+
+
+class Timeout(LegoError, TimeoutError):
+    """No answer within the time asked for (the request may still complete)."""

@@ -1,0 +1,154 @@
+"""A whole cluster on this machine: broker, node agent and actors as real processes.
+
+Used by `lego up` (in the foreground; Ctrl-C stops everything it started), by
+`scripts/demo.sh`, by the integration tests and by the benchmarks. Processes are
+started by pid and stopped by pid, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.profiles import load_profile
+from broker.workflows import load_catalog
+from clients.client import Client
+from clients.errors import LegoError, Timeout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalClusterSpec:
+    workflows: list[str] = field(default_factory=lambda: ["flux-schnell-txt2img"])
+    replicas: dict[str, int] = field(default_factory=dict)  # model -> actors (default 1)
+    backend: str = "emulated"
+    options: dict = field(default_factory=dict)  # backend options, e.g. {"time_scale": 0.1}
+    max_batch_rows: int = 8
+    emulate_gpus: int = 2
+    gpu_memory_gib: float = 80.0
+    catalog: list[str] = field(default_factory=list)
+    frontend_port: int = 0  # 0: pick a free port
+    backend_port: int = 0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 5
+    run_dir: str = "run/local"
+    log_format: str = "console"
+    log_level: str = "info"
+
+
+def place(models: list[tuple[str, int]], free: dict[str, int]) -> list[tuple[str, str]]:
+    """(model, device) for each actor: the biggest models first, each on the device with most free memory."""
+    free = dict(free)
+    placement = []
+    for model, need in sorted(models, key=lambda m: -m[1]):
+        device = max(free, key=lambda d: free[d])
+        if free[device] < need:
+            raise LegoError(f"replicas: {model} needs {need} bytes, no device has that much free")
+        free[device] -= need
+        placement.append((model, device))
+    return placement
+
+
+class LocalCluster:
+    def __init__(self, spec: LocalClusterSpec):
+        self.spec = spec
+        self.frontend = f"tcp://127.0.0.1:{spec.frontend_port or free_port()}"
+        self.backend = f"tcp://127.0.0.1:{spec.backend_port or free_port()}"
+        self.run_dir = Path(spec.run_dir)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.catalog = load_catalog(spec.catalog)
+        for name in spec.workflows:
+            if name not in self.catalog.workflows:
+                raise LegoError(f"workflows: unknown workflow {name!r} (known: {sorted(self.catalog.workflows)})")
+
+    def _start(self, name: str, args: list[str]) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
+        log = open(self.run_dir / "logs" / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            log.close()
+        (self.run_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
+        self.processes[name] = proc
+
+    def actor_plan(self) -> list[tuple[str, int]]:
+        models = []
+        for wf in self.spec.workflows:
+            for model in self.catalog.workflows[wf].models:
+                if model not in models:
+                    models.append(model)
+        plan = []
+        for model in models:
+            spec = self.catalog.models[model]
+            need = load_profile(spec.profile or model).resident_bytes if self.spec.backend == "emulated" else 0
+            plan += [(model, need)] * self.spec.replicas.get(model, 1)
+        return plan
+
+    def start(self, timeout_s: float = 60.0) -> LocalCluster:
+        s = self.spec
+        common = ["--log-format", s.log_format, "--log-level", s.log_level]
+        catalogs = [arg for path in s.catalog for arg in ("--catalog", str(path))]
+        self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend,
+                               "--heartbeat-interval-s", str(s.heartbeat_interval_s),
+                               "--heartbeat-misses", str(s.heartbeat_misses), *catalogs, *common])
+        self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
+                              "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
+                              "--host", "localhost", *catalogs, *common])
+        deadline = time.monotonic() + timeout_s
+        with Client(self.frontend, admin_timeout_s=2.0) as client:
+            stats = self._wait(client, deadline, lambda st: st.agents, "the node agent to register")
+            devices = {d.device: d.free_bytes for d in stats.agents[0].devices if d.kind != "cpu"} or {"cpu": 1 << 62}
+            plan = self.actor_plan()
+            for model, device in place(plan, devices):
+                client.spawn(model, device, s.backend, max_batch_rows=s.max_batch_rows, options=s.options)
+            self._wait(client, deadline, lambda st: len(st.actors) >= len(plan), f"{len(plan)} actors to join")
+        return self
+
+    def _wait(self, client: Client, deadline: float, ready, what: str):
+        while True:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise LegoError(f"{name} exited with code {proc.returncode}; see {self.run_dir}/logs/{name}.log")
+            try:
+                stats = client.stats(timeout=2.0)
+                if ready(stats):
+                    return stats
+            except Timeout:
+                pass
+            if time.monotonic() > deadline:
+                raise LegoError(f"local cluster: timed out waiting for {what}; logs in {self.run_dir}/logs")
+            time.sleep(0.1)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Agent first (it stops its actors), then the broker; SIGKILL what outlives the grace."""
+        for name in ("agent", "broker"):
+            proc = self.processes.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for name in self.processes:
+            (self.run_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
