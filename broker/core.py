@@ -69,6 +69,7 @@ class BrokerCore:
         self._batch_ids = itertools.count(1)
         self._spawn_ids = itertools.count(1)
         self._out: list[Send] = []
+        self._frees: dict[bytes, list[str]] = {}  # holder identity -> output ids, one FREE each flush
         self._backend_handlers = {
             p.ActorHello: self._actor_hello,
             p.AgentHello: self._agent_hello,
@@ -139,6 +140,9 @@ class BrokerCore:
         self._out.append(Send(socket, identity, msg, payload or []))
 
     def _flush(self) -> list[Send]:
+        for identity, tensor_ids in self._frees.items():
+            self._out.append(Send(BACKEND, identity, p.Free(tensor_ids)))
+        self._frees.clear()
         out, self._out = self._out, []
         return out
 
@@ -297,7 +301,7 @@ class BrokerCore:
         actor = self.actors.get(node.actor_id)
         if actor is not None and node.output_id in actor.held:
             actor.held.discard(node.output_id)
-            self._send(BACKEND, actor.identity, p.Free([node.output_id]))
+            self._frees.setdefault(actor.identity, []).append(node.output_id)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -384,7 +388,7 @@ class BrokerCore:
     def _drop_stale(self, actor: ActorState, result: p.TaskResult) -> None:
         self.counters["stale_results"] += 1
         if not result.tensors:  # kept in the actor's store: release it
-            self._send(BACKEND, actor.identity, p.Free([result.output_id]))
+            self._frees.setdefault(actor.identity, []).append(result.output_id)
 
     def _node_done(self, node: Node, actor: ActorState, result: p.TaskResult, payload, now, ready_models) -> None:
         request = node.request

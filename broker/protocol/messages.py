@@ -7,6 +7,7 @@ seconds, `_bytes` bytes.
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any, ClassVar
 
 from broker.protocol.constants import Command
@@ -119,7 +120,7 @@ class TaskResult(Struct):
     attempt: int
     output_id: str
     nbytes: int = 0
-    tensors: list[TensorDesc] = ()  # only for return_output tasks
+    tensors: list[TensorDesc] = field(default_factory=list)  # only for return_output tasks
 
 
 @struct
@@ -218,7 +219,7 @@ class ActorHello(Message):
     max_batch_rows: int
     data_address: str
     credits: int
-    capabilities: list = ()
+    capabilities: list = field(default_factory=list)
     memory_bytes: int = 0
 
 
@@ -328,7 +329,7 @@ class AgentEvent(Message):
     pid: int = 0
     returncode: int | None = None
     message: str = ""
-    devices: list[DeviceInfo] = ()
+    devices: list[DeviceInfo] = field(default_factory=list)
 
 
 # ------------------------------------------------------------ actor <-> actor (data)
@@ -462,7 +463,7 @@ class AdminReply(Message):
     COMMAND: ClassVar[Command] = Command.ADMIN_REPLY
     ok: bool
     message: str
-    spawn_ids: list = ()
+    spawn_ids: list = field(default_factory=list)
 
 
 @struct

@@ -4,6 +4,11 @@ A struct declares its fields with plain annotations. `to_wire()` gives a map of
 msgpack-native values; `from_wire()` checks each declared field's type (naming the
 field on error), converts nested structs, and ignores unknown keys so that new
 optional fields never break an older peer.
+
+Both conversions run for every task on the hot path, so `@struct` generates them as
+straight-line code per class (the way `dataclasses` generates `__init__`) instead of
+looping over field descriptions at run time. Type checks compare exact types: what
+msgpack decodes is always a plain int/float/str/bool/bytes/list/dict.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, ClassVar
 
 from broker.protocol.errors import ErrorCode, ProtocolError
 
-_PLAIN_TYPES: dict[Any, tuple[type, ...]] = {
+_ACCEPTED: dict[Any, tuple[type, ...]] = {
     int: (int,),
     float: (int, float),
     str: (str,),
@@ -23,15 +28,22 @@ _PLAIN_TYPES: dict[Any, tuple[type, ...]] = {
     bytes: (bytes,),
     list: (list, tuple),
     dict: (dict,),
-    Any: (object,),
 }
 
-# A field's conversion: (name, accepted python types, nested struct or None,
-# is a list of nested structs, allows None, is required)
-_FieldSpec = tuple[str, tuple[type, ...], Any, bool, bool, bool]
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str
+    accepted: tuple[type, ...] | None  # None: any type
+    nested: Any  # a Struct class, or None
+    is_list: bool
+    optional: bool
+    required: bool
+    default: Any
+    factory: bool  # `default` is a default_factory to call
 
 
-def _spec_for(name: str, hint: Any, required: bool) -> _FieldSpec:
+def _describe(f: dataclasses.Field, hint: Any) -> _Field:
     optional = False
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -39,77 +51,103 @@ def _spec_for(name: str, hint: Any, required: bool) -> _FieldSpec:
         optional = len(args) < len(typing.get_args(hint))
         hint = args[0] if len(args) == 1 else Any
         origin = typing.get_origin(hint)
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory
+    nested, is_list = None, False
     if isinstance(hint, type) and issubclass(hint, Struct):
-        return (name, (dict,), hint, False, optional, required)
-    if origin in (list, tuple):
-        (item,) = typing.get_args(hint)[:1] or (Any,)
-        if isinstance(item, type) and issubclass(item, Struct):
-            return (name, (list, tuple), item, True, optional, required)
-        return (name, (list, tuple), None, False, optional, required)
-    if origin is dict:
-        return (name, (dict,), None, False, optional, required)
-    return (name, _PLAIN_TYPES.get(hint, (object,)), None, False, optional, required)
+        nested, accepted = hint, (dict,)
+    elif origin in (list, tuple):
+        args = typing.get_args(hint)
+        if args and isinstance(args[0], type) and issubclass(args[0], Struct):
+            nested, is_list = args[0], True
+        accepted = (list, tuple)
+    elif origin is dict:
+        accepted = (dict,)
+    else:
+        accepted = _ACCEPTED.get(hint)
+    factory = f.default_factory is not dataclasses.MISSING
+    return _Field(f.name, accepted, nested, is_list, optional, required, default, factory)
+
+
+def _bad(cls_name: str, field: str, value: Any, where: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name}.{field} has type {type(value).__name__}", where + field)
+
+
+def _missing(cls_name: str, field: str, where: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name} lacks a required field", where + field)
+
+
+def _not_a_map(cls_name: str, where: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name} must be a map", where or None)
+
+
+def _generate(cls: type, fields: list[_Field]) -> None:
+    ns: dict[str, Any] = {"_bad": _bad, "_missing": _missing, "_not_a_map": _not_a_map, "_M": object(),
+                          "_name": cls.__name__, "_cls": cls}
+    to_items, from_lines = [], []
+    for i, f in enumerate(fields):
+        attr = f"self.{f.name}"
+        if f.nested is None:
+            to_items.append(f"{f.name!r}: {attr}")
+        elif f.is_list:
+            to_items.append(f"{f.name!r}: (None if {attr} is None else [v.to_wire() for v in {attr}])")
+        else:
+            to_items.append(f"{f.name!r}: (None if {attr} is None else {attr}.to_wire())")
+
+        ns[f"_t{i}"], ns[f"_n{i}"], ns[f"_d{i}"] = f.accepted, f.nested, f.default
+        lines = [f"v = get({f.name!r}, _M)", "if v is _M:"]
+        if f.required:
+            lines.append(f"    raise _missing(_name, {f.name!r}, where)")
+        elif f.factory:
+            lines.append(f"    v = _d{i}()")
+        else:
+            lines.append(f"    v = _d{i}")
+        check = []
+        if f.accepted is not None:
+            check.append(f"if v.__class__ not in _t{i}: raise _bad(_name, {f.name!r}, v, where)")
+        if f.nested is not None and f.is_list:
+            check.append(f"v = [_n{i}.from_wire(x, f'{{where}}{f.name}[{{j}}].') for j, x in enumerate(v)]")
+        elif f.nested is not None:
+            check.append(f"v = _n{i}.from_wire(v, where + {f.name + '.'!r})")
+        if check:
+            guard = "elif v is None: pass" if f.optional else ""
+            lines.append("else:" if not guard else "elif v is None:\n    pass\nelse:")
+            lines += [f"    {c}" for c in check]
+        lines.append(f"a{i} = v")
+        from_lines += lines
+    args = ", ".join(f"{f.name}=a{i}" for i, f in enumerate(fields))
+    source = (
+        "def to_wire(self):\n    return {" + ", ".join(to_items) + "}\n\n"
+        "def from_wire(cls, data, where=''):\n"
+        "    if data.__class__ is not dict:\n        raise _not_a_map(_name, where)\n"
+        "    get = data.get\n"
+        + "".join(f"    {line}\n" for block in from_lines for line in block.split("\n"))
+        + f"    return cls({args})\n"
+    )
+    exec(compile(source, f"<wire struct {cls.__name__}>", "exec"), ns)
+    cls.to_wire = ns["to_wire"]
+    cls.from_wire = classmethod(ns["from_wire"])
 
 
 class Struct:
-    """Base of every typed wire struct (subclasses are slotted dataclasses)."""
+    """Base of every typed wire struct (subclasses are slotted dataclasses via @struct)."""
 
     __slots__ = ()
-    _wire_fields: ClassVar[tuple[_FieldSpec, ...]] = ()
+    _wire_fields: ClassVar[tuple[_Field, ...]] = ()
+
+    def to_wire(self) -> dict[str, Any]:  # replaced per class by @struct
+        return {}
 
     @classmethod
-    def _compile(cls) -> None:
-        hints = typing.get_type_hints(cls)
-        specs = []
-        for f in dataclasses.fields(cls):
-            required = (
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            )
-            specs.append(_spec_for(f.name, hints[f.name], required))
-        cls._wire_fields = tuple(specs)
-
-    def to_wire(self) -> dict[str, Any]:
-        out = {}
-        for name, _types, nested, is_list, _opt, _req in self._wire_fields:
-            value = getattr(self, name)
-            if nested is not None and value is not None:
-                value = [v.to_wire() for v in value] if is_list else value.to_wire()
-            out[name] = value
-        return out
-
-    @classmethod
-    def from_wire(cls, data: Any, where: str = ""):
-        if not isinstance(data, dict):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{cls.__name__} must be a map", where or None)
-        kwargs = {}
-        for name, accepted, nested, is_list, optional, required in cls._wire_fields:
-            if name not in data:
-                if required:
-                    raise ProtocolError(
-                        ErrorCode.BAD_HEADER, f"{cls.__name__} lacks a required field", where + name
-                    )
-                continue
-            value = data[name]
-            if value is None and optional:
-                kwargs[name] = None
-                continue
-            if not isinstance(value, accepted) or (accepted == (int,) and isinstance(value, bool)):
-                raise ProtocolError(
-                    ErrorCode.BAD_HEADER,
-                    f"{cls.__name__}.{name} has type {type(value).__name__}",
-                    where + name,
-                )
-            if nested is not None:
-                if is_list:
-                    value = [nested.from_wire(v, f"{where}{name}[{i}].") for i, v in enumerate(value)]
-                else:
-                    value = nested.from_wire(value, f"{where}{name}.")
-            kwargs[name] = value
-        return cls(**kwargs)
+    def from_wire(cls, data: Any, where: str = ""):  # replaced per class by @struct
+        return cls()
 
 
 def struct(cls):
-    """Make `cls` a slotted dataclass and precompute its wire conversion."""
+    """Make `cls` a slotted dataclass and generate its wire conversion."""
     cls = dataclasses.dataclass(slots=True)(cls)
-    cls._compile()
+    hints = typing.get_type_hints(cls)
+    fields = [_describe(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    cls._wire_fields = tuple(fields)
+    _generate(cls, fields)
     return cls

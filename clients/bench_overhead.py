@@ -1,0 +1,148 @@
+"""`lego bench overhead`: what the runtime itself costs, with no-op actors on loopback.
+
+Two runs, each on a fresh local cluster of real processes (broker, node agent,
+actors running the `noop` backend, which returns at once):
+
+1. throughput: many requests of many steps submitted at once; tasks/s through the
+   one broker process (tasks completed / wall time), plus the broker's CPU share.
+2. latency: requests offered open-loop at a fixed task rate; the broker measures
+   each task's hop (dispatch -> actor -> result back at the broker) and reports
+   p50/p99 over the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from clients.client import Client
+from clients.local import LocalCluster, LocalClusterSpec
+
+NOOP_CATALOG = """
+[models.noop-encoder]
+kind = "text_encoder"
+[models.noop-base]
+kind = "denoiser"
+[models.noop-vae]
+kind = "vae"
+[workflows.noop]
+description = "no-op models, for measuring the runtime's own overhead"
+text_encoders = ["noop-encoder"]
+denoiser = "noop-base"
+vae = "noop-vae"
+inputs.steps = { default = 8, max = 1000 }
+inputs.width = { default = 64 }
+inputs.height = { default = 64 }
+"""
+
+
+def _cluster(catalog: Path, actors: int, max_batch_rows: int, run_dir: str) -> LocalCluster:
+    spec = LocalClusterSpec(
+        workflows=["noop"], replicas={"noop-base": actors}, backend="noop", max_batch_rows=max_batch_rows,
+        emulate_gpus=1, catalog=[str(catalog)], run_dir=run_dir, log_level="warning",
+    )
+    return LocalCluster(spec)
+
+
+def _broker_cpu(cluster: LocalCluster) -> psutil.Process:
+    return psutil.Process(cluster.processes["broker"].pid)
+
+
+def throughput_run(catalog: Path, args, run_dir: str) -> dict:
+    with _cluster(catalog, args.actors, args.max_batch_rows, run_dir) as cluster, Client(cluster.frontend) as client:
+        client.generate("noop", prompt="warm up", steps=4, timeout=30)
+        before = client.stats().counters["tasks_done"]
+        broker = _broker_cpu(cluster)
+        cpu0 = broker.cpu_times()
+        started = time.perf_counter()
+        jobs = [client.submit("noop", prompt=f"p{i}", steps=args.steps, progress=False, wait_accepted=False)
+                for i in range(args.requests)]
+        for job in jobs:
+            job.result(timeout=600)
+        wall = time.perf_counter() - started
+        cpu1 = broker.cpu_times()
+        stats = client.stats()
+        tasks = stats.counters["tasks_done"] - before
+        base = next(m for m in stats.models if m.model == "noop-base")
+        return {
+            "requests": args.requests, "steps": args.steps, "tasks": tasks, "wall_s": round(wall, 3),
+            "tasks_per_s": round(tasks / wall, 1),
+            "broker_cpu_share": round(((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / wall, 3),
+            "mean_batch_tasks": round(base.tasks_done / max(1, base.batches), 1),
+        }
+
+
+def latency_run(catalog: Path, args, run_dir: str) -> dict:
+    steps = 8
+    tasks_per_request = steps + 2
+    interval = tasks_per_request / args.rate
+    with _cluster(catalog, args.actors, args.max_batch_rows, run_dir) as cluster, Client(cluster.frontend) as client:
+        client.generate("noop", prompt="warm up", steps=4, timeout=30)
+        before = client.stats().hop_latency_s["count"]
+        jobs = []
+        started = time.perf_counter()
+        n = int(args.latency_seconds / interval)
+        for i in range(n):
+            target = started + i * interval
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            jobs.append(client.submit("noop", prompt=f"p{i}", steps=steps, progress=False, wait_accepted=False))
+        offered_s = time.perf_counter() - started
+        latencies = [job.result(timeout=120).latency_s for job in jobs]
+        hop = client.stats().hop_latency_s
+        latencies.sort()
+        return {
+            "offered_tasks_per_s": round(n * tasks_per_request / offered_s, 1), "requests": n,
+            "hop_samples": hop["count"] - before if hop["count"] > before else hop["count"],
+            "hop_p50_ms": round(hop["p50"] * 1000, 3), "hop_p99_ms": round(hop["p99"] * 1000, 3),
+            "hop_max_ms": round(hop["max"] * 1000, 3),
+            "request_p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+            "request_p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2),
+        }
+
+
+def _table(result: dict) -> str:
+    t, lat = result["throughput"], result["latency"]
+    rows = [
+        ("dispatch throughput (tasks/s)", f"{t['tasks_per_s']:,.0f}", ">= 20,000"),
+        ("  tasks, wall s, mean batch", f"{t['tasks']} in {t['wall_s']} s, {t['mean_batch_tasks']} tasks/batch", ""),
+        ("  broker CPU share", f"{t['broker_cpu_share']:.2f} core", ""),
+        (f"hop latency p50 at {lat['offered_tasks_per_s']:,.0f} tasks/s (ms)", f"{lat['hop_p50_ms']:.3f}", ""),
+        (f"hop latency p99 at {lat['offered_tasks_per_s']:,.0f} tasks/s (ms)", f"{lat['hop_p99_ms']:.3f}", "< 1 ms"),
+        ("  request latency p50 / p99 (ms, 10 tasks)", f"{lat['request_p50_ms']} / {lat['request_p99_ms']}", ""),
+    ]
+    lines = ["| metric | measured | target |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def run_overhead_bench(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = Path(tmp) / "noop.toml"
+        catalog.write_text(NOOP_CATALOG)
+        result = {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.node()}: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB, "
+                       f"{platform.python_implementation()} {platform.python_version()}",
+            "settings": {"actors": args.actors, "max_batch_rows": args.max_batch_rows},
+            "throughput": throughput_run(catalog, args, f"{tmp}/throughput"),
+            "latency": latency_run(catalog, args, f"{tmp}/latency"),
+        }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table(result))
+    if args.record:
+        command = (f"lego bench overhead --actors {args.actors} --max-batch-rows {args.max_batch_rows} "
+                   f"--requests {args.requests} --steps {args.steps} --rate {args.rate:g}")
+        with open(args.record, "a") as out:
+            out.write(f"\n### Runtime overhead, no-op actors on loopback ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `{command}`.\n\n{_table(result)}\n")
+    return 0
