@@ -171,7 +171,7 @@ class BrokerCore:
         actor = ActorState(
             actor_id=msg.actor_id, identity=identity, model=msg.model, host=msg.host, device=msg.device,
             backend=msg.backend, data_address=msg.data_address, max_batch_rows=msg.max_batch_rows,
-            credits=msg.credits, last_seen=now, last_sent=now,
+            credits=msg.credits, last_seen=now, last_sent=now, pid=msg.pid,
         )
         self.actors[msg.actor_id] = actor
         self.actor_by_identity[identity] = actor
@@ -570,7 +570,7 @@ class BrokerCore:
         actor_stats = [
             p.ActorStats(a.actor_id, a.model, a.host, a.device, "busy" if a.in_flight else "idle", a.credits,
                          sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
-                         a.max_batch_rows_seen, len(a.held), a.telemetry)
+                         a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend)
             for a in self.actors.values()
         ]
         agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in self.agents.values()]

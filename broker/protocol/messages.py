@@ -194,6 +194,8 @@ class ActorStats(Struct):
     max_batch_rows_seen: int
     held_tensors: int
     telemetry: ActorTelemetry | None = None
+    pid: int = 0
+    backend: str = ""
 
 
 @struct
