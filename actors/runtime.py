@@ -1,24 +1,25 @@
 """The model actor process: one model on one device, pulling work from the broker.
 
 Threads and the sockets each one owns:
-- IO thread: the DEALER to the broker's backend socket and the receiving end of an
-  inproc PAIR from the compute thread. It says hello, forwards batches to the
-  compute thread, applies FREE, beats the heartbeat (so it keeps beating while a
-  batch computes) and reconnects with capped exponential backoff when the broker
-  disconnects it or goes silent.
+- compute (main) thread: the *work* DEALER to the broker's backend socket (HELLO,
+  TASKS in, BATCH_DONE out, FREE, DISCONNECT) and one DEALER per peer it fetches
+  inputs from. Receiving a batch and answering it on the thread that computes it
+  keeps thread hand-offs off the per-task path.
+- heartbeat thread: a separate *control* DEALER on which it pings the broker with the
+  actor id and telemetry every interval and reads the pongs. It never waits on
+  compute, so a long batch never looks like a dead actor, and it is what notices a
+  silent broker (then the compute thread starts a new session).
 - data thread: the ROUTER data socket from which peer actors FETCH the outputs this
   actor holds (the data plane is actor-to-actor; the broker moves references).
-- compute (main) thread: the sending end of the PAIR and one DEALER per peer it
-  fetches from. It resolves inputs, runs the backend, stores outputs, reports.
 
 A session is one hello..disconnect span; everything tied to an older session
-(stored tensors, queued or finishing batches) is dropped when a new one starts.
+(stored tensors, a batch that was computing) is dropped when a new one starts: the
+broker has re-queued it.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket as socketlib
 import sys
@@ -82,16 +83,19 @@ class ActorRuntime:
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.store = TensorStore()
-        self.inbox: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
-        self.epoch = 0  # session number; bumped by the IO thread on every reconnect
         self.telemetry = p.ActorTelemetry()
-        self._pair_address = f"inproc://actor-out-{id(self)}"
+        # Session state, written by the compute thread, read by the heartbeat thread.
+        self.epoch = 0
+        self.welcomed_epoch = -1  # the session the broker has welcomed
+        self.heartbeat_interval_s = config.heartbeat_interval_s
+        self.heartbeat_misses = config.heartbeat_misses
+        # Set by the heartbeat thread when the broker went silent or forgot us.
+        self.session_lost: str | None = None
         self._data_sock = self.context.socket(zmq.ROUTER)
         self._data_sock.setsockopt(zmq.LINGER, 0)
         self._data_sock.bind(config.data_bind)
         self.data_address = self._data_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._io_ready = threading.Event()
         self._threads: list[threading.Thread] = []
         # Spawned by a node agent: exit with it rather than outlive it as an orphan.
         self._parent_pid = os.getppid() if os.environ.get("LEGO_EXIT_WITH_PARENT") == "1" else None
@@ -99,31 +103,26 @@ class ActorRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> None:
-        """Load the model, start the IO and data threads, compute until stopped."""
+        """Load the model, start the heartbeat and data threads, compute until stopped."""
         log.info("actor_loading", actor_id=self.actor_id, model=self.config.model, backend=self.config.backend)
         self.backend.load()
         self.telemetry.memory_used_bytes = self.backend.memory_bytes()
-        for target, name in ((self._io_loop, "io"), (self._data_loop, "data")):
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._data_loop, "data")):
             thread = threading.Thread(target=target, name=f"actor-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._io_ready.wait(5.0)
-        out = self.context.socket(zmq.PAIR)
-        out.setsockopt(zmq.LINGER, 0)
-        out.connect(self._pair_address)
+        work: zmq.Socket | None = None
         peers: dict[str, zmq.Socket] = {}
         try:
-            while not self.stopping.is_set():
-                try:
-                    epoch, batch = self.inbox.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if epoch == self.epoch:
-                    self._run_batch(epoch, batch, out, peers)
+            work = self._compute_loop(peers)
         finally:
+            if work is not None:
+                if self.welcomed_epoch == self.epoch:  # tell the broker now, not by timeout
+                    work.send_multipart([b"", *p.encode(p.Disconnect("actor shutting down"))])
+                work.close(linger=200)
             for sock in peers.values():
                 sock.close(linger=0)
-            out.close(linger=0)
+            self.stopping.set()
             for thread in self._threads:
                 thread.join(timeout=2.0)
             self._data_sock.close(linger=0)
@@ -136,22 +135,80 @@ class ActorRuntime:
 
     # ------------------------------------------------------------------ compute thread
 
-    def _run_batch(self, epoch: int, batch: p.Tasks, out: zmq.Socket, peers: dict) -> None:
+    def _open_session(self, old: zmq.Socket | None, reason: str) -> zmq.Socket:
+        """A fresh work socket and session: the broker re-queued whatever we had."""
+        if old is not None:
+            old.close(linger=0)
+        self.epoch += 1
+        self.store.clear(self.epoch)
+        self.session_lost = None
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.broker_backend)
+        log.info("actor_new_session", actor_id=self.actor_id, epoch=self.epoch, reason=reason)
+        return sock
+
+    def _hello(self) -> p.ActorHello:
+        c = self.config
+        return p.ActorHello(
+            actor_id=self.actor_id, model=c.model, device=c.device, host=self.host, pid=os.getpid(),
+            backend=c.backend, max_batch_rows=c.max_batch_rows, data_address=self.data_address,
+            credits=c.credits, capabilities=[self.backend.tensor_kind], memory_bytes=self.backend.memory_bytes(),
+        )
+
+    def _compute_loop(self, peers: dict) -> zmq.Socket:
+        work = self._open_session(None, "start")
+        backoff, next_hello = 0.5, 0.0
+        while not self.stopping.is_set():
+            if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                log.warning("parent_gone", actor_id=self.actor_id)
+                break
+            if self.session_lost is not None:
+                work = self._open_session(work, self.session_lost)
+                next_hello = 0.0
+            now = time.monotonic()
+            if self.welcomed_epoch != self.epoch and now >= next_hello:
+                work.send_multipart([b"", *p.encode(self._hello())])
+                next_hello, backoff = now + backoff, min(backoff * 2, self.config.reconnect_max_s)
+            if not work.poll(100):
+                continue
+            frames = work.recv_multipart(copy=False)
+            try:
+                msg, _ = p.decode(frames[1:])
+            except p.ProtocolError as err:
+                log.warning("protocol_error", actor_id=self.actor_id, code=err.code.value, error=err.message)
+                continue
+            if isinstance(msg, p.Tasks):
+                if self.welcomed_epoch == self.epoch:
+                    self._run_batch(self.epoch, msg, work, peers)
+            elif isinstance(msg, p.Free):
+                self.store.free(msg.tensor_ids)
+            elif isinstance(msg, p.Welcome):
+                self.heartbeat_interval_s, self.heartbeat_misses = msg.heartbeat_interval_s, msg.heartbeat_misses
+                self.welcomed_epoch, backoff = self.epoch, 0.5
+                log.info("actor_welcomed", actor_id=self.actor_id, broker_id=msg.broker_id, epoch=self.epoch)
+            elif isinstance(msg, p.Disconnect):
+                log.warning("actor_disconnected", actor_id=self.actor_id, reason=msg.reason)
+                work = self._open_session(work, msg.reason)
+                next_hello = 0.0
+            elif isinstance(msg, p.Error):
+                log.warning("broker_error", actor_id=self.actor_id, code=msg.code, error=msg.message)
+        return work
+
+    def _run_batch(self, epoch: int, batch: p.Tasks, work: zmq.Socket, peers: dict) -> None:
         bound = log.bind(actor_id=self.actor_id, batch_id=batch.batch_id)
         started = time.perf_counter()
         try:
             inputs = self._resolve_inputs(batch.tasks, peers)
             outputs = self.backend.run(batch.tasks, inputs)
         except InputUnavailable as exc:
-            self._report_failure(out, epoch, batch, ErrorCode.INPUT_UNAVAILABLE, str(exc), bound)
+            self._report_failure(work, batch, ErrorCode.INPUT_UNAVAILABLE, str(exc), bound)
             return
         except Exception as exc:
             bound.exception("batch_failed", task_ids=[t.task_id for t in batch.tasks])
-            self._report_failure(out, epoch, batch, ErrorCode.TASK_ERROR, f"{type(exc).__name__}: {exc}", bound)
+            self._report_failure(work, batch, ErrorCode.TASK_ERROR, f"{type(exc).__name__}: {exc}", bound)
             return
         exec_s = time.perf_counter() - started
-        if epoch != self.epoch:
-            return  # the session ended while computing: the broker re-queued this batch
         results, payload = [], []
         for task, bundle in zip(batch.tasks, outputs):
             nbytes = bundle_nbytes(bundle)
@@ -169,13 +226,12 @@ class ActorRuntime:
         t.rows += sum(task.rows for task in batch.tasks)
         t.busy_s += exec_s
         t.memory_used_bytes = getattr(self.backend, "peak_bytes", t.memory_used_bytes)
-        msg = p.BatchDone(batch.batch_id, results, exec_s, 1)
-        out.send_multipart([str(epoch).encode(), *p.encode(msg, payload)], copy=False)
+        work.send_multipart([b"", *p.encode(p.BatchDone(batch.batch_id, results, exec_s, 1), payload)], copy=False)
 
-    def _report_failure(self, out, epoch, batch: p.Tasks, code: ErrorCode, message: str, bound) -> None:
+    def _report_failure(self, work, batch: p.Tasks, code: ErrorCode, message: str, bound) -> None:
         bound.warning("batch_not_done", code=code.value, error=message)
         msg = p.BatchFailed(batch.batch_id, [t.task_id for t in batch.tasks], [t.attempt for t in batch.tasks], code.value, message, 1)
-        out.send_multipart([str(epoch).encode(), *p.encode(msg)])
+        work.send_multipart([b"", *p.encode(msg)])
 
     def _resolve_inputs(self, tasks: list[p.TaskSpec], peers: dict) -> list[list[Bundle]]:
         fetched: dict[str, Bundle] = {}
@@ -230,8 +286,7 @@ class ActorRuntime:
                 if not isinstance(msg, p.Fetch):
                     raise p.ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{msg.COMMAND.name} is not a data-plane command")
             except p.ProtocolError as err:
-                reply = p.Error(err.code.value, err.message, err.field)
-                sock.send_multipart([identity, b"", *p.encode(reply)])
+                sock.send_multipart([identity, b"", *p.encode(p.Error(err.code.value, err.message, err.field))])
                 continue
             bundle = self.store.get(msg.tensor_id)
             if bundle is None:
@@ -241,117 +296,47 @@ class ActorRuntime:
             descs, buffers = pack_bundle(bundle)
             sock.send_multipart([identity, b"", *p.encode(p.FetchReply(msg.tensor_id, descs), buffers)], copy=False)
 
-    # ------------------------------------------------------------------ IO thread
+    # ------------------------------------------------------------------ heartbeat thread
 
-    def _hello(self) -> p.ActorHello:
-        c = self.config
-        return p.ActorHello(
-            actor_id=self.actor_id, model=c.model, device=c.device, host=self.host, pid=os.getpid(),
-            backend=c.backend, max_batch_rows=c.max_batch_rows, data_address=self.data_address,
-            credits=c.credits, capabilities=[self.backend.tensor_kind], memory_bytes=self.backend.memory_bytes(),
-        )
-
-    def _connect(self, sock: zmq.Socket | None) -> zmq.Socket:
-        if sock is not None:
-            sock.close(linger=0)
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.config.broker_backend)
-        return sock
-
-    def _new_session(self, reason: str) -> None:
-        """Forget everything the broker knew us by: it has re-queued or will re-queue it."""
-        self.epoch += 1
-        self.store.clear(self.epoch)
-        while True:
-            try:
-                self.inbox.get_nowait()
-            except queue.Empty:
-                break
-        log.info("actor_new_session", actor_id=self.actor_id, epoch=self.epoch, reason=reason)
-
-    def _io_loop(self) -> None:
-        pair = self.context.socket(zmq.PAIR)
-        pair.setsockopt(zmq.LINGER, 0)
-        pair.bind(self._pair_address)
-        self._io_ready.set()
-        broker = self._connect(None)
-        interval, misses = self.config.heartbeat_interval_s, self.config.heartbeat_misses
-        backoff = 0.5
-        welcomed = False
-        last_heard = last_beat = time.monotonic()
-        next_hello = 0.0
-        poller = zmq.Poller()
-        poller.register(broker, zmq.POLLIN)
-        poller.register(pair, zmq.POLLIN)
+    def _heartbeat_loop(self) -> None:
+        """Ping the broker while a session is welcomed; declare it lost when pongs stop."""
+        sock = None
+        beating_epoch = -1
+        last_heard = last_beat = 0.0
         try:
             while not self.stopping.is_set():
-                if self._parent_pid is not None and os.getppid() != self._parent_pid:
-                    log.warning("parent_gone", actor_id=self.actor_id)
-                    self.stopping.set()
-                    break
                 now = time.monotonic()
-                if not welcomed and now >= next_hello:
-                    broker.send_multipart([b"", *p.encode(self._hello())])
-                    next_hello = now + backoff
-                    backoff = min(backoff * 2, self.config.reconnect_max_s)
-                events = dict(poller.poll(min(100, interval * 250)))
-                if pair in events:
-                    while True:
-                        try:
-                            epoch, *frames = pair.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if int(epoch.bytes) == self.epoch and welcomed:
-                            broker.send_multipart([b"", *frames], copy=False)
-                if broker in events:
-                    while True:
-                        try:
-                            frames = broker.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        last_heard = time.monotonic()
-                        try:
-                            msg, _ = p.decode(frames[1:])
-                        except p.ProtocolError as err:
-                            log.warning("protocol_error", actor_id=self.actor_id, code=err.code.value, error=err.message)
-                            continue
-                        if isinstance(msg, p.Tasks):
-                            self.inbox.put((self.epoch, msg))
-                        elif isinstance(msg, p.Free):
-                            self.store.free(msg.tensor_ids)
-                        elif isinstance(msg, p.Welcome):
-                            welcomed, backoff = True, 0.5
-                            interval, misses = msg.heartbeat_interval_s, msg.heartbeat_misses
-                            log.info("actor_welcomed", actor_id=self.actor_id, broker_id=msg.broker_id)
-                        elif isinstance(msg, p.Disconnect):
-                            log.warning("actor_disconnected", actor_id=self.actor_id, reason=msg.reason)
-                            self._new_session(msg.reason)
-                            welcomed, next_hello = False, 0.0
-                        elif isinstance(msg, p.Error):
-                            log.warning("broker_error", actor_id=self.actor_id, code=msg.code, error=msg.message)
-                now = time.monotonic()
-                if welcomed and now - last_heard > interval * misses:
-                    self._new_session(f"broker silent for {now - last_heard:.1f}s")
-                    broker = self._reconnect(poller, broker)
-                    welcomed, next_hello, last_heard = False, 0.0, now
-                if welcomed and now - last_beat >= interval:
+                if self.welcomed_epoch != self.epoch or self.session_lost is not None:
+                    time.sleep(0.02)
+                    continue
+                if beating_epoch != self.epoch:  # a new session: a new control connection
+                    if sock is not None:
+                        sock.close(linger=0)
+                    sock = self.context.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(self.config.broker_backend)
+                    beating_epoch, last_heard, last_beat = self.epoch, now, 0.0
+                interval = self.heartbeat_interval_s
+                if now - last_beat >= interval:
                     last_beat = now
                     count, nbytes = self.store.stats()
                     self.telemetry.stored_tensors, self.telemetry.stored_bytes = count, nbytes
-                    broker.send_multipart([b"", *p.encode(p.Heartbeat(time.time(), self.telemetry))])
+                    ping = p.Heartbeat(time.time(), self.telemetry, self.actor_id)
+                    sock.send_multipart([b"", *p.encode(ping)])
+                if sock.poll(min(interval, 0.1) * 1000):
+                    frames = sock.recv_multipart()
+                    try:
+                        msg, _ = p.decode(frames[1:])
+                    except p.ProtocolError:
+                        continue
+                    last_heard = time.monotonic()
+                    if isinstance(msg, p.Disconnect):
+                        self.session_lost = f"broker: {msg.reason}"
+                if time.monotonic() - last_heard > interval * self.heartbeat_misses:
+                    self.session_lost = f"broker silent for {time.monotonic() - last_heard:.1f}s"
         finally:
-            if welcomed:  # tell the broker now rather than letting it time us out
-                broker.send_multipart([b"", *p.encode(p.Disconnect("actor shutting down"))])
-                time.sleep(0.05)
-            broker.close(linger=100)
-            pair.close(linger=0)
-
-    def _reconnect(self, poller: zmq.Poller, broker: zmq.Socket) -> zmq.Socket:
-        poller.unregister(broker)
-        broker = self._connect(broker)
-        poller.register(broker, zmq.POLLIN)
-        return broker
+            if sock is not None:
+                sock.close(linger=0)
 
 
 def run_actor(config: ActorConfig) -> None:

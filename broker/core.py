@@ -119,12 +119,9 @@ class BrokerCore:
     def on_tick(self, now: float) -> list[Send]:
         """Heartbeats out, silent peers declared dead. Call about 4x per interval."""
         expiry = self.settings.heartbeat_interval_s * self.settings.heartbeat_misses
-        for actor in list(self.actors.values()):
+        for actor in list(self.actors.values()):  # actors ping; we answer (see _peer_heartbeat)
             if now - actor.last_seen > expiry:
                 self._lose_actor(actor, f"silent for {now - actor.last_seen:.1f}s", now)
-            elif now - actor.last_sent >= self.settings.heartbeat_interval_s:
-                actor.last_sent = now
-                self._send(BACKEND, actor.identity, p.Heartbeat(sent_at=now))
         for identity, agent in list(self.agents.items()):
             if now - agent.last_seen > expiry:
                 log.warning("agent_lost", agent_id=agent.agent_id, host=agent.host)
@@ -171,7 +168,7 @@ class BrokerCore:
         actor = ActorState(
             actor_id=msg.actor_id, identity=identity, model=msg.model, host=msg.host, device=msg.device,
             backend=msg.backend, data_address=msg.data_address, max_batch_rows=msg.max_batch_rows,
-            credits=msg.credits, last_seen=now, last_sent=now, pid=msg.pid,
+            credits=msg.credits, last_seen=now, pid=msg.pid,
         )
         self.actors[msg.actor_id] = actor
         self.actor_by_identity[identity] = actor
@@ -192,9 +189,13 @@ class BrokerCore:
         return actor
 
     def _peer_heartbeat(self, identity: bytes, msg: p.Heartbeat, payload, now: float) -> None:
-        actor = self.actor_by_identity.get(identity)
+        actor = self.actors.get(msg.actor_id) if msg.actor_id else self.actor_by_identity.get(identity)
         if actor is not None:
-            actor.telemetry = msg.telemetry
+            actor.last_seen = now
+            if msg.telemetry is not None:
+                actor.telemetry = msg.telemetry
+            if msg.actor_id:  # the pong the actor's heartbeat thread waits for
+                self._send(BACKEND, identity, p.Heartbeat(sent_at=now))
         elif identity not in self.agents:
             self._send(BACKEND, identity, p.Disconnect(reason="unknown peer: send a HELLO first"))
 
@@ -280,6 +281,10 @@ class BrokerCore:
                 node.state = WAITING
             elif node.state == DONE and node.refs_left > 0:
                 self._free(node)
+        for node in request.nodes.values():
+            # Break the DAG's reference cycles so refcounting frees it at once and the
+            # cyclic GC (whose pauses show up as tail latency) has little to do.
+            node.inputs = node.consumers = ()
 
     def _fail_request(self, request: Request, code: ErrorCode, message: str) -> None:
         counter = "requests_cancelled" if code is ErrorCode.CANCELLED else "requests_failed"

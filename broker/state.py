@@ -82,7 +82,6 @@ class ActorState:
     credits: int
     last_seen: float
     pid: int = 0
-    last_sent: float = 0.0
     in_flight: dict[int, list[tuple[Node, int]]] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)  # output ids of DONE nodes still referenced
     batches: int = 0

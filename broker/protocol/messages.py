@@ -247,6 +247,9 @@ class Heartbeat(Message):
     COMMAND: ClassVar[Command] = Command.HEARTBEAT
     sent_at: float = 0.0
     telemetry: ActorTelemetry | None = None
+    # Set by an actor, whose pings come from a control socket apart from its work
+    # socket; the broker answers each ping with a heartbeat on that socket.
+    actor_id: str = ""
 
 
 @struct

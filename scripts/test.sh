@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (virtualenv + install, if needed) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+lego_ensure_venv
+cd "$LEGO_ROOT"
+exec "$LEGO_VENV/bin/python" -m pytest "$@"

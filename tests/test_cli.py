@@ -1,0 +1,245 @@
+"""The `lego` command line end to end: against a LocalCluster of real processes, and
+`lego up`, which starts and stops a whole cluster by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from clients.local import LocalCluster, LocalClusterSpec
+
+pytestmark = pytest.mark.cluster
+
+LEGO = str(Path(sys.executable).parent / "lego")
+WORKFLOW = "flux-schnell-txt2img"
+MODELS = ["CLIP_Flux", "T5_Flux", "Flux1Schnell", "Flux1VAE"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("LEGO_BROKER", None)
+    return env
+
+
+def lego(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LEGO, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env())
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    spec = LocalClusterSpec(workflows=[WORKFLOW], options={"time_scale": 0.05}, run_dir=str(run_dir),
+                            log_level="warning")
+    with LocalCluster(spec) as running:
+        yield running
+
+
+@pytest.mark.timeout(90)
+def test_generate_writes_png_and_reports_seed(cluster, tmp_path):
+    out = tmp_path / "cat.png"
+    proc = lego("generate", "a cat", "-o", str(out), "--seed", "3", "--width", "128", "--height", "128",
+                "--broker", cluster.frontend)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    assert _png_size(out) == (128, 128)
+    assert re.search(r"\bseed 3\b", proc.stdout), proc.stdout
+    assert str(out) in proc.stdout
+    assert "128x128" in proc.stdout
+    # progress went to stderr, ending at the decode node (4 default steps + 2 encoders + decode)
+    assert "7/7" in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_generate_is_reproducible_by_seed(cluster, tmp_path):
+    outs = []
+    for name, seed in (("a.png", "9"), ("b.png", "9"), ("c.png", "10")):
+        out = tmp_path / name
+        proc = lego("generate", "a dog", "-o", str(out), "--seed", seed, "--steps", "2", "--width", "128",
+                    "--height", "128", "--quiet", "--broker", cluster.frontend)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+@pytest.mark.timeout(60)
+def test_generate_uses_lego_broker_env(cluster, tmp_path):
+    out = tmp_path / "env.png"
+    env = dict(_env(), LEGO_BROKER=cluster.frontend)
+    proc = subprocess.run([LEGO, "generate", "x", "-o", str(out), "--steps", "1", "--width", "128", "--height",
+                           "128", "--quiet"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert _png_size(out) == (128, 128)
+
+
+@pytest.mark.timeout(60)
+def test_status_json(cluster):
+    proc = lego("status", "--json", "--broker", cluster.frontend)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert {"models", "actors", "counters"} <= set(stats)
+    assert sorted(a["model"] for a in stats["actors"]) == sorted(MODELS)
+    models = {m["model"]: m for m in stats["models"]}
+    assert set(MODELS) <= set(models)
+    assert all(models[m]["actors"] == 1 for m in MODELS)
+    assert isinstance(stats["counters"], dict)
+    assert "requests_submitted" in stats["counters"]
+
+
+@pytest.mark.timeout(60)
+def test_status_human_readable(cluster):
+    proc = lego("status", "--broker", cluster.frontend)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("models:")
+    assert "actors:" in proc.stdout and "counters:" in proc.stdout
+    for model in MODELS:
+        assert model in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_workflows_from_the_broker(cluster):
+    proc = lego("workflows", "--broker", cluster.frontend)
+    assert proc.returncode == 0, proc.stderr
+    assert WORKFLOW in proc.stdout
+    assert "prompt*" in proc.stdout  # required input marked
+    proc = lego("workflows", "--json", "--broker", cluster.frontend)
+    assert proc.returncode == 0, proc.stderr
+    infos = {w["name"]: w for w in json.loads(proc.stdout)}
+    assert infos[WORKFLOW]["models"] == MODELS
+    assert infos[WORKFLOW]["inputs"]["prompt"]["required"] is True
+
+
+@pytest.mark.timeout(60)
+def test_generate_bad_param_fails_with_the_reason(cluster, tmp_path):
+    out = tmp_path / "never.png"
+    proc = lego("generate", "a cat", "-o", str(out), "--param", "steps=0", "--broker", cluster.frontend)
+    assert proc.returncode == 1
+    assert "rejected" in proc.stderr and "invalid_param" in proc.stderr
+    assert "steps" in proc.stderr and ">= 1" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.xfail(reason="BUG: RequestRejected's message drops .field, so `lego generate` never prints "
+                          "the rejected field's dotted name (params.steps)", strict=True)
+@pytest.mark.timeout(60)
+def test_generate_bad_param_names_the_field(cluster, tmp_path):
+    out = tmp_path / "never.png"
+    proc = lego("generate", "a cat", "-o", str(out), "--param", "steps=0", "--broker", cluster.frontend)
+    assert proc.returncode != 0
+    assert "params.steps" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_generate_unknown_workflow_fails(cluster, tmp_path):
+    out = tmp_path / "never.png"
+    proc = lego("generate", "a cat", "-o", str(out), "-w", "no-such-workflow", "--broker", cluster.frontend)
+    assert proc.returncode != 0
+    assert "no-such-workflow" in proc.stderr
+    assert not out.exists()
+
+
+def _descendants(pid: int) -> dict[int, float]:
+    """pid -> create_time of every live descendant of `pid`."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    found = {}
+    for child in children:
+        try:
+            found[child.pid] = child.create_time()
+        except psutil.Error:
+            pass
+    return found
+
+
+def _still_running(pid: int, create_time: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _mentions(run_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if str(run_dir) in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_up_generates_and_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "up-run"
+    out = tmp_path / "up.png"
+    cmd = [LEGO, "up", "--port", "0", "--generate", "x", "-o", str(out), "--width", "128", "--height", "128",
+           "--run-dir", str(run_dir), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    seen: dict[int, float] = {}
+    recorded: set[int] = set()
+    deadline = time.monotonic() + 120
+    try:
+        # While it runs: note every process it started (its descendants) and every pidfile it wrote.
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "lego up did not finish within 120 s"
+            seen.update(_descendants(proc.pid))
+            for pidfile in (run_dir / "pids").glob("*.pid") if (run_dir / "pids").is_dir() else ():
+                try:
+                    recorded.add(int(pidfile.read_text().strip()))
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert out.is_file() and _png_size(out) == (128, 128)
+    assert "wrote" in stdout and "seed" in stdout
+    # broker, agent and the four actors were all started and seen
+    assert len(seen) >= 2 + len(MODELS), f"expected broker, agent and {len(MODELS)} actors, saw {seen}"
+    assert recorded and recorded <= set(seen), f"pidfiles {recorded} name processes that were not its children"
+
+    # Nothing outlives it: no pidfile left, none of the processes it started still running.
+    leftover = sorted(p.name for p in (run_dir / "pids").glob("*.pid"))
+    assert leftover == [], f"pidfiles left behind: {leftover}"
+    deadline = time.monotonic() + 5
+    while True:
+        alive = [pid for pid, created in seen.items() if _still_running(pid, created)]
+        mentions = _mentions(run_dir)
+        if not alive and not mentions:
+            break
+        if time.monotonic() > deadline:
+            for pid in alive:  # clean up before failing
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            pytest.fail(f"processes outlived `lego up`: {alive}; mentioning the run dir: "
+                        f"{[(p.pid, p.cmdline()) for p in mentions]}")
+        time.sleep(0.2)
