@@ -512,7 +512,8 @@ def test_late_result_from_a_lost_actor_is_refused():
 def test_lost_intermediate_restarts_the_request():
     core = make_core()
     _, step0 = started(core, den=("den-a", "den-b"))
-    step1 = only_batch(done(core, "den-a", step0), "den-a")  # den-a holds step 0 and runs step 1
+    step1 = only_batch(done(core, "den-a", step0), "den-a")
+    assert task_ids(step1) == ["r1/denoise/1"]  # den-a holds step 0's output and runs step 1
     beat(core, ["enc-a-1", "enc-b-1", "vae-1", "den-b"], LATER)
 
     sends = core.on_tick(LATER)
@@ -528,7 +529,6 @@ def test_lost_intermediate_restarts_the_request():
     (result,) = of(sends, p.Result, CLIENT)
     assert result.attempts == 2
     assert core.requests == {}
-    assert task_ids(step1) == ["r1/denoise/1"]
 
 
 def test_task_lost_max_task_attempts_times_fails_the_request():
@@ -536,15 +536,14 @@ def test_task_lost_max_task_attempts_times_fails_the_request():
     _, step0 = started(core, den=("den-a",))
     survivors = ["enc-a-1", "enc-b-1", "vae-1"]
     attempts = [step0.tasks[0].attempt]
-    for i, (victim, successor) in enumerate((("den-a", "den-b"), ("den-b", "den-c"))):
-        now = LATER * (i + 1)
+    for losses, successor in ((1, "den-b"), (2, "den-c")):  # each actor to take the step goes silent
+        now = LATER * losses
         beat(core, survivors, now)
-        sends = core.on_tick(now)
-        assert of(sends, p.Failed) == [], f"failed after {i + 1} loss(es)"
+        assert of(core.on_tick(now), p.Failed) == [], f"failed after {losses} loss(es)"
         attempts.append(only_batch(hello(core, successor, "den", now=now), successor).tasks[0].attempt)
     beat(core, survivors, LATER * 3)
 
-    sends = core.on_tick(LATER * 3)  # den-c, the third actor to take the step, is lost too
+    sends = core.on_tick(LATER * 3)  # den-c is lost too: the third loss of the same step
 
     assert attempts == [0, 1, 2]
     (failed_msg,) = of(sends, p.Failed, CLIENT)

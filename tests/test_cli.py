@@ -191,55 +191,119 @@ def _mentions(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.timeout(150)
-def test_up_generates_and_leaves_nothing_behind(tmp_path):
-    run_dir = tmp_path / "up-run"
-    out = tmp_path / "up.png"
-    cmd = [LEGO, "up", "--port", "0", "--generate", "x", "-o", str(out), "--width", "128", "--height", "128",
-           "--run-dir", str(run_dir), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
-    seen: dict[int, float] = {}
-    recorded: set[int] = set()
-    deadline = time.monotonic() + 120
-    try:
-        # While it runs: note every process it started (its descendants) and every pidfile it wrote.
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, "lego up did not finish within 120 s"
-            seen.update(_descendants(proc.pid))
-            for pidfile in (run_dir / "pids").glob("*.pid") if (run_dir / "pids").is_dir() else ():
-                try:
-                    recorded.add(int(pidfile.read_text().strip()))
-                except (OSError, ValueError):
-                    pass
-            time.sleep(0.05)
-        stdout, stderr = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr
-    assert out.is_file() and _png_size(out) == (128, 128)
-    assert "wrote" in stdout and "seed" in stdout
-    # broker, agent and the four actors were all started and seen
-    assert len(seen) >= 2 + len(MODELS), f"expected broker, agent and {len(MODELS)} actors, saw {seen}"
-    assert recorded and recorded <= set(seen), f"pidfiles {recorded} name processes that were not its children"
+class UpRun:
+    """`lego up` as a child in its own session, its output in files, and a record of every
+    process it starts (its descendants) and every pid it writes under <run-dir>/pids."""
 
-    # Nothing outlives it: no pidfile left, none of the processes it started still running.
-    leftover = sorted(p.name for p in (run_dir / "pids").glob("*.pid"))
-    assert leftover == [], f"pidfiles left behind: {leftover}"
-    deadline = time.monotonic() + 5
-    while True:
-        alive = [pid for pid, created in seen.items() if _still_running(pid, created)]
-        mentions = _mentions(run_dir)
-        if not alive and not mentions:
-            break
-        if time.monotonic() > deadline:
-            for pid in alive:  # clean up before failing
+    def __init__(self, tmp_path: Path, *args: str):
+        self.run_dir = tmp_path / "up-run"
+        self.stdout_path, self.stderr_path = tmp_path / "up.stdout", tmp_path / "up.stderr"
+        cmd = [LEGO, "up", "--port", "0", "--run-dir", str(self.run_dir), "--log-level", "warning", *args]
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), start_new_session=True)
+        self.seen: dict[int, float] = {}
+        self.recorded: set[int] = set()
+
+    def observe(self) -> None:
+        self.seen.update(_descendants(self.proc.pid))
+        pids = self.run_dir / "pids"
+        for pidfile in pids.glob("*.pid") if pids.is_dir() else ():
+            try:
+                self.recorded.add(int(pidfile.read_text().strip()))
+            except (OSError, ValueError):
+                pass
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait_for(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None or condition(), f"lego up exited ({self.proc.returncode}) before {what}: {self.stderr}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.stderr}"
+            self.observe()
+            time.sleep(0.05)
+        self.observe()
+
+    def wait_exit(self, timeout: float) -> int:
+        self.wait_for(lambda: self.proc.poll() is not None, timeout, "lego up to exit")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for pid, created in self.seen.items():
+            if _still_running(pid, created):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            pytest.fail(f"processes outlived `lego up`: {alive}; mentioning the run dir: "
-                        f"{[(p.pid, p.cmdline()) for p in mentions]}")
-        time.sleep(0.2)
+
+    def assert_nothing_left(self) -> None:
+        # broker, agent and the four actors were all started and seen
+        assert len(self.seen) >= 2 + len(MODELS), f"expected broker, agent and {len(MODELS)} actors, saw {self.seen}"
+        assert self.recorded, "no pidfile was ever written"
+        assert self.recorded <= set(self.seen), f"pidfiles {self.recorded} name processes it did not start"
+        leftover = sorted(p.name for p in (self.run_dir / "pids").glob("*.pid"))
+        assert leftover == [], f"pidfiles left behind: {leftover}"
+        deadline = time.monotonic() + 5
+        while True:
+            alive = [pid for pid, created in self.seen.items() if _still_running(pid, created)]
+            mentions = _mentions(self.run_dir)
+            if not alive and not mentions:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"processes outlived `lego up`: {alive}; mentioning the run dir: "
+                            f"{[(p.pid, p.cmdline()) for p in mentions]}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def up_run(tmp_path):
+    runs = []
+
+    def start(*args: str) -> UpRun:
+        runs.append(UpRun(tmp_path, *args))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+@pytest.mark.timeout(150)
+def test_up_generates_and_leaves_nothing_behind(up_run, tmp_path):
+    out = tmp_path / "up.png"
+    run = up_run("--generate", "x", "-o", str(out), "--width", "128", "--height", "128")
+    assert run.wait_exit(timeout=120) == 0, run.stderr
+    assert out.is_file() and _png_size(out) == (128, 128)
+    assert "wrote" in run.stdout and "seed" in run.stdout
+    assert "local cluster up: clients connect to tcp://127.0.0.1:" in run.stderr
+    run.assert_nothing_left()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_up_in_the_foreground_stops_everything_on_signal(up_run, how):
+    run = up_run("--option", "time_scale=0.05")
+    run.wait_for(lambda: "Ctrl-C stops everything" in run.stderr, 60, "the cluster to come up")
+    match = re.search(r"clients connect to (tcp://\S+)", run.stderr)
+    assert match, run.stderr
+    # it serves while it runs
+    status = lego("status", "--json", "--broker", match.group(1))
+    assert status.returncode == 0, status.stderr
+    assert len(json.loads(status.stdout)["actors"]) == len(MODELS)
+    run.observe()
+    if how == "sigterm":
+        run.proc.send_signal(signal.SIGTERM)
+    else:  # a terminal's Ctrl-C: SIGINT to the whole foreground process group
+        os.killpg(run.proc.pid, signal.SIGINT)
+    assert run.wait_exit(timeout=30) == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    run.assert_nothing_left()

@@ -116,3 +116,50 @@ def test_sigkill_of_a_base_model_actor_loses_no_request(tmp_path):
     assert victim.actor_id not in {a.actor_id for a in stats.actors}
     for before, after in zip(results, again):
         assert (before.image == after.image).all()
+
+
+def test_heartbeat_keeps_beating_while_a_long_batch_computes(tmp_path):
+    # One denoise step at 1024x1024 takes 0.22 s x time_scale 5 = 1.1 s, longer than the
+    # 0.6 s the broker waits for a heartbeat (0.2 s x 3 misses).
+    spec = _spec(tmp_path, time_scale=5.0)
+    spec.workflows, spec.replicas = ["flux-schnell-txt2img"], {}
+    with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
+        result = client.generate("flux-schnell-txt2img", prompt="slow", seed=1, steps=2, timeout=60)
+        stats = client.stats()
+    assert result.image.shape == (1024, 1024, 3)
+    assert result.latency_s > 2.0  # the steps really were long
+    assert stats.counters["actors_lost"] == 0
+    assert stats.counters["tasks_requeued"] == 0
+
+
+def test_broker_answers_protocol_violations_and_keeps_serving(cluster):
+    import msgpack
+    import zmq
+
+    from broker import protocol as p
+
+    ctx = zmq.Context.instance()
+    bad_messages = [
+        [b"", b"NOT-LEGO", b"SUBM", msgpack.packb({})],  # wrong protocol tag
+        [b"", p.PROTOCOL_TAG, b"WHAT", msgpack.packb({})],  # unknown command
+        [b"", p.PROTOCOL_TAG, b"SUBM", b"\xc1garbage"],  # header is not msgpack
+        [b"", p.PROTOCOL_TAG, b"SUBM", msgpack.packb({"request_id": 5})],  # wrong field type
+        [b"", p.PROTOCOL_TAG],  # too few frames
+        [b"no delimiter"],
+    ]
+    codes = []
+    for address in (cluster.frontend, cluster.backend):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        for frames in bad_messages:
+            sock.send_multipart(frames)
+            assert sock.poll(5000), f"no answer from {address} to {frames!r}"
+            msg, _ = p.decode(sock.recv_multipart()[1:])
+            assert isinstance(msg, p.Error)
+            codes.append(msg.code)
+        sock.close()
+    assert codes[:5] == ["bad_tag", "unknown_command", "bad_header", "bad_header", "bad_frames"]
+    with Client(cluster.frontend) as client:  # still serving
+        assert client.generate("flux-schnell-txt2img", prompt="after", steps=1, timeout=60, **SIZE).image.shape == (256, 256, 3)
+        assert client.stats().counters["protocol_errors"] >= 2 * len(bad_messages)
