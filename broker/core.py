@@ -160,7 +160,11 @@ class BrokerCore:
 
     def _actor_hello(self, identity: bytes, msg: p.ActorHello, payload, now: float) -> None:
         old = self.actors.get(msg.actor_id)
-        if old is not None:  # the same actor reconnected: what it held is gone
+        if old is not None and old.identity == identity:
+            # A retried hello of a session we already welcomed (it crossed our WELCOME).
+            self._welcome(identity)
+            return
+        if old is not None:  # the same actor on a new session: what it held is gone
             self._lose_actor(old, "reconnected with a new session", now)
         if msg.max_batch_rows < 1 or msg.credits < 0:
             self._error(BACKEND, identity, ErrorCode.BAD_HEADER, "max_batch_rows must be >= 1 and credits >= 0", "max_batch_rows")
@@ -373,21 +377,25 @@ class BrokerCore:
         actor = self._known_actor(identity)
         if actor is None:
             return
-        actor.credits += max(0, msg.credits)
         entries = actor.in_flight.pop(msg.batch_id, None)
-        if entries is None:
+        if entries is None:  # a repeated or invented batch: it returns no credit
             log.warning("unknown_batch", actor_id=actor.actor_id, batch_id=msg.batch_id)
-        else:
-            expected = {(n.task_id, attempt): n for n, attempt in entries}
-            ready_models = set()
-            for result in msg.results:
-                node = expected.get((result.task_id, result.attempt))
-                if node is None or node.request.finished or node.state != RUNNING or node.attempt != result.attempt:
-                    self._drop_stale(actor, result)
-                    continue
-                self._node_done(node, actor, result, payload, now, ready_models)
-            for model in ready_models:
-                self._dispatch(model, now)
+            return
+        actor.credits += max(0, msg.credits)
+        expected = {(n.task_id, attempt): n for n, attempt in entries}
+        ready_models = set()
+        for result in msg.results:
+            node = expected.pop((result.task_id, result.attempt), None)
+            if node is None or node.request.finished or node.state != RUNNING or node.attempt != result.attempt:
+                self._drop_stale(actor, result)
+                continue
+            self._node_done(node, actor, result, payload, now, ready_models)
+        for node in expected.values():  # the actor's answer left these out: run them again
+            if not node.request.finished and node.state == RUNNING and node.actor_id == actor.actor_id:
+                self._requeue(node, f"missing from {actor.actor_id}'s answer to batch {msg.batch_id}")
+                ready_models.add(node.model)
+        for model in ready_models:
+            self._dispatch(model, now)
         self._dispatch(actor.model, now)
 
     def _drop_stale(self, actor: ActorState, result: p.TaskResult) -> None:
@@ -442,8 +450,11 @@ class BrokerCore:
         actor = self._known_actor(identity)
         if actor is None:
             return
+        entries = actor.in_flight.pop(msg.batch_id, None)
+        if entries is None:  # a repeated or invented batch: it returns no credit
+            log.warning("unknown_batch", actor_id=actor.actor_id, batch_id=msg.batch_id)
+            return
         actor.credits += max(0, msg.credits)
-        entries = actor.in_flight.pop(msg.batch_id, None) or []
         for node, attempt in entries:
             if node.request.finished or node.attempt != attempt or node.state != RUNNING:
                 continue

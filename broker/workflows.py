@@ -10,6 +10,7 @@ input), so any actor of the base model can take the next step.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -136,15 +137,23 @@ _WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "i
 
 
 def _parse_model(name: str, raw: dict) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise CatalogError(f"models.{name}", "must be a table of model settings")
     unknown = set(raw) - _MODEL_FIELDS
     if unknown:
         raise CatalogError(f"models.{name}.{sorted(unknown)[0]}", "unknown field")
     if raw.get("kind") not in MODEL_KINDS:
         raise CatalogError(f"models.{name}.kind", f"must be one of {MODEL_KINDS}")
+    for key, value in raw.items():
+        expected = type(getattr(ModelSpec, key, ""))  # every field has a typed default
+        if key != "kind" and not (isinstance(value, expected) and not isinstance(value, bool)):
+            raise CatalogError(f"models.{name}.{key}", f"must be {expected.__name__}, got {type(value).__name__}")
     return ModelSpec(name=name, **raw)
 
 
 def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> WorkflowSpec:
+    if not isinstance(raw, dict):
+        raise CatalogError(f"workflows.{name}", "must be a table of workflow settings")
     unknown = set(raw) - _WORKFLOW_FIELDS
     if unknown:
         raise CatalogError(f"workflows.{name}.{sorted(unknown)[0]}", "unknown field")
@@ -157,11 +166,18 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
     for i, enc in enumerate(encoders):
         if enc not in models or models[enc].kind != "text_encoder":
             raise CatalogError(f"workflows.{name}.text_encoders[{i}]", f"{enc!r} is not a declared text_encoder model")
-    cfg = bool(raw.get("cfg", False))
+    for i, enc in enumerate(encoders):
+        if enc in encoders[:i]:
+            raise CatalogError(f"workflows.{name}.text_encoders[{i}]", f"{enc!r} is listed twice")
+    cfg = raw.get("cfg", False)
+    if not isinstance(cfg, bool):
+        raise CatalogError(f"workflows.{name}.cfg", f"must be true or false, got {cfg!r}")
     inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale)
     for input_name, override in raw.get("inputs", {}).items():
         if input_name not in inputs:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}", "not an input of this workflow")
+        if not isinstance(override, dict):
+            raise CatalogError(f"workflows.{name}.inputs.{input_name}", "must be a table, e.g. { default = 4 }")
         bad = set(override) - _INPUT_OVERRIDABLE
         if bad:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}.{sorted(bad)[0]}", "cannot be overridden")
@@ -211,6 +227,8 @@ def _check_value(spec: InputSpec, value: Any) -> Any:
         value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ParamError(spec.name, f"must be {spec.type}, got {type(value).__name__}")
+    if spec.type == "float" and not math.isfinite(value):  # NaN passes every < and > check
+        raise ParamError(spec.name, f"must be a finite number, got {value}")
     if spec.min is not None and value < spec.min:
         raise ParamError(spec.name, f"must be >= {spec.min}, got {value}")
     if spec.max is not None and value > spec.max:

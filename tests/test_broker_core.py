@@ -730,8 +730,6 @@ def test_admin_spawn_on_another_host_or_unknown_model_is_refused():
 # ------------------------------------------------------------------ suspected bugs
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: core._batch_done pops the whole batch from "
-                   "in_flight but only settles the tasks named in results; an omitted task stays RUNNING forever")
 def test_task_missing_from_batch_done_is_not_left_hanging():
     core = make_core()
     submit(core, "r1")
@@ -743,9 +741,6 @@ def test_task_missing_from_batch_done_is_not_left_hanging():
     assert of(sends, p.Failed, CLIENT) or [t.task_id for t in retried] == ["r1/encode/enc-a"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: core._actor_hello handles a re-hello with "
-                   "the same actor_id by _lose_actor, which sends Disconnect to the old identity, which is the "
-                   "new session's identity when the actor reuses it")
 def test_actor_reconnecting_with_the_same_identity_is_not_told_to_disconnect():
     core = make_core()
     hello(core, "den-1", "den")

@@ -203,9 +203,6 @@ def test_validate_applies_workflow_override_bounds(schnell):
     assert param_error(schnell, {"prompt": "x", "steps": 17}).field == "steps"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: workflows._check_value compares with < and >, which are both "
-                   "False for NaN, so guidance=nan passes the [1, 30] bounds",
-                   raises=pytest.fail.Exception)
 def test_validate_rejects_nan(sd15):
     assert param_error(sd15, {"prompt": "x", "guidance": math.nan}).field == "guidance"
 
@@ -413,16 +410,10 @@ def test_parse_catalog_does_not_change_its_base(catalog):
     assert catalog.workflows == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: workflows._parse_workflow calls set(override) on an input "
-                   "override, so a scalar (inputs.steps = 4) raises TypeError instead of CatalogError",
-                   raises=TypeError)
 def test_scalar_input_override_is_a_catalog_error(tmp_path):
     assert catalog_error(tmp_path, W + "inputs.steps = 4\n").field == "workflows.w.inputs.steps"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: workflows._parse_workflow accepts a text encoder listed twice; "
-                   "unroll then emits two nodes with the same key 'encode/<model>'",
-                   raises=AssertionError)
 def test_duplicate_text_encoder_is_refused_or_unrolled_once(tmp_path):
     text = '[workflows.w]\ntext_encoders = ["CLIP_Flux", "CLIP_Flux"]\ndenoiser = "Flux1Dev"\nvae = "Flux1VAE"\n'
     try:

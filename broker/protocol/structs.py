@@ -78,7 +78,7 @@ def _missing(cls_name: str, field: str, where: str) -> ProtocolError:
 
 
 def _not_a_map(cls_name: str, where: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name} must be a map", where or None)
+    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name} must be a map", where.rstrip(".") or None)
 
 
 def _generate(cls: type, fields: list[_Field]) -> None:
