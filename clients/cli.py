@@ -56,11 +56,15 @@ def cmd_workflows(args) -> int:
         infos = [{"name": w.name, "description": w.description, "models": w.models,
                   "inputs": {i.name: i.__dict__ for i in w.inputs.values()}} for w in load_catalog(args.catalog or []).workflows.values()]
     else:
-        from clients import Client
+        from clients import Client, LegoError
 
-        with Client(args.broker) as client:
-            infos = [{"name": w.name, "description": w.description, "models": w.models,
-                      "inputs": {i.name: i.to_wire() for i in w.inputs}} for w in client.workflows()]
+        try:
+            with Client(args.broker) as client:
+                infos = [{"name": w.name, "description": w.description, "models": w.models,
+                          "inputs": {i.name: i.to_wire() for i in w.inputs}} for w in client.workflows()]
+        except LegoError as exc:
+            print(f"lego workflows: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(infos, indent=2, default=list))
         return 0
@@ -73,10 +77,14 @@ def cmd_workflows(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from clients import Client
+    from clients import Client, LegoError
 
-    with Client(args.broker) as client:
-        stats = client.stats()
+    try:
+        with Client(args.broker) as client:
+            stats = client.stats()
+    except LegoError as exc:
+        print(f"lego status: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(stats.to_wire(), indent=2))
         return 0
@@ -107,7 +115,11 @@ def cmd_up(args) -> int:
     from clients import Client, LegoError
     from clients.local import LocalCluster
 
-    cluster = LocalCluster(_cluster_spec(args))
+    try:
+        cluster = LocalCluster(_cluster_spec(args))
+    except LegoError as exc:
+        print(f"lego up: {exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

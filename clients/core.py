@@ -86,7 +86,10 @@ class ClientCore:
             self._doorbell.send(b"", zmq.NOBLOCK)
 
     def register(self, request_id: str, sink: Callable[[Any], None]) -> JobState:
+        """Route the request's replies to `sink`. A request id still in flight here is refused."""
         with self._lock:
+            if request_id in self.jobs:
+                raise RequestRejected(request_id, "duplicate_request", "a request with this id is in flight on this client", "request_id")
             state = self.jobs[request_id] = JobState(request_id, sink)
         return state
 

@@ -11,7 +11,8 @@ class RequestRejected(LegoError):
     """The broker refused the request before doing any work (bad parameter, overload...)."""
 
     def __init__(self, request_id: str, code: str, message: str, field: str | None = None):
-        super().__init__(f"request {request_id} rejected: {code}: {message}")
+        where = f" (field {field})" if field else ""
+        super().__init__(f"request {request_id} rejected: {code}: {message}{where}")
         self.request_id, self.code, self.message, self.field = request_id, code, message, field
 
 

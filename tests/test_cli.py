@@ -136,8 +136,6 @@ def test_generate_bad_param_fails_with_the_reason(cluster, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="BUG: RequestRejected's message drops .field, so `lego generate` never prints "
-                          "the rejected field's dotted name (params.steps)", strict=True)
 @pytest.mark.timeout(60)
 def test_generate_bad_param_names_the_field(cluster, tmp_path):
     out = tmp_path / "never.png"
@@ -156,8 +154,6 @@ def test_generate_unknown_workflow_fails(cluster, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="BUG: cmd_up builds LocalCluster outside its try, so an unknown workflow escapes "
-                          "as a LegoError traceback instead of a `lego up: ...` message", strict=True)
 @pytest.mark.timeout(60)
 def test_up_unknown_workflow_is_a_clean_error(tmp_path):
     proc = lego("up", "-w", "no-such-workflow", "--port", "0", "--run-dir", str(tmp_path / "run"))
@@ -167,8 +163,6 @@ def test_up_unknown_workflow_is_a_clean_error(tmp_path):
     assert proc.stderr.startswith("lego up: ")
 
 
-@pytest.mark.xfail(reason="BUG: cmd_status does not catch LegoError: no broker gives a Timeout traceback "
-                          "instead of a `lego status: ...` message", strict=True)
 @pytest.mark.timeout(60)
 def test_status_with_no_broker_is_a_clean_error():
     from clients.local import free_port

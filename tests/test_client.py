@@ -243,6 +243,36 @@ def test_cancel_of_a_running_request_raises_cancelled(client):
 
 
 @pytest.mark.timeout(30)
+def test_duplicate_request_id_is_rejected_without_orphaning_the_first_job(client):
+    first = client.submit("flux-dev-txt2img", request_id="test-dup-id", prompt="queued", **SMALL)
+    with pytest.raises(RequestRejected) as err:
+        client.submit("flux-dev-txt2img", request_id="test-dup-id", prompt="again", **SMALL)
+    assert err.value.field == "request_id" and err.value.code == "duplicate_request"
+    first.cancel()
+    with pytest.raises(Cancelled):
+        first.result(timeout=2)
+
+
+@pytest.mark.timeout(60)
+def test_one_client_shared_by_threads(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i):
+        if i % 3 == 0:
+            return client.stats()
+        return client.generate(WORKFLOW, timeout=30, prompt=f"thread {i}", seed=100 + i, **SMALL)
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(work, range(12)))
+    for i, outcome in enumerate(outcomes):
+        if i % 3 == 0:
+            assert isinstance(outcome, p.Stats)
+        else:
+            assert isinstance(outcome, JobResult) and outcome.params["seed"] == 100 + i
+            assert outcome.image.shape == (128, 128, 3)
+
+
+@pytest.mark.timeout(30)
 def test_submit_to_an_address_with_no_broker_times_out():
     address = f"tcp://127.0.0.1:{free_port()}"
     with Client(address, submit_timeout_s=0.5, admin_timeout_s=0.5) as client:
