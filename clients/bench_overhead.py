@@ -8,6 +8,11 @@ actors running the `noop` backend, which returns at once):
 2. latency: requests offered open-loop at a fixed task rate; the broker measures
    each task's hop (dispatch -> actor -> result back at the broker) and reports
    p50/p99 over the run.
+3. core: the broker core plus the codec of both directions, in one process with no
+   sockets, at batch size 1 and at the batch size of run 1: the Python cost of a
+   task, without ZeroMQ or the scheduler's wake-ups.
+4. floor: the round trip of a small message between two bare pyzmq processes on
+   the same machine, in the same run, so the hop can be read against it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+import zmq
 
 from clients.client import Client
 from clients.local import LocalCluster, LocalClusterSpec
@@ -40,6 +48,96 @@ inputs.steps = { default = 8, max = 1000 }
 inputs.width = { default = 64 }
 inputs.height = { default = 64 }
 """
+
+
+ECHO_SERVER = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+while True:
+    frames = sock.recv_multipart()
+    if frames[-1] == b"stop":
+        break
+    sock.send_multipart(frames)
+"""
+
+
+def zmq_baseline(rate_per_s: float, samples: int = 3000) -> dict:
+    """Round trip of a 200-byte message to an echo process: the floor under any hop."""
+    from clients.local import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, address])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart([b"", b"warm up"])
+        sock.poll(10_000)
+        sock.recv_multipart()
+        rtts = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            sock.send_multipart([b"", b"x" * 200])
+            sock.recv_multipart()
+            rtts.append(time.perf_counter() - started)
+            time.sleep(1.0 / rate_per_s)
+        sock.send_multipart([b"", b"stop"])
+        server.wait(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        sock.close()
+        ctx.term()
+    rtts.sort()
+    return {"p50_ms": round(rtts[len(rtts) // 2] * 1000, 3), "p99_ms": round(rtts[int(len(rtts) * 0.99)] * 1000, 3)}
+
+
+def core_only_run(max_batch_rows: int, requests: int = 200, steps: int = 48) -> float:
+    """Tasks/s through BrokerCore with every message encoded and decoded, no sockets."""
+    import structlog
+
+    from broker import protocol as p
+    from broker.core import BrokerCore
+    from broker.workflows import parse_catalog
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings only
+    core = BrokerCore(parse_catalog(tomllib.loads(NOOP_CATALOG)))
+    for name, model in (("enc", "noop-encoder"), ("b1", "noop-base"), ("b2", "noop-base"), ("vae", "noop-vae")):
+        core.on_backend(name.encode(), p.ActorHello(name, model, "cpu", "h", 0, "noop", max_batch_rows, "tcp://x", 2), [], 0.0)
+
+    def wire(msg, payload=()):
+        return p.decode(p.encode(msg, list(payload)))
+
+    started = time.perf_counter()
+    pending = []
+    for i in range(requests):
+        sends = core.on_frontend(b"client", wire(p.Submit(f"r{i}", "noop", {"prompt": "x", "steps": steps}, False))[0], [], 0.0)
+        pending += [s for s in sends if isinstance(s.msg, p.Tasks)]
+    done = 0
+    while pending:
+        send = pending.pop()
+        batch, _ = wire(send.msg)
+        results, payload = [], []
+        for task in batch.tasks:
+            tensors = []
+            if task.return_output:
+                tensors = [p.TensorDesc("image", "uint8", [1], len(payload), nbytes=1)]
+                payload.append(b"\0")
+            results.append(p.TaskResult(task.task_id, task.attempt, task.output_id, 1, tensors))
+        msg, frames = wire(p.BatchDone(batch.batch_id, results), payload)
+        for out in core.on_backend(send.identity, msg, frames, 0.0):
+            p.encode(out.msg, out.payload)
+            if isinstance(out.msg, p.Tasks):
+                pending.append(out)
+        done += len(batch.tasks)
+    structlog.reset_defaults()
+    return done / (time.perf_counter() - started)
 
 
 def _cluster(catalog: Path, actors: int, max_batch_rows: int, run_dir: str) -> LocalCluster:
@@ -117,6 +215,9 @@ def _table(result: dict) -> str:
         (f"hop latency p50 at {lat['offered_tasks_per_s']:,.0f} tasks/s (ms)", f"{lat['hop_p50_ms']:.3f}", ""),
         (f"hop latency p99 at {lat['offered_tasks_per_s']:,.0f} tasks/s (ms)", f"{lat['hop_p99_ms']:.3f}", "< 1 ms"),
         ("  request latency p50 / p99 (ms, 10 tasks)", f"{lat['request_p50_ms']} / {lat['request_p99_ms']}", ""),
+        ("core + codec in one process, no sockets (tasks/s, batch 1 / batch max)",
+         " / ".join(f"{v:,}" for v in result["core_tasks_per_s"].values()), ""),
+        ("floor: raw ZeroMQ round trip p50 / p99 (ms)", f"{result['zmq_baseline']['p50_ms']} / {result['zmq_baseline']['p99_ms']}", ""),
     ]
     lines = ["| metric | measured | target |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
@@ -134,6 +235,8 @@ def run_overhead_bench(args) -> int:
             "settings": {"actors": args.actors, "max_batch_rows": args.max_batch_rows},
             "throughput": throughput_run(catalog, args, f"{tmp}/throughput"),
             "latency": latency_run(catalog, args, f"{tmp}/latency"),
+            "zmq_baseline": zmq_baseline(args.rate / 10),
+            "core_tasks_per_s": {"batch_1": round(core_only_run(1)), f"batch_{args.max_batch_rows}": round(core_only_run(args.max_batch_rows))},
         }
     if args.json:
         print(json.dumps(result, indent=2))
