@@ -55,7 +55,7 @@ def _interpolate(points: list[tuple[int, float]], x: int) -> float:
     points = sorted(points)
     if len(points) == 1:
         return points[0][1] * x / points[0][0]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         if x <= x1:
             if x <= x0:
                 return y0 * x / x0 if x < x0 else y0

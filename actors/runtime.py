@@ -201,6 +201,8 @@ class ActorRuntime:
         try:
             inputs = self._resolve_inputs(batch.tasks, peers)
             outputs = self.backend.run(batch.tasks, inputs)
+            if len(outputs) != len(batch.tasks):
+                raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(batch.tasks)} tasks")
         except InputUnavailable as exc:
             self._report_failure(work, batch, ErrorCode.INPUT_UNAVAILABLE, str(exc), bound)
             return
@@ -210,7 +212,7 @@ class ActorRuntime:
             return
         exec_s = time.perf_counter() - started
         results, payload = [], []
-        for task, bundle in zip(batch.tasks, outputs):
+        for task, bundle in zip(batch.tasks, outputs, strict=True):
             nbytes = bundle_nbytes(bundle)
             if task.return_output:
                 descs, buffers = pack_bundle(bundle, first_frame=len(payload))

@@ -12,13 +12,23 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
 from broker import protocol as p
 from broker.protocol.errors import ErrorCode
-from broker.state import DONE, READY, RUNNING, WAITING, ActorState, AgentState, LatencyWindow, Node, ReadyQueue, Request
+from broker.state import (
+    DONE,
+    READY,
+    RUNNING,
+    WAITING,
+    ActorState,
+    AgentState,
+    LatencyWindow,
+    Node,
+    ReadyQueue,
+    Request,
+)
 from broker.workflows import Catalog, ParamError, unroll, validate_params
 
 log = structlog.get_logger(__name__)

@@ -14,7 +14,8 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from broker import protocol as p
 from clients.core import ClientCore, JobState

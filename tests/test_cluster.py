@@ -114,7 +114,7 @@ def test_sigkill_of_a_base_model_actor_loses_no_request(tmp_path):
     assert stats.counters["tasks_requeued"] + stats.counters["requests_restarted"] > 0
     assert stats.counters["requests_failed"] == 0
     assert victim.actor_id not in {a.actor_id for a in stats.actors}
-    for before, after in zip(results, again):
+    for before, after in zip(results, again, strict=True):
         assert (before.image == after.image).all()
 
 

@@ -56,7 +56,7 @@ def test_actors_say_hello_to_a_restarted_broker_and_serve_again():
         time.sleep(0.6)  # longer than interval x misses: every actor notices the silence
         server, thread = _start_broker(frontend, backend)
         assert _wait(lambda: len(server.core.actors) == 4, 15), "actors did not come back"
-        assert all(a.epoch > e for a, e in zip(actors, first_epochs))  # each started a new session
+        assert all(a.epoch > e for a, e in zip(actors, first_epochs, strict=True))  # each started a new session
         with Client(frontend) as client:
             result = client.generate("flux-schnell-txt2img", prompt="again", steps=2, width=128, height=128, timeout=30)
         assert result.image.shape == (128, 128, 3)

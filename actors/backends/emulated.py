@@ -81,7 +81,7 @@ class EmulatedBackend:
         mode = _PROFILE_MODE[tasks[0].kind]
         duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale
         self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
-        outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs)]
+        outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs, strict=True)]
         remaining = duration - (time.perf_counter() - started)
         if remaining > 0:
             time.sleep(remaining)

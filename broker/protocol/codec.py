@@ -17,6 +17,7 @@ from broker.protocol.constants import COMMANDS_BY_VALUE, DEFAULT_LIMITS, PROTOCO
 from broker.protocol.errors import ErrorCode, ProtocolError
 from broker.protocol.messages import MESSAGE_TYPES, Message
 
+
 def encode(msg: Message, payload: Sequence[Any] = ()) -> list[Any]:
     """The frames of `msg` (without envelope); `payload` buffers follow unchanged."""
     return [PROTOCOL_TAG, msg.COMMAND.value, msgpack.packb(msg.to_wire(), use_bin_type=True), *payload]
