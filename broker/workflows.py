@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 MODEL_KINDS = ("text_encoder", "denoiser", "vae")
 INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+SAMPLERS = ("default", "ddim", "euler")
 MAX_SEED = 2**63 - 1
 
 
@@ -55,6 +56,8 @@ class ModelSpec:
     embed_dim: int = 8
     latent_channels: int = 4
     vae_scale: int = 8
+    source: str = ""  # diffusers: a local folder or hub id holding the pipeline
+    subfolder: str = ""  # diffusers: the component's folder inside `source`
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ def _standard_inputs(cfg: bool, vae_scale: int) -> dict[str, InputSpec]:
         InputSpec("width", "int", default=1024, min=64, max=2048, multiple_of=multiple),
         InputSpec("height", "int", default=1024, min=64, max=2048, multiple_of=multiple),
         InputSpec("seed", "int", default=None, min=0, max=MAX_SEED, description="random if absent"),
+        InputSpec("sampler", "str", default="default", choices=SAMPLERS,
+                  description="default: the scheduler the model ships with"),
     ]
     if cfg:
         inputs += [
@@ -132,7 +137,7 @@ def _standard_inputs(cfg: bool, vae_scale: int) -> dict[str, InputSpec]:
 
 
 _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
-_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale"}
+_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder"}
 _WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "inputs"}
 
 
@@ -280,7 +285,7 @@ def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
         nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], steps + 2))
     previous = [n.key for n in nodes]
     for k in range(steps):
-        step_params = {"step": k, "steps": steps, "seed": params["seed"]}
+        step_params = {"step": k, "steps": steps, "seed": params["seed"], "sampler": params["sampler"]}
         if workflow.cfg:
             step_params["guidance"] = params["guidance"]
         key = f"denoise/{k}"

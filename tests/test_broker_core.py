@@ -160,7 +160,7 @@ def test_accepted_carries_the_validated_params():
     (accepted,) = of(sends, p.Accepted, CLIENT)
     assert accepted.request_id == "r1"
     assert accepted.params == {"prompt": "a lego brick", "steps": 2, "width": 64, "height": 64, "seed": 5,
-                               "negative_prompt": "", "guidance": 7.0}
+                               "sampler": "default", "negative_prompt": "", "guidance": 7.0}
     assert (accepted.nodes, accepted.steps) == (2 + 2 + 1, 2)
     assert "r1" in core.requests
 
@@ -183,7 +183,7 @@ def test_reject_unknown_workflow():
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"steps": 0}, "params.steps"), ({"width": 72}, "params.width"), ({"sampler": "euler"}, "params.sampler"),
+    [({"steps": 0}, "params.steps"), ({"width": 72}, "params.width"), ({"scheduler": "euler"}, "params.scheduler"),
      ({"prompt": "  "}, "params.prompt"), ({"guidance": 2.0}, "params.guidance")],
 )
 def test_reject_bad_param(params, field):

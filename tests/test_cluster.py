@@ -89,8 +89,8 @@ def test_bad_parameter_is_rejected_naming_the_field(cluster):
             client.submit("flux-schnell-txt2img", prompt="x", steps=0)
         assert err.value.field == "params.steps"
         with pytest.raises(RequestRejected) as err:
-            client.submit("flux-schnell-txt2img", prompt="x", sampler="ddim")
-        assert err.value.field == "params.sampler"
+            client.submit("flux-schnell-txt2img", prompt="x", scheduler="ddim")
+        assert err.value.field == "params.scheduler"
         with pytest.raises(RequestRejected) as err:
             client.submit("no-such-workflow", prompt="x")
         assert err.value.field == "workflow"

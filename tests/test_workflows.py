@@ -111,12 +111,12 @@ def test_builtin_overrides_are_applied(catalog, sd15, schnell):
 def test_validate_fills_defaults(sd15):
     out = validate_params(sd15, {"prompt": "a cat"}, random.Random(0))
     assert out == {"prompt": "a cat", "steps": 25, "width": 512, "height": 512,
-                   "seed": out["seed"], "negative_prompt": "", "guidance": 7.5}
+                   "seed": out["seed"], "sampler": "default", "negative_prompt": "", "guidance": 7.5}
 
 
 def test_validate_keeps_given_values(sd15):
     params = {"prompt": "a cat", "steps": 3, "width": 256, "height": 768, "seed": 0,
-              "negative_prompt": "blurry", "guidance": 2.5}
+              "sampler": "euler", "negative_prompt": "blurry", "guidance": 2.5}
     assert validate_params(sd15, dict(params)) == params
 
 
@@ -139,8 +139,8 @@ def test_validate_converts_int_to_float(sd15):
 
 
 def test_validate_rejects_unknown_param(sd15):
-    err = param_error(sd15, {"prompt": "x", "sampler": "euler"})
-    assert err.field == "sampler"
+    err = param_error(sd15, {"prompt": "x", "scheduler": "euler"})
+    assert err.field == "scheduler"
 
 
 def test_validate_rejects_guidance_for_a_workflow_without_cfg(schnell):
@@ -256,7 +256,7 @@ def test_unroll_one_denoise_node_per_step_chained(schnell):
     assert denoise[0].inputs == ["encode/CLIP_Flux", "encode/T5_Flux"]
     assert denoise[1].inputs == ["denoise/0"]
     assert denoise[2].inputs == ["denoise/1"]
-    assert denoise[1].params == {"step": 1, "steps": 3, "seed": 11}
+    assert denoise[1].params == {"step": 1, "steps": 3, "seed": 11, "sampler": "default"}
 
 
 def test_unroll_decode_is_last_and_returns_output(schnell):
@@ -381,7 +381,7 @@ W = '[workflows.w]\ntext_encoders = ["CLIP_Flux"]\ndenoiser = "Flux1Dev"\nvae = 
         (W + "inputs.steps = { min = 30 }\n", "workflows.w.inputs.steps.default"),
         (W + "inputs.width = { default = 1000 }\n", "workflows.w.inputs.width.default"),
         (W + "inputs.steps = { multiple_of = 2 }\n", "workflows.w.inputs.steps.multiple_of"),
-        (W + 'inputs.sampler = { default = "euler" }\n', "workflows.w.inputs.sampler"),
+        (W + 'inputs.scheduler = { default = "euler" }\n', "workflows.w.inputs.scheduler"),
         (W + "inputs.guidance = { default = 5.0 }\n", "workflows.w.inputs.guidance"),
     ],
     ids=[

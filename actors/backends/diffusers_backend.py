@@ -1,0 +1,168 @@
+"""The diffusers backend: real text encoders, UNets and VAEs, one per actor.
+
+A node task does exactly what the diffusers pipeline does at that point, in the same
+order and with the same tensor shapes, so the micro-served result equals the
+pipeline's bit for bit (SD 1.5-style pipelines today):
+
+- encode: tokenize and run the text encoder, the prompt and (CFG) the negative
+  prompt in separate calls as `encode_prompt` does; output `[negative; positive]`.
+- denoise step k: a fresh scheduler of the requested sampler from the pipeline's
+  scheduler config, `set_timesteps(steps)`, then one iteration of the pipeline's
+  loop. Step 0 first draws the initial latents from a CPU generator seeded with the
+  request's seed. The schedulers used here keep no state between steps beyond the
+  step index, which they recover from the timestep, so any actor can take any step.
+- decode: `latents / scaling_factor` through the VAE, then the image processor's
+  denormalisation and the pipeline's float -> uint8 conversion.
+
+Tasks of one batch run one after another: batched kernels are not bit-identical to
+single calls, and exactness comes first (batched execution is future work).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from actors.store import Bundle
+from broker.protocol.messages import TaskSpec
+from broker.workflows import ModelSpec
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _sibling(subfolder: str, kind: str) -> str:
+    """The tokenizer/scheduler folder that goes with a component folder."""
+    if kind == "tokenizer":
+        return subfolder.replace("text_encoder", "tokenizer") if "text_encoder" in subfolder else "tokenizer"
+    return "scheduler"
+
+
+class DiffusersBackend:
+    tensor_kind = "torch"
+
+    def __init__(self, model: ModelSpec, device: str, options: dict):
+        if not model.source:
+            raise ValueError(f"models.{model.name}.source: the diffusers backend needs a folder or repo id")
+        if model.dtype not in DTYPES:
+            raise ValueError(f"models.{model.name}.dtype: expected one of {sorted(DTYPES)}, got {model.dtype!r}")
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = DTYPES[model.dtype]
+        self.component = None
+        self.tokenizer = None
+        self.scheduler_config = None
+        self.peak_bytes = 0
+
+    # ------------------------------------------------------------------ loading
+
+    def _source(self) -> str:
+        path = Path(self.model.source).expanduser()
+        return str(path) if path.exists() else self.model.source  # a hub id otherwise
+
+    def load(self) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        source, sub = self._source(), self.model.subfolder
+        kind = self.model.kind
+        if kind == "text_encoder":
+            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=_sibling(sub or "text_encoder", "tokenizer"))
+            self.component = CLIPTextModel.from_pretrained(source, subfolder=sub or "text_encoder", torch_dtype=self.dtype)
+        elif kind == "denoiser":
+            self.component = UNet2DConditionModel.from_pretrained(source, subfolder=sub or "unet", torch_dtype=self.dtype)
+            from diffusers import DDIMScheduler
+
+            self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
+        elif kind == "vae":
+            self.component = AutoencoderKL.from_pretrained(source, subfolder=sub or "vae", torch_dtype=self.dtype)
+        else:
+            raise ValueError(f"models.{self.model.name}.kind: {kind!r} has no diffusers loader")
+        self.component.to(self.device).eval()
+
+    def memory_bytes(self) -> int:
+        if self.component is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.component.state_dict().values())
+
+    # ------------------------------------------------------------------ execution
+
+    @torch.no_grad()
+    def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode}
+        outputs = []
+        for task, task_inputs in zip(tasks, inputs, strict=True):
+            if task.kind not in run:
+                raise ValueError(f"task kind {task.kind!r} is not one this backend runs")
+            outputs.append(run[task.kind](task, task_inputs))
+        return outputs
+
+    def _embed(self, text: str) -> torch.Tensor:
+        tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        mask = None
+        if getattr(self.component.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        embeds = self.component(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return embeds.to(dtype=self.dtype, device=self.device)
+
+    def _encode(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        positive = self._embed(task.params["prompt"])
+        if task.rows == 2:  # CFG: [negative; positive], each encoded on its own like the pipeline
+            negative = self._embed(task.params.get("negative_prompt") or "")
+            return {"embeds": torch.cat([negative, positive])}
+        return {"embeds": positive}
+
+    def _scheduler(self, sampler: str, steps: int):
+        import diffusers
+
+        name = SAMPLERS.get(sampler) or self.scheduler_config["_class_name"]
+        scheduler = getattr(diffusers, name).from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def _denoise(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        params = task.params
+        scheduler = self._scheduler(params.get("sampler", "default"), params["steps"])
+        if params["step"] == 0:
+            cond = {f"cond/{i}": bundle["embeds"] for i, bundle in enumerate(inputs)}
+            embeds = cond["cond/0"]
+            scale = self.model.vae_scale
+            shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
+            generator = torch.Generator(device="cpu").manual_seed(params["seed"])
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            (previous,) = inputs
+            cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
+            latents = previous["latents"]
+        embeds = cond["cond/0"].to(self.device)
+        latents = latents.to(self.device)
+        t = scheduler.timesteps[params["step"]]
+        cfg = task.rows == 2
+        model_input = torch.cat([latents] * 2) if cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise = self.component(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + params["guidance"] * (text - uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        if self.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        return {"latents": latents, **cond}
+
+    def _decode(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        (previous,) = inputs
+        latents = previous["latents"].to(self.device, self.dtype)
+        image = self.component.decode(latents / self.component.config.scaling_factor, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
+        pixels = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
+        as_uint8 = (pixels * 255).round().astype("uint8")  # the pipeline's numpy_to_pil
+        return {"image": torch.from_numpy(as_uint8)}

@@ -1,0 +1,1 @@
+"""Real model components for the diffusers backend: offline tiny builds and loading."""

@@ -1,0 +1,161 @@
+"""Build real diffusers/transformers components from small configs, offline.
+
+`lego models tiny DIR [--size tiny|mid]` writes, per family, a pipeline folder in the
+layout `from_pretrained` reads (text_encoder/, tokenizer/, unet/, vae/, scheduler/,
+model_index.json) with random weights, plus `DIR/catalog.toml` naming the models and
+workflows so a cluster can serve them at once. Nothing is downloaded: the tokenizer
+is a byte-level BPE vocabulary written here, with no merges (one token per byte).
+
+`tiny` is for tests (64 px images, milliseconds per step); `mid` is for a demo a
+person can watch on two CPU cores (256 px, a few seconds per image).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SIZES = ("tiny", "mid")
+
+
+@dataclass(frozen=True)
+class SD15Size:
+    image: int  # default width/height of the workflow
+    unet_channels: tuple[int, ...]
+    vae_channels: tuple[int, ...]
+    text_hidden: int
+    text_layers: int
+    cross_attention: int
+    steps: int
+
+
+SD15_SIZES = {
+    "tiny": SD15Size(64, (32, 64), (32, 64), 32, 2, 32, 4),
+    "mid": SD15Size(256, (64, 128, 256), (32, 64, 128, 128), 256, 4, 256, 20),
+}
+
+
+def byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_clip_tokenizer(folder: Path, max_length: int = 77) -> int:
+    """A CLIP tokenizer over single bytes; returns its vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for ch in byte_level_alphabet():
+        vocab[ch] = len(vocab)
+    for ch in byte_level_alphabet():
+        vocab[ch + "</w>"] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def build_sd15(folder: Path, size: str, seed: int = 0) -> dict:
+    """An SD-1.5-shaped pipeline folder; returns its catalog entry values."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    s = SD15_SIZES[size]
+    torch.manual_seed(seed)
+    vocab_size = write_clip_tokenizer(folder / "tokenizer")
+    n_blocks = len(s.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=s.image // 2 ** (len(s.vae_channels) - 1),
+        block_out_channels=s.unet_channels,
+        layers_per_block=1 if size == "tiny" else 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_blocks - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_blocks - 1) + ("UpBlock2D",),
+        cross_attention_dim=s.cross_attention,
+        attention_head_dim=8 if size == "tiny" else 8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=s.vae_channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(s.vae_channels),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        hidden_size=s.text_hidden, intermediate_size=s.text_hidden * 4, num_attention_heads=4,
+        num_hidden_layers=s.text_layers, vocab_size=vocab_size, max_position_embeddings=77, projection_dim=s.text_hidden,
+    ))
+    # steps_offset=1: StableDiffusionPipeline rewrites 0 to 1 anyway (ENVIRONMENT.md).
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return {"image": s.image, "steps": s.steps, "vae_scale": 2 ** (len(s.vae_channels) - 1)}
+
+
+def build_all(root: str | Path, size: str = "tiny") -> Path:
+    """Build every family under `root` and write `root/catalog.toml`; returns its path."""
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    root = Path(root).resolve()
+    sd15 = build_sd15(root / "sd15", size)
+    catalog = root / "catalog.toml"
+    catalog.write_text(_sd15_catalog(root / "sd15", size, sd15))
+    return catalog
+
+
+def _sd15_catalog(folder: Path, size: str, info: dict) -> str:
+    prefix = f"{size}-sd15"
+    multiple = info["vae_scale"] * 8 if size == "mid" else info["vae_scale"] * 4
+    return f'''# Written by `lego models tiny`: {size} SD-1.5-shaped components with random weights.
+[models.{prefix}-clip]
+kind = "text_encoder"
+source = "{folder}"
+subfolder = "text_encoder"
+dtype = "float32"
+
+[models.{prefix}-unet]
+kind = "denoiser"
+source = "{folder}"
+subfolder = "unet"
+dtype = "float32"
+latent_channels = 4
+vae_scale = {info["vae_scale"]}
+
+[models.{prefix}-vae]
+kind = "vae"
+source = "{folder}"
+subfolder = "vae"
+dtype = "float32"
+
+[workflows.{prefix}-txt2img]
+description = "{size} SD 1.5 text-to-image (random weights), CFG"
+text_encoders = ["{prefix}-clip"]
+denoiser = "{prefix}-unet"
+vae = "{prefix}-vae"
+cfg = true
+inputs.steps = {{ default = {info["steps"]} }}
+inputs.width = {{ default = {info["image"]}, min = {multiple} }}
+inputs.height = {{ default = {info["image"]}, min = {multiple} }}
+'''
