@@ -44,6 +44,15 @@ class BrokerSettings:
     max_request_restarts: int = 3  # whole-request recomputations after lost intermediate tensors
     max_requests_in_flight: int = 100_000
     latency_window: int = 20_000
+    # "prefer": step k+1 goes to the actor holding step k's output when it has credit.
+    # "avoid": to any other actor when one has credit (forces migration: tests the data plane).
+    affinity: str = "prefer"
+
+    def __post_init__(self) -> None:
+        if self.affinity not in ("prefer", "avoid"):
+            raise ValueError(f"affinity: expected 'prefer' or 'avoid', got {self.affinity!r}")
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_misses < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_misses >= 1")
 
 
 @dataclass
@@ -326,9 +335,13 @@ class BrokerCore:
 
     def _pick_actor(self, head: Node, candidates: list[ActorState]) -> ActorState:
         """Affinity first (the holder of the head task's input), then the least loaded."""
-        for producer in head.inputs:
+        holders = {producer.actor_id for producer in head.inputs}
+        if self.settings.affinity == "avoid":
+            others = [a for a in candidates if a.actor_id not in holders]
+            candidates = others or candidates
+        else:
             for actor in candidates:
-                if actor.actor_id == producer.actor_id:
+                if actor.actor_id in holders:
                     return actor
         return max(candidates, key=lambda a: (a.credits, -len(a.in_flight)))
 

@@ -40,6 +40,7 @@ class BrokerConfig:
     max_task_attempts: int = 3
     max_request_restarts: int = 3
     max_requests_in_flight: int = 100_000
+    affinity: str = "prefer"  # or "avoid": force steps to migrate (testing the data plane)
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -51,6 +52,7 @@ class BrokerConfig:
             max_task_attempts=self.max_task_attempts,
             max_request_restarts=self.max_request_restarts,
             max_requests_in_flight=self.max_requests_in_flight,
+            affinity=self.affinity,
         )
 
 
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-interval-s", type=float)
     parser.add_argument("--heartbeat-misses", type=int)
     parser.add_argument("--max-task-attempts", type=int)
+    parser.add_argument("--affinity", choices=("prefer", "avoid"))
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     config = load_config(BrokerConfig, "broker", args.config, {k: v for k, v in vars(args).items() if k != "config"})

@@ -146,6 +146,15 @@ def cmd_up(args) -> int:
         cluster.stop()
 
 
+def cmd_models(args) -> int:
+    from actors.models.tiny import build_all
+
+    catalog = build_all(args.dir, args.size)
+    print(f"wrote {args.size} models and their catalog: {catalog}")
+    print(f"serve them: lego up --backend diffusers --catalog {catalog} -w {args.size}-sd15-txt2img")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from clients.bench_overhead import run_overhead_bench
 
@@ -207,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--log-format", default="console", choices=("console", "json"))
     u.add_argument("--log-level", default="info")
     u.set_defaults(func=cmd_up)
+
+    m = sub.add_parser("models", help="build model components offline")
+    msub = m.add_subparsers(dest="models", required=True)
+    t = msub.add_parser("tiny", help="real diffusers components with random weights, small configs")
+    t.add_argument("dir")
+    t.add_argument("--size", choices=("tiny", "mid"), default="tiny")
+    t.set_defaults(func=cmd_models)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -42,6 +42,7 @@ class LocalClusterSpec:
     backend_port: int = 0
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
+    affinity: str = "prefer"
     run_dir: str = "run/local"
     log_format: str = "console"
     log_level: str = "info"
@@ -84,6 +85,10 @@ class LocalCluster:
         (self.run_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
         self.processes[name] = proc
 
+    def _device_kind(self) -> str:
+        """Emulated actors go on emulated GPUs; real backends on the CPU (GPUs: `lego agent`)."""
+        return "emulated" if self.spec.backend in ("emulated", "noop") else "cpu"
+
     def actor_plan(self) -> list[tuple[str, int]]:
         models = []
         for wf in self.spec.workflows:
@@ -103,14 +108,16 @@ class LocalCluster:
         catalogs = [arg for path in s.catalog for arg in ("--catalog", str(path))]
         self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend,
                                "--heartbeat-interval-s", str(s.heartbeat_interval_s),
-                               "--heartbeat-misses", str(s.heartbeat_misses), *catalogs, *common])
+                               "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity,
+                               *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
                               "--host", "localhost", *catalogs, *common])
         deadline = time.monotonic() + timeout_s
         with Client(self.frontend, admin_timeout_s=2.0) as client:
             stats = self._wait(client, deadline, lambda st: st.agents, "the node agent to register")
-            devices = {d.device: d.free_bytes for d in stats.agents[0].devices if d.kind != "cpu"} or {"cpu": 1 << 62}
+            devices = {d.device: d.free_bytes for d in stats.agents[0].devices if d.kind == self._device_kind()}
+            devices = devices or {"cpu": 1 << 62}
             plan = self.actor_plan()
             for model, device in place(plan, devices):
                 client.spawn(model, device, s.backend, max_batch_rows=s.max_batch_rows, options=s.options)

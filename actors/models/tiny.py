@@ -158,4 +158,14 @@ cfg = true
 inputs.steps = {{ default = {info["steps"]} }}
 inputs.width = {{ default = {info["image"]}, min = {multiple} }}
 inputs.height = {{ default = {info["image"]}, min = {multiple} }}
+
+[workflows.{prefix}-txt2img-nocfg]
+description = "{size} SD 1.5 text-to-image (random weights), no CFG"
+text_encoders = ["{prefix}-clip"]
+denoiser = "{prefix}-unet"
+vae = "{prefix}-vae"
+cfg = false
+inputs.steps = {{ default = {info["steps"]} }}
+inputs.width = {{ default = {info["image"]}, min = {multiple} }}
+inputs.height = {{ default = {info["image"]}, min = {multiple} }}
 '''

@@ -1,0 +1,114 @@
+"""The correctness anchor: micro-served SD 1.5 equals the plain diffusers pipeline.
+
+Tiny SD-1.5-shaped components with random weights are built offline (`lego models
+tiny`) and loaded through `from_pretrained`, by the pipeline and by the actors alike.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
+from actors.models.tiny import build_all  # noqa: E402
+from broker import protocol as p  # noqa: E402
+from broker.workflows import load_catalog, unroll, validate_params  # noqa: E402
+from clients import Client  # noqa: E402
+from clients.local import LocalCluster, LocalClusterSpec  # noqa: E402
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Actors run with one intra-op thread; the reference must too, since the thread
+    count changes the order of floating-point reductions, hence the low bits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    catalog_path = build_all(root, "tiny")
+    return root, catalog_path, load_catalog([catalog_path])
+
+
+def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np"):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd15", safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, negative_prompt=NEGATIVE if cfg else None, num_inference_steps=steps,
+               guidance_scale=7.5 if cfg else 1.0, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
+    if output_type == "latent":
+        return out
+    return (out[0] * 255).round().astype("uint8")  # what the pipeline's PIL output holds
+
+
+def request_params(cfg: bool, sampler: str, seed: int) -> dict:
+    params = {"prompt": PROMPT, "seed": seed, "steps": 4, "sampler": sampler}
+    if cfg:
+        params.update(negative_prompt=NEGATIVE, guidance=7.5)
+    return params
+
+
+def workflow_name(cfg: bool) -> str:
+    return "tiny-sd15-txt2img" if cfg else "tiny-sd15-txt2img-nocfg"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg):
+    root, _, catalog = tiny
+    workflow = catalog.workflow(workflow_name(cfg))
+    backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
+    for backend in backends.values():
+        backend.load()
+    outputs = {}
+    for plan in unroll(workflow, validate_params(workflow, request_params(cfg, sampler, seed=3))):
+        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
+                          list(plan.shape), plan.params, [], plan.key)
+        (outputs[plan.key],) = backends[plan.model].run([task], [[outputs[k] for k in plan.inputs]])
+    latents = pipeline_image(root, sampler, cfg, seed=3, output_type="latent")
+    assert torch.equal(outputs["denoise/3"]["latents"], latents), "latents differ from the pipeline's"
+    assert np.array_equal(outputs["decode"]["image"].numpy(), pipeline_image(root, sampler, cfg, seed=3))
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_micro_served_cluster_equals_the_pipeline_with_forced_migration(tiny, tmp_path):
+    root, catalog_path, _ = tiny
+    spec = LocalClusterSpec(
+        workflows=[workflow_name(True), workflow_name(False)], replicas={"tiny-sd15-unet": 2}, backend="diffusers",
+        catalog=[str(catalog_path)], affinity="avoid", run_dir=str(tmp_path / "run"), log_level="warning",
+    )
+    cases = [(cfg, sampler, seed) for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
+    with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
+        jobs = [client.submit(workflow_name(cfg), progress=False, **request_params(cfg, sampler, seed))
+                for cfg, sampler, seed in cases]
+        results = [job.result(timeout=240) for job in jobs]
+        stats = client.stats()
+    unet_actors = [a for a in stats.actors if a.model == "tiny-sd15-unet"]
+    assert len(unet_actors) == 2 and all(a.tasks > 0 for a in unet_actors)
+    fetched = sum(a.telemetry.fetches for a in unet_actors if a.telemetry)
+    assert fetched > 0, "steps never moved between actors"
+    for (cfg, sampler, seed), result in zip(cases, results, strict=True):
+        assert np.array_equal(result.image, pipeline_image(root, sampler, cfg, seed)), (cfg, sampler, seed)
+
+
+def test_tiny_models_load_offline_without_a_hub(tiny):
+    root, _, _ = tiny
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(root / "sd15" / "tokenizer")
+    assert len(tokenizer) == 514  # 256 bytes, 256 word-final bytes, 2 specials
+    assert "diffusers" not in {m.split(".")[0] for m in sys.modules if m.startswith("huggingface_hub.file_download")}
