@@ -111,6 +111,8 @@ class NodeAgent:
             self._outbox.append(p.AgentEvent(msg.spawn_id, "refused", message=reason, devices=list(self.devices.values())))
 
         options = dict(msg.options or {})
+        if any(child.spawn_id == msg.spawn_id for child in self.children.values()):
+            return refuse(f"spawn_id: {msg.spawn_id} is already running here")
         device = self.devices.get(msg.device)
         if device is None:
             return refuse(f"device: no device {msg.device!r} on {self.host} (has {sorted(self.devices)})")
@@ -118,8 +120,8 @@ class NodeAgent:
             return refuse(f"model: unknown model {msg.model!r}")
         try:
             need = self._memory_needed(msg.model, msg.backend, options)
-        except ValueError as exc:
-            return refuse(str(exc))
+        except Exception as exc:  # a bad option must not take the agent (and its actors) down
+            return refuse(f"options: {type(exc).__name__}: {exc}")
         if device.kind != "cpu" and need > device.free_bytes:
             return refuse(f"device: {msg.device} has {device.free_bytes} bytes free, {msg.model} needs {need}")
         actor_id = f"{msg.model}@{self.host}/{msg.device}#{msg.spawn_id}"
@@ -221,7 +223,11 @@ class NodeAgent:
                         interval, misses = msg.heartbeat_interval_s, msg.heartbeat_misses
                         log.info("agent_welcomed", agent_id=self.agent_id, broker_id=msg.broker_id)
                     elif isinstance(msg, p.SpawnActor):
-                        self.spawn(msg)
+                        try:
+                            self.spawn(msg)
+                        except Exception as exc:  # refuse this one; keep serving the rest
+                            log.exception("spawn_failed", spawn_id=msg.spawn_id)
+                            self._outbox.append(p.AgentEvent(msg.spawn_id, "refused", message=f"{type(exc).__name__}: {exc}"))
                     elif isinstance(msg, p.StopActor):
                         self.stop_actor(msg.actor_id)
                     elif isinstance(msg, p.Disconnect):

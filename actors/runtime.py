@@ -90,8 +90,9 @@ class ActorRuntime:
         self.welcomed_epoch = -1  # the session the broker has welcomed
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.heartbeat_misses = config.heartbeat_misses
-        # Set by the heartbeat thread when the broker went silent or forgot us.
-        self.session_lost: str | None = None
+        # (epoch, reason), set by the heartbeat thread when the broker went silent or
+        # forgot that session; the compute thread ignores it for an older session.
+        self.session_lost: tuple[int, str] | None = None
         self._data_sock = self.context.socket(zmq.ROUTER)
         self._data_sock.setsockopt(zmq.LINGER, 0)
         self._data_sock.bind(config.data_bind)
@@ -144,9 +145,16 @@ class ActorRuntime:
         self.session_lost = None
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A fixed identity per session: if TCP reconnects underneath, the broker still
+        # reaches this session (a random one would change and strand its batches).
+        sock.setsockopt(zmq.ROUTING_ID, self.session_id.encode())
         sock.connect(self.config.broker_backend)
         log.info("actor_new_session", actor_id=self.actor_id, epoch=self.epoch, reason=reason)
         return sock
+
+    @property
+    def session_id(self) -> str:
+        return f"{self.actor_id}#{self.epoch}"[-250:]  # ZeroMQ caps identities at 255 bytes
 
     def _hello(self) -> p.ActorHello:
         c = self.config
@@ -163,8 +171,9 @@ class ActorRuntime:
             if self._parent_pid is not None and os.getppid() != self._parent_pid:
                 log.warning("parent_gone", actor_id=self.actor_id)
                 break
-            if self.session_lost is not None:
-                work = self._open_session(work, self.session_lost)
+            lost = self.session_lost
+            if lost is not None and lost[0] == self.epoch:
+                work = self._open_session(work, lost[1])
                 next_hello = 0.0
             now = time.monotonic()
             if self.welcomed_epoch != self.epoch and now >= next_hello:
@@ -198,21 +207,21 @@ class ActorRuntime:
     def _run_batch(self, epoch: int, batch: p.Tasks, work: zmq.Socket, peers: dict) -> None:
         bound = log.bind(actor_id=self.actor_id, batch_id=batch.batch_id)
         started = time.perf_counter()
+        tasks, inputs, missing = self._resolve_inputs(batch.tasks, peers)
+        missing_reason = "; ".join(sorted(set(missing.values())))[:500]
+        if missing:
+            bound.warning("inputs_unavailable", task_ids=sorted(missing), reason=missing_reason)
         try:
-            inputs = self._resolve_inputs(batch.tasks, peers)
-            outputs = self.backend.run(batch.tasks, inputs)
-            if len(outputs) != len(batch.tasks):
-                raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(batch.tasks)} tasks")
-        except InputUnavailable as exc:
-            self._report_failure(work, batch, ErrorCode.INPUT_UNAVAILABLE, str(exc), bound)
-            return
+            outputs = self.backend.run(tasks, inputs) if tasks else []
+            if len(outputs) != len(tasks):
+                raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(tasks)} tasks")
         except Exception as exc:
             bound.exception("batch_failed", task_ids=[t.task_id for t in batch.tasks])
             self._report_failure(work, batch, ErrorCode.TASK_ERROR, f"{type(exc).__name__}: {exc}", bound)
             return
         exec_s = time.perf_counter() - started
         results, payload = [], []
-        for task, bundle in zip(batch.tasks, outputs, strict=True):
+        for task, bundle in zip(tasks, outputs, strict=True):
             nbytes = bundle_nbytes(bundle)
             if task.return_output:
                 descs, buffers = pack_bundle(bundle, first_frame=len(payload))
@@ -224,31 +233,44 @@ class ActorRuntime:
                 results.append(p.TaskResult(task.task_id, task.attempt, task.output_id, nbytes))
         t = self.telemetry
         t.batches += 1
-        t.tasks += len(batch.tasks)
-        t.rows += sum(task.rows for task in batch.tasks)
+        t.tasks += len(tasks)
+        t.rows += sum(task.rows for task in tasks)
         t.busy_s += exec_s
         t.memory_used_bytes = getattr(self.backend, "peak_bytes", t.memory_used_bytes)
-        work.send_multipart([b"", *p.encode(p.BatchDone(batch.batch_id, results, exec_s, 1), payload)], copy=False)
+        done = p.BatchDone(batch.batch_id, results, exec_s, 1, sorted(missing), missing_reason)
+        work.send_multipart([b"", *p.encode(done, payload)], copy=False)
 
     def _report_failure(self, work, batch: p.Tasks, code: ErrorCode, message: str, bound) -> None:
         bound.warning("batch_not_done", code=code.value, error=message)
         msg = p.BatchFailed(batch.batch_id, [t.task_id for t in batch.tasks], [t.attempt for t in batch.tasks], code.value, message, 1)
         work.send_multipart([b"", *p.encode(msg)])
 
-    def _resolve_inputs(self, tasks: list[p.TaskSpec], peers: dict) -> list[list[Bundle]]:
+    def _resolve_inputs(self, tasks: list[p.TaskSpec], peers: dict):
+        """(runnable tasks, their input bundles, {task_id: why} for tasks lacking an input).
+
+        One task's missing input (its request was cancelled, its holder died) must not
+        cost the other requests of the batch their step.
+        """
         fetched: dict[str, Bundle] = {}
-        resolved = []
+        runnable, resolved, missing = [], [], {}
         for task in tasks:
-            bundles = []
-            for ref in task.inputs:
-                bundle = self.store.get(ref.tensor_id) if ref.holder == self.actor_id else fetched.get(ref.tensor_id)
-                if bundle is None and ref.holder != self.actor_id:
-                    bundle = fetched[ref.tensor_id] = self._fetch(ref, task, peers)
-                if bundle is None:
-                    raise InputUnavailable(f"{ref.tensor_id} is not in this actor's store")
-                bundles.append(bundle)
+            try:
+                bundles = []
+                for ref in task.inputs:
+                    if ref.holder == self.actor_id:
+                        bundle = self.store.get(ref.tensor_id)
+                    else:
+                        bundle = fetched.get(ref.tensor_id) or self._fetch(ref, task, peers)
+                        fetched[ref.tensor_id] = bundle
+                    if bundle is None:
+                        raise InputUnavailable(f"{ref.tensor_id} is not in this actor's store")
+                    bundles.append(bundle)
+            except InputUnavailable as exc:
+                missing[task.task_id] = str(exc)
+                continue
+            runnable.append(task)
             resolved.append(bundles)
-        return resolved
+        return runnable, resolved, missing
 
     def _fetch(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict) -> Bundle:
         sock = peers.get(ref.address)
@@ -262,12 +284,15 @@ class ActorRuntime:
             peers.pop(ref.address).close(linger=0)
             raise InputUnavailable(f"{ref.holder} did not answer a fetch of {ref.tensor_id} within {self.config.fetch_timeout_s}s")
         frames = sock.recv_multipart(copy=False)
-        msg, payload = p.decode(frames[1:])
-        if isinstance(msg, p.Error):
-            raise InputUnavailable(f"{ref.holder}: {msg.code}: {msg.message}")
-        if not isinstance(msg, p.FetchReply) or msg.tensor_id != ref.tensor_id:
-            raise InputUnavailable(f"{ref.holder} answered a fetch of {ref.tensor_id} with {msg.COMMAND.name}")
-        bundle = unpack_bundle(msg.tensors, payload, as_torch=self.backend.tensor_kind == "torch")
+        try:
+            msg, payload = p.decode(frames[1:])
+            if isinstance(msg, p.Error):
+                raise InputUnavailable(f"{ref.holder}: {msg.code}: {msg.message}")
+            if not isinstance(msg, p.FetchReply) or msg.tensor_id != ref.tensor_id:
+                raise InputUnavailable(f"{ref.holder} answered a fetch of {ref.tensor_id} with {msg.COMMAND.name}")
+            bundle = unpack_bundle(msg.tensors, payload, as_torch=self.backend.tensor_kind == "torch")
+        except p.ProtocolError as err:  # a garbled reply is as good as none: recompute
+            raise InputUnavailable(f"{ref.holder} sent a bad fetch reply: {err}") from None
         self.telemetry.fetches += 1
         self.telemetry.fetched_bytes += sum(d.nbytes for d in msg.tensors)
         return bundle
@@ -308,7 +333,8 @@ class ActorRuntime:
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
-                if self.welcomed_epoch != self.epoch or self.session_lost is not None:
+                lost = self.session_lost
+                if self.welcomed_epoch != self.epoch or (lost is not None and lost[0] == self.epoch):
                     time.sleep(0.02)
                     continue
                 if beating_epoch != self.epoch:  # a new session: a new control connection
@@ -323,7 +349,7 @@ class ActorRuntime:
                     last_beat = now
                     count, nbytes = self.store.stats()
                     self.telemetry.stored_tensors, self.telemetry.stored_bytes = count, nbytes
-                    ping = p.Heartbeat(time.time(), self.telemetry, self.actor_id)
+                    ping = p.Heartbeat(time.time(), self.telemetry, self.actor_id, self.session_id)
                     sock.send_multipart([b"", *p.encode(ping)])
                 if sock.poll(min(interval, 0.1) * 1000):
                     frames = sock.recv_multipart()
@@ -333,9 +359,9 @@ class ActorRuntime:
                         continue
                     last_heard = time.monotonic()
                     if isinstance(msg, p.Disconnect):
-                        self.session_lost = f"broker: {msg.reason}"
+                        self.session_lost = (beating_epoch, f"broker: {msg.reason}")
                 if time.monotonic() - last_heard > interval * self.heartbeat_misses:
-                    self.session_lost = f"broker silent for {time.monotonic() - last_heard:.1f}s"
+                    self.session_lost = (beating_epoch, f"broker silent for {time.monotonic() - last_heard:.1f}s")
         finally:
             if sock is not None:
                 sock.close(linger=0)

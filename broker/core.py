@@ -17,6 +17,7 @@ import structlog
 
 from broker import protocol as p
 from broker.protocol.errors import ErrorCode
+from broker.protocol.tensors import check_payload
 from broker.state import (
     DONE,
     READY,
@@ -135,6 +136,13 @@ class BrokerCore:
         self._error(socket, identity, err.code, err.message, err.field)
         return self._flush()
 
+    def on_unreachable(self, socket: str, identity: bytes, now: float) -> list[Send]:
+        """A send found no connected peer of that identity: an actor there is gone."""
+        actor = self.actor_by_identity.get(identity) if socket == BACKEND else None
+        if actor is not None:
+            self._lose_actor(actor, "unreachable: its connection is gone", now)
+        return self._flush()
+
     def on_tick(self, now: float) -> list[Send]:
         """Heartbeats out, silent peers declared dead. Call about 4x per interval."""
         expiry = self.settings.heartbeat_interval_s * self.settings.heartbeat_misses
@@ -213,6 +221,10 @@ class BrokerCore:
 
     def _peer_heartbeat(self, identity: bytes, msg: p.Heartbeat, payload, now: float) -> None:
         actor = self.actors.get(msg.actor_id) if msg.actor_id else self.actor_by_identity.get(identity)
+        if actor is not None and msg.session and msg.session.encode() != actor.identity:
+            # A ping for a work session we no longer know: that session must start over.
+            self._send(BACKEND, identity, p.Disconnect(reason=f"session {msg.session} is not current"))
+            return
         if actor is not None:
             actor.last_seen = now
             if msg.telemetry is not None:
@@ -413,6 +425,12 @@ class BrokerCore:
                 self._drop_stale(actor, result)
                 continue
             self._node_done(node, actor, result, payload, now, ready_models)
+        missing = set(msg.missing)
+        for key in [k for k in expected if k[0] in missing]:
+            node = expected.pop(key)
+            if not node.request.finished and node.state == RUNNING and node.actor_id == actor.actor_id:
+                # Its input is gone (holder lost or freed it): recompute the request's lineage.
+                self._restart_request(node.request, f"{node.key}: {msg.missing_reason}", now)
         for node in expected.values():  # the actor's answer left these out: run them again
             if not node.request.finished and node.state == RUNNING and node.actor_id == actor.actor_id:
                 self._requeue(node, f"missing from {actor.actor_id}'s answer to batch {msg.batch_id}")
@@ -455,12 +473,14 @@ class BrokerCore:
                 ready_models.add(consumer.model)
 
     def _deliver(self, request: Request, result: p.TaskResult, payload: list, now: float) -> None:
-        """Forward the final output's frames to the client without opening them."""
+        """Forward the final output's frames to the client without reading their bytes."""
+        try:
+            check_payload(result.tensors, payload)  # sizes only: dtype x shape == frame length
+        except p.ProtocolError as err:
+            self._fail_request(request, ErrorCode.TASK_ERROR, f"result of {result.task_id}: {err.message}")
+            return
         tensors, frames = [], []
         for desc in result.tensors:
-            if not 0 <= desc.frame < len(payload):
-                self._fail_request(request, ErrorCode.TASK_ERROR, f"result tensor {desc.name!r} names a missing frame")
-                return
             frames.append(payload[desc.frame])
             tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(frames) - 1, desc.where, desc.nbytes))
         self.counters["requests_completed"] += 1
@@ -484,8 +504,13 @@ class BrokerCore:
             if msg.code == ErrorCode.INPUT_UNAVAILABLE.value:
                 # The holder of an input vanished: recompute the request's lineage.
                 self._restart_request(node.request, f"{node.key}: {msg.message}", now)
+            elif len(entries) > 1:
+                # Which task broke the batch is unknown (one bad input, or memory for the
+                # whole batch): run each again on its own before failing anyone.
+                node.solo = True
+                self._requeue(node, f"batch {msg.batch_id} failed: {msg.code}: {msg.message}")
             else:
-                # A model error is deterministic for these inputs: retrying would fail again.
+                # Alone, a model error is deterministic for these inputs: retrying would fail again.
                 self._fail_request(node.request, ErrorCode.TASK_ERROR, f"{node.key} failed on {actor.actor_id}: {msg.code}: {msg.message}")
         self._dispatch(actor.model, now)
 
@@ -505,8 +530,8 @@ class BrokerCore:
                 if node.state == DONE and node.refs_left > 0 and node.actor_id == actor.actor_id:
                     lost_held.setdefault(request.request_id, request)
         touched = set()
-        for entries in actor.in_flight.values():
-            for node, attempt in entries:
+        for batch in actor.in_flight.values():
+            for node, attempt in batch:
                 request = node.request
                 if request.finished or node.attempt != attempt or node.state != RUNNING:
                     continue
@@ -567,24 +592,30 @@ class BrokerCore:
                  actor_id=msg.actor_id, returncode=msg.returncode, detail=msg.message)
 
     def _admin_spawn(self, identity: bytes, msg: p.AdminSpawn, payload, now: float) -> None:
+        def refuse(reason: str) -> None:
+            self._send(FRONTEND, identity, p.AdminReply(False, reason, call_id=msg.call_id))
+
         if msg.model not in self.catalog.models:
-            self._send(FRONTEND, identity, p.AdminReply(False, f"model: unknown model {msg.model!r}"))
-            return
+            return refuse(f"model: unknown model {msg.model!r}")
         agents = [a for a in self.agents.values() if not msg.host or a.host == msg.host]
         if not agents:
-            self._send(FRONTEND, identity, p.AdminReply(False, f"host: no node agent on {msg.host or 'any host'}"))
-            return
+            return refuse(f"host: no node agent on {msg.host or 'any host'}")
         if not 1 <= msg.count <= 1024:
-            self._send(FRONTEND, identity, p.AdminReply(False, "count: must be 1..1024"))
-            return
+            return refuse("count: must be 1..1024")
+        if not 1 <= msg.max_batch_rows <= 4096:
+            return refuse("max_batch_rows: must be 1..4096")
+        for key, value in (msg.options or {}).items():
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or "=" in str(key):
+                return refuse(f"options.{key}: must be a string or a number")
         agent = agents[0]
         spawn_ids = []
         for _ in range(msg.count):
-            spawn_id = f"{agent.agent_id}-{next(self._spawn_ids)}"
+            # Unique across broker restarts: the agent (and its actors) may outlive us.
+            spawn_id = f"{self.broker_id}-{next(self._spawn_ids)}"
             spawn_ids.append(spawn_id)
             agent.actors[spawn_id] = "requested"
             self._send(BACKEND, agent.identity, p.SpawnActor(spawn_id, msg.model, msg.device, msg.backend, msg.max_batch_rows, msg.options))
-        self._send(FRONTEND, identity, p.AdminReply(True, f"asked {agent.agent_id} for {msg.count} actor(s)", spawn_ids))
+        self._send(FRONTEND, identity, p.AdminReply(True, f"asked {agent.agent_id} for {msg.count} actor(s)", spawn_ids, msg.call_id))
 
     def _list_workflows(self, identity: bytes, msg, payload, now: float) -> None:
         infos = []
@@ -592,10 +623,12 @@ class BrokerCore:
             inputs = [p.InputInfo(i.name, i.type, i.required, i.default, i.min, i.max,
                                   list(i.choices) if i.choices else None, i.description) for i in wf.inputs.values()]
             infos.append(p.WorkflowInfo(wf.name, wf.description, wf.models, inputs, "image"))
-        self._send(FRONTEND, identity, p.Workflows(infos))
+        self._send(FRONTEND, identity, p.Workflows(infos, msg.call_id))
 
     def _get_stats(self, identity: bytes, msg, payload, now: float) -> None:
-        self._send(FRONTEND, identity, self.snapshot(now))
+        stats = self.snapshot(now)
+        stats.call_id = msg.call_id
+        self._send(FRONTEND, identity, stats)
 
     def snapshot(self, now: float) -> p.Stats:
         models = sorted(set(self.queues) | {a.model for a in self.actors.values()} | set(self.model_batches))

@@ -32,8 +32,9 @@ DRAIN_BATCH = 512  # messages read from one socket before looking at the other
 
 @dataclass
 class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
+    # env LEGO_FRONTEND_ADDRESS / LEGO_BACKEND_ADDRESS (LEGO_BACKEND is an actor's backend kind)
+    frontend_address: str = "tcp://127.0.0.1:5555"
+    backend_address: str = "tcp://127.0.0.1:5556"
     catalog: list[str] = field(default_factory=list)
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
@@ -66,15 +67,18 @@ class BrokerServer:
         self.stopped = threading.Event()
 
     def bind(self) -> None:
-        for name, address in ((FRONTEND, self.config.frontend), (BACKEND, self.config.backend)):
+        for name, address in ((FRONTEND, self.config.frontend_address), (BACKEND, self.config.backend_address)):
             sock = self.context.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
             sock.setsockopt(zmq.RCVHWM, self.config.send_hwm)
             sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_payload_bytes)
+            # Fail a send to an identity with no live connection instead of dropping it:
+            # on the backend that is how a reset actor connection is noticed at once.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.bind(address)
             self.sockets[name] = sock
-        log.info("broker_listening", frontend=self.config.frontend, backend=self.config.backend,
+        log.info("broker_listening", frontend=self.config.frontend_address, backend=self.config.backend_address,
                  workflows=sorted(self.core.catalog.workflows))
 
     def serve_forever(self) -> None:
@@ -131,6 +135,8 @@ class BrokerServer:
                 self.sockets[send.socket].send_multipart(frames, copy=False)
             except zmq.ZMQError as exc:  # a vanished peer must not stop the broker
                 log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc))
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, time.monotonic()))
 
     def stop(self) -> None:
         self.stopped.set()
@@ -165,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     from broker.logs import configure_logging
 
     parser = argparse.ArgumentParser(prog="lego broker", description="Run the broker.")
-    parser.add_argument("--frontend", help="client address to bind (default tcp://127.0.0.1:5555)")
-    parser.add_argument("--backend", help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
+    parser.add_argument("--frontend", dest="frontend_address", help="client address to bind (default tcp://127.0.0.1:5555)")
+    parser.add_argument("--backend", dest="backend_address", help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
     parser.add_argument("--catalog", action="append", help="extra workflow catalog TOML (repeatable)")
     parser.add_argument("--heartbeat-interval-s", type=float)
     parser.add_argument("--heartbeat-misses", type=int)

@@ -19,7 +19,7 @@ class Node:
     __slots__ = (
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
-        "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses",
+        "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -38,6 +38,7 @@ class Node:
         self.state = WAITING
         self.attempt = 0  # bumped on every re-dispatch; results of older attempts are stale
         self.losses = 0  # times this node was lost with a dead actor
+        self.solo = False  # run alone: it was in a batch that failed as a whole
         self.deps_left = 0
         self.refs_left = 0
         self.actor_id = ""  # running on, then holding the output
@@ -148,7 +149,7 @@ class ReadyQueue:
         batch, rows = [], 0
         while heap:
             node = heap[0][4]
-            if batch and rows + node.rows > max_rows:
+            if batch and (rows + node.rows > max_rows or node.solo or batch[0].solo):
                 break
             heapq.heappop(heap)
             batch.append(node)

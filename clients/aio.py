@@ -16,10 +16,15 @@ from typing import Any
 
 from broker import protocol as p
 from clients.core import ClientCore
-from clients.errors import LegoError, Timeout
+from clients.errors import LegoError, RequestRejected, Timeout
 from clients.results import JobResult
 
 _END = object()
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 class AsyncJob:
@@ -90,28 +95,33 @@ class AsyncClient:
     async def submit(self, workflow: str, *, request_id: str | None = None, progress: bool = True,
                      wait_accepted: bool = True, **params: Any) -> AsyncJob:
         job = AsyncJob(self._core, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
-        self._core.send(p.Submit(job.request_id, workflow, params, progress))
+        try:
+            self._core.send(p.Submit(job.request_id, workflow, params, progress))
+        except ValueError as exc:
+            self._core.forget_job(job.request_id)
+            raise RequestRejected(job.request_id, "too_large", str(exc), "params") from None
         if wait_accepted:
             await job.wait_accepted(self.submit_timeout_s)
         return job
 
-    async def _admin(self, msg: p.Message, reply_type: type) -> Any:
+    async def _admin(self, msg: p.Message) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._core.admin(msg, reply_type, lambda r: loop.call_soon_threadsafe(future.set_result, r))
+        call_id = self._core.admin(msg, lambda r: loop.call_soon_threadsafe(_settle, future, r))
         try:
             reply = await asyncio.wait_for(future, self.admin_timeout_s)
         except asyncio.TimeoutError:
+            self._core.forget_admin(call_id)
             raise Timeout(f"no answer from the broker at {self.address} within {self.admin_timeout_s}s") from None
         if isinstance(reply, p.Error):
             raise LegoError(f"{reply.code}: {reply.message}")
         return reply
 
     async def workflows(self) -> list[p.WorkflowInfo]:
-        return (await self._admin(p.ListWorkflows(), p.Workflows)).workflows
+        return (await self._admin(p.ListWorkflows())).workflows
 
     async def stats(self) -> p.Stats:
-        return await self._admin(p.GetStats(), p.Stats)
+        return await self._admin(p.GetStats())
 
     async def close(self) -> None:
         await asyncio.to_thread(self._core.close)

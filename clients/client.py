@@ -19,7 +19,7 @@ from typing import Any
 
 from broker import protocol as p
 from clients.core import ClientCore, JobState
-from clients.errors import LegoError, Timeout
+from clients.errors import LegoError, RequestRejected, Timeout
 from clients.results import JobResult
 
 _END = object()
@@ -30,6 +30,7 @@ class Job:
         self.request_id = request_id
         self._core = core
         self._events: queue.Queue = queue.Queue()
+        self._ended = False  # progress() has seen the end: a second call returns at once
         self._answered = threading.Event()
         self._done = threading.Event()
         self._state: JobState = core.register(request_id, self._on_event)
@@ -68,13 +69,14 @@ class Job:
     def progress(self, timeout: float | None = None) -> Iterator[p.Progress]:
         """Progress events (node done, step i of N) until the request ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        while not self._ended:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 event = self._events.get(timeout=remaining)
             except queue.Empty:
                 raise Timeout(f"request {self.request_id}: no progress within {timeout}s") from None
             if event is _END:
+                self._ended = True
                 return
             yield event
 
@@ -93,7 +95,11 @@ class Client:
                wait_accepted: bool = True, **params: Any) -> Job:
         """Submit one request. Raises RequestRejected at once if the broker refuses it."""
         job = Job(self._core, request_id or uuid.uuid4().hex)
-        self._core.send(p.Submit(job.request_id, workflow, params, progress))
+        try:
+            self._core.send(p.Submit(job.request_id, workflow, params, progress))
+        except ValueError as exc:
+            self._core.forget_job(job.request_id)
+            raise RequestRejected(job.request_id, "too_large", str(exc), "params") from None
         if wait_accepted:
             job.wait_accepted(self.submit_timeout_s)
         return job
@@ -101,29 +107,30 @@ class Client:
     def generate(self, workflow: str, timeout: float | None = None, **params: Any) -> JobResult:
         return self.submit(workflow, progress=False, **params).result(timeout)
 
-    def _admin(self, msg: p.Message, reply_type: type, timeout: float | None) -> Any:
+    def _admin(self, msg: p.Message, timeout: float | None) -> Any:
         box: queue.Queue = queue.Queue()
-        self._core.admin(msg, reply_type, box.put)
+        call_id = self._core.admin(msg, box.put)
         timeout = self.admin_timeout_s if timeout is None else timeout
         try:
             reply = box.get(timeout=timeout)
         except queue.Empty:
+            self._core.forget_admin(call_id)
             raise Timeout(f"no answer from the broker at {self.address} within {timeout}s") from None
         if isinstance(reply, p.Error):
             raise LegoError(f"{reply.code}: {reply.message}")
         return reply
 
     def workflows(self, timeout: float | None = None) -> list[p.WorkflowInfo]:
-        return self._admin(p.ListWorkflows(), p.Workflows, timeout).workflows
+        return self._admin(p.ListWorkflows(), timeout).workflows
 
     def stats(self, timeout: float | None = None) -> p.Stats:
-        return self._admin(p.GetStats(), p.Stats, timeout)
+        return self._admin(p.GetStats(), timeout)
 
     def spawn(self, model: str, device: str = "cpu", backend: str = "emulated", count: int = 1, host: str = "",
               max_batch_rows: int = 8, options: dict | None = None, timeout: float | None = None) -> p.AdminReply:
         """Ask a node agent to start `count` actors of `model`."""
         msg = p.AdminSpawn(model, device, backend, host, count, max_batch_rows, options)
-        reply = self._admin(msg, p.AdminReply, timeout)
+        reply = self._admin(msg, timeout)
         if not reply.ok:
             raise LegoError(f"spawn refused: {reply.message}")
         return reply

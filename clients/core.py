@@ -3,16 +3,16 @@
 One IO thread owns the DEALER to the broker's frontend. Callers hand it frames
 through a queue and ring an inproc doorbell (the doorbell's sending end is guarded by
 a lock, since callers may be many threads); replies are routed to jobs by request id
-and to admin calls in order of asking (the broker answers one connection in order).
+and to admin calls by the call id the broker echoes.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import queue
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +20,9 @@ import structlog
 import zmq
 
 from broker import protocol as p
-from clients.errors import Cancelled, RequestFailed, RequestRejected
+from broker.protocol.constants import DEFAULT_LIMITS
+from broker.protocol.tensors import check_payload
+from clients.errors import Cancelled, LegoError, RequestFailed, RequestRejected
 from clients.results import JobResult
 
 log = structlog.get_logger(__name__)
@@ -46,6 +48,10 @@ class JobState:
 def outcome_of(msg: p.Message, payload: list) -> JobResult | Exception | None:
     """The terminal outcome a message carries for a request, or None if it is not terminal."""
     if isinstance(msg, p.Result):
+        try:
+            check_payload(msg.tensors, payload)
+        except p.ProtocolError as err:
+            return RequestFailed(msg.request_id, err.code.value, f"malformed result: {err.message}")
         tensors = {}
         for desc in msg.tensors:
             frame = payload[desc.frame]
@@ -66,7 +72,10 @@ class ClientCore:
         self.address = resolve_address(address)
         self.context = zmq.Context()
         self.jobs: dict[str, JobState] = {}
-        self.admin_waiters: dict[type, collections.deque] = collections.defaultdict(collections.deque)
+        self.admin_waiters: dict[str, Callable[[Any], None]] = {}  # call_id -> sink
+        # One identity for the client's lifetime: if TCP reconnects underneath, replies
+        # addressed to it still arrive.
+        self.identity = f"client-{uuid.uuid4().hex}".encode()
         self._outgoing: queue.Queue = queue.Queue()
         self._doorbell_address = f"inproc://client-doorbell-{next(_ids)}"
         self._doorbell_lock = threading.Lock()
@@ -82,9 +91,21 @@ class ClientCore:
     # -------------------------------------------------------------- caller side
 
     def send(self, msg: p.Message) -> None:
-        self._outgoing.put(p.encode(msg))
+        """Queue `msg` for the broker. ValueError if the broker would refuse it unread."""
+        frames = p.encode(msg)
+        if len(frames[2]) > DEFAULT_LIMITS.max_header_bytes:
+            raise ValueError(f"message of {len(frames[2])} bytes exceeds the broker's {DEFAULT_LIMITS.max_header_bytes}-byte limit")
+        if self._stopping.is_set():
+            raise LegoError("client is closed")
+        self._outgoing.put(frames)
+        self._ring()
+
+    def _ring(self) -> None:
         with self._doorbell_lock:
-            self._doorbell.send(b"", zmq.NOBLOCK)
+            try:
+                self._doorbell.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the bell is already ringing: the IO thread will drain the queue
 
     def register(self, request_id: str, sink: Callable[[Any], None]) -> JobState:
         """Route the request's replies to `sink`. A request id still in flight here is refused."""
@@ -94,18 +115,28 @@ class ClientCore:
             state = self.jobs[request_id] = JobState(request_id, sink)
         return state
 
-    def admin(self, msg: p.Message, reply_type: type, sink: Callable[[Any], None]) -> None:
-        """Send an admin request; `sink` gets the reply (or an Error) when it comes."""
+    def admin(self, msg: p.Message, sink: Callable[[Any], None]) -> str:
+        """Send an admin request; `sink` gets the reply (or an Error) with its call id."""
+        msg.call_id = uuid.uuid4().hex
         with self._lock:
-            self.admin_waiters[reply_type].append(sink)
+            self.admin_waiters[msg.call_id] = sink
         self.send(msg)
+        return msg.call_id
+
+    def forget_job(self, request_id: str) -> None:
+        with self._lock:
+            self.jobs.pop(request_id, None)
+
+    def forget_admin(self, call_id: str) -> None:
+        """The caller stopped waiting: a late reply is dropped, not given to another call."""
+        with self._lock:
+            self.admin_waiters.pop(call_id, None)
 
     def close(self) -> None:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        with self._doorbell_lock:
-            self._doorbell.send(b"", zmq.NOBLOCK)
+        self._ring()
         self._thread.join(timeout=5)
         self._doorbell.close(linger=0)
         self.context.term()
@@ -115,6 +146,8 @@ class ClientCore:
     def _io_loop(self, bell_in: zmq.Socket) -> None:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.SNDHWM, 0)  # queue while the broker is unreachable; never block this thread
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -133,10 +166,35 @@ class ClientCore:
                         sock.send_multipart([b"", *frames], copy=False)
                 if sock in events:
                     while sock.poll(0):
-                        self._on_frames(sock.recv_multipart(copy=False))
+                        frames = sock.recv_multipart(copy=False)
+                        try:
+                            self._on_frames(frames)
+                        except Exception:  # one bad reply must not deafen the client
+                            log.exception("client_reply_failed")
+        except Exception:
+            log.exception("client_io_failed")
         finally:
             sock.close(linger=0)
             bell_in.close(linger=0)
+            self._fail_everything("the client's connection to the broker is closed")
+
+    def _fail_everything(self, reason: str) -> None:
+        """Nothing may wait forever on a client that can no longer hear answers."""
+        with self._lock:
+            jobs, self.jobs = list(self.jobs.values()), {}
+            waiters, self.admin_waiters = list(self.admin_waiters.values()), {}
+        for state in jobs:
+            state.outcome = RequestFailed(state.request_id, "client_closed", reason)
+            self._deliver(state.sink, state.outcome)
+        for sink in waiters:
+            self._deliver(sink, p.Error("client_closed", reason))
+
+    @staticmethod
+    def _deliver(sink: Callable[[Any], None], event: Any) -> None:
+        try:
+            sink(event)
+        except Exception:  # e.g. the asyncio loop of an async job has closed
+            log.exception("client_sink_failed", event_type=type(event).__name__)
 
     def _on_frames(self, frames: list) -> None:
         try:
@@ -144,6 +202,13 @@ class ClientCore:
         except p.ProtocolError as err:
             log.warning("protocol_error", code=err.code.value, error=err.message)
             return
+        call_id = getattr(msg, "call_id", None) or (msg.request_id if isinstance(msg, p.Error) else None)
+        if call_id:
+            with self._lock:
+                sink = self.admin_waiters.pop(call_id, None)
+            if sink is not None:
+                self._deliver(sink, msg)
+                return
         request_id = getattr(msg, "request_id", None)
         if request_id:
             with self._lock:
@@ -152,25 +217,18 @@ class ClientCore:
                 return
             if isinstance(msg, p.Accepted):
                 state.accepted = msg
-                state.sink(msg)
+                self._deliver(state.sink, msg)
                 return
             outcome = outcome_of(msg, payload)
             if outcome is None:
-                state.sink(msg)  # progress
+                self._deliver(state.sink, msg)  # progress
                 return
             if isinstance(outcome, JobResult) and state.accepted is not None:
                 outcome.params = state.accepted.params
             state.outcome = outcome
             with self._lock:
                 self.jobs.pop(request_id, None)
-            state.sink(outcome)
+            self._deliver(state.sink, outcome)
             return
-        with self._lock:
-            waiters = self.admin_waiters.get(type(msg))
-            if not waiters and isinstance(msg, p.Error):  # an admin call failed: oldest waiter
-                waiters = next((w for w in self.admin_waiters.values() if w), None)
-            sink = waiters.popleft() if waiters else None
-        if sink is not None:
-            sink(msg)
-        elif isinstance(msg, p.Error):
+        if isinstance(msg, p.Error):  # about a message the broker could not read
             log.warning("broker_error", code=msg.code, error=msg.message, field=msg.field)

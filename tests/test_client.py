@@ -47,7 +47,7 @@ def cluster():
     """A broker and one actor per model of flux-schnell-txt2img, all threads of this process."""
     frontend = f"tcp://127.0.0.1:{free_port()}"
     backend = f"tcp://127.0.0.1:{free_port()}"
-    server = BrokerServer(BrokerConfig(frontend=frontend, backend=backend, heartbeat_interval_s=0.2, heartbeat_misses=5))
+    server = BrokerServer(BrokerConfig(frontend_address=frontend, backend_address=backend, heartbeat_interval_s=0.2, heartbeat_misses=5))
     server.bind()
     broker_thread = threading.Thread(target=server.serve_forever, name="test-broker", daemon=True)
     broker_thread.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["broker", "actors", "scheduler", "clients"]
-SUBCOMMANDS = ["broker", "agent", "actor", "up", "generate", "workflows", "status", "bench"]
+SUBCOMMANDS = ["broker", "agent", "actor", "up", "generate", "workflows", "status", "models", "bench"]
 LEGO = Path(sys.executable).parent / "lego"
 
 
@@ -78,8 +79,9 @@ def test_lego_console_script_is_installed_and_lists_subcommands(tmp_path):
     for name in SUBCOMMANDS:
         assert name in proc.stdout, f"`lego --help` does not list {name}"
     # the choices line lists every subcommand
-    choices = next(line for line in proc.stdout.splitlines() if line.strip().startswith("{"))
-    listed = choices.strip().strip("{}").split(",")
+    choices = re.search(r"\{([a-z,]+)\}", proc.stdout)
+    assert choices, proc.stdout
+    listed = choices.group(1).split(",")
     assert set(SUBCOMMANDS) <= set(listed)
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cluster
 
 
 def _start_broker(frontend: str, backend: str) -> tuple[BrokerServer, threading.Thread]:
-    server = BrokerServer(BrokerConfig(frontend=frontend, backend=backend, heartbeat_interval_s=0.1, heartbeat_misses=3))
+    server = BrokerServer(BrokerConfig(frontend_address=frontend, backend_address=backend, heartbeat_interval_s=0.1, heartbeat_misses=3))
     server.bind()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -20,7 +20,6 @@ single calls, and exactness comes first (batched execution is future work).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch

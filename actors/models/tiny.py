@@ -71,7 +71,12 @@ def write_clip_tokenizer(folder: Path, max_length: int = 77) -> int:
 def build_sd15(folder: Path, size: str, seed: int = 0) -> dict:
     """An SD-1.5-shaped pipeline folder; returns its catalog entry values."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     s = SD15_SIZES[size]

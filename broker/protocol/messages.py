@@ -248,8 +248,11 @@ class Heartbeat(Message):
     sent_at: float = 0.0
     telemetry: ActorTelemetry | None = None
     # Set by an actor, whose pings come from a control socket apart from its work
-    # socket; the broker answers each ping with a heartbeat on that socket.
+    # socket; the broker answers each ping with a heartbeat on that socket. `session`
+    # is the work socket's routing id: a ping for a session the broker no longer
+    # knows is answered with DISCONNECT.
     actor_id: str = ""
+    session: str = ""
 
 
 @struct
@@ -281,6 +284,10 @@ class BatchDone(Message):
     results: list[TaskResult]
     exec_s: float = 0.0
     credits: int = 1
+    # Tasks not run because an input could not be had (its holder freed or lost it);
+    # the rest of the batch ran. `missing_reason` says why, for the log.
+    missing: list = field(default_factory=list)
+    missing_reason: str = ""
 
 
 @struct
@@ -423,17 +430,20 @@ class Cancel(Message):
 @struct
 class ListWorkflows(Message):
     COMMAND: ClassVar[Command] = Command.LIST_WORKFLOWS
+    call_id: str = ""  # echoed in the reply, so a client routes answers by it
 
 
 @struct
 class Workflows(Message):
     COMMAND: ClassVar[Command] = Command.WORKFLOWS
     workflows: list[WorkflowInfo]
+    call_id: str = ""
 
 
 @struct
 class GetStats(Message):
     COMMAND: ClassVar[Command] = Command.GET_STATS
+    call_id: str = ""
 
 
 @struct
@@ -447,6 +457,7 @@ class Stats(Message):
     agents: list[AgentStats]
     counters: dict
     hop_latency_s: dict  # {"p50": .., "p99": .., "count": ..} over recent tasks
+    call_id: str = ""
 
 
 @struct
@@ -461,6 +472,7 @@ class AdminSpawn(Message):
     count: int = 1
     max_batch_rows: int = 8
     options: dict | None = None
+    call_id: str = ""
 
 
 @struct
@@ -469,6 +481,7 @@ class AdminReply(Message):
     ok: bool
     message: str
     spawn_ids: list = field(default_factory=list)
+    call_id: str = ""
 
 
 @struct
