@@ -103,6 +103,14 @@ class LocalCluster:
         return plan
 
     def start(self, timeout_s: float = 60.0) -> LocalCluster:
+        """Start everything and wait until every actor has joined; on failure stop what started."""
+        try:
+            return self._start_all(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self, timeout_s: float) -> LocalCluster:
         s = self.spec
         common = ["--log-format", s.log_format, "--log-level", s.log_level]
         catalogs = [arg for path in s.catalog for arg in ("--catalog", str(path))]
@@ -131,10 +139,16 @@ class LocalCluster:
                     raise LegoError(f"{name} exited with code {proc.returncode}; see {self.run_dir}/logs/{name}.log")
             try:
                 stats = client.stats(timeout=2.0)
+            except Timeout:
+                stats = None
+            if stats is not None:
                 if ready(stats):
                     return stats
-            except Timeout:
-                pass
+                for agent in stats.agents:  # an actor that died or was refused will never join
+                    for spawn_id, state in agent.actors:
+                        if state in ("exited", "refused"):
+                            raise LegoError(f"actor {spawn_id} {state} before joining; see {self.run_dir}/logs "
+                                            f"(actor-{spawn_id}.log, agent.log)")
             if time.monotonic() > deadline:
                 raise LegoError(f"local cluster: timed out waiting for {what}; logs in {self.run_dir}/logs")
             time.sleep(0.1)

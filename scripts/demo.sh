@@ -10,7 +10,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${LEGO_DEMO_BACKEND:=diffusers}"
 : "${LEGO_MODELS_DIR:=$LEGO_RUN_DIR/models/$LEGO_DEMO_SIZE}"
 prompt="${1:-a lighthouse on a cliff at dusk, oil painting}"
-output="${2:-$LEGO_ROOT/out/demo.png}"
+# Absolute paths before the cd below, so a relative OUTPUT means relative to the caller.
+output=$(realpath -m -- "${2:-$LEGO_ROOT/out/demo.png}")
+LEGO_RUN_DIR=$(realpath -m -- "$LEGO_RUN_DIR")
+LEGO_MODELS_DIR=$(realpath -m -- "$LEGO_MODELS_DIR")
 lego_ensure_venv
 mkdir -p "$(dirname "$output")"
 cd "$LEGO_ROOT"

@@ -163,3 +163,22 @@ def test_broker_answers_protocol_violations_and_keeps_serving(cluster):
     with Client(cluster.frontend) as client:  # still serving
         assert client.generate("flux-schnell-txt2img", prompt="after", steps=1, timeout=60, **SIZE).image.shape == (256, 256, 3)
         assert client.stats().counters["protocol_errors"] >= 2 * len(bad_messages)
+
+
+def test_a_cluster_that_fails_to_start_leaves_no_process_behind(tmp_path):
+    import psutil
+
+    from clients.errors import LegoError
+
+    # The built-in FLUX models have no weights to load: diffusers actors exit at start.
+    spec = LocalClusterSpec(workflows=["flux-schnell-txt2img"], backend="diffusers",
+                            run_dir=str(tmp_path / "run"), log_level="warning")
+    cluster = LocalCluster(spec)
+    with pytest.raises(LegoError, match="exited before joining"):
+        cluster.start(timeout_s=30)
+    started = [proc.pid for proc in cluster.processes.values()]
+    assert started and all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                           for pid in started)
+    assert not list((tmp_path / "run" / "pids").glob("*.pid"))
+    actor_logs = list((tmp_path / "run" / "logs").glob("actor-*.log"))
+    assert actor_logs and any("source" in log.read_text() for log in actor_logs)
