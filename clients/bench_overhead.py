@@ -206,6 +206,28 @@ def latency_run(catalog: Path, args, run_dir: str) -> dict:
         }
 
 
+def _run_real(args) -> int:
+    from clients.bench_real import real_table, run_real_bench
+
+    steps = 20
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_real_bench(args.models_dir, args.rounds, steps, f"{tmp}/real")
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result["machine"] = _machine()
+    print(json.dumps(result, indent=2) if args.json else real_table(result))
+    if args.record:
+        with open(args.record, "a") as out:
+            out.write(f"\n### Micro-served vs in-process, real diffusers components ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `lego bench overhead --real --rounds {args.rounds}`.\n\n"
+                      f"{real_table(result)}\n")
+    return 0 if result["identical"] else 1
+
+
+def _machine() -> str:
+    return (f"{platform.node()}: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB, "
+            f"{platform.python_implementation()} {platform.python_version()}")
+
+
 def _table(result: dict) -> str:
     t, lat = result["throughput"], result["latency"]
     rows = [
@@ -225,13 +247,14 @@ def _table(result: dict) -> str:
 
 
 def run_overhead_bench(args) -> int:
+    if args.real:
+        return _run_real(args)
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "noop.toml"
         catalog.write_text(NOOP_CATALOG)
         result = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.node()}: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB, "
-                       f"{platform.python_implementation()} {platform.python_version()}",
+            "machine": _machine(),
             "settings": {"actors": args.actors, "max_batch_rows": args.max_batch_rows},
             "throughput": throughput_run(catalog, args, f"{tmp}/throughput"),
             "latency": latency_run(catalog, args, f"{tmp}/latency"),

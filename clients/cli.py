@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--latency-seconds", type=float, default=5.0)
     o.add_argument("--json", action="store_true")
     o.add_argument("--record", metavar="FILE", help="append the table to this markdown file")
+    o.add_argument("--real", action="store_true",
+                   help="instead: a micro-served mid SD 1.5 image vs the in-process diffusers pipeline")
+    o.add_argument("--models-dir", default="run/models/mid", help="--real: where the mid models are (built if missing)")
+    o.add_argument("--rounds", type=int, default=5, help="--real: images per side")
     o.set_defaults(func=cmd_bench)
     return parser
 
