@@ -58,6 +58,7 @@ class ModelSpec:
     vae_scale: int = 8
     source: str = ""  # diffusers: a local folder or hub id holding the pipeline
     subfolder: str = ""  # diffusers: the component's folder inside `source`
+    family: str = ""  # diffusers: the pipeline family whose conventions apply (sd15 | sdxl)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _standard_inputs(cfg: bool, vae_scale: int) -> dict[str, InputSpec]:
 
 
 _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
-_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder"}
+_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder", "family"}
 _WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "inputs"}
 
 

@@ -1,4 +1,4 @@
-"""The correctness anchor: micro-served SD 1.5 equals the plain diffusers pipeline.
+"""The correctness anchor: micro-served SD 1.5 and SDXL equal the plain diffusers pipelines.
 
 Tiny SD-1.5-shaped components with random weights are built offline (`lego models
 tiny`) and loaded through `from_pretrained`, by the pipeline and by the actors alike.
@@ -42,8 +42,12 @@ def tiny(tmp_path_factory):
     return root, catalog_path, load_catalog([catalog_path])
 
 
-def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np"):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd15", safety_checker=None, requires_safety_checker=False)
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np", family: str = "sd15"):
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(root / family, **extra)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, negative_prompt=NEGATIVE if cfg else None, num_inference_steps=steps,
@@ -61,15 +65,16 @@ def request_params(cfg: bool, sampler: str, seed: int) -> dict:
     return params
 
 
-def workflow_name(cfg: bool) -> str:
-    return "tiny-sd15-txt2img" if cfg else "tiny-sd15-txt2img-nocfg"
+def workflow_name(cfg: bool, family: str = "sd15") -> str:
+    return f"tiny-{family}-txt2img" if cfg else f"tiny-{family}-txt2img-nocfg"
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
-def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg):
+def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg, family):
     root, _, catalog = tiny
-    workflow = catalog.workflow(workflow_name(cfg))
+    workflow = catalog.workflow(workflow_name(cfg, family))
     backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
     for backend in backends.values():
         backend.load()
@@ -78,9 +83,9 @@ def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg):
         task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
                           list(plan.shape), plan.params, [], plan.key)
         (outputs[plan.key],) = backends[plan.model].run([task], [[outputs[k] for k in plan.inputs]])
-    latents = pipeline_image(root, sampler, cfg, seed=3, output_type="latent")
+    latents = pipeline_image(root, sampler, cfg, seed=3, output_type="latent", family=family)
     assert torch.equal(outputs["denoise/3"]["latents"], latents), "latents differ from the pipeline's"
-    assert np.array_equal(outputs["decode"]["image"].numpy(), pipeline_image(root, sampler, cfg, seed=3))
+    assert np.array_equal(outputs["decode"]["image"].numpy(), pipeline_image(root, sampler, cfg, seed=3, family=family))
 
 
 @pytest.mark.cluster
@@ -88,21 +93,25 @@ def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg):
 def test_micro_served_cluster_equals_the_pipeline_with_forced_migration(tiny, tmp_path):
     root, catalog_path, _ = tiny
     spec = LocalClusterSpec(
-        workflows=[workflow_name(True), workflow_name(False)], replicas={"tiny-sd15-unet": 2}, backend="diffusers",
+        workflows=[workflow_name(True), workflow_name(False), workflow_name(True, "sdxl")],
+        replicas={"tiny-sd15-unet": 2, "tiny-sdxl-unet": 2}, backend="diffusers",
         catalog=[str(catalog_path)], affinity="avoid", run_dir=str(tmp_path / "run"), log_level="warning",
     )
-    cases = [(cfg, sampler, seed) for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
+    cases = [(cfg, sampler, seed, "sd15") for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
+    cases += [(True, "euler", 5, "sdxl"), (True, "ddim", 6, "sdxl")]
     with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
-        jobs = [client.submit(workflow_name(cfg), progress=False, **request_params(cfg, sampler, seed))
-                for cfg, sampler, seed in cases]
+        jobs = [client.submit(workflow_name(cfg, family), progress=False, **request_params(cfg, sampler, seed))
+                for cfg, sampler, seed, family in cases]
         results = [job.result(timeout=240) for job in jobs]
         stats = client.stats()
-    unet_actors = [a for a in stats.actors if a.model == "tiny-sd15-unet"]
-    assert len(unet_actors) == 2 and all(a.tasks > 0 for a in unet_actors)
-    fetched = sum(a.telemetry.fetches for a in unet_actors if a.telemetry)
-    assert fetched > 0, "steps never moved between actors"
-    for (cfg, sampler, seed), result in zip(cases, results, strict=True):
-        assert np.array_equal(result.image, pipeline_image(root, sampler, cfg, seed)), (cfg, sampler, seed)
+    for model in ("tiny-sd15-unet", "tiny-sdxl-unet"):
+        unet_actors = [a for a in stats.actors if a.model == model]
+        assert len(unet_actors) == 2 and all(a.tasks > 0 for a in unet_actors)
+        fetched = sum(a.telemetry.fetches for a in unet_actors if a.telemetry)
+        assert fetched > 0, f"{model}: steps never moved between actors"
+    for (cfg, sampler, seed, family), result in zip(cases, results, strict=True):
+        expected = pipeline_image(root, sampler, cfg, seed, family=family)
+        assert np.array_equal(result.image, expected), (cfg, sampler, seed, family)
 
 
 def test_tiny_models_load_offline_without_a_hub(tiny):

@@ -2,10 +2,13 @@
 
 A node task does exactly what the diffusers pipeline does at that point, in the same
 order and with the same tensor shapes, so the micro-served result equals the
-pipeline's bit for bit (SD 1.5-style pipelines today):
+pipeline's bit for bit. Families (`ModelSpec.family`): `sd15` (StableDiffusionPipeline)
+and `sdxl` (StableDiffusionXLPipeline: two text encoders, penultimate hidden states,
+pooled embeddings and size/crop time ids as added conditioning).
 
 - encode: tokenize and run the text encoder, the prompt and (CFG) the negative
-  prompt in separate calls as `encode_prompt` does; output `[negative; positive]`.
+  prompt in separate calls as `encode_prompt` does; output `[negative; positive]`
+  embeddings (and pooled embeddings from a projection encoder).
 - denoise step k: a fresh scheduler of the requested sampler from the pipeline's
   scheduler config, `set_timesteps(steps)`, then one iteration of the pipeline's
   loop. Step 0 first draws the initial latents from a CPU generator seeded with the
@@ -28,6 +31,7 @@ from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
 
+SDXL = "sdxl"
 SAMPLERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
@@ -65,14 +69,19 @@ class DiffusersBackend:
         return str(path) if path.exists() else self.model.source  # a hub id otherwise
 
     def load(self) -> None:
+        import transformers
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import AutoConfig, CLIPTokenizer
 
         source, sub = self._source(), self.model.subfolder
         kind = self.model.kind
         if kind == "text_encoder":
-            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=_sibling(sub or "text_encoder", "tokenizer"))
-            self.component = CLIPTextModel.from_pretrained(source, subfolder=sub or "text_encoder", torch_dtype=self.dtype)
+            sub = sub or "text_encoder"
+            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=_sibling(sub, "tokenizer"))
+            # CLIPTextModel or CLIPTextModelWithProjection (SDXL's second encoder), as saved
+            (architecture,) = AutoConfig.from_pretrained(source, subfolder=sub).architectures
+            cls = getattr(transformers, architecture)
+            self.component = cls.from_pretrained(source, subfolder=sub, torch_dtype=self.dtype)
         elif kind == "denoiser":
             self.component = UNet2DConditionModel.from_pretrained(source, subfolder=sub or "unet", torch_dtype=self.dtype)
             from diffusers import DDIMScheduler
@@ -101,21 +110,27 @@ class DiffusersBackend:
             outputs.append(run[task.kind](task, task_inputs))
         return outputs
 
-    def _embed(self, text: str) -> torch.Tensor:
+    def _embed(self, text: str) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)
+        if self.model.family == SDXL:
+            out = self.component(ids, output_hidden_states=True)
+            embeds = {"embeds": out.hidden_states[-2]}  # SDXL conditions on the penultimate layer
+            if out[0].ndim == 2:  # a projection encoder: its pooled output conditions too
+                embeds["pooled"] = out[0]
+            return {k: v.to(dtype=self.dtype, device=self.device) for k, v in embeds.items()}
         mask = None
         if getattr(self.component.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
-        embeds = self.component(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-        return embeds.to(dtype=self.dtype, device=self.device)
+        return {"embeds": self.component(ids, attention_mask=mask)[0].to(dtype=self.dtype, device=self.device)}
 
     def _encode(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         positive = self._embed(task.params["prompt"])
         if task.rows == 2:  # CFG: [negative; positive], each encoded on its own like the pipeline
             negative = self._embed(task.params.get("negative_prompt") or "")
-            return {"embeds": torch.cat([negative, positive])}
-        return {"embeds": positive}
+            return {k: torch.cat([negative[k], positive[k]]) for k in positive}
+        return positive
 
     def _scheduler(self, sampler: str, steps: int):
         import diffusers
@@ -131,8 +146,8 @@ class DiffusersBackend:
         params = task.params
         scheduler = self._scheduler(params.get("sampler", "default"), params["steps"])
         if params["step"] == 0:
-            cond = {f"cond/{i}": bundle["embeds"] for i, bundle in enumerate(inputs)}
-            embeds = cond["cond/0"]
+            cond = self._conditioning(task, inputs)
+            embeds = cond["cond/embeds"]
             scale = self.model.vae_scale
             shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
             generator = torch.Generator(device="cpu").manual_seed(params["seed"])
@@ -142,13 +157,16 @@ class DiffusersBackend:
             (previous,) = inputs
             cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
             latents = previous["latents"]
-        embeds = cond["cond/0"].to(self.device)
+        embeds = cond["cond/embeds"].to(self.device)
+        added = None
+        if "cond/pooled" in cond:
+            added = {"text_embeds": cond["cond/pooled"].to(self.device), "time_ids": cond["cond/time_ids"].to(self.device)}
         latents = latents.to(self.device)
         t = scheduler.timesteps[params["step"]]
         cfg = task.rows == 2
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = self.component(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        noise = self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + params["guidance"] * (text - uncond)
@@ -156,6 +174,20 @@ class DiffusersBackend:
         if self.device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         return {"latents": latents, **cond}
+
+    def _conditioning(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        """What every step conditions on, built once at step 0 and carried with the latent."""
+        cond = {"cond/embeds": torch.cat([b["embeds"] for b in inputs], dim=-1)}
+        pooled = [b["pooled"] for b in inputs if "pooled" in b]
+        if self.model.family == SDXL:
+            if not pooled:
+                raise ValueError(f"{task.node}: SDXL needs pooled embeddings from a projection text encoder")
+            # original size + crop top-left + target size; the pipeline's defaults
+            height, width = task.shape
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond["cond/embeds"].dtype)
+            cond["cond/pooled"] = pooled[0]  # the pipeline keeps the first pooled (2-D) output it sees
+            cond["cond/time_ids"] = time_ids.repeat(task.rows, 1)
+        return cond
 
     def _decode(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         (previous,) = inputs

@@ -119,29 +119,88 @@ def build_sd15(folder: Path, size: str, seed: int = 0) -> dict:
     return {"image": s.image, "steps": s.steps, "vae_scale": 2 ** (len(s.vae_channels) - 1)}
 
 
+def build_sdxl(folder: Path, seed: int = 0) -> dict:
+    """An SDXL-shaped pipeline folder (two text encoders, the second with a projection)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    torch.manual_seed(seed)
+    vocab_size = write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
+    hidden, time_dim = 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=32, block_out_channels=(32, 64), layers_per_block=1, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=time_dim * 6 + hidden,  # 6 time ids + the pooled embedding
+        cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
+        norm_num_groups=1,
+    )
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    config = CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                            hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                            vocab_size=vocab_size, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    return {"image": 64, "steps": 4, "vae_scale": 2}
+
+
 def build_all(root: str | Path, size: str = "tiny") -> Path:
-    """Build every family under `root` and write `root/catalog.toml`; returns its path."""
+    """Build every family under `root` and write `root/catalog.toml`; returns its path.
+
+    SD 1.5 at the given size; SDXL (tests only) always at the tiny size.
+    """
     if size not in SIZES:
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
     root = Path(root).resolve()
     sd15 = build_sd15(root / "sd15", size)
+    text = _sd15_catalog(root / "sd15", size, sd15)
+    if size == "tiny":
+        text += _sdxl_catalog(root / "sdxl", build_sdxl(root / "sdxl"))
     catalog = root / "catalog.toml"
-    catalog.write_text(_sd15_catalog(root / "sd15", size, sd15))
+    catalog.write_text(text)
     return catalog
 
 
-def _sd15_catalog(folder: Path, size: str, info: dict) -> str:
-    prefix = f"{size}-sd15"
-    multiple = info["vae_scale"] * 8 if size == "mid" else info["vae_scale"] * 4
-    return f'''# Written by `lego models tiny`: {size} SD-1.5-shaped components with random weights.
-[models.{prefix}-clip]
+def _sdxl_catalog(folder: Path, info: dict) -> str:
+    prefix = "tiny-sdxl"
+    models = f'''
+[models.{prefix}-clip-l]
 kind = "text_encoder"
+family = "sdxl"
 source = "{folder}"
 subfolder = "text_encoder"
 dtype = "float32"
 
+[models.{prefix}-clip-g]
+kind = "text_encoder"
+family = "sdxl"
+source = "{folder}"
+subfolder = "text_encoder_2"
+dtype = "float32"
+
 [models.{prefix}-unet]
 kind = "denoiser"
+family = "sdxl"
 source = "{folder}"
 subfolder = "unet"
 dtype = "float32"
@@ -150,6 +209,50 @@ vae_scale = {info["vae_scale"]}
 
 [models.{prefix}-vae]
 kind = "vae"
+family = "sdxl"
+source = "{folder}"
+subfolder = "vae"
+dtype = "float32"
+'''
+    workflows = ""
+    for suffix, cfg in (("", "true"), ("-nocfg", "false")):
+        workflows += f'''
+[workflows.{prefix}-txt2img{suffix}]
+description = "tiny SDXL text-to-image (random weights), cfg = {cfg}"
+text_encoders = ["{prefix}-clip-l", "{prefix}-clip-g"]
+denoiser = "{prefix}-unet"
+vae = "{prefix}-vae"
+cfg = {cfg}
+inputs.steps = {{ default = {info["steps"]} }}
+inputs.width = {{ default = {info["image"]}, min = 16 }}
+inputs.height = {{ default = {info["image"]}, min = 16 }}
+'''
+    return models + workflows
+
+
+def _sd15_catalog(folder: Path, size: str, info: dict) -> str:
+    prefix = f"{size}-sd15"
+    multiple = info["vae_scale"] * 8 if size == "mid" else info["vae_scale"] * 4
+    return f'''# Written by `lego models tiny`: {size} SD-1.5-shaped components with random weights.
+[models.{prefix}-clip]
+kind = "text_encoder"
+family = "sd15"
+source = "{folder}"
+subfolder = "text_encoder"
+dtype = "float32"
+
+[models.{prefix}-unet]
+kind = "denoiser"
+family = "sd15"
+source = "{folder}"
+subfolder = "unet"
+dtype = "float32"
+latent_channels = 4
+vae_scale = {info["vae_scale"]}
+
+[models.{prefix}-vae]
+kind = "vae"
+family = "sd15"
 source = "{folder}"
 subfolder = "vae"
 dtype = "float32"
