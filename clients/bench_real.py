@@ -55,6 +55,8 @@ def run_real_bench(models_dir: str, rounds: int, steps: int, run_dir: str) -> di
         params = {"prompt": PROMPT, "steps": steps, "guidance": 7.5, "width": 256, "height": 256}
         client.generate("mid-sd15-txt2img", seed=0, timeout=300, **params)  # warm up both sides
         _in_process(pipe, 0, steps)
+        time.sleep(1.5)  # let a heartbeat carry the warm-up's telemetry
+        busy_before = _busy_by_model(client)
         for seed in range(1, rounds + 1):
             started = time.perf_counter()
             image = client.generate("mid-sd15-txt2img", seed=seed, timeout=300, **params).image
@@ -62,13 +64,23 @@ def run_real_bench(models_dir: str, rounds: int, steps: int, run_dir: str) -> di
             seconds, reference = _in_process(pipe, seed, steps)
             local.append(seconds)
             identical &= bool(np.array_equal(image, reference))
+        time.sleep(1.5)
+        busy_after = _busy_by_model(client)
+    busy = {m: round((busy_after[m][0] - busy_before[m][0]) / max(1, busy_after[m][1] - busy_before[m][1])
+                     * (steps if "unet" in m else 1), 3) for m in busy_after}
     ratio = statistics.median(served) / statistics.median(local)
     return {
         "rounds": rounds, "steps": steps,
         "served_median_s": round(statistics.median(served), 3), "served_min_s": round(min(served), 3),
         "in_process_median_s": round(statistics.median(local), 3), "in_process_min_s": round(min(local), 3),
         "ratio": round(ratio, 3), "identical": identical,
+        "actor_busy_s_per_image": busy,
     }
+
+
+def _busy_by_model(client: Client) -> dict[str, tuple[float, int]]:
+    """Cumulative (busy seconds, tasks) per model, from the actors' heartbeat telemetry."""
+    return {a.model: (a.telemetry.busy_s, a.telemetry.tasks) for a in client.stats().actors if a.telemetry}
 
 
 def real_table(result: dict) -> str:
@@ -80,5 +92,8 @@ def real_table(result: dict) -> str:
          f"{r['in_process_median_s']} / {r['in_process_min_s']}", ""),
         ("micro-served / in-process (medians)", f"{r['ratio']:.3f}", "<= 1.05"),
         ("images identical", "yes" if r["identical"] else "NO", "yes"),
+        ("actor compute per image (s): " + ", ".join(r["actor_busy_s_per_image"]),
+         " + ".join(str(v) for v in r["actor_busy_s_per_image"].values())
+         + f" = {sum(r['actor_busy_s_per_image'].values()):.3f}", ""),
     ]
     return "\n".join(["| metric | measured | target |", "| --- | --- | --- |", *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
