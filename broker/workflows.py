@@ -25,7 +25,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 MODEL_KINDS = ("text_encoder", "denoiser", "vae")
 INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-SAMPLERS = ("default", "ddim", "euler")
+SAMPLERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m")
 MAX_SEED = 2**63 - 1
 
 

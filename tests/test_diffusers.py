@@ -21,7 +21,8 @@ from broker.workflows import load_catalog, unroll, validate_params  # noqa: E402
 from clients import Client  # noqa: E402
 from clients.local import LocalCluster, LocalClusterSpec  # noqa: E402
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def workflow_name(cfg: bool, family: str = "sd15") -> str:
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
 def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg, family):
     root, _, catalog = tiny
@@ -98,7 +99,7 @@ def test_micro_served_cluster_equals_the_pipeline_with_forced_migration(tiny, tm
         catalog=[str(catalog_path)], affinity="avoid", run_dir=str(tmp_path / "run"), log_level="warning",
     )
     cases = [(cfg, sampler, seed, "sd15") for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
-    cases += [(True, "euler", 5, "sdxl"), (True, "ddim", 6, "sdxl")]
+    cases += [(True, "euler_a", 5, "sdxl"), (True, "dpmpp_2m", 6, "sdxl")]
     with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
         jobs = [client.submit(workflow_name(cfg, family), progress=False, **request_params(cfg, sampler, seed))
                 for cfg, sampler, seed, family in cases]

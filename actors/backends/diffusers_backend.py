@@ -10,10 +10,13 @@ pooled embeddings and size/crop time ids as added conditioning).
   prompt in separate calls as `encode_prompt` does; output `[negative; positive]`
   embeddings (and pooled embeddings from a projection encoder).
 - denoise step k: a fresh scheduler of the requested sampler from the pipeline's
-  scheduler config, `set_timesteps(steps)`, then one iteration of the pipeline's
-  loop. Step 0 first draws the initial latents from a CPU generator seeded with the
-  request's seed. The schedulers used here keep no state between steps beyond the
-  step index, which they recover from the timestep, so any actor can take any step.
+  scheduler config, `set_timesteps(steps)`, the sampler state restored from the
+  input bundle, then one iteration of the pipeline's loop. Step 0 first draws the
+  initial latents from a CPU generator seeded with the request's seed. The sampler
+  state travels with the latent as tensors (`state/...`): the generator's state
+  (ancestral samplers draw noise from the pipeline's one generator at every step)
+  and, for multistep solvers, the previous model outputs. The step index is
+  recovered from the timestep. So any actor of the model can take any step.
 - decode: `latents / scaling_factor` through the VAE, then the image processor's
   denormalisation and the pipeline's float -> uint8 conversion.
 
@@ -23,6 +26,7 @@ single calls, and exactness comes first (batched execution is future work).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -35,6 +39,8 @@ SDXL = "sdxl"
 SAMPLERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,6 +50,36 @@ def _sibling(subfolder: str, kind: str) -> str:
     if kind == "tokenizer":
         return subfolder.replace("text_encoder", "tokenizer") if "text_encoder" in subfolder else "tokenizer"
     return "scheduler"
+
+
+def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
+    """What the pipeline's `prepare_extra_step_kwargs` passes: eta=0 and its generator."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def _save_multistep(scheduler) -> Bundle:
+    """A multistep solver's memory of earlier steps, as tensors that travel with the latent."""
+    if not hasattr(scheduler, "model_outputs"):
+        return {}
+    state = {"state/lower_order_nums": torch.tensor([scheduler.lower_order_nums], dtype=torch.int64)}
+    for i, output in enumerate(scheduler.model_outputs):
+        if output is not None:
+            state[f"state/model_output/{i}"] = output
+    return state
+
+
+def _restore_multistep(scheduler, previous: Bundle) -> None:
+    if not hasattr(scheduler, "model_outputs") or "state/lower_order_nums" not in previous:
+        return
+    scheduler.lower_order_nums = int(previous["state/lower_order_nums"][0])
+    for i in range(len(scheduler.model_outputs)):
+        scheduler.model_outputs[i] = previous.get(f"state/model_output/{i}")
 
 
 class DiffusersBackend:
@@ -157,6 +193,9 @@ class DiffusersBackend:
             (previous,) = inputs
             cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
             latents = previous["latents"]
+            generator = torch.Generator(device="cpu")
+            generator.set_state(previous["state/generator"].contiguous())
+            _restore_multistep(scheduler, previous)
         embeds = cond["cond/embeds"].to(self.device)
         added = None
         if "cond/pooled" in cond:
@@ -170,10 +209,10 @@ class DiffusersBackend:
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + params["guidance"] * (text - uncond)
-        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        latents = scheduler.step(noise, t, latents, **_step_kwargs(scheduler, generator), return_dict=False)[0]
         if self.device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-        return {"latents": latents, **cond}
+        return {"latents": latents, **cond, "state/generator": generator.get_state(), **_save_multistep(scheduler)}
 
     def _conditioning(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """What every step conditions on, built once at step 0 and carried with the latent."""
