@@ -183,13 +183,13 @@ class ActorRuntime:
                 continue
             frames = work.recv_multipart(copy=False)
             try:
-                msg, _ = p.decode(frames[1:])
+                msg, payload = p.decode(frames[1:])
             except p.ProtocolError as err:
                 log.warning("protocol_error", actor_id=self.actor_id, code=err.code.value, error=err.message)
                 continue
             if isinstance(msg, p.Tasks):
                 if self.welcomed_epoch == self.epoch:
-                    self._run_batch(self.epoch, msg, work, peers)
+                    self._run_batch(self.epoch, msg, payload, work, peers)
             elif isinstance(msg, p.Free):
                 self.store.free(msg.tensor_ids)
             elif isinstance(msg, p.Welcome):
@@ -204,10 +204,10 @@ class ActorRuntime:
                 log.warning("broker_error", actor_id=self.actor_id, code=msg.code, error=msg.message)
         return work
 
-    def _run_batch(self, epoch: int, batch: p.Tasks, work: zmq.Socket, peers: dict) -> None:
+    def _run_batch(self, epoch: int, batch: p.Tasks, payload: list, work: zmq.Socket, peers: dict) -> None:
         bound = log.bind(actor_id=self.actor_id, batch_id=batch.batch_id)
         started = time.perf_counter()
-        tasks, inputs, missing = self._resolve_inputs(batch.tasks, peers)
+        tasks, inputs, missing = self._resolve_inputs(batch.tasks, payload, peers)
         missing_reason = "; ".join(sorted(set(missing.values())))[:500]
         if missing:
             bound.warning("inputs_unavailable", task_ids=sorted(missing), reason=missing_reason)
@@ -245,8 +245,11 @@ class ActorRuntime:
         msg = p.BatchFailed(batch.batch_id, [t.task_id for t in batch.tasks], [t.attempt for t in batch.tasks], code.value, message, 1)
         work.send_multipart([b"", *p.encode(msg)])
 
-    def _resolve_inputs(self, tasks: list[p.TaskSpec], peers: dict):
+    def _resolve_inputs(self, tasks: list[p.TaskSpec], payload: list, peers: dict):
         """(runnable tasks, their input bundles, {task_id: why} for tasks lacking an input).
+
+        A task's own client tensors (an img2img image, carried in the batch's payload)
+        come last among its inputs.
 
         One task's missing input (its request was cancelled, its holder died) must not
         cost the other requests of the batch their step.
@@ -265,6 +268,8 @@ class ActorRuntime:
                     if bundle is None:
                         raise InputUnavailable(f"{ref.tensor_id} is not in this actor's store")
                     bundles.append(bundle)
+                if task.tensors:
+                    bundles.append(unpack_bundle(task.tensors, payload, as_torch=self.backend.tensor_kind == "torch"))
             except InputUnavailable as exc:
                 missing[task.task_id] = str(exc)
                 continue

@@ -30,7 +30,7 @@ from broker.state import (
     ReadyQueue,
     Request,
 )
-from broker.workflows import Catalog, ParamError, unroll, validate_params
+from broker.workflows import Catalog, ParamError, check_image, unroll, validate_params
 
 log = structlog.get_logger(__name__)
 
@@ -267,10 +267,17 @@ class BrokerCore:
             return reject(ErrorCode.OVERLOADED, f"{len(self.requests)} requests in flight")
         try:
             params = validate_params(workflow, msg.params, self.rng)
+            check_image(workflow, params, msg.tensors)
         except ParamError as exc:
             return reject(ErrorCode.INVALID_PARAM, str(exc), f"params.{exc.field}")
+        try:
+            check_payload(msg.tensors, payload)
+        except p.ProtocolError as err:
+            return reject(ErrorCode.INVALID_PARAM, err.message, "params.image")
         request = Request(msg.request_id, identity, workflow.name, params, next(self._seq), now, msg.progress)
+        request.tensors, request.frames = list(msg.tensors), list(payload)
         plans = unroll(workflow, params)
+        request.total_steps = sum(1 for plan in plans if plan.kind == "denoise")
         for plan in plans:
             node = Node(request, plan, next(self._seq))
             node.inputs = [request.nodes[k] for k in plan.inputs]
@@ -374,7 +381,7 @@ class BrokerCore:
 
     def _send_batch(self, actor: ActorState, batch: list[Node], now: float) -> None:
         batch_id = next(self._batch_ids)
-        specs = []
+        specs, payload = [], []
         workflows = set()
         for node in batch:
             node.state = RUNNING
@@ -386,11 +393,16 @@ class BrokerCore:
             for producer in node.inputs:
                 holder = self.actors.get(producer.actor_id)
                 inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "", producer.nbytes))
+            client_tensors = []
+            if node.kind == "encode_image":  # the client's image rides along, unread
+                for desc in node.request.tensors:
+                    payload.append(node.request.frames[desc.frame])
+                    client_tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(payload) - 1, desc.where, desc.nbytes))
             specs.append(p.TaskSpec(
                 task_id=node.task_id, request_id=node.request.request_id, attempt=node.attempt,
                 node=node.key, kind=node.kind, model=node.model, workflow=node.request.workflow,
                 rows=node.rows, shape=list(node.shape), params=node.params, inputs=inputs,
-                output_id=node.output_id, return_output=node.return_output,
+                output_id=node.output_id, return_output=node.return_output, tensors=client_tensors,
             ))
         actor.credits -= 1
         actor.in_flight[batch_id] = [(node, node.attempt) for node in batch]
@@ -404,7 +416,7 @@ class BrokerCore:
         stats[1] += 1
         stats[2] += mixed
         self.counters["tasks_dispatched"] += len(batch)
-        self._send(BACKEND, actor.identity, p.Tasks(batch_id, specs))
+        self._send(BACKEND, actor.identity, p.Tasks(batch_id, specs), payload)
 
     # ------------------------------------------------------------------ results
 
@@ -459,10 +471,9 @@ class BrokerCore:
         if node.consumers:
             actor.held.add(node.output_id)
         if request.progress:
-            total_steps = request.params.get("steps", 0)
             self._send(FRONTEND, request.client, p.Progress(
                 request.request_id, node.key, node.kind, node.step + 1 if node.step >= 0 else 0,
-                total_steps, request.done_nodes, len(request.nodes), actor.actor_id))
+                request.total_steps, request.done_nodes, len(request.nodes), actor.actor_id))
         if node.return_output:
             self._deliver(request, result, payload, now)
             return

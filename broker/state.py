@@ -68,6 +68,11 @@ class Request:
     done_nodes: int = 0
     restarts: int = 0
     finished: bool = False
+    total_steps: int = 0  # denoise nodes, for progress
+    # Tensors the client sent (an img2img image): kept, unread, until the request ends,
+    # since a restart needs them again.
+    tensors: list = field(default_factory=list)
+    frames: list = field(default_factory=list)
 
 
 @dataclass(eq=False)

@@ -84,6 +84,7 @@ class WorkflowSpec:
     vae: str
     cfg: bool
     inputs: dict[str, InputSpec]
+    img2img: bool = False  # takes an `image` tensor input and a `strength`
 
     @property
     def models(self) -> list[str]:
@@ -118,7 +119,7 @@ class Catalog:
 # ------------------------------------------------------------------- catalog files
 
 
-def _standard_inputs(cfg: bool, vae_scale: int) -> dict[str, InputSpec]:
+def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[str, InputSpec]:
     multiple = 2 * vae_scale  # Flux packs 2x2 latent patches; UNets need /8 at least
     inputs = [
         InputSpec("prompt", "str", required=True, max_length=8192, description="what to draw"),
@@ -134,12 +135,18 @@ def _standard_inputs(cfg: bool, vae_scale: int) -> dict[str, InputSpec]:
             InputSpec("negative_prompt", "str", default="", max_length=8192),
             InputSpec("guidance", "float", default=7.0, min=1.0, max=30.0, description="CFG scale"),
         ]
+    if img2img:
+        inputs += [
+            InputSpec("image", "image", required=True, description="uint8 [height, width, 3], sent as a tensor"),
+            InputSpec("strength", "float", default=0.75, min=0.0, max=1.0,
+                      description="how far to move from the image: steps x strength are run"),
+        ]
     return {i.name: i for i in inputs}
 
 
 _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
 _MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder", "family"}
-_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "inputs"}
+_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs"}
 
 
 def _parse_model(name: str, raw: dict) -> ModelSpec:
@@ -178,7 +185,10 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
     cfg = raw.get("cfg", False)
     if not isinstance(cfg, bool):
         raise CatalogError(f"workflows.{name}.cfg", f"must be true or false, got {cfg!r}")
-    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale)
+    img2img = raw.get("img2img", False)
+    if not isinstance(img2img, bool):
+        raise CatalogError(f"workflows.{name}.img2img", f"must be true or false, got {img2img!r}")
+    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img)
     for input_name, override in raw.get("inputs", {}).items():
         if input_name not in inputs:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}", "not an input of this workflow")
@@ -197,7 +207,7 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
                 _check_value(inputs[input_name], inputs[input_name].default)
             except ParamError as exc:
                 raise CatalogError(f"workflows.{name}.inputs.{input_name}.default", exc.message) from None
-    return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs)
+    return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs, img2img)
 
 
 def parse_catalog(doc: dict, base: Catalog | None = None) -> Catalog:
@@ -257,6 +267,10 @@ def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | N
             raise ParamError(str(name), f"is not an input of workflow {workflow.name!r} (inputs: {sorted(workflow.inputs)})")
     out = {}
     for name, spec in workflow.inputs.items():
+        if spec.type == "image":
+            if name in params:
+                raise ParamError(name, "must be sent as a tensor, not as a parameter")
+            continue  # checked against the request's tensors by check_image
         if name in params and params[name] is not None:
             out[name] = _check_value(spec, params[name])
         elif spec.required:
@@ -267,7 +281,24 @@ def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | N
         out["seed"] = (rng or random).randrange(0, 2**31)  # reported back so a result can be reproduced
     if "prompt" in out and not out["prompt"].strip():
         raise ParamError("prompt", "must not be empty")
+    if workflow.img2img and int(out["steps"] * out["strength"]) < 1:
+        raise ParamError("strength", f"steps x strength must be >= 1 (got {out['steps']} x {out['strength']})")
     return out
+
+
+def check_image(workflow: WorkflowSpec, params: dict, tensors: list) -> None:
+    """An img2img request carries exactly its `image`: uint8 [height, width, 3]."""
+    names = [t.name for t in tensors]
+    if not workflow.img2img:
+        if tensors:
+            raise ParamError(f"tensors.{names[0]}", f"workflow {workflow.name!r} takes no tensor inputs")
+        return
+    if names != ["image"]:
+        raise ParamError("image", f"is required as the one tensor input (got {names or 'none'})")
+    (image,) = tensors
+    expected = [params["height"], params["width"], 3]
+    if image.dtype != "uint8" or list(image.shape) != expected:
+        raise ParamError("image", f"must be uint8 {expected} (height, width, RGB), got {image.dtype} {list(image.shape)}")
 
 
 # ---------------------------------------------------------------- unrolling
@@ -278,6 +309,9 @@ def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
     steps = params["steps"]
     shape = (params["height"], params["width"])
     rows = 2 if workflow.cfg else 1
+    # img2img runs the last steps x strength steps of the schedule, from the noised image
+    runs = min(int(steps * params["strength"]), steps) if workflow.img2img else steps
+    first_step = steps - runs
     nodes = []
     for enc in workflow.text_encoders:
         prompt_params = {"prompt": params["prompt"]}
@@ -285,13 +319,21 @@ def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
             prompt_params["negative_prompt"] = params["negative_prompt"]
         nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], steps + 2))
     previous = [n.key for n in nodes]
-    for k in range(steps):
-        step_params = {"step": k, "steps": steps, "seed": params["seed"], "sampler": params["sampler"]}
+    if workflow.img2img:
+        image_params = {"seed": params["seed"]}
+        nodes.append(NodePlan("encode_image", "encode_image", workflow.vae, 1, shape, image_params, [], runs + 2))
+        previous.append("encode_image")
+    for k in range(runs):
+        # `step` indexes the scheduler's timesteps; `first` marks where the latents start
+        step_params = {"step": first_step + k, "steps": steps, "first": k == 0, "seed": params["seed"],
+                       "sampler": params["sampler"]}
         if workflow.cfg:
             step_params["guidance"] = params["guidance"]
+        if workflow.img2img:
+            step_params["begin_index"] = first_step
         key = f"denoise/{k}"
         nodes.append(
-            NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, steps - k + 1, step=k)
+            NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, runs - k + 1, step=k)
         )
         previous = [key]
     nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker import protocol as p
-from clients.core import ClientCore
+from clients.core import ClientCore, split_tensor_params
 from clients.errors import LegoError, RequestRejected, Timeout
 from clients.results import JobResult
 
@@ -96,7 +96,8 @@ class AsyncClient:
                      wait_accepted: bool = True, **params: Any) -> AsyncJob:
         job = AsyncJob(self._core, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
         try:
-            self._core.send(p.Submit(job.request_id, workflow, params, progress))
+            plain, tensors, frames = split_tensor_params(params)
+            self._core.send(p.Submit(job.request_id, workflow, plain, progress, tensors), frames)
         except ValueError as exc:
             self._core.forget_job(job.request_id)
             raise RequestRejected(job.request_id, "too_large", str(exc), "params") from None

@@ -45,6 +45,35 @@ class JobState:
         self.outcome: JobResult | Exception | None = None
 
 
+def split_tensor_params(params: dict) -> tuple[dict, list[p.TensorDesc], list]:
+    """Parameters that are arrays (an img2img `image`) travel as tensor frames, not msgpack."""
+    import numpy as np
+
+    from broker.protocol.tensors import raw_desc
+
+    plain, descs, frames = {}, [], []
+    for name, value in params.items():
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            descs.append(raw_desc(name, str(array.dtype), list(array.shape), array, len(frames)))
+            frames.append(array)
+        else:
+            plain[name] = value
+    return plain, descs, frames
+
+
+def _row_major(raw: bytes, desc: p.TensorDesc) -> bytes:
+    """Bytes in another dense layout (TensorDesc.strides) rearranged row-major."""
+    import numpy as np
+
+    from broker.protocol.tensors import ITEMSIZE
+
+    itemsize = ITEMSIZE[desc.dtype]
+    elements = np.frombuffer(raw, dtype=np.dtype(f"V{itemsize}"))  # any dtype, bf16 too
+    strided = np.lib.stride_tricks.as_strided(elements, desc.shape, [s * itemsize for s in desc.strides])
+    return np.ascontiguousarray(strided).tobytes()
+
+
 def outcome_of(msg: p.Message, payload: list) -> JobResult | Exception | None:
     """The terminal outcome a message carries for a request, or None if it is not terminal."""
     if isinstance(msg, p.Result):
@@ -55,7 +84,10 @@ def outcome_of(msg: p.Message, payload: list) -> JobResult | Exception | None:
         tensors = {}
         for desc in msg.tensors:
             frame = payload[desc.frame]
-            tensors[desc.name] = (desc.dtype, list(desc.shape), bytes(frame.buffer if hasattr(frame, "buffer") else frame))
+            raw = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+            if desc.strides is not None:
+                raw = _row_major(raw, desc)
+            tensors[desc.name] = (desc.dtype, list(desc.shape), raw)
         return JobResult(msg.request_id, tensors, msg.latency_s, msg.attempts)
     if isinstance(msg, p.Rejected):
         return RequestRejected(msg.request_id, msg.code, msg.message, msg.field)
@@ -90,9 +122,9 @@ class ClientCore:
 
     # -------------------------------------------------------------- caller side
 
-    def send(self, msg: p.Message) -> None:
+    def send(self, msg: p.Message, payload: list | None = None) -> None:
         """Queue `msg` for the broker. ValueError if the broker would refuse it unread."""
-        frames = p.encode(msg)
+        frames = p.encode(msg, payload or [])
         if len(frames[2]) > DEFAULT_LIMITS.max_header_bytes:
             raise ValueError(f"message of {len(frames[2])} bytes exceeds the broker's {DEFAULT_LIMITS.max_header_bytes}-byte limit")
         if self._stopping.is_set():

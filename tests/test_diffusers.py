@@ -122,3 +122,66 @@ def test_tiny_models_load_offline_without_a_hub(tiny):
     tokenizer = CLIPTokenizer.from_pretrained(root / "sd15" / "tokenizer")
     assert len(tokenizer) == 514  # 256 bytes, 256 word-final bytes, 2 specials
     assert "diffusers" not in {m.split(".")[0] for m in sys.modules if m.startswith("huggingface_hub.file_download")}
+
+
+def source_image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+
+
+def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type: str):
+    from PIL import Image
+
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(root / "sd15", safety_checker=None,
+                                                                     requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, image=Image.fromarray(source_image()), negative_prompt=NEGATIVE, strength=strength,
+               num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type=output_type).images
+    return out if output_type == "latent" else (out[0] * 255).round().astype("uint8")
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("strength", [0.5, 0.75, 1.0])
+def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, strength):
+    root, _, catalog = tiny
+    workflow = catalog.workflow("tiny-sd15-img2img")
+    backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
+    for backend in backends.values():
+        backend.load()
+    params = validate_params(workflow, {**request_params(True, sampler, seed=4), "strength": strength})
+    client_image = {"image": torch.from_numpy(source_image())}
+    outputs = {}
+    for plan in unroll(workflow, params):
+        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
+                          list(plan.shape), plan.params, [], plan.key)
+        inputs = [outputs[k] for k in plan.inputs] or ([client_image] if plan.kind == "encode_image" else [])
+        (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
+    runs = sum(1 for key in outputs if key.startswith("denoise/"))
+    assert runs == int(4 * strength)
+    latents = img2img_pipeline(root, sampler, seed=4, strength=strength, output_type="latent")
+    assert torch.equal(outputs[f"denoise/{runs - 1}"]["latents"], latents), "latents differ from the pipeline's"
+    assert np.array_equal(outputs["decode"]["image"].numpy(), img2img_pipeline(root, sampler, 4, strength, "np"))
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_img2img_through_the_cluster_equals_the_pipeline_and_bad_images_are_refused(tiny, tmp_path):
+    from clients import RequestRejected
+
+    root, catalog_path, _ = tiny
+    spec = LocalClusterSpec(workflows=["tiny-sd15-img2img"], backend="diffusers", catalog=[str(catalog_path)],
+                            run_dir=str(tmp_path / "run"), log_level="warning")
+    with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
+        params = {**request_params(True, "euler_a", seed=9), "strength": 0.75}
+        result = client.generate("tiny-sd15-img2img", image=source_image(), timeout=120, **params)
+        with pytest.raises(RequestRejected) as err:
+            client.submit("tiny-sd15-img2img", image=source_image()[:32], **params)
+        assert err.value.field == "params.image"
+        with pytest.raises(RequestRejected) as err:
+            client.submit("tiny-sd15-img2img", **params)
+        assert err.value.field == "params.image"
+        with pytest.raises(RequestRejected) as err:
+            client.submit("tiny-sd15-txt2img", image=source_image(), **request_params(True, "ddim", 1))
+        assert err.value.field == "params.tensors.image"
+    assert np.array_equal(result.image, img2img_pipeline(root, "euler_a", 9, 0.75, "np"))

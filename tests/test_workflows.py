@@ -256,7 +256,8 @@ def test_unroll_one_denoise_node_per_step_chained(schnell):
     assert denoise[0].inputs == ["encode/CLIP_Flux", "encode/T5_Flux"]
     assert denoise[1].inputs == ["denoise/0"]
     assert denoise[2].inputs == ["denoise/1"]
-    assert denoise[1].params == {"step": 1, "steps": 3, "seed": 11, "sampler": "default"}
+    assert denoise[1].params == {"step": 1, "steps": 3, "first": False, "seed": 11, "sampler": "default"}
+    assert denoise[0].params["first"] is True
 
 
 def test_unroll_decode_is_last_and_returns_output(schnell):

@@ -138,7 +138,8 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
-        run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode}
+        run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode,
+               "encode_image": self._encode_image}
         outputs = []
         for task, task_inputs in zip(tasks, inputs, strict=True):
             if task.kind not in run:
@@ -181,14 +182,27 @@ class DiffusersBackend:
 
         params = task.params
         scheduler = self._scheduler(params.get("sampler", "default"), params["steps"])
-        if params["step"] == 0:
-            cond = self._conditioning(task, inputs)
+        if "begin_index" in params and hasattr(scheduler, "set_begin_index"):
+            # img2img: the pipeline sets the schedule's start; a fresh scheduler at step k
+            # must index timestep k, which `begin_index` = k gives it.
+            scheduler.set_begin_index(params["step"])
+        if params.get("first", params["step"] == 0):
+            image = next((b for b in inputs if "init_latents" in b), None)
+            cond = self._conditioning(task, [b for b in inputs if b is not image])
             embeds = cond["cond/embeds"]
-            scale = self.model.vae_scale
-            shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
-            generator = torch.Generator(device="cpu").manual_seed(params["seed"])
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
-            latents = latents * scheduler.init_noise_sigma
+            generator = torch.Generator(device="cpu")
+            if image is None:  # txt2img: pure noise from the request's seed
+                generator.manual_seed(params["seed"])
+                scale = self.model.vae_scale
+                shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
+                latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+                latents = latents * scheduler.init_noise_sigma
+            else:  # img2img: the encoded image, noised to the first timestep run
+                generator.set_state(image["state/generator"].contiguous())
+                init = image["init_latents"].to(self.device, embeds.dtype)
+                noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=embeds.dtype)
+                start = scheduler.timesteps[params["step"]: params["step"] + 1]
+                latents = scheduler.add_noise(init, noise, start)
         else:
             (previous,) = inputs
             cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
@@ -228,11 +242,26 @@ class DiffusersBackend:
             cond["cond/time_ids"] = time_ids.repeat(task.rows, 1)
         return cond
 
+    def _encode_image(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        """img2img's first node: the client's image through the VAE encoder, as the pipeline does."""
+        import numpy as np
+
+        (client,) = inputs
+        pixels = client["image"].numpy().astype(np.float32) / 255.0  # VaeImageProcessor.pil_to_numpy
+        image = torch.from_numpy(pixels[None].transpose(0, 3, 1, 2))
+        image = (2.0 * image - 1.0).to(self.device, self.dtype)  # normalize to [-1, 1]
+        generator = torch.Generator(device="cpu").manual_seed(task.params["seed"])
+        latents = self.component.encode(image).latent_dist.sample(generator) * self.component.config.scaling_factor
+        # the pipeline's one generator goes on to draw the noise: its state travels on
+        return {"init_latents": latents, "state/generator": generator.get_state()}
+
     def _decode(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        import numpy as np
+
         (previous,) = inputs
         latents = previous["latents"].to(self.device, self.dtype)
         image = self.component.decode(latents / self.component.config.scaling_factor, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
         pixels = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
         as_uint8 = (pixels * 255).round().astype("uint8")  # the pipeline's numpy_to_pil
-        return {"image": torch.from_numpy(as_uint8)}
+        return {"image": torch.from_numpy(np.ascontiguousarray(as_uint8))}  # row-major for clients

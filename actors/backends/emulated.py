@@ -95,7 +95,7 @@ class EmulatedBackend:
             return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest)}
         if task.kind == "denoise":
             latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
-            if task.params["step"] == 0:
+            if task.params.get("first", task.params["step"] == 0):
                 cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}
                 digest = _digest(task.params["seed"], *(read_digest(t) for t in cond.values()))
             else:

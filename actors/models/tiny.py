@@ -267,6 +267,17 @@ inputs.steps = {{ default = {info["steps"]} }}
 inputs.width = {{ default = {info["image"]}, min = {multiple} }}
 inputs.height = {{ default = {info["image"]}, min = {multiple} }}
 
+[workflows.{prefix}-img2img]
+description = "{size} SD 1.5 image-to-image (random weights), CFG"
+text_encoders = ["{prefix}-clip"]
+denoiser = "{prefix}-unet"
+vae = "{prefix}-vae"
+cfg = true
+img2img = true
+inputs.steps = {{ default = {info["steps"]} }}
+inputs.width = {{ default = {info["image"]}, min = {multiple} }}
+inputs.height = {{ default = {info["image"]}, min = {multiple} }}
+
 [workflows.{prefix}-txt2img-nocfg]
 description = "{size} SD 1.5 text-to-image (random weights), no CFG"
 text_encoders = ["{prefix}-clip"]

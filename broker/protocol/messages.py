@@ -83,6 +83,10 @@ class TensorDesc(Struct):
     frame: int = -1
     where: str = "frame"
     nbytes: int = 0
+    # Element strides when the bytes are a dense layout other than row-major (e.g. a
+    # channels-last tensor): kept so the receiver computes with the same layout,
+    # since CPU kernels round differently for different layouts. None: row-major.
+    strides: list | None = None
 
 
 @struct
@@ -112,6 +116,9 @@ class TaskSpec(Struct):
     inputs: list[TensorRef]
     output_id: str
     return_output: bool = False
+    # Tensors the client sent with the request (an img2img image), as payload frames
+    # of this TASKS message; forwarded by the broker without reading them.
+    tensors: list[TensorDesc] = field(default_factory=list)
 
 
 @struct
@@ -371,6 +378,7 @@ class Submit(Message):
     workflow: str
     params: dict
     progress: bool = True
+    tensors: list[TensorDesc] = field(default_factory=list)  # tensor inputs, in payload frames
 
 
 @struct

@@ -46,6 +46,19 @@ def raw_desc(name: str, dtype: str, shape: list, buffer: Any, frame: int) -> Ten
     return TensorDesc(name=name, dtype=dtype, shape=list(shape), frame=frame, nbytes=nbytes)
 
 
+def check_strides(shape: list, strides: list | None) -> None:
+    """`strides` must lay `shape` out densely: a permutation of a row-major layout."""
+    if strides is None:
+        return
+    if len(strides) != len(shape) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in strides):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"strides {strides!r} do not fit shape {shape!r}", "strides")
+    expected = 1
+    for dim in sorted(range(len(shape)), key=lambda d: (strides[d], shape[d])):
+        if shape[dim] != 1 and strides[dim] != expected:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"strides {strides!r} are not a dense layout of {shape!r}", "strides")
+        expected *= shape[dim]
+
+
 def check_payload(descs: list[TensorDesc], payload: list[Any]) -> None:
     """Every described tensor points at a payload frame of exactly its size."""
     for i, d in enumerate(descs):
@@ -53,6 +66,7 @@ def check_payload(descs: list[TensorDesc], payload: list[Any]) -> None:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"unsupported tensor location {d.where!r}", f"tensors[{i}].where")
         if not 0 <= d.frame < len(payload):
             raise ProtocolError(ErrorCode.BAD_FRAMES, f"tensor {d.name!r} names frame {d.frame}", f"tensors[{i}].frame")
+        check_strides(d.shape, d.strides)
         need = expected_nbytes(d.dtype, d.shape)
         have = memoryview(_buffer(payload[d.frame])).nbytes
         if have != need:
@@ -75,9 +89,25 @@ def pack_torch(name: str, tensor: Any, frame: int) -> tuple[TensorDesc, Any]:
     if dtype not in ITEMSIZE:
         raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot travel")
     shape = list(tensor.shape)
-    flat = tensor.contiguous().reshape(-1)
+    strides = None
+    if not tensor.is_contiguous() and _dense(tensor):
+        # Send the memory as laid out (no copy) and say how: see TensorDesc.strides.
+        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+        flat = tensor.permute(order).reshape(-1)
+        strides = list(tensor.stride())
+    else:
+        flat = tensor.contiguous().reshape(-1)
     buf = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    return TensorDesc(name=name, dtype=dtype, shape=shape, frame=frame, nbytes=len(memoryview(buf).cast("B"))), buf
+    nbytes = len(memoryview(buf).cast("B"))
+    return TensorDesc(name=name, dtype=dtype, shape=shape, frame=frame, nbytes=nbytes, strides=strides), buf
+
+
+def _dense(tensor: Any) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is row-major contiguous."""
+    if tensor.numel() == 0:
+        return False
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+    return tensor.permute(order).is_contiguous()
 
 
 def unpack_torch(desc: TensorDesc, frame: Any) -> Any:
@@ -93,4 +123,7 @@ def unpack_torch(desc: TensorDesc, frame: Any) -> Any:
         # zmq frames are read-only buffers; torch warns that it cannot protect them.
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(_buffer(frame), dtype=torch.uint8)
-    return flat.view(dtype).reshape(desc.shape)
+    values = flat.view(dtype)
+    if desc.strides is not None:
+        return values.as_strided(desc.shape, desc.strides)
+    return values.reshape(desc.shape)
