@@ -500,3 +500,26 @@ def test_no_module_imports_pickle():
         for m in PICKLE_IMPORT.finditer(text)
     ]
     assert offenders == []
+
+
+def test_channels_last_and_transposed_tensors_keep_their_layout():
+    # Layout matters for exactness: CPU kernels round differently for channels-last input.
+    for tensor in (torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last), torch.randn(3, 5).t()):
+        desc, buf = pack_torch("t", tensor, 0)
+        assert desc.strides == list(tensor.stride())
+        assert memoryview(buf).nbytes == tensor.numel() * tensor.element_size()  # sent without a copy
+        out = unpack_torch(desc, bytes(buf))
+        assert torch.equal(out, tensor) and out.stride() == tensor.stride()
+    sliced = torch.randn(4, 6)[:, ::2]  # not dense: sent row-major, no strides
+    desc, buf = pack_torch("t", sliced, 0)
+    assert desc.strides is None and torch.equal(unpack_torch(desc, bytes(buf)), sliced)
+
+
+@pytest.mark.parametrize("strides", [[1, 1], [5, 2], [3], [-1, 1]])
+def test_strides_that_are_not_a_dense_layout_are_refused(strides):
+    from broker.protocol.tensors import check_payload
+
+    desc = p.TensorDesc("t", "float32", [3, 5], 0, nbytes=60, strides=strides)
+    with pytest.raises(ProtocolError) as err:
+        check_payload([desc], [bytes(60)])
+    assert err.value.field == "strides"
