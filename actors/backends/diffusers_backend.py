@@ -20,14 +20,18 @@ pooled embeddings and size/crop time ids as added conditioning).
 - decode: `latents / scaling_factor` through the VAE, then the image processor's
   denormalisation and the pipeline's float -> uint8 conversion.
 
-Tasks of one batch run one after another: batched kernels are not bit-identical to
-single calls, and exactness comes first (batched execution is future work).
+Tasks of one batch run one after another by default (`options.batching = "exact"`):
+batched kernels are not bit-identical to single calls, and exactness comes first.
+`options.batching = "fused"` runs a batch of denoise tasks as one UNet call, each
+row with its own timestep, for throughput; the difference is measured in the tests.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +54,20 @@ def _sibling(subfolder: str, kind: str) -> str:
     if kind == "tokenizer":
         return subfolder.replace("text_encoder", "tokenizer") if "text_encoder" in subfolder else "tokenizer"
     return "scheduler"
+
+
+@dataclass
+class _Step:
+    """One denoise task between its preparation and its sampler update."""
+
+    scheduler: Any
+    generator: torch.Generator
+    cond: Bundle
+    latents: torch.Tensor
+    t: torch.Tensor
+    model_input: torch.Tensor
+    embeds: torch.Tensor
+    added: dict | None
 
 
 def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
@@ -93,6 +111,9 @@ class DiffusersBackend:
         self.model = model
         self.device = torch.device(device)
         self.dtype = DTYPES[model.dtype]
+        self.batching = str(options.get("batching", "exact"))
+        if self.batching not in ("exact", "fused"):
+            raise ValueError(f"options.batching: expected 'exact' or 'fused', got {self.batching!r}")
         self.component = None
         self.tokenizer = None
         self.scheduler_config = None
@@ -138,6 +159,8 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        if self.batching == "fused" and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):
+            return self._denoise_fused(tasks, inputs)
         run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode,
                "encode_image": self._encode_image}
         outputs = []
@@ -178,6 +201,36 @@ class DiffusersBackend:
         return scheduler
 
     def _denoise(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        step = self._prepare_step(task, inputs)
+        noise = self.component(step.model_input, step.t, encoder_hidden_states=step.embeds,
+                               added_cond_kwargs=step.added, return_dict=False)[0]
+        return self._finish_step(task, step, noise)
+
+    def _denoise_fused(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        """One UNet call for the whole batch (opt-in: `options.batching = "fused"`).
+
+        Rows of all tasks are concatenated, each with its own timestep. Batched kernels
+        do not round exactly as batch-1 calls do, so results differ from the pipeline's
+        in the low bits (tests/test_diffusers.py measures by how much).
+        """
+        steps = [self._prepare_step(task, task_inputs) for task, task_inputs in zip(tasks, inputs, strict=True)]
+        model_input = torch.cat([s.model_input for s in steps])
+        timesteps = torch.cat([s.t.reshape(1).expand(s.model_input.shape[0]) for s in steps]).to(self.device)
+        embeds = torch.cat([s.embeds for s in steps])
+        added = None
+        if steps[0].added is not None:
+            added = {k: torch.cat([s.added[k] for s in steps]) for k in steps[0].added}
+        noise = self.component(model_input, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                               return_dict=False)[0]
+        outputs, row = [], 0
+        for task, step in zip(tasks, steps, strict=True):
+            rows = step.model_input.shape[0]
+            outputs.append(self._finish_step(task, step, noise[row: row + rows]))
+            row += rows
+        return outputs
+
+    def _prepare_step(self, task: TaskSpec, inputs: list[Bundle]) -> _Step:
+        """Everything up to the model call: scheduler, restored state, scaled model input."""
         from diffusers.utils.torch_utils import randn_tensor
 
         params = task.params
@@ -186,47 +239,48 @@ class DiffusersBackend:
             # img2img: the pipeline sets the schedule's start; a fresh scheduler at step k
             # must index timestep k, which `begin_index` = k gives it.
             scheduler.set_begin_index(params["step"])
+        generator = torch.Generator(device="cpu")
         if params.get("first", params["step"] == 0):
             image = next((b for b in inputs if "init_latents" in b), None)
             cond = self._conditioning(task, [b for b in inputs if b is not image])
-            embeds = cond["cond/embeds"]
-            generator = torch.Generator(device="cpu")
+            dtype = cond["cond/embeds"].dtype
             if image is None:  # txt2img: pure noise from the request's seed
                 generator.manual_seed(params["seed"])
                 scale = self.model.vae_scale
                 shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
-                latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+                latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
                 latents = latents * scheduler.init_noise_sigma
             else:  # img2img: the encoded image, noised to the first timestep run
                 generator.set_state(image["state/generator"].contiguous())
-                init = image["init_latents"].to(self.device, embeds.dtype)
-                noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=embeds.dtype)
+                init = image["init_latents"].to(self.device, dtype)
+                noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
                 start = scheduler.timesteps[params["step"]: params["step"] + 1]
                 latents = scheduler.add_noise(init, noise, start)
         else:
             (previous,) = inputs
             cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
             latents = previous["latents"]
-            generator = torch.Generator(device="cpu")
             generator.set_state(previous["state/generator"].contiguous())
             _restore_multistep(scheduler, previous)
-        embeds = cond["cond/embeds"].to(self.device)
         added = None
         if "cond/pooled" in cond:
             added = {"text_embeds": cond["cond/pooled"].to(self.device), "time_ids": cond["cond/time_ids"].to(self.device)}
         latents = latents.to(self.device)
         t = scheduler.timesteps[params["step"]]
-        cfg = task.rows == 2
-        model_input = torch.cat([latents] * 2) if cfg else latents
+        model_input = torch.cat([latents] * 2) if task.rows == 2 else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-        if cfg:
+        return _Step(scheduler, generator, cond, latents, t, model_input, cond["cond/embeds"].to(self.device), added)
+
+    def _finish_step(self, task: TaskSpec, step: _Step, noise: torch.Tensor) -> Bundle:
+        """Guidance and the sampler update; the output bundle carries the sampler state."""
+        if task.rows == 2:
             uncond, text = noise.chunk(2)
-            noise = uncond + params["guidance"] * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **_step_kwargs(scheduler, generator), return_dict=False)[0]
+            noise = uncond + task.params["guidance"] * (text - uncond)
+        scheduler = step.scheduler
+        latents = scheduler.step(noise, step.t, step.latents, **_step_kwargs(scheduler, step.generator), return_dict=False)[0]
         if self.device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-        return {"latents": latents, **cond, "state/generator": generator.get_state(), **_save_multistep(scheduler)}
+        return {"latents": latents, **step.cond, "state/generator": step.generator.get_state(), **_save_multistep(scheduler)}
 
     def _conditioning(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """What every step conditions on, built once at step 0 and carried with the latent."""
