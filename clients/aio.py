@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker import protocol as p
-from clients.core import ClientCore, split_tensor_params
-from clients.errors import LegoError, RequestRejected, Timeout
+from clients.core import ClientCore
+from clients.errors import LegoError, Timeout
 from clients.results import JobResult
 
 _END = object()
@@ -95,12 +95,7 @@ class AsyncClient:
     async def submit(self, workflow: str, *, request_id: str | None = None, progress: bool = True,
                      wait_accepted: bool = True, **params: Any) -> AsyncJob:
         job = AsyncJob(self._core, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
-        try:
-            plain, tensors, frames = split_tensor_params(params)
-            self._core.send(p.Submit(job.request_id, workflow, plain, progress, tensors), frames)
-        except ValueError as exc:
-            self._core.forget_job(job.request_id)
-            raise RequestRejected(job.request_id, "too_large", str(exc), "params") from None
+        self._core.submit(job.request_id, workflow, params, progress)
         if wait_accepted:
             await job.wait_accepted(self.submit_timeout_s)
         return job

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from broker import protocol as p
-from clients.core import ClientCore, JobState, split_tensor_params
-from clients.errors import LegoError, RequestRejected, Timeout
+from clients.core import ClientCore, JobState
+from clients.errors import LegoError, Timeout
 from clients.results import JobResult
 
 _END = object()
@@ -95,12 +95,7 @@ class Client:
                wait_accepted: bool = True, **params: Any) -> Job:
         """Submit one request. Raises RequestRejected at once if the broker refuses it."""
         job = Job(self._core, request_id or uuid.uuid4().hex)
-        try:
-            plain, tensors, frames = split_tensor_params(params)
-            self._core.send(p.Submit(job.request_id, workflow, plain, progress, tensors), frames)
-        except ValueError as exc:
-            self._core.forget_job(job.request_id)
-            raise RequestRejected(job.request_id, "too_large", str(exc), "params") from None
+        self._core.submit(job.request_id, workflow, params, progress)
         if wait_accepted:
             job.wait_accepted(self.submit_timeout_s)
         return job

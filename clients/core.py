@@ -132,6 +132,19 @@ class ClientCore:
         self._outgoing.put(frames)
         self._ring()
 
+    def submit(self, request_id: str, workflow: str, params: dict, progress: bool) -> None:
+        """Send a registered job's SUBMIT; array parameters travel as tensor frames."""
+        try:
+            plain, tensors, frames = split_tensor_params(params)
+        except p.ProtocolError as err:  # an array of a dtype that cannot travel
+            self.forget_job(request_id)
+            raise RequestRejected(request_id, "invalid_param", err.message, "params") from None
+        try:
+            self.send(p.Submit(request_id, workflow, plain, progress, tensors), frames)
+        except ValueError as exc:
+            self.forget_job(request_id)
+            raise RequestRejected(request_id, "too_large", str(exc), "params") from None
+
     def _ring(self) -> None:
         with self._doorbell_lock:
             try:

@@ -172,119 +172,38 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
     if size not in SIZES:
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
     root = Path(root).resolve()
-    sd15 = build_sd15(root / "sd15", size)
-    text = _sd15_catalog(root / "sd15", size, sd15)
+    info = build_sd15(root / "sd15", size)
+    text = f"# Written by `lego models tiny`: {size} components with random weights.\n"
+    text += _family_catalog(f"{size}-sd15", "sd15", root / "sd15", {"clip": "text_encoder"}, info,
+                            [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
     if size == "tiny":
-        text += _sdxl_catalog(root / "sdxl", build_sdxl(root / "sdxl"))
+        text += _family_catalog("tiny-sdxl", "sdxl", root / "sdxl",
+                                {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, build_sdxl(root / "sdxl"),
+                                [("txt2img", True, False), ("txt2img-nocfg", False, False)])
     catalog = root / "catalog.toml"
     catalog.write_text(text)
     return catalog
 
 
-def _sdxl_catalog(folder: Path, info: dict) -> str:
-    prefix = "tiny-sdxl"
-    models = f'''
-[models.{prefix}-clip-l]
-kind = "text_encoder"
-family = "sdxl"
-source = "{folder}"
-subfolder = "text_encoder"
-dtype = "float32"
+def _family_catalog(prefix: str, family: str, folder: Path, encoders: dict[str, str], info: dict,
+                    workflows: list[tuple[str, bool, bool]]) -> str:
+    """Catalog entries for one pipeline folder: its models, then (suffix, cfg, img2img) workflows."""
+    def model(name: str, kind: str, subfolder: str, extra: str = "") -> str:
+        return (f'\n[models.{prefix}-{name}]\nkind = "{kind}"\nfamily = "{family}"\nsource = "{folder}"\n'
+                f'subfolder = "{subfolder}"\ndtype = "float32"\n{extra}')
 
-[models.{prefix}-clip-g]
-kind = "text_encoder"
-family = "sdxl"
-source = "{folder}"
-subfolder = "text_encoder_2"
-dtype = "float32"
-
-[models.{prefix}-unet]
-kind = "denoiser"
-family = "sdxl"
-source = "{folder}"
-subfolder = "unet"
-dtype = "float32"
-latent_channels = 4
-vae_scale = {info["vae_scale"]}
-
-[models.{prefix}-vae]
-kind = "vae"
-family = "sdxl"
-source = "{folder}"
-subfolder = "vae"
-dtype = "float32"
-'''
-    workflows = ""
-    for suffix, cfg in (("", "true"), ("-nocfg", "false")):
-        workflows += f'''
-[workflows.{prefix}-txt2img{suffix}]
-description = "tiny SDXL text-to-image (random weights), cfg = {cfg}"
-text_encoders = ["{prefix}-clip-l", "{prefix}-clip-g"]
-denoiser = "{prefix}-unet"
-vae = "{prefix}-vae"
-cfg = {cfg}
-inputs.steps = {{ default = {info["steps"]} }}
-inputs.width = {{ default = {info["image"]}, min = 16 }}
-inputs.height = {{ default = {info["image"]}, min = 16 }}
-'''
-    return models + workflows
-
-
-def _sd15_catalog(folder: Path, size: str, info: dict) -> str:
-    prefix = f"{size}-sd15"
-    multiple = info["vae_scale"] * 8 if size == "mid" else info["vae_scale"] * 4
-    return f'''# Written by `lego models tiny`: {size} SD-1.5-shaped components with random weights.
-[models.{prefix}-clip]
-kind = "text_encoder"
-family = "sd15"
-source = "{folder}"
-subfolder = "text_encoder"
-dtype = "float32"
-
-[models.{prefix}-unet]
-kind = "denoiser"
-family = "sd15"
-source = "{folder}"
-subfolder = "unet"
-dtype = "float32"
-latent_channels = 4
-vae_scale = {info["vae_scale"]}
-
-[models.{prefix}-vae]
-kind = "vae"
-family = "sd15"
-source = "{folder}"
-subfolder = "vae"
-dtype = "float32"
-
-[workflows.{prefix}-txt2img]
-description = "{size} SD 1.5 text-to-image (random weights), CFG"
-text_encoders = ["{prefix}-clip"]
-denoiser = "{prefix}-unet"
-vae = "{prefix}-vae"
-cfg = true
-inputs.steps = {{ default = {info["steps"]} }}
-inputs.width = {{ default = {info["image"]}, min = {multiple} }}
-inputs.height = {{ default = {info["image"]}, min = {multiple} }}
-
-[workflows.{prefix}-img2img]
-description = "{size} SD 1.5 image-to-image (random weights), CFG"
-text_encoders = ["{prefix}-clip"]
-denoiser = "{prefix}-unet"
-vae = "{prefix}-vae"
-cfg = true
-img2img = true
-inputs.steps = {{ default = {info["steps"]} }}
-inputs.width = {{ default = {info["image"]}, min = {multiple} }}
-inputs.height = {{ default = {info["image"]}, min = {multiple} }}
-
-[workflows.{prefix}-txt2img-nocfg]
-description = "{size} SD 1.5 text-to-image (random weights), no CFG"
-text_encoders = ["{prefix}-clip"]
-denoiser = "{prefix}-unet"
-vae = "{prefix}-vae"
-cfg = false
-inputs.steps = {{ default = {info["steps"]} }}
-inputs.width = {{ default = {info["image"]}, min = {multiple} }}
-inputs.height = {{ default = {info["image"]}, min = {multiple} }}
-'''
+    text = "".join(model(name, "text_encoder", sub) for name, sub in encoders.items())
+    text += model("unet", "denoiser", "unet", f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
+    text += model("vae", "vae", "vae")
+    multiple = 2 * info["vae_scale"]  # what the workflow's size inputs must be a multiple of
+    names = ", ".join(f'"{prefix}-{name}"' for name in encoders)
+    for suffix, cfg, img2img in workflows:
+        kind = "image-to-image" if img2img else "text-to-image"
+        text += (f"\n[workflows.{prefix}-{suffix}]\n"
+                 f'description = "{prefix}: {kind}, {"CFG" if cfg else "no CFG"} (random weights)"\n'
+                 f'text_encoders = [{names}]\ndenoiser = "{prefix}-unet"\nvae = "{prefix}-vae"\n'
+                 f"cfg = {str(cfg).lower()}\nimg2img = {str(img2img).lower()}\n"
+                 f'inputs.steps = {{ default = {info["steps"]} }}\n'
+                 f'inputs.width = {{ default = {info["image"]}, min = {multiple} }}\n'
+                 f'inputs.height = {{ default = {info["image"]}, min = {multiple} }}\n')
+    return text
