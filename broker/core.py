@@ -48,10 +48,15 @@ class BrokerSettings:
     # "prefer": step k+1 goes to the actor holding step k's output when it has credit.
     # "avoid": to any other actor when one has credit (forces migration: tests the data plane).
     affinity: str = "prefer"
+    # "always": run the two CFG branches of every step as separate tasks (for two
+    # actors); "never": one batch-2 call. The scheduler (issue 4) will decide per load.
+    cfg_split: str = "never"
 
     def __post_init__(self) -> None:
         if self.affinity not in ("prefer", "avoid"):
             raise ValueError(f"affinity: expected 'prefer' or 'avoid', got {self.affinity!r}")
+        if self.cfg_split not in ("never", "always"):
+            raise ValueError(f"cfg_split: expected 'never' or 'always', got {self.cfg_split!r}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_misses < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_misses >= 1")
 
@@ -276,16 +281,22 @@ class BrokerCore:
             return reject(ErrorCode.INVALID_PARAM, err.message, "params.image")
         request = Request(msg.request_id, identity, workflow.name, params, next(self._seq), now, msg.progress)
         request.tensors, request.frames = list(msg.tensors), list(payload)
-        plans = unroll(workflow, params)
+        plans = unroll(workflow, params, cfg_split=self.settings.cfg_split == "always")
         request.total_steps = sum(1 for plan in plans if plan.kind == "denoise")
+        groups: dict[str, list[Node]] = {}
         for plan in plans:
             node = Node(request, plan, next(self._seq))
+            if plan.group:
+                groups.setdefault(plan.group, []).append(node)
             node.inputs = [request.nodes[k] for k in plan.inputs]
             for producer in node.inputs:
                 producer.consumers.append(node)
             request.nodes[plan.key] = node
             self.tasks[node.task_id] = node
             self.model_workflows.setdefault(node.model, set()).add(workflow.name)
+        for members in groups.values():
+            for node in members:
+                node.siblings = [other for other in members if other is not node]
         self.requests[request.request_id] = request
         self.counters["requests_submitted"] += 1
         steps = sum(1 for n in plans if n.kind == "denoise")
@@ -326,7 +337,7 @@ class BrokerCore:
         for node in request.nodes.values():
             # Break the DAG's reference cycles so refcounting frees it at once and the
             # cyclic GC (whose pauses show up as tail latency) has little to do.
-            node.inputs = node.consumers = ()
+            node.inputs = node.consumers = node.siblings = ()
 
     def _fail_request(self, request: Request, code: ErrorCode, message: str) -> None:
         counter = "requests_cancelled" if code is ErrorCode.CANCELLED else "requests_failed"
@@ -355,6 +366,9 @@ class BrokerCore:
     def _pick_actor(self, head: Node, candidates: list[ActorState]) -> ActorState:
         """Affinity first (the holder of the head task's input), then the least loaded."""
         holders = {producer.actor_id for producer in head.inputs}
+        taken = {s.actor_id for s in head.siblings if s.state in (RUNNING, DONE)}
+        if taken:  # a parallel branch: another actor than its sibling's, when one is free
+            candidates = [a for a in candidates if a.actor_id not in taken] or candidates
         if self.settings.affinity == "avoid":
             others = [a for a in candidates if a.actor_id not in holders]
             candidates = others or candidates

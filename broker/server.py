@@ -42,6 +42,7 @@ class BrokerConfig:
     max_request_restarts: int = 3
     max_requests_in_flight: int = 100_000
     affinity: str = "prefer"  # or "avoid": force steps to migrate (testing the data plane)
+    cfg_split: str = "never"  # or "always": CFG branches as separate tasks, for two actors
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -54,6 +55,7 @@ class BrokerConfig:
             max_request_restarts=self.max_request_restarts,
             max_requests_in_flight=self.max_requests_in_flight,
             affinity=self.affinity,
+            cfg_split=self.cfg_split,
         )
 
 
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-misses", type=int)
     parser.add_argument("--max-task-attempts", type=int)
     parser.add_argument("--affinity", choices=("prefer", "avoid"))
+    parser.add_argument("--cfg-split", choices=("never", "always"))
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     config = load_config(BrokerConfig, "broker", args.config, {k: v for k, v in vars(args).items() if k != "config"})

@@ -19,7 +19,7 @@ class Node:
     __slots__ = (
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
-        "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo",
+        "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo", "siblings",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -39,6 +39,7 @@ class Node:
         self.attempt = 0  # bumped on every re-dispatch; results of older attempts are stale
         self.losses = 0  # times this node was lost with a dead actor
         self.solo = False  # run alone: it was in a batch that failed as a whole
+        self.siblings: list[Node] = []  # the other nodes of its group (parallel CFG branches)
         self.deps_left = 0
         self.refs_left = 0
         self.actor_id = ""  # running on, then holding the output
@@ -154,8 +155,9 @@ class ReadyQueue:
         batch, rows = [], 0
         while heap:
             node = heap[0][4]
-            if batch and (rows + node.rows > max_rows or node.solo or batch[0].solo):
-                break
+            if batch and (rows + node.rows > max_rows or node.solo or batch[0].solo
+                          or any(sibling in batch for sibling in node.siblings)):
+                break  # siblings are meant for different actors
             heapq.heappop(heap)
             batch.append(node)
             rows += node.rows

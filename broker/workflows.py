@@ -105,6 +105,9 @@ class NodePlan:
     path_len: int
     step: int = -1
     return_output: bool = False
+    # Nodes of one group (the two CFG branches of a step) go to different actors when
+    # they can: that is what running them in parallel means.
+    group: str = ""
 
 
 @dataclass
@@ -304,8 +307,13 @@ def check_image(workflow: WorkflowSpec, params: dict, tensors: list) -> None:
 # ---------------------------------------------------------------- unrolling
 
 
-def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
-    """The request's DAG, producers before consumers. `params` must be validated."""
+def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> list[NodePlan]:
+    """The request's DAG, producers before consumers. `params` must be validated.
+
+    `cfg_split` (CFG workflows): each step becomes two branch nodes, the unconditional
+    and the conditional model call (one row each, meant for two actors), and a
+    `denoise` node that combines them (guidance and the sampler update).
+    """
     steps = params["steps"]
     shape = (params["height"], params["width"])
     rows = 2 if workflow.cfg else 1
@@ -317,11 +325,11 @@ def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
         prompt_params = {"prompt": params["prompt"]}
         if workflow.cfg:
             prompt_params["negative_prompt"] = params["negative_prompt"]
-        nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], steps + 2))
+        nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], 0))
     previous = [n.key for n in nodes]
     if workflow.img2img:
         image_params = {"seed": params["seed"]}
-        nodes.append(NodePlan("encode_image", "encode_image", workflow.vae, 1, shape, image_params, [], runs + 2))
+        nodes.append(NodePlan("encode_image", "encode_image", workflow.vae, 1, shape, image_params, [], 0))
         previous.append("encode_image")
     for k in range(runs):
         # `step` indexes the scheduler's timesteps; `first` marks where the latents start
@@ -332,9 +340,25 @@ def unroll(workflow: WorkflowSpec, params: dict) -> list[NodePlan]:
         if workflow.img2img:
             step_params["begin_index"] = first_step
         key = f"denoise/{k}"
-        nodes.append(
-            NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, runs - k + 1, step=k)
-        )
+        if cfg_split and workflow.cfg:
+            branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional
+            for b, branch in enumerate(branches):
+                nodes.append(NodePlan(branch, "denoise_branch", workflow.denoiser, 1, shape,
+                                      {**step_params, "branch": b}, previous, 0, step=k, group=f"cfg/{k}"))
+            step_params = {**step_params, "split": True}
+            previous = branches + previous
+        nodes.append(NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, 0, step=k))
         previous = [key]
     nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))
+    _set_path_lengths(nodes)
     return nodes
+
+
+def _set_path_lengths(nodes: list[NodePlan]) -> None:
+    """Each node's longest path to the output, counting itself (the output node: 1)."""
+    longest = {}
+    for node in reversed(nodes):  # consumers come after their producers
+        longest.setdefault(node.key, 1)
+        node.path_len = longest[node.key]
+        for producer in node.inputs:
+            longest[producer] = max(longest.get(producer, 1), node.path_len + 1)

@@ -43,6 +43,7 @@ class LocalClusterSpec:
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     affinity: str = "prefer"
+    cfg_split: str = "never"
     run_dir: str = "run/local"
     log_format: str = "console"
     log_level: str = "info"
@@ -116,7 +117,7 @@ class LocalCluster:
         catalogs = [arg for path in s.catalog for arg in ("--catalog", str(path))]
         self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend,
                                "--heartbeat-interval-s", str(s.heartbeat_interval_s),
-                               "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity,
+                               "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity, "--cfg-split", s.cfg_split,
                                *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),

@@ -747,3 +747,31 @@ def test_actor_reconnecting_with_the_same_identity_is_not_told_to_disconnect():
     sends = hello(core, "den-1", "den", now=1.0)
     assert of(sends, p.Welcome, ident("den-1"))
     assert of(sends, p.Disconnect, ident("den-1")) == []
+
+
+# ------------------------------------------------------------------ split CFG (parallel branches)
+
+
+def test_split_cfg_sends_the_two_branches_of_a_step_to_two_actors_and_completes():
+    core = make_core(BrokerSettings(heartbeat_interval_s=1.0, heartbeat_misses=3, cfg_split="always"))
+    sends = standard_actors(core, den=("den-1", "den-2"), den_credits=2, den_rows=4)
+    sends += submit(core, "r1", "guided")
+    request = core.requests["r1"]
+    assert [k for k in request.nodes if k.startswith("branch/")] == ["branch/0/0", "branch/0/1", "branch/1/0", "branch/1/1"]
+    combine = request.nodes["denoise/0"]
+    assert [n.key for n in combine.inputs] == ["branch/0/0", "branch/0/1", "encode/enc-a", "encode/enc-b"]
+    seen = run(core, sends)
+    branch_batches = [(s.identity, t.node) for s in seen if isinstance(s.msg, p.Tasks)
+                      for t in s.msg.tasks if t.kind == "denoise_branch"]
+    for step in ("0", "1"):
+        actors = {identity for identity, node in branch_batches if node.split("/")[1] == step}
+        assert actors == {ident("den-1"), ident("den-2")}, f"step {step}: both branches went to {actors}"
+    for s in seen:  # siblings never share a batch, even with rows to spare
+        if isinstance(s.msg, p.Tasks):
+            assert len({t.node.rsplit("/", 1)[0] for t in s.msg.tasks if t.kind == "denoise_branch"}) == \
+                len([t for t in s.msg.tasks if t.kind == "denoise_branch"])
+    (result,) = of(seen, p.Result, CLIENT)
+    assert result.request_id == "r1"
+    freed = [tid for s in seen if isinstance(s.msg, p.Free) for tid in s.msg.tensor_ids]
+    assert len(freed) == len(set(freed)) == len(request.nodes) - 1  # every output but the image, once
+    assert all(not a.held for a in core.actors.values())

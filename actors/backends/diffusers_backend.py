@@ -162,7 +162,7 @@ class DiffusersBackend:
         if self.batching == "fused" and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):
             return self._denoise_fused(tasks, inputs)
         run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode,
-               "encode_image": self._encode_image}
+               "encode_image": self._encode_image, "denoise_branch": self._branch}
         outputs = []
         for task, task_inputs in zip(tasks, inputs, strict=True):
             if task.kind not in run:
@@ -201,10 +201,29 @@ class DiffusersBackend:
         return scheduler
 
     def _denoise(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        if task.params.get("split"):
+            # CFG split: the two branches' model outputs were computed by branch tasks
+            # (maybe on other actors); only guidance and the sampler update remain.
+            uncond, cond, *previous = inputs
+            step = self._prepare_step(task, previous)
+            return self._finish_step(task, step, torch.cat([uncond["noise"], cond["noise"]]))
         step = self._prepare_step(task, inputs)
         noise = self.component(step.model_input, step.t, encoder_hidden_states=step.embeds,
                                added_cond_kwargs=step.added, return_dict=False)[0]
         return self._finish_step(task, step, noise)
+
+    def _branch(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        """One CFG branch of a step: the model call on row `branch` (0 uncond, 1 cond) alone.
+
+        A batch-1 call does not round exactly as the pipeline's batch-2 call does; the
+        difference is measured in tests/test_diffusers.py.
+        """
+        b = task.params["branch"]
+        step = self._prepare_step(task, inputs)  # rows == 1: the scaled latents, once
+        added = None if step.added is None else {k: v[b: b + 1] for k, v in step.added.items()}
+        noise = self.component(step.model_input, step.t, encoder_hidden_states=step.embeds[b: b + 1],
+                               added_cond_kwargs=added, return_dict=False)[0]
+        return {"noise": noise}
 
     def _denoise_fused(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         """One UNet call for the whole batch (opt-in: `options.batching = "fused"`).
@@ -293,7 +312,7 @@ class DiffusersBackend:
             height, width = task.shape
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond["cond/embeds"].dtype)
             cond["cond/pooled"] = pooled[0]  # the pipeline keeps the first pooled (2-D) output it sees
-            cond["cond/time_ids"] = time_ids.repeat(task.rows, 1)
+            cond["cond/time_ids"] = time_ids.repeat(cond["cond/embeds"].shape[0], 1)  # one per CFG row
         return cond
 
     def _encode_image(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:

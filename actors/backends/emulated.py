@@ -20,7 +20,8 @@ from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
 
 DIGEST_BYTES = 16
-_PROFILE_MODE = {"encode": "default", "denoise": "default", "decode": "decode_latents"}
+_PROFILE_MODE = {"encode": "default", "denoise": "default", "denoise_branch": "default",
+                 "decode": "decode_latents", "encode_image": "prepare_image"}
 
 
 def _digest(*parts: bytes | str | int) -> bytes:
@@ -76,11 +77,13 @@ class EmulatedBackend:
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()
-        rows = sum(t.rows for t in tasks)
+        # A split step's combine task makes no model call (its branches did): no time.
+        rows = sum(t.rows for t in tasks if not t.params.get("split"))
         height, width = tasks[0].shape
         mode = _PROFILE_MODE[tasks[0].kind]
-        duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale
-        self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
+        duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale if rows else 0.0
+        if rows:
+            self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
         outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs, strict=True)]
         remaining = duration - (time.perf_counter() - started)
         if remaining > 0:
@@ -93,7 +96,13 @@ class EmulatedBackend:
         if task.kind == "encode":
             digest = _digest(m.name, task.params.get("prompt", ""), task.params.get("negative_prompt", ""))
             return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest)}
+        if task.kind == "denoise_branch":  # one CFG branch's model output
+            source = read_digest(next(iter(inputs[0].values())))  # the latent (or, at step 0, embeddings)
+            digest = _digest(source, task.params["step"], task.params["branch"])
+            return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest)}
         if task.kind == "denoise":
+            if task.params.get("split"):
+                inputs = inputs[2:]  # the branches' outputs; the latent chain is the same as unsplit
             latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
             if task.params.get("first", task.params["step"] == 0):
                 cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}
