@@ -31,6 +31,7 @@ import structlog
 import zmq
 
 from actors.backends import create_backend
+from actors.shm import PREFIX, ShmExporter, attach_bundle
 from actors.store import Bundle, TensorStore, bundle_nbytes, pack_bundle, unpack_bundle
 from broker import protocol as p
 from broker.protocol.errors import ErrorCode
@@ -55,6 +56,7 @@ class ActorConfig:
     heartbeat_interval_s: float = 1.0  # until the broker's WELCOME says otherwise
     heartbeat_misses: int = 5
     fetch_timeout_s: float = 10.0
+    shm: bool = True  # fetch from same-host peers through shared memory instead of sockets
     reconnect_max_s: float = 5.0
     options: dict = field(default_factory=dict)  # backend settings, e.g. time_scale
     log_format: str = "console"
@@ -83,6 +85,7 @@ class ActorRuntime:
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.store = TensorStore()
+        self.exporter = ShmExporter()  # segments this actor serves to same-host peers
         self.stopping = threading.Event()
         self.telemetry = p.ActorTelemetry()
         # Session state, written by the compute thread, read by the heartbeat thread.
@@ -127,6 +130,7 @@ class ActorRuntime:
             for thread in self._threads:
                 thread.join(timeout=2.0)
             self._data_sock.close(linger=0)
+            self.exporter.close()
             if self._own_context:
                 self.context.term()
             log.info("actor_stopped", actor_id=self.actor_id)
@@ -142,6 +146,7 @@ class ActorRuntime:
             old.close(linger=0)
         self.epoch += 1
         self.store.clear(self.epoch)
+        self.exporter.close()
         self.session_lost = None
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -192,6 +197,7 @@ class ActorRuntime:
                     self._run_batch(self.epoch, msg, payload, work, peers)
             elif isinstance(msg, p.Free):
                 self.store.free(msg.tensor_ids)
+                self.exporter.release(msg.tensor_ids)
             elif isinstance(msg, p.Welcome):
                 self.heartbeat_interval_s, self.heartbeat_misses = msg.heartbeat_interval_s, msg.heartbeat_misses
                 self.welcomed_epoch, backoff = self.epoch, 0.5
@@ -278,12 +284,22 @@ class ActorRuntime:
         return runnable, resolved, missing
 
     def _fetch(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict) -> Bundle:
+        if self.config.shm and ref.host == self.host:
+            try:
+                return self._fetch_from(ref, task, peers, shm=True)
+            except (InputUnavailable, OSError, ValueError) as exc:
+                # The segment could not be made or mapped: the bytes can still come by socket.
+                self.telemetry.fetch_fallbacks += 1
+                log.warning("shm_fetch_fell_back", actor_id=self.actor_id, tensor_id=ref.tensor_id, error=str(exc))
+        return self._fetch_from(ref, task, peers, shm=False)
+
+    def _fetch_from(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict, shm: bool) -> Bundle:
         sock = peers.get(ref.address)
         if sock is None:
             sock = peers[ref.address] = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(ref.address)
-        sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, task.request_id))])
+        sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, task.request_id, shm))])
         if not sock.poll(self.config.fetch_timeout_s * 1000):
             # A late reply would confuse the next fetch on this socket: start afresh.
             peers.pop(ref.address).close(linger=0)
@@ -295,7 +311,14 @@ class ActorRuntime:
                 raise InputUnavailable(f"{ref.holder}: {msg.code}: {msg.message}")
             if not isinstance(msg, p.FetchReply) or msg.tensor_id != ref.tensor_id:
                 raise InputUnavailable(f"{ref.holder} answered a fetch of {ref.tensor_id} with {msg.COMMAND.name}")
-            bundle = unpack_bundle(msg.tensors, payload, as_torch=self.backend.tensor_kind == "torch")
+            as_torch = self.backend.tensor_kind == "torch"
+            if shm and msg.tensors and all(d.where == "shm" for d in msg.tensors):
+                if not all(d.handle.startswith(PREFIX) for d in msg.tensors):
+                    raise InputUnavailable(f"{ref.holder} named a shared-memory segment that is not ours")
+                bundle = attach_bundle(msg.tensors, as_torch)
+                self.telemetry.shm_fetches += 1
+            else:
+                bundle = unpack_bundle(msg.tensors, payload, as_torch=as_torch)
         except p.ProtocolError as err:  # a garbled reply is as good as none: recompute
             raise InputUnavailable(f"{ref.holder} sent a bad fetch reply: {err}") from None
         self.telemetry.fetches += 1
@@ -325,6 +348,13 @@ class ActorRuntime:
                 reply = p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} is not held here", "tensor_id", msg.request_id)
                 sock.send_multipart([identity, b"", *p.encode(reply)])
                 continue
+            if msg.shm:
+                try:
+                    descs = self.exporter.export(msg.tensor_id, bundle)
+                    sock.send_multipart([identity, b"", *p.encode(p.FetchReply(msg.tensor_id, descs))])
+                    continue
+                except OSError as exc:  # e.g. /dev/shm full: answer with frames instead
+                    log.warning("shm_export_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id, error=str(exc))
             descs, buffers = pack_bundle(bundle)
             sock.send_multipart([identity, b"", *p.encode(p.FetchReply(msg.tensor_id, descs), buffers)], copy=False)
 
@@ -354,6 +384,7 @@ class ActorRuntime:
                     last_beat = now
                     count, nbytes = self.store.stats()
                     self.telemetry.stored_tensors, self.telemetry.stored_bytes = count, nbytes
+                    self.telemetry.shm_segments = self.exporter.count()
                     ping = p.Heartbeat(time.time(), self.telemetry, self.actor_id, self.session_id)
                     sock.send_multipart([b"", *p.encode(ping)])
                 if sock.poll(min(interval, 0.1) * 1000):

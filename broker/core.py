@@ -406,7 +406,8 @@ class BrokerCore:
             inputs = []
             for producer in node.inputs:
                 holder = self.actors.get(producer.actor_id)
-                inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "", producer.nbytes))
+                inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "",
+                                          producer.nbytes, holder.host if holder else ""))
             client_tensors = []
             if node.kind == "encode_image":  # the client's image rides along, unread
                 for desc in node.request.tensors:

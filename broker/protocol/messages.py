@@ -87,6 +87,7 @@ class TensorDesc(Struct):
     # channels-last tensor): kept so the receiver computes with the same layout,
     # since CPU kernels round differently for different layouts. None: row-major.
     strides: list | None = None
+    handle: str = ""  # where == "shm": the shared-memory segment holding the bytes
 
 
 @struct
@@ -97,6 +98,7 @@ class TensorRef(Struct):
     holder: str
     address: str
     nbytes: int = 0
+    host: str = ""  # the holder's host: a peer on the same host may fetch by shared memory
 
 
 @struct
@@ -170,6 +172,9 @@ class ActorTelemetry(Struct):
     busy_s: float = 0.0
     fetches: int = 0
     fetched_bytes: int = 0
+    shm_fetches: int = 0  # of `fetches`, those answered through shared memory
+    fetch_fallbacks: int = 0  # shared-memory fetches that failed and went by frames instead
+    shm_segments: int = 0  # segments this actor holds for its peers now
     stored_tensors: int = 0
     stored_bytes: int = 0
     memory_used_bytes: int = 0
@@ -359,6 +364,7 @@ class Fetch(Message):
     COMMAND: ClassVar[Command] = Command.FETCH
     tensor_id: str
     request_id: str = ""
+    shm: bool = False  # same host: answer with shared-memory segments instead of frames
 
 
 @struct
