@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 class ProfileError(ValueError):
-    pass
+    """A profile is missing or malformed."""
 
 
 @dataclass(frozen=True)

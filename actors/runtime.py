@@ -64,7 +64,7 @@ class ActorConfig:
 
 
 class InputUnavailable(Exception):
-    pass
+    """An input bundle could not be had (its holder freed it, died or sent garbage)."""
 
 
 class ActorRuntime:

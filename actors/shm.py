@@ -11,6 +11,7 @@ tracker only: if the producer dies, its tracker unlinks them.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from multiprocessing import resource_tracker, shared_memory
@@ -67,10 +68,8 @@ class ShmExporter:
 def _destroy(segments: list[shared_memory.SharedMemory]) -> None:
     for segment in segments:
         segment.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already unlinked: nothing left to free
             segment.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def attach_bundle(descs: list[TensorDesc], as_torch: bool) -> Bundle:

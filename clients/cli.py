@@ -134,8 +134,8 @@ def cmd_up(args) -> int:
                   f"{result.latency_s:.2f}s through the micro-served cluster)")
             return 0
         print("Ctrl-C stops everything this command started.", file=sys.stderr)
-        while not stop.wait(0.5):
-            pass
+        while not stop.is_set():  # short waits, so Ctrl-C is handled promptly
+            stop.wait(0.5)
         return 0
     except KeyboardInterrupt:
         return 0

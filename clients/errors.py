@@ -25,7 +25,7 @@ class RequestFailed(LegoError):
 
 
 class Cancelled(RequestFailed):
-    pass
+    """The request was cancelled (by this client's `cancel()`)."""
 
 
 class Timeout(LegoError, TimeoutError):
