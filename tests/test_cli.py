@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -182,10 +183,8 @@ def _descendants(pid: int) -> dict[int, float]:
         return {}
     found = {}
     for child in children:
-        try:
+        with contextlib.suppress(psutil.Error):  # it exited meanwhile
             found[child.pid] = child.create_time()
-        except psutil.Error:
-            pass
     return found
 
 
@@ -200,12 +199,10 @@ def _still_running(pid: int, create_time: float) -> bool:
 def _mentions(run_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
+        with contextlib.suppress(psutil.Error):  # it exited meanwhile
             cmdline = " ".join(proc.info["cmdline"] or [])
             if str(run_dir) in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
-        except psutil.Error:
-            pass
     return found
 
 
@@ -226,10 +223,8 @@ class UpRun:
         self.seen.update(_descendants(self.proc.pid))
         pids = self.run_dir / "pids"
         for pidfile in pids.glob("*.pid") if pids.is_dir() else ():
-            try:
+            with contextlib.suppress(OSError, ValueError):  # removed or half-written meanwhile
                 self.recorded.add(int(pidfile.read_text().strip()))
-            except (OSError, ValueError):
-                pass
 
     @property
     def stdout(self) -> str:
@@ -258,10 +253,8 @@ class UpRun:
             self.proc.wait()
         for pid, created in self.seen.items():
             if _still_running(pid, created):
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
     def assert_nothing_left(self) -> None:
         # broker, agent and the four actors were all started and seen
