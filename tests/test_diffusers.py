@@ -128,11 +128,14 @@ def source_image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
 
 
-def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type: str):
+IMG2IMG = {"sd15": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline"}
+
+
+def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type: str, family: str = "sd15"):
     from PIL import Image
 
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(root / "sd15", safety_checker=None,
-                                                                     requires_safety_checker=False)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    pipe = getattr(diffusers, IMG2IMG[family]).from_pretrained(root / family, **extra)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, image=Image.fromarray(source_image()), negative_prompt=NEGATIVE, strength=strength,
@@ -141,11 +144,12 @@ def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type
     return out if output_type == "latent" else (out[0] * 255).round().astype("uint8")
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
 @pytest.mark.parametrize("strength", [0.5, 0.75, 1.0])
-def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, strength):
+def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, strength, family):
     root, _, catalog = tiny
-    workflow = catalog.workflow("tiny-sd15-img2img")
+    workflow = catalog.workflow(f"tiny-{family}-img2img")
     backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
     for backend in backends.values():
         backend.load()
@@ -159,9 +163,10 @@ def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, streng
         (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
     runs = sum(1 for key in outputs if key.startswith("denoise/"))
     assert runs == int(4 * strength)
-    latents = img2img_pipeline(root, sampler, seed=4, strength=strength, output_type="latent")
+    latents = img2img_pipeline(root, sampler, seed=4, strength=strength, output_type="latent", family=family)
     assert torch.equal(outputs[f"denoise/{runs - 1}"]["latents"], latents), "latents differ from the pipeline's"
-    assert np.array_equal(outputs["decode"]["image"].numpy(), img2img_pipeline(root, sampler, 4, strength, "np"))
+    image = img2img_pipeline(root, sampler, 4, strength, "np", family=family)
+    assert np.array_equal(outputs["decode"]["image"].numpy(), image)
 
 
 @pytest.mark.cluster

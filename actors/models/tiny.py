@@ -179,7 +179,7 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
     if size == "tiny":
         text += _family_catalog("tiny-sdxl", "sdxl", root / "sdxl",
                                 {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, build_sdxl(root / "sdxl"),
-                                [("txt2img", True, False), ("txt2img-nocfg", False, False)])
+                                [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
     catalog = root / "catalog.toml"
     catalog.write_text(text)
     return catalog
