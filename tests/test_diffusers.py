@@ -43,16 +43,22 @@ def tiny(tmp_path_factory):
     return root, catalog_path, load_catalog([catalog_path])
 
 
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+EXTRA = {  # components a family's tiny build leaves out
+    "sd15": {"safety_checker": None, "requires_safety_checker": False},
+    "sdxl": {},
+    "sd3": {"text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None},
+}
+SIZE = {"sd15": 64, "sdxl": 64, "sd3": 32}
 
 
 def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np", family: str = "sd15"):
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
-    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(root / family, **extra)
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(root / family, **EXTRA[family])
+    if sampler != "default":
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, negative_prompt=NEGATIVE if cfg else None, num_inference_steps=steps,
-               guidance_scale=7.5 if cfg else 1.0, height=64, width=64,
+               guidance_scale=7.5 if cfg else 1.0, height=SIZE[family], width=SIZE[family],
                generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
     if output_type == "latent":
         return out
@@ -70,8 +76,10 @@ def workflow_name(cfg: bool, family: str = "sd15") -> str:
     return f"tiny-{family}-txt2img" if cfg else f"tiny-{family}-txt2img-nocfg"
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+FAMILY_SAMPLERS = [(f, s) for f in ("sd15", "sdxl") for s in sorted(SCHEDULERS)] + [("sd3", "default")]
+
+
+@pytest.mark.parametrize(("family", "sampler"), FAMILY_SAMPLERS)
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
 def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg, family):
     root, _, catalog = tiny
@@ -94,18 +102,18 @@ def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg, family):
 def test_micro_served_cluster_equals_the_pipeline_with_forced_migration(tiny, tmp_path):
     root, catalog_path, _ = tiny
     spec = LocalClusterSpec(
-        workflows=[workflow_name(True), workflow_name(False), workflow_name(True, "sdxl")],
-        replicas={"tiny-sd15-unet": 2, "tiny-sdxl-unet": 2}, backend="diffusers",
+        workflows=[workflow_name(True), workflow_name(False), workflow_name(True, "sdxl"), workflow_name(True, "sd3")],
+        replicas={"tiny-sd15-unet": 2, "tiny-sdxl-unet": 2, "tiny-sd3-unet": 2}, backend="diffusers",
         catalog=[str(catalog_path)], affinity="avoid", run_dir=str(tmp_path / "run"), log_level="warning",
     )
     cases = [(cfg, sampler, seed, "sd15") for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
-    cases += [(True, "euler_a", 5, "sdxl"), (True, "dpmpp_2m", 6, "sdxl")]
+    cases += [(True, "euler_a", 5, "sdxl"), (True, "dpmpp_2m", 6, "sdxl"), (True, "default", 7, "sd3")]
     with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
         jobs = [client.submit(workflow_name(cfg, family), progress=False, **request_params(cfg, sampler, seed))
                 for cfg, sampler, seed, family in cases]
         results = [job.result(timeout=240) for job in jobs]
         stats = client.stats()
-    for model in ("tiny-sd15-unet", "tiny-sdxl-unet"):
+    for model in ("tiny-sd15-unet", "tiny-sdxl-unet", "tiny-sd3-unet"):
         unet_actors = [a for a in stats.actors if a.model == model]
         assert len(unet_actors) == 2 and all(a.tasks > 0 for a in unet_actors)
         fetched = sum(a.telemetry.fetches for a in unet_actors if a.telemetry)

@@ -39,7 +39,8 @@ from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
 
-SDXL = "sdxl"
+SDXL, SD3 = "sdxl", "sd3"
+T5_SEQUENCE = 256  # StableDiffusion3Pipeline's max_sequence_length: T5 rows in the joint sequence
 SAMPLERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
@@ -139,6 +140,14 @@ class DiffusersBackend:
             (architecture,) = AutoConfig.from_pretrained(source, subfolder=sub).architectures
             cls = getattr(transformers, architecture)
             self.component = cls.from_pretrained(source, subfolder=sub, torch_dtype=self.dtype)
+        elif kind == "denoiser" and self.model.family == SD3:
+            from diffusers import SD3Transformer2DModel
+
+            self.component = SD3Transformer2DModel.from_pretrained(source, subfolder=sub or "transformer",
+                                                                   torch_dtype=self.dtype)
+            from diffusers import DDIMScheduler
+
+            self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
         elif kind == "denoiser":
             self.component = UNet2DConditionModel.from_pretrained(source, subfolder=sub or "unet", torch_dtype=self.dtype)
             from diffusers import DDIMScheduler
@@ -174,9 +183,9 @@ class DiffusersBackend:
         tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)
-        if self.model.family == SDXL:
+        if self.model.family in (SDXL, SD3):
             out = self.component(ids, output_hidden_states=True)
-            embeds = {"embeds": out.hidden_states[-2]}  # SDXL conditions on the penultimate layer
+            embeds = {"embeds": out.hidden_states[-2]}  # SDXL and SD3 condition on the penultimate layer
             if out[0].ndim == 2:  # a projection encoder: its pooled output conditions too
                 embeds["pooled"] = out[0]
             return {k: v.to(dtype=self.dtype, device=self.device) for k, v in embeds.items()}
@@ -208,9 +217,16 @@ class DiffusersBackend:
             step = self._prepare_step(task, previous)
             return self._finish_step(task, step, torch.cat([uncond["noise"], cond["noise"]]))
         step = self._prepare_step(task, inputs)
-        noise = self.component(step.model_input, step.t, encoder_hidden_states=step.embeds,
-                               added_cond_kwargs=step.added, return_dict=False)[0]
+        noise = self._model(step.model_input, step.t, step.embeds, step.added)
         return self._finish_step(task, step, noise)
+
+    def _model(self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None) -> torch.Tensor:
+        """The base model's forward, as the family's pipeline calls it."""
+        if self.model.family == SD3:  # a DiT: per-row timesteps, pooled projections
+            timestep = t.expand(model_input.shape[0]) if t.dim() == 0 else t
+            return self.component(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
+                                  pooled_projections=added["pooled_projections"], return_dict=False)[0]
+        return self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
 
     def _branch(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """One CFG branch of a step: the model call on row `branch` (0 uncond, 1 cond) alone.
@@ -221,8 +237,7 @@ class DiffusersBackend:
         b = task.params["branch"]
         step = self._prepare_step(task, inputs)  # rows == 1: the scaled latents, once
         added = None if step.added is None else {k: v[b: b + 1] for k, v in step.added.items()}
-        noise = self.component(step.model_input, step.t, encoder_hidden_states=step.embeds[b: b + 1],
-                               added_cond_kwargs=added, return_dict=False)[0]
+        noise = self._model(step.model_input, step.t, step.embeds[b: b + 1], added)
         return {"noise": noise}
 
     def _denoise_fused(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
@@ -239,8 +254,7 @@ class DiffusersBackend:
         added = None
         if steps[0].added is not None:
             added = {k: torch.cat([s.added[k] for s in steps]) for k in steps[0].added}
-        noise = self.component(model_input, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added,
-                               return_dict=False)[0]
+        noise = self._model(model_input, timesteps, embeds, added)
         outputs, row = [], 0
         for task, step in zip(tasks, steps, strict=True):
             rows = step.model_input.shape[0]
@@ -268,7 +282,8 @@ class DiffusersBackend:
                 scale = self.model.vae_scale
                 shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
                 latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
-                latents = latents * scheduler.init_noise_sigma
+                if hasattr(scheduler, "init_noise_sigma"):  # flow matching starts from unit noise as is
+                    latents = latents * scheduler.init_noise_sigma
             else:  # img2img: the encoded image, noised to the first timestep run
                 generator.set_state(image["state/generator"].contiguous())
                 init = image["init_latents"].to(self.device, dtype)
@@ -282,12 +297,15 @@ class DiffusersBackend:
             generator.set_state(previous["state/generator"].contiguous())
             _restore_multistep(scheduler, previous)
         added = None
-        if "cond/pooled" in cond:
+        if self.model.family == SD3:
+            added = {"pooled_projections": cond["cond/pooled"].to(self.device)}
+        elif "cond/pooled" in cond:
             added = {"text_embeds": cond["cond/pooled"].to(self.device), "time_ids": cond["cond/time_ids"].to(self.device)}
         latents = latents.to(self.device)
         t = scheduler.timesteps[params["step"]]
         model_input = torch.cat([latents] * 2) if task.rows == 2 else latents
-        model_input = scheduler.scale_model_input(model_input, t)
+        if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
+            model_input = scheduler.scale_model_input(model_input, t)
         return _Step(scheduler, generator, cond, latents, t, model_input, cond["cond/embeds"].to(self.device), added)
 
     def _finish_step(self, task: TaskSpec, step: _Step, noise: torch.Tensor) -> Bundle:
@@ -305,6 +323,14 @@ class DiffusersBackend:
         """What every step conditions on, built once at step 0 and carried with the latent."""
         cond = {"cond/embeds": torch.cat([b["embeds"] for b in inputs], dim=-1)}
         pooled = [b["pooled"] for b in inputs if "pooled" in b]
+        if self.model.family == SD3:
+            # CLIP hidden states padded (or cut) to the joint width, then the T5 rows: zeros,
+            # as StableDiffusion3Pipeline has them without a T5 encoder.
+            clip = cond["cond/embeds"]
+            joint = self.component.config.joint_attention_dim
+            t5 = torch.zeros((clip.shape[0], T5_SEQUENCE, joint), dtype=clip.dtype, device=clip.device)
+            clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
+            return {"cond/embeds": torch.cat([clip, t5], dim=-2), "cond/pooled": torch.cat(pooled, dim=-1)}
         if self.model.family == SDXL:
             if not pooled:
                 raise ValueError(f"{task.node}: SDXL needs pooled embeddings from a projection text encoder")
@@ -332,8 +358,10 @@ class DiffusersBackend:
         import numpy as np
 
         (previous,) = inputs
-        latents = previous["latents"].to(self.device, self.dtype)
-        image = self.component.decode(latents / self.component.config.scaling_factor, return_dict=False)[0]
+        latents = previous["latents"].to(self.device, self.dtype) / self.component.config.scaling_factor
+        if self.model.family == SD3:
+            latents = latents + self.component.config.shift_factor
+        image = self.component.decode(latents, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
         pixels = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
         as_uint8 = (pixels * 255).round().astype("uint8")  # the pipeline's numpy_to_pil

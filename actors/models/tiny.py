@@ -164,10 +164,45 @@ def build_sdxl(folder: Path, seed: int = 0) -> dict:
     return {"image": 64, "steps": 4, "vae_scale": 2}
 
 
+def build_sd3(folder: Path, seed: int = 0) -> dict:
+    """An SD3-shaped pipeline folder: two CLIP encoders with projections, an MMDiT, a
+    flow-matching scheduler, no T5 (the pipeline then conditions on zeros in its place)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    vocab_size = write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
+    hidden = 32
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=2 * hidden)
+    config = CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                            hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                            vocab_size=vocab_size, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu")
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(config), tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder)
+    return {"image": 32, "steps": 4, "vae_scale": 1, "denoiser": "transformer", "samplers": ["default"]}
+
+
 def build_all(root: str | Path, size: str = "tiny") -> Path:
     """Build every family under `root` and write `root/catalog.toml`; returns its path.
 
-    SD 1.5 at the given size; SDXL (tests only) always at the tiny size.
+    SD 1.5 at the given size; SDXL and SD3 (tests only) always at the tiny size.
     """
     if size not in SIZES:
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
@@ -180,6 +215,8 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
         text += _family_catalog("tiny-sdxl", "sdxl", root / "sdxl",
                                 {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, build_sdxl(root / "sdxl"),
                                 [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
+        text += _family_catalog("tiny-sd3", "sd3", root / "sd3", {"clip-l": "text_encoder", "clip-g": "text_encoder_2"},
+                                build_sd3(root / "sd3"), [("txt2img", True, False), ("txt2img-nocfg", False, False)])
     catalog = root / "catalog.toml"
     catalog.write_text(text)
     return catalog
@@ -193,7 +230,8 @@ def _family_catalog(prefix: str, family: str, folder: Path, encoders: dict[str, 
                 f'subfolder = "{subfolder}"\ndtype = "float32"\n{extra}')
 
     text = "".join(model(name, "text_encoder", sub) for name, sub in encoders.items())
-    text += model("unet", "denoiser", "unet", f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
+    denoiser = info.get("denoiser", "unet")
+    text += model("unet", "denoiser", denoiser, f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
     text += model("vae", "vae", "vae")
     multiple = 2 * info["vae_scale"]  # what the workflow's size inputs must be a multiple of
     names = ", ".join(f'"{prefix}-{name}"' for name in encoders)
@@ -206,4 +244,6 @@ def _family_catalog(prefix: str, family: str, folder: Path, encoders: dict[str, 
                  f'inputs.steps = {{ default = {info["steps"]} }}\n'
                  f'inputs.width = {{ default = {info["image"]}, min = {multiple} }}\n'
                  f'inputs.height = {{ default = {info["image"]}, min = {multiple} }}\n')
+        if "samplers" in info:  # e.g. flow matching: the model's own scheduler only
+            text += f'inputs.sampler = {{ choices = {info["samplers"]!r}, default = "default" }}\n'.replace("'", '"')
     return text
