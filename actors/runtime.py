@@ -57,6 +57,7 @@ class ActorConfig:
     heartbeat_misses: int = 5
     fetch_timeout_s: float = 10.0
     shm: bool = True  # fetch from same-host peers through shared memory instead of sockets
+    shm_min_bytes: int = 1 << 20  # below this a segment costs more than sending the bytes
     reconnect_max_s: float = 5.0
     options: dict = field(default_factory=dict)  # backend settings, e.g. time_scale
     log_format: str = "console"
@@ -284,7 +285,7 @@ class ActorRuntime:
         return runnable, resolved, missing
 
     def _fetch(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict) -> Bundle:
-        if self.config.shm and ref.host == self.host:
+        if self.config.shm and ref.host == self.host and ref.nbytes >= self.config.shm_min_bytes:
             try:
                 return self._fetch_from(ref, task, peers, shm=True)
             except (InputUnavailable, OSError, ValueError) as exc:
