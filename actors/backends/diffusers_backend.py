@@ -140,18 +140,12 @@ class DiffusersBackend:
             (architecture,) = AutoConfig.from_pretrained(source, subfolder=sub).architectures
             cls = getattr(transformers, architecture)
             self.component = cls.from_pretrained(source, subfolder=sub, torch_dtype=self.dtype)
-        elif kind == "denoiser" and self.model.family == SD3:
-            from diffusers import SD3Transformer2DModel
-
-            self.component = SD3Transformer2DModel.from_pretrained(source, subfolder=sub or "transformer",
-                                                                   torch_dtype=self.dtype)
-            from diffusers import DDIMScheduler
-
-            self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
         elif kind == "denoiser":
-            self.component = UNet2DConditionModel.from_pretrained(source, subfolder=sub or "unet", torch_dtype=self.dtype)
-            from diffusers import DDIMScheduler
+            from diffusers import DDIMScheduler, SD3Transformer2DModel
 
+            cls, default = (SD3Transformer2DModel, "transformer") if self.model.family == SD3 else (UNet2DConditionModel, "unet")
+            self.component = cls.from_pretrained(source, subfolder=sub or default, torch_dtype=self.dtype)
+            # Any scheduler class reads the config file; the sampler picks the class per step.
             self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
         elif kind == "vae":
             self.component = AutoencoderKL.from_pretrained(source, subfolder=sub or "vae", torch_dtype=self.dtype)
