@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker import protocol as p
+from broker import telemetry
 from broker.protocol.errors import ErrorCode
 from broker.protocol.tensors import check_payload
 from broker.state import (
@@ -644,12 +645,7 @@ class BrokerCore:
         self._send(FRONTEND, identity, p.AdminReply(True, f"asked {agent.agent_id} for {msg.count} actor(s)", spawn_ids, msg.call_id))
 
     def _list_workflows(self, identity: bytes, msg, payload, now: float) -> None:
-        infos = []
-        for wf in self.catalog.workflows.values():
-            inputs = [p.InputInfo(i.name, i.type, i.required, i.default, i.min, i.max,
-                                  list(i.choices) if i.choices else None, i.description) for i in wf.inputs.values()]
-            infos.append(p.WorkflowInfo(wf.name, wf.description, wf.models, inputs, "image"))
-        self._send(FRONTEND, identity, p.Workflows(infos, msg.call_id))
+        self._send(FRONTEND, identity, p.Workflows(telemetry.workflow_infos(self.catalog), msg.call_id))
 
     def _get_stats(self, identity: bytes, msg, payload, now: float) -> None:
         stats = self.snapshot(now)
@@ -657,20 +653,4 @@ class BrokerCore:
         self._send(FRONTEND, identity, stats)
 
     def snapshot(self, now: float) -> p.Stats:
-        models = sorted(set(self.queues) | {a.model for a in self.actors.values()} | set(self.model_batches))
-        model_stats = []
-        for model in models:
-            tasks, batches, mixed = self.model_batches.get(model, (0, 0, 0))
-            queue = self.queues.get(model)
-            model_stats.append(p.ModelStats(
-                model, queue.depth if queue else 0, sum(a.model == model for a in self.actors.values()),
-                tasks, batches, mixed, sorted(self.model_workflows.get(model, ()))))
-        actor_stats = [
-            p.ActorStats(a.actor_id, a.model, a.host, a.device, "busy" if a.in_flight else "idle", a.credits,
-                         sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
-                         a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend)
-            for a in self.actors.values()
-        ]
-        agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in self.agents.values()]
-        counters = dict(self.counters, requests_in_flight=len(self.requests))
-        return p.Stats(now, model_stats, actor_stats, agent_stats, counters, self.hop_latency.summary())
+        return telemetry.snapshot(self, now)
