@@ -43,13 +43,15 @@ def tiny(tmp_path_factory):
     return root, catalog_path, load_catalog([catalog_path])
 
 
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
 EXTRA = {  # components a family's tiny build leaves out
     "sd15": {"safety_checker": None, "requires_safety_checker": False},
     "sdxl": {},
     "sd3": {"text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None},
+    "flux": {},
 }
-SIZE = {"sd15": 64, "sdxl": 64, "sd3": 32}
+SIZE = {"sd15": 64, "sdxl": 64, "sd3": 32, "flux": 32}
 
 
 def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np", family: str = "sd15"):
@@ -57,8 +59,12 @@ def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, out
     if sampler != "default":
         pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if family == "flux":  # FluxPipeline's CFG is "true CFG" with its own scale
+        guidance = {"true_cfg_scale": 7.5} if cfg else {}
+    else:
+        guidance = {"guidance_scale": 7.5 if cfg else 1.0}
     out = pipe(PROMPT, negative_prompt=NEGATIVE if cfg else None, num_inference_steps=steps,
-               guidance_scale=7.5 if cfg else 1.0, height=SIZE[family], width=SIZE[family],
+               height=SIZE[family], width=SIZE[family], **guidance,
                generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
     if output_type == "latent":
         return out
@@ -76,7 +82,7 @@ def workflow_name(cfg: bool, family: str = "sd15") -> str:
     return f"tiny-{family}-txt2img" if cfg else f"tiny-{family}-txt2img-nocfg"
 
 
-FAMILY_SAMPLERS = [(f, s) for f in ("sd15", "sdxl") for s in sorted(SCHEDULERS)] + [("sd3", "default")]
+FAMILY_SAMPLERS = [(f, s) for f in ("sd15", "sdxl") for s in sorted(SCHEDULERS)] + [("sd3", "default"), ("flux", "default")]
 
 
 @pytest.mark.parametrize(("family", "sampler"), FAMILY_SAMPLERS)
@@ -245,8 +251,8 @@ def test_fused_batching_stays_within_a_measured_tolerance_of_single_calls(tiny, 
         DiffusersBackend(catalog.models[unet], "cpu", {"batching": "sometimes"})
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+@pytest.mark.parametrize(("family", "sampler"), [("sd15", "ddim"), ("sd15", "euler_a"), ("sdxl", "ddim"),
+                                                 ("sdxl", "euler_a"), ("flux", "default")])
 def test_split_cfg_branches_stay_within_a_measured_tolerance(tiny, family, sampler):
     root, _, catalog = tiny
     workflow = catalog.workflow(workflow_name(True, family))
@@ -262,6 +268,9 @@ def test_split_cfg_branches_stay_within_a_measured_tolerance(tiny, family, sampl
         (outputs[plan.key],) = backends[plan.model].run([task], [[outputs[k] for k in plan.inputs]])
     reference = pipeline_image(root, sampler, True, seed=3, output_type="latent", family=family)
     diff = (outputs["denoise/3"]["latents"] - reference).abs().max().item()
+    if family == "flux":  # FluxPipeline itself runs the two branches as two calls: exact
+        assert diff == 0
+        return
     # Two batch-1 model calls do not round as the pipeline's one batch-2 call does. Measured
     # 2026-11-27 on the 2-core dev VM (fp32, 1 thread): max abs 1.9e-5 to 3.6e-5 on latents of
     # scale 1 to 20 (relative <= 3.1e-5), final images within 1 intensity level.
@@ -274,13 +283,18 @@ def test_split_cfg_branches_stay_within_a_measured_tolerance(tiny, family, sampl
 @pytest.mark.timeout(300)
 def test_split_cfg_runs_the_two_branches_of_each_step_on_two_actors(tiny, tmp_path):
     root, catalog_path, _ = tiny
-    spec = LocalClusterSpec(workflows=["tiny-sd15-txt2img"], replicas={"tiny-sd15-unet": 2}, backend="diffusers",
+    spec = LocalClusterSpec(workflows=["tiny-sd15-txt2img", "tiny-flux-txt2img"],
+                            replicas={"tiny-sd15-unet": 2, "tiny-flux-unet": 2}, backend="diffusers",
                             catalog=[str(catalog_path)], cfg_split="always", run_dir=str(tmp_path / "run"),
                             log_level="warning")
     with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
+        flux = client.submit("tiny-flux-txt2img", progress=False, **request_params(True, "default", seed=8))
         job = client.submit("tiny-sd15-txt2img", **request_params(True, "ddim", seed=8))
         events = list(job.progress(timeout=120))
         result = job.result(timeout=120)
+        flux_image = flux.result(timeout=120).image
+    # Flux's pipeline runs its two CFG branches as two calls too: split on two actors is exact.
+    assert np.array_equal(flux_image, pipeline_image(root, "default", True, seed=8, family="flux"))
     branch_actors = {}
     for event in events:
         if event.kind == "denoise_branch":

@@ -39,7 +39,9 @@ from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
 
-SDXL, SD3 = "sdxl", "sd3"
+SDXL, SD3, FLUX = "sdxl", "sd3", "flux"
+ROW_KEYS = ("text_embeds", "time_ids", "pooled_projections")  # added conditioning with one row per CFG branch
+T5_FLUX_SEQUENCE = 512  # FluxPipeline's max_sequence_length
 T5_SEQUENCE = 256  # StableDiffusion3Pipeline's max_sequence_length: T5 rows in the joint sequence
 SAMPLERS = {
     "ddim": "DDIMScheduler",
@@ -135,15 +137,17 @@ class DiffusersBackend:
         kind = self.model.kind
         if kind == "text_encoder":
             sub = sub or "text_encoder"
-            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=_sibling(sub, "tokenizer"))
-            # CLIPTextModel or CLIPTextModelWithProjection (SDXL's second encoder), as saved
+            # CLIPTextModel, CLIPTextModelWithProjection (SDXL/SD3) or T5EncoderModel (Flux), as saved
             (architecture,) = AutoConfig.from_pretrained(source, subfolder=sub).architectures
+            tokenizer_cls = transformers.T5TokenizerFast if architecture.startswith("T5") else CLIPTokenizer
+            self.tokenizer = tokenizer_cls.from_pretrained(source, subfolder=_sibling(sub, "tokenizer"))
             cls = getattr(transformers, architecture)
             self.component = cls.from_pretrained(source, subfolder=sub, torch_dtype=self.dtype)
         elif kind == "denoiser":
-            from diffusers import DDIMScheduler, SD3Transformer2DModel
+            from diffusers import DDIMScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 
-            cls, default = (SD3Transformer2DModel, "transformer") if self.model.family == SD3 else (UNet2DConditionModel, "unet")
+            cls, default = {SD3: (SD3Transformer2DModel, "transformer"), FLUX: (FluxTransformer2DModel, "transformer")}.get(
+                self.model.family, (UNet2DConditionModel, "unet"))
             self.component = cls.from_pretrained(source, subfolder=sub or default, torch_dtype=self.dtype)
             # Any scheduler class reads the config file; the sampler picks the class per step.
             self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
@@ -162,7 +166,8 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
-        if self.batching == "fused" and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):
+        fusable = self.model.family != FLUX  # Flux's pipeline calls its model one row at a time
+        if self.batching == "fused" and fusable and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):
             return self._denoise_fused(tasks, inputs)
         run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode,
                "encode_image": self._encode_image, "denoise_branch": self._branch}
@@ -174,6 +179,14 @@ class DiffusersBackend:
         return outputs
 
     def _embed(self, text: str) -> dict[str, torch.Tensor]:
+        if self.model.family == FLUX:  # FluxPipeline: CLIP gives the pooled vector, T5 the sequence
+            t5 = self.component.config.model_type == "t5"
+            length = T5_FLUX_SEQUENCE if t5 else self.tokenizer.model_max_length
+            ids = self.tokenizer(text, padding="max_length", max_length=length, truncation=True, return_length=False,
+                                 return_overflowing_tokens=False, return_tensors="pt").input_ids.to(self.device)
+            out = self.component(ids, output_hidden_states=False)
+            value = out[0] if t5 else out.pooler_output
+            return {"embeds" if t5 else "pooled": value.to(dtype=self.dtype, device=self.device)}
         tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)
@@ -195,12 +208,22 @@ class DiffusersBackend:
             return {k: torch.cat([negative[k], positive[k]]) for k in positive}
         return positive
 
-    def _scheduler(self, sampler: str, steps: int):
+    def _scheduler(self, sampler: str, steps: int, image_seq_len: int | None = None):
         import diffusers
 
         name = SAMPLERS.get(sampler) or self.scheduler_config["_class_name"]
         scheduler = getattr(diffusers, name).from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
+        if image_seq_len is None:
+            scheduler.set_timesteps(steps, device=self.device)
+            return scheduler
+        # Flux: explicit sigmas, shifted by the image's token count (as FluxPipeline does)
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = scheduler.config
+        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device, mu=mu)
         return scheduler
 
     def _denoise(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
@@ -216,6 +239,16 @@ class DiffusersBackend:
 
     def _model(self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None) -> torch.Tensor:
         """The base model's forward, as the family's pipeline calls it."""
+        if self.model.family == FLUX:
+            # FluxPipeline runs true CFG as two batch-1 calls (positive, negative), so one
+            # call per row here gives the same bits; rows stay in [negative; positive] order.
+            timestep = t.expand(model_input.shape[0]).to(model_input.dtype) / 1000
+            rows = [self.component(hidden_states=model_input, timestep=timestep, guidance=None,
+                                   pooled_projections=added["pooled_projections"][r: r + 1],
+                                   encoder_hidden_states=embeds[r: r + 1], txt_ids=added["txt_ids"],
+                                   img_ids=added["img_ids"], joint_attention_kwargs={}, return_dict=False)[0]
+                    for r in range(embeds.shape[0])]
+            return torch.cat(rows)
         if self.model.family == SD3:  # a DiT: per-row timesteps, pooled projections
             timestep = t.expand(model_input.shape[0]) if t.dim() == 0 else t
             return self.component(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
@@ -230,7 +263,7 @@ class DiffusersBackend:
         """
         b = task.params["branch"]
         step = self._prepare_step(task, inputs)  # rows == 1: the scaled latents, once
-        added = None if step.added is None else {k: v[b: b + 1] for k, v in step.added.items()}
+        added = None if step.added is None else {k: v[b: b + 1] if k in ROW_KEYS else v for k, v in step.added.items()}
         noise = self._model(step.model_input, step.t, step.embeds[b: b + 1], added)
         return {"noise": noise}
 
@@ -261,7 +294,12 @@ class DiffusersBackend:
         from diffusers.utils.torch_utils import randn_tensor
 
         params = task.params
-        scheduler = self._scheduler(params.get("sampler", "default"), params["steps"])
+        height, width = task.shape
+        if self.model.family == FLUX:  # latents are 2x2-packed: (h/2) x (w/2) tokens
+            lat_h, lat_w = 2 * (height // (self.model.vae_scale * 2)), 2 * (width // (self.model.vae_scale * 2))
+            scheduler = self._scheduler(params.get("sampler", "default"), params["steps"], (lat_h // 2) * (lat_w // 2))
+        else:
+            scheduler = self._scheduler(params.get("sampler", "default"), params["steps"])
         if "begin_index" in params and hasattr(scheduler, "set_begin_index"):
             # img2img: the pipeline sets the schedule's start; a fresh scheduler at step k
             # must index timestep k, which `begin_index` = k gives it.
@@ -271,7 +309,14 @@ class DiffusersBackend:
             image = next((b for b in inputs if "init_latents" in b), None)
             cond = self._conditioning(task, [b for b in inputs if b is not image])
             dtype = cond["cond/embeds"].dtype
-            if image is None:  # txt2img: pure noise from the request's seed
+            if image is None and self.model.family == FLUX:  # noise, then packed as FluxPipeline does
+                from diffusers import FluxPipeline
+
+                generator.manual_seed(params["seed"])
+                channels = self.component.config.in_channels // 4
+                latents = randn_tensor((1, channels, lat_h, lat_w), generator=generator, device=self.device, dtype=dtype)
+                latents = FluxPipeline._pack_latents(latents, 1, channels, lat_h, lat_w)
+            elif image is None:  # txt2img: pure noise from the request's seed
                 generator.manual_seed(params["seed"])
                 scale = self.model.vae_scale
                 shape = (1, self.component.config.in_channels, task.shape[0] // scale, task.shape[1] // scale)
@@ -291,13 +336,21 @@ class DiffusersBackend:
             generator.set_state(previous["state/generator"].contiguous())
             _restore_multistep(scheduler, previous)
         added = None
-        if self.model.family == SD3:
+        if self.model.family == FLUX:
+            from diffusers import FluxPipeline
+
+            embeds_dtype = cond["cond/embeds"].dtype
+            added = {"pooled_projections": cond["cond/pooled"].to(self.device),
+                     "txt_ids": torch.zeros(cond["cond/embeds"].shape[1], 3, device=self.device, dtype=embeds_dtype),
+                     "img_ids": FluxPipeline._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2, self.device, embeds_dtype)}
+        elif self.model.family == SD3:
             added = {"pooled_projections": cond["cond/pooled"].to(self.device)}
         elif "cond/pooled" in cond:
             added = {"text_embeds": cond["cond/pooled"].to(self.device), "time_ids": cond["cond/time_ids"].to(self.device)}
         latents = latents.to(self.device)
         t = scheduler.timesteps[params["step"]]
-        model_input = torch.cat([latents] * 2) if task.rows == 2 else latents
+        # CFG: one batch-2 model call on [latents; latents], except Flux (one call per row)
+        model_input = torch.cat([latents] * 2) if task.rows == 2 and self.model.family != FLUX else latents
         if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
             model_input = scheduler.scale_model_input(model_input, t)
         return _Step(scheduler, generator, cond, latents, t, model_input, cond["cond/embeds"].to(self.device), added)
@@ -315,8 +368,11 @@ class DiffusersBackend:
 
     def _conditioning(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """What every step conditions on, built once at step 0 and carried with the latent."""
-        cond = {"cond/embeds": torch.cat([b["embeds"] for b in inputs], dim=-1)}
         pooled = [b["pooled"] for b in inputs if "pooled" in b]
+        if self.model.family == FLUX:  # the T5 sequence and CLIP's pooled vector, each from its encoder
+            (embeds,) = [b["embeds"] for b in inputs if "embeds" in b]
+            return {"cond/embeds": embeds, "cond/pooled": pooled[0]}
+        cond = {"cond/embeds": torch.cat([b["embeds"] for b in inputs], dim=-1)}
         if self.model.family == SD3:
             # CLIP hidden states padded (or cut) to the joint width, then the T5 rows: zeros,
             # as StableDiffusion3Pipeline has them without a T5 encoder.
@@ -352,8 +408,14 @@ class DiffusersBackend:
         import numpy as np
 
         (previous,) = inputs
-        latents = previous["latents"].to(self.device, self.dtype) / self.component.config.scaling_factor
-        if self.model.family == SD3:
+        latents = previous["latents"].to(self.device, self.dtype)
+        if self.model.family == FLUX:
+            from diffusers import FluxPipeline
+
+            scale = 2 ** (len(self.component.config.block_out_channels) - 1)  # the pipeline's vae_scale_factor
+            latents = FluxPipeline._unpack_latents(latents, task.shape[0], task.shape[1], scale)
+        latents = latents / self.component.config.scaling_factor
+        if self.model.family in (SD3, FLUX):
             latents = latents + self.component.config.shift_factor
         image = self.component.decode(latents, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize

@@ -199,6 +199,60 @@ def build_sd3(folder: Path, seed: int = 0) -> dict:
     return {"image": 32, "steps": 4, "vae_scale": 1, "denoiser": "transformer", "samplers": ["default"]}
 
 
+def write_t5_tokenizer(folder: Path) -> int:
+    """A T5 (unigram) tokenizer over printable ASCII, written offline; returns its size."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(chr(c), -2.0) for c in range(33, 127)]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return len(vocab)
+
+
+def build_flux(folder: Path, seed: int = 0) -> dict:
+    """A FLUX.1-schnell-shaped pipeline folder: CLIP (pooled) + T5 (sequence), a Flux
+    transformer on 2x2-packed latents, flow matching with the resolution shift."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    clip_vocab = write_clip_tokenizer(folder / "tokenizer")
+    t5_vocab = write_t5_tokenizer(folder / "tokenizer_2")
+    hidden = 32
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden,
+                                         pooled_projection_dim=hidden, axes_dims_rope=[4, 4, 8], guidance_embeds=False)
+    clip = CLIPTextModel(CLIPTextConfig(bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1,
+                                        pad_token_id=clip_vocab - 1, hidden_size=hidden, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, vocab_size=clip_vocab,
+                                        max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+                        transformer=transformer)
+    pipe.save_pretrained(folder)
+    return {"image": 32, "steps": 4, "vae_scale": 1, "denoiser": "transformer", "samplers": ["default"]}
+
+
 def build_all(root: str | Path, size: str = "tiny") -> Path:
     """Build every family under `root` and write `root/catalog.toml`; returns its path.
 
@@ -217,6 +271,8 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
                                 [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
         text += _family_catalog("tiny-sd3", "sd3", root / "sd3", {"clip-l": "text_encoder", "clip-g": "text_encoder_2"},
                                 build_sd3(root / "sd3"), [("txt2img", True, False), ("txt2img-nocfg", False, False)])
+        text += _family_catalog("tiny-flux", "flux", root / "flux", {"clip": "text_encoder", "t5": "text_encoder_2"},
+                                build_flux(root / "flux"), [("txt2img", True, False), ("txt2img-nocfg", False, False)])
     catalog = root / "catalog.toml"
     catalog.write_text(text)
     return catalog
