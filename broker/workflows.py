@@ -85,6 +85,7 @@ class WorkflowSpec:
     cfg: bool
     inputs: dict[str, InputSpec]
     img2img: bool = False  # takes an `image` tensor input and a `strength`
+    family: str = ""  # the denoiser's pipeline family, where its conventions differ
 
     @property
     def models(self) -> list[str]:
@@ -210,7 +211,8 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
                 _check_value(inputs[input_name], inputs[input_name].default)
             except ParamError as exc:
                 raise CatalogError(f"workflows.{name}.inputs.{input_name}.default", exc.message) from None
-    return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs, img2img)
+    return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs, img2img,
+                        models[raw["denoiser"]].family)
 
 
 def parse_catalog(doc: dict, base: Catalog | None = None) -> Catalog:
@@ -284,9 +286,16 @@ def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | N
         out["seed"] = (rng or random).randrange(0, 2**31)  # reported back so a result can be reproduced
     if "prompt" in out and not out["prompt"].strip():
         raise ParamError("prompt", "must not be empty")
-    if workflow.img2img and int(out["steps"] * out["strength"]) < 1:
+    if workflow.img2img and img2img_runs(workflow.family, out["steps"], out["strength"]) < 1:
         raise ParamError("strength", f"steps x strength must be >= 1 (got {out['steps']} x {out['strength']})")
     return out
+
+
+def img2img_runs(family: str, steps: int, strength: float) -> int:
+    """How many of `steps` an img2img request runs, as its family's pipeline counts them."""
+    if family in ("sd3", "flux"):  # get_timesteps keeps steps x strength as a float there
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return min(int(steps * strength), steps)
 
 
 def check_image(workflow: WorkflowSpec, params: dict, tensors: list) -> None:
@@ -318,7 +327,7 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
     shape = (params["height"], params["width"])
     rows = 2 if workflow.cfg else 1
     # img2img runs the last steps x strength steps of the schedule, from the noised image
-    runs = min(int(steps * params["strength"]), steps) if workflow.img2img else steps
+    runs = img2img_runs(workflow.family, steps, params["strength"]) if workflow.img2img else steps
     first_step = steps - runs
     nodes = []
     for enc in workflow.text_encoders:

@@ -328,7 +328,10 @@ class DiffusersBackend:
                 init = image["init_latents"].to(self.device, dtype)
                 noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
                 start = scheduler.timesteps[params["step"]: params["step"] + 1]
-                latents = scheduler.add_noise(init, noise, start)
+                if hasattr(scheduler, "scale_noise"):  # flow matching interpolates instead
+                    latents = scheduler.scale_noise(init, start, noise)
+                else:
+                    latents = scheduler.add_noise(init, noise, start)
         else:
             (previous,) = inputs
             cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
@@ -400,7 +403,11 @@ class DiffusersBackend:
         image = torch.from_numpy(pixels[None].transpose(0, 3, 1, 2))
         image = (2.0 * image - 1.0).to(self.device, self.dtype)  # normalize to [-1, 1]
         generator = torch.Generator(device="cpu").manual_seed(task.params["seed"])
-        latents = self.component.encode(image).latent_dist.sample(generator) * self.component.config.scaling_factor
+        latents = self.component.encode(image).latent_dist.sample(generator)
+        if self.model.family == SD3:  # shifted latents, as StableDiffusion3Img2ImgPipeline has them
+            latents = (latents - self.component.config.shift_factor) * self.component.config.scaling_factor
+        else:
+            latents = latents * self.component.config.scaling_factor
         # the pipeline's one generator goes on to draw the noise: its state travels on
         return {"init_latents": latents, "state/generator": generator.get_state()}
 
