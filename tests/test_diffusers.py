@@ -143,7 +143,7 @@ def source_image(seed: int = 0, size: int = 64) -> np.ndarray:
 
 
 IMG2IMG = {"sd15": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline",
-           "sd3": "StableDiffusion3Img2ImgPipeline"}
+           "sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipeline"}
 
 
 def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type: str, family: str = "sd15"):
@@ -154,13 +154,15 @@ def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type
         pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, image=Image.fromarray(source_image(size=SIZE[family])), negative_prompt=NEGATIVE, strength=strength,
-               num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(seed),
+               num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(seed),
+               height=SIZE[family], width=SIZE[family],  # FluxImg2ImgPipeline would default to 128
+               **({"true_cfg_scale": 7.5} if family == "flux" else {"guidance_scale": 7.5}),
                output_type=output_type).images
     return out if output_type == "latent" else (out[0] * 255).round().astype("uint8")
 
 
 @pytest.mark.parametrize(("family", "sampler"), [(f, s) for f in ("sd15", "sdxl") for s in sorted(SCHEDULERS)]
-                         + [("sd3", "default")])
+                         + [("sd3", "default"), ("flux", "default")])
 @pytest.mark.parametrize("strength", [0.5, 0.6, 1.0])
 def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, strength, family):
     root, _, catalog = tiny
@@ -177,7 +179,7 @@ def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, streng
         inputs = [outputs[k] for k in plan.inputs] or ([client_image] if plan.kind == "encode_image" else [])
         (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
     runs = sum(1 for key in outputs if key.startswith("denoise/"))
-    assert runs == (4 - int(4 - 4 * strength) if family == "sd3" else int(4 * strength))  # as each pipeline counts
+    assert runs == (4 - int(4 - 4 * strength) if family in ("sd3", "flux") else int(4 * strength))  # as each pipeline counts
     latents = img2img_pipeline(root, sampler, seed=4, strength=strength, output_type="latent", family=family)
     assert torch.equal(outputs[f"denoise/{runs - 1}"]["latents"], latents), "latents differ from the pipeline's"
     image = img2img_pipeline(root, sampler, 4, strength, "np", family=family)

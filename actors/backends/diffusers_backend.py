@@ -332,6 +332,10 @@ class DiffusersBackend:
                     latents = scheduler.scale_noise(init, start, noise)
                 else:
                     latents = scheduler.add_noise(init, noise, start)
+                if self.model.family == FLUX:
+                    from diffusers import FluxPipeline
+
+                    latents = FluxPipeline._pack_latents(latents, 1, latents.shape[1], lat_h, lat_w)
         else:
             (previous,) = inputs
             cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
@@ -404,7 +408,7 @@ class DiffusersBackend:
         image = (2.0 * image - 1.0).to(self.device, self.dtype)  # normalize to [-1, 1]
         generator = torch.Generator(device="cpu").manual_seed(task.params["seed"])
         latents = self.component.encode(image).latent_dist.sample(generator)
-        if self.model.family == SD3:  # shifted latents, as StableDiffusion3Img2ImgPipeline has them
+        if self.model.family in (SD3, FLUX):  # shifted latents, as those img2img pipelines have them
             latents = (latents - self.component.config.shift_factor) * self.component.config.scaling_factor
         else:
             latents = latents * self.component.config.scaling_factor

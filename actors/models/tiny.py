@@ -273,7 +273,8 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
                                 build_sd3(root / "sd3"),
                                 [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
         text += _family_catalog("tiny-flux", "flux", root / "flux", {"clip": "text_encoder", "t5": "text_encoder_2"},
-                                build_flux(root / "flux"), [("txt2img", True, False), ("txt2img-nocfg", False, False)])
+                                build_flux(root / "flux"),
+                                [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
     catalog = root / "catalog.toml"
     catalog.write_text(text)
     return catalog
