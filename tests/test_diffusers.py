@@ -307,3 +307,36 @@ def test_split_cfg_runs_the_two_branches_of_each_step_on_two_actors(tiny, tmp_pa
     assert [e.step for e in events if e.kind == "denoise"] == [1, 2, 3, 4]
     expected = pipeline_image(root, "ddim", True, seed=8)
     assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize(("family", "img2img"), [("sd15", False), ("sdxl", False), ("flux", False), ("sdxl", True)])
+def test_half_precision_actors_reproduce_the_pipeline_in_that_precision(tiny, family, img2img, dtype):
+    import dataclasses
+
+    root, _, catalog = tiny
+    workflow = catalog.workflow(f"tiny-{family}-{'img2img' if img2img else 'txt2img'}")
+    backends = {m: DiffusersBackend(dataclasses.replace(catalog.models[m], dtype=dtype), "cpu", {})
+                for m in workflow.models}
+    for backend in backends.values():
+        backend.load()
+    params = {**request_params(True, "default", seed=3), **({"strength": 0.6} if img2img else {})}
+    client_image = {"image": torch.from_numpy(source_image(size=SIZE[family]))}
+    outputs = {}
+    for plan in unroll(workflow, validate_params(workflow, params)):
+        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
+                          list(plan.shape), plan.params, [], plan.key)
+        inputs = [outputs[k] for k in plan.inputs] or ([client_image] if plan.kind == "encode_image" else [])
+        (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
+    pipelines = IMG2IMG if img2img else PIPELINES
+    pipe = getattr(diffusers, pipelines[family]).from_pretrained(root / family, torch_dtype=getattr(torch, dtype),
+                                                                 **EXTRA[family])
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"true_cfg_scale": 7.5} if family == "flux" else {"guidance_scale": 7.5}
+    if img2img:
+        from PIL import Image
+
+        kwargs.update(image=Image.fromarray(source_image(size=SIZE[family])), strength=0.6)
+    image = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, height=SIZE[family], width=SIZE[family],
+                 generator=torch.Generator("cpu").manual_seed(3), output_type="np", **kwargs).images[0]
+    assert np.array_equal(outputs["decode"]["image"].numpy(), (image * 255).round().astype("uint8"))

@@ -153,6 +153,9 @@ class DiffusersBackend:
             self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
         elif kind == "vae":
             self.component = AutoencoderKL.from_pretrained(source, subfolder=sub or "vae", torch_dtype=self.dtype)
+            if self.model.family == SDXL and self.dtype == torch.float16 and self.component.config.force_upcast:
+                # The SDXL pipelines run a half-precision VAE in float32 (`upcast_vae`): so do we.
+                self.component.to(torch.float32)
         else:
             raise ValueError(f"models.{self.model.name}.kind: {kind!r} has no diffusers loader")
         self.component.to(self.device).eval()
@@ -405,9 +408,19 @@ class DiffusersBackend:
         (client,) = inputs
         pixels = client["image"].numpy().astype(np.float32) / 255.0  # VaeImageProcessor.pil_to_numpy
         image = torch.from_numpy(pixels[None].transpose(0, 3, 1, 2))
-        image = (2.0 * image - 1.0).to(self.device, self.dtype)  # normalize to [-1, 1]
+        image = (2.0 * image - 1.0).to(self.device, self.dtype)  # normalize to [-1, 1], request precision
         generator = torch.Generator(device="cpu").manual_seed(task.params["seed"])
-        latents = self.component.encode(image).latent_dist.sample(generator)
+        # SDXL's img2img encodes with the VAE in float32 whatever the request's precision
+        upcast = self.model.family == SDXL and self.component.config.force_upcast
+        weights = self.component.dtype
+        if upcast:
+            self.component.to(torch.float32)
+            image = image.float()
+        try:
+            latents = self.component.encode(image).latent_dist.sample(generator)
+        finally:
+            self.component.to(weights)
+        latents = latents.to(self.dtype)  # back to the request's precision, before scaling (the pipelines' order)
         if self.model.family in (SD3, FLUX):  # shifted latents, as those img2img pipelines have them
             latents = (latents - self.component.config.shift_factor) * self.component.config.scaling_factor
         else:
@@ -419,7 +432,7 @@ class DiffusersBackend:
         import numpy as np
 
         (previous,) = inputs
-        latents = previous["latents"].to(self.device, self.dtype)
+        latents = previous["latents"].to(self.device, self.component.dtype)
         if self.model.family == FLUX:
             from diffusers import FluxPipeline
 
