@@ -31,7 +31,6 @@ class AsyncJob:
     def __init__(self, core: ClientCore, request_id: str, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self._core = core
-        self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._answered = loop.create_future()
         self._done = loop.create_future()

@@ -85,19 +85,32 @@ def workflow_name(cfg: bool, family: str = "sd15") -> str:
 FAMILY_SAMPLERS = [(f, s) for f in ("sd15", "sdxl") for s in sorted(SCHEDULERS)] + [("sd3", "default"), ("flux", "default")]
 
 
+def run_in_process(catalog, workflow, params: dict, *, cfg_split: bool = False, image=None, dtype: str = "") -> dict:
+    """Load the workflow's actors' backends here and run its DAG node by node: {node: output bundle}."""
+    import dataclasses
+
+    def spec(model):
+        return dataclasses.replace(catalog.models[model], dtype=dtype) if dtype else catalog.models[model]
+
+    backends = {m: DiffusersBackend(spec(m), "cpu", {}) for m in workflow.models}
+    for backend in backends.values():
+        backend.load()
+    client = [{"image": torch.from_numpy(image)}] if image is not None else []
+    outputs = {}
+    for plan in unroll(workflow, validate_params(workflow, params), cfg_split=cfg_split):
+        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
+                          list(plan.shape), plan.params, [], plan.key)
+        inputs = [outputs[k] for k in plan.inputs] or (client if plan.kind == "encode_image" else [])
+        (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
+    return outputs
+
+
 @pytest.mark.parametrize(("family", "sampler"), FAMILY_SAMPLERS)
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
 def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg, family):
     root, _, catalog = tiny
     workflow = catalog.workflow(workflow_name(cfg, family))
-    backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
-    for backend in backends.values():
-        backend.load()
-    outputs = {}
-    for plan in unroll(workflow, validate_params(workflow, request_params(cfg, sampler, seed=3))):
-        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
-                          list(plan.shape), plan.params, [], plan.key)
-        (outputs[plan.key],) = backends[plan.model].run([task], [[outputs[k] for k in plan.inputs]])
+    outputs = run_in_process(catalog, workflow, request_params(cfg, sampler, seed=3))
     latents = pipeline_image(root, sampler, cfg, seed=3, output_type="latent", family=family)
     assert torch.equal(outputs["denoise/3"]["latents"], latents), "latents differ from the pipeline's"
     assert np.array_equal(outputs["decode"]["image"].numpy(), pipeline_image(root, sampler, cfg, seed=3, family=family))
@@ -167,17 +180,8 @@ def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type
 def test_img2img_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, strength, family):
     root, _, catalog = tiny
     workflow = catalog.workflow(f"tiny-{family}-img2img")
-    backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
-    for backend in backends.values():
-        backend.load()
-    params = validate_params(workflow, {**request_params(True, sampler, seed=4), "strength": strength})
-    client_image = {"image": torch.from_numpy(source_image(size=SIZE[family]))}
-    outputs = {}
-    for plan in unroll(workflow, params):
-        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
-                          list(plan.shape), plan.params, [], plan.key)
-        inputs = [outputs[k] for k in plan.inputs] or ([client_image] if plan.kind == "encode_image" else [])
-        (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
+    params = {**request_params(True, sampler, seed=4), "strength": strength}
+    outputs = run_in_process(catalog, workflow, params, image=source_image(size=SIZE[family]))
     runs = sum(1 for key in outputs if key.startswith("denoise/"))
     assert runs == (4 - int(4 - 4 * strength) if family in ("sd3", "flux") else int(4 * strength))  # as each pipeline counts
     latents = img2img_pipeline(root, sampler, seed=4, strength=strength, output_type="latent", family=family)
@@ -259,16 +263,8 @@ def test_fused_batching_stays_within_a_measured_tolerance_of_single_calls(tiny, 
 def test_split_cfg_branches_stay_within_a_measured_tolerance(tiny, family, sampler):
     root, _, catalog = tiny
     workflow = catalog.workflow(workflow_name(True, family))
-    backends = {m: DiffusersBackend(catalog.models[m], "cpu", {}) for m in workflow.models}
-    for backend in backends.values():
-        backend.load()
-    outputs = {}
-    plans = unroll(workflow, validate_params(workflow, request_params(True, sampler, seed=3)), cfg_split=True)
-    assert sum(1 for plan in plans if plan.kind == "denoise_branch") == 2 * 4
-    for plan in plans:
-        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
-                          list(plan.shape), plan.params, [], plan.key)
-        (outputs[plan.key],) = backends[plan.model].run([task], [[outputs[k] for k in plan.inputs]])
+    outputs = run_in_process(catalog, workflow, request_params(True, sampler, seed=3), cfg_split=True)
+    assert sum(1 for key in outputs if key.startswith("branch/")) == 2 * 4
     reference = pipeline_image(root, sampler, True, seed=3, output_type="latent", family=family)
     diff = (outputs["denoise/3"]["latents"] - reference).abs().max().item()
     if family == "flux":  # FluxPipeline itself runs the two branches as two calls: exact
@@ -312,22 +308,10 @@ def test_split_cfg_runs_the_two_branches_of_each_step_on_two_actors(tiny, tmp_pa
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize(("family", "img2img"), [("sd15", False), ("sdxl", False), ("flux", False), ("sdxl", True)])
 def test_half_precision_actors_reproduce_the_pipeline_in_that_precision(tiny, family, img2img, dtype):
-    import dataclasses
-
     root, _, catalog = tiny
     workflow = catalog.workflow(f"tiny-{family}-{'img2img' if img2img else 'txt2img'}")
-    backends = {m: DiffusersBackend(dataclasses.replace(catalog.models[m], dtype=dtype), "cpu", {})
-                for m in workflow.models}
-    for backend in backends.values():
-        backend.load()
     params = {**request_params(True, "default", seed=3), **({"strength": 0.6} if img2img else {})}
-    client_image = {"image": torch.from_numpy(source_image(size=SIZE[family]))}
-    outputs = {}
-    for plan in unroll(workflow, validate_params(workflow, params)):
-        task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
-                          list(plan.shape), plan.params, [], plan.key)
-        inputs = [outputs[k] for k in plan.inputs] or ([client_image] if plan.kind == "encode_image" else [])
-        (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
+    outputs = run_in_process(catalog, workflow, params, image=source_image(size=SIZE[family]), dtype=dtype)
     pipelines = IMG2IMG if img2img else PIPELINES
     pipe = getattr(diffusers, pipelines[family]).from_pretrained(root / family, torch_dtype=getattr(torch, dtype),
                                                                  **EXTRA[family])

@@ -23,7 +23,6 @@ class ErrorCode(str, enum.Enum):
     INPUT_UNAVAILABLE = "input_unavailable"
     UNKNOWN_REQUEST = "unknown_request"
     # cluster-level
-    UNKNOWN_PEER = "unknown_peer"
     NOT_FOUND = "not_found"
     NO_CAPACITY = "no_capacity"
     INTERNAL = "internal"

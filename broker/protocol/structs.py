@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, ClassVar
+from typing import Any
 
 from broker.protocol.errors import ErrorCode, ProtocolError
 
@@ -133,7 +133,6 @@ class Struct:
     """Base of every typed wire struct (subclasses are slotted dataclasses via @struct)."""
 
     __slots__ = ()
-    _wire_fields: ClassVar[tuple[_Field, ...]] = ()
 
     def to_wire(self) -> dict[str, Any]:  # replaced per class by @struct
         return {}
@@ -148,6 +147,5 @@ def struct(cls):
     cls = dataclasses.dataclass(slots=True)(cls)
     hints = typing.get_type_hints(cls)
     fields = [_describe(f, hints[f.name]) for f in dataclasses.fields(cls)]
-    cls._wire_fields = tuple(fields)
     _generate(cls, fields)
     return cls
