@@ -90,6 +90,7 @@ class NodeAgent:
         self.run_dir = Path(config.run_dir)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "locks").mkdir(parents=True, exist_ok=True)
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.stopping = threading.Event()
@@ -130,6 +131,9 @@ class NodeAgent:
         if device.kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
             actor_device = "cuda:0"
+        if device.kind == "emulated" and "device_lock" not in options:
+            # Actors on one emulated GPU take turns computing, as kernels on one GPU do.
+            options["device_lock"] = str((self.run_dir / "locks" / f"{msg.device.replace(':', '-')}.lock").resolve())
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
                "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
                "--max-batch-rows", str(msg.max_batch_rows), "--log-format", self.config.actor_log_format]

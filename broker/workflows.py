@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-MODEL_KINDS = ("text_encoder", "denoiser", "vae")
+MODEL_KINDS = ("text_encoder", "denoiser", "vae", "controlnet")
 INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SAMPLERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m")
 MAX_SEED = 2**63 - 1
@@ -86,10 +86,14 @@ class WorkflowSpec:
     inputs: dict[str, InputSpec]
     img2img: bool = False  # takes an `image` tensor input and a `strength`
     family: str = ""  # the denoiser's pipeline family, where its conventions differ
+    # ControlNets run once per step (both CFG rows) on the latent before the step;
+    # the step consumes their residuals. Their actors are shared like any model's.
+    controlnets: tuple[str, ...] = ()
+    slo_s: float = 0.0  # latency objective; 0: the broker's multiple of the solo latency
 
     @property
     def models(self) -> list[str]:
-        return [*self.text_encoders, self.denoiser, self.vae]
+        return [*self.text_encoders, self.denoiser, *self.controlnets, self.vae]
 
 
 @dataclass
@@ -150,7 +154,7 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[s
 
 _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
 _MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder", "family"}
-_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs"}
+_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs", "controlnets", "slo_s"}
 
 
 def _parse_model(name: str, raw: dict) -> ModelSpec:
@@ -186,6 +190,10 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
     for i, enc in enumerate(encoders):
         if enc in encoders[:i]:
             raise CatalogError(f"workflows.{name}.text_encoders[{i}]", f"{enc!r} is listed twice")
+    controlnets = _model_list(name, raw, "controlnets", "controlnet", models)
+    slo_s = raw.get("slo_s", 0.0)
+    if isinstance(slo_s, bool) or not isinstance(slo_s, (int, float)) or slo_s < 0:
+        raise CatalogError(f"workflows.{name}.slo_s", f"must be a number of seconds >= 0, got {slo_s!r}")
     cfg = raw.get("cfg", False)
     if not isinstance(cfg, bool):
         raise CatalogError(f"workflows.{name}.cfg", f"must be true or false, got {cfg!r}")
@@ -212,7 +220,19 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
             except ParamError as exc:
                 raise CatalogError(f"workflows.{name}.inputs.{input_name}.default", exc.message) from None
     return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs, img2img,
-                        models[raw["denoiser"]].family)
+                        models[raw["denoiser"]].family, controlnets, float(slo_s))
+
+
+def _model_list(workflow: str, raw: dict, role: str, kind: str, models: dict[str, ModelSpec]) -> tuple[str, ...]:
+    names = raw.get(role, [])
+    if not isinstance(names, list):
+        raise CatalogError(f"workflows.{workflow}.{role}", f"must be a list of {kind} model names")
+    for i, model in enumerate(names):
+        if model not in models or models[model].kind != kind:
+            raise CatalogError(f"workflows.{workflow}.{role}[{i}]", f"{model!r} is not a declared {kind} model")
+        if model in names[:i]:
+            raise CatalogError(f"workflows.{workflow}.{role}[{i}]", f"{model!r} is listed twice")
+    return tuple(names)
 
 
 def parse_catalog(doc: dict, base: Catalog | None = None) -> Catalog:
@@ -349,6 +369,11 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
         if workflow.img2img:
             step_params["begin_index"] = first_step
         key = f"denoise/{k}"
+        controls = []
+        for net in workflow.controlnets:  # on the latent this step starts from
+            controls.append(f"control/{net}/{k}")
+            nodes.append(NodePlan(controls[-1], "control", net, rows, shape, dict(step_params), previous, 0, step=k))
+        previous = previous + controls
         if cfg_split and workflow.cfg:
             branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional
             for b, branch in enumerate(branches):

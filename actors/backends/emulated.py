@@ -9,19 +9,19 @@ a lost, stale or mixed-up tensor shows in the final image.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import time
 
 import numpy as np
 
-from actors.profiles import load_profile
+from actors.profiles import PROFILE_MODE, load_profile
 from actors.store import Bundle, RawTensor, raw_zeros
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
 
 DIGEST_BYTES = 16
-_PROFILE_MODE = {"encode": "default", "denoise": "default", "denoise_branch": "default",
-                 "decode": "decode_latents", "encode_image": "prepare_image"}
 
 
 def _digest(*parts: bytes | str | int) -> bytes:
@@ -68,6 +68,9 @@ class EmulatedBackend:
             raise ValueError("options.time_scale and options.load_time_scale must be >= 0")
         self.profile = load_profile(options.get("profile") or model.profile or model.name)
         self.peak_bytes = self.profile.resident_bytes
+        # Held while "computing": actors sharing an emulated GPU take turns, as they
+        # would on a real one (the agent passes one lock file per emulated device).
+        self.device_lock = options.get("device_lock", "")
 
     def memory_bytes(self) -> int:
         return self.profile.resident_bytes
@@ -76,11 +79,24 @@ class EmulatedBackend:
         time.sleep(self.profile.load_s * self.load_time_scale)
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        with self._device_turn():
+            return self._run(tasks, inputs)
+
+    @contextlib.contextmanager
+    def _device_turn(self):
+        if not self.device_lock:
+            yield
+            return
+        with open(self.device_lock, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            yield
+
+    def _run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()
         # A split step's combine task makes no model call (its branches did): no time.
         rows = sum(t.rows for t in tasks if not t.params.get("split"))
         height, width = tasks[0].shape
-        mode = _PROFILE_MODE[tasks[0].kind]
+        mode = PROFILE_MODE[tasks[0].kind]
         duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale if rows else 0.0
         if rows:
             self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
@@ -100,17 +116,22 @@ class EmulatedBackend:
             source = read_digest(next(iter(inputs[0].values())))  # the latent (or, at step 0, embeddings)
             digest = _digest(source, task.params["step"], task.params["branch"])
             return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest)}
+        if task.kind == "control":  # residuals for this step, from the latent it starts from
+            digest = _digest(m.name, read_digest(next(iter(inputs[0].values()))), task.params["step"])
+            return {"residuals": _stamped(m.dtype, (task.rows, 16, height // 8, width // 8), digest)}
         if task.kind == "denoise":
             if task.params.get("split"):
                 inputs = inputs[2:]  # the branches' outputs; the latent chain is the same as unsplit
+            controls = [read_digest(b["residuals"]) for b in inputs if "residuals" in b]
+            inputs = [b for b in inputs if "residuals" not in b]
             latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
             if task.params.get("first", task.params["step"] == 0):
                 cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}
-                digest = _digest(task.params["seed"], *(read_digest(t) for t in cond.values()))
+                digest = _digest(task.params["seed"], *(read_digest(t) for t in cond.values()), *controls)
             else:
                 (previous,) = inputs
                 cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
-                digest = _digest(read_digest(previous["latents"]), task.params["step"])
+                digest = _digest(read_digest(previous["latents"]), task.params["step"], *controls)
             # conditioning travels with the latent, by reference (no copy)
             return {"latents": _stamped(m.dtype, latent_shape, digest), **cond}
         if task.kind == "decode":

@@ -1,0 +1,109 @@
+"""What work costs, in device-seconds, from the measured profiles: a pure cost model.
+
+Imported by the broker (per-node costs for pending-work telemetry and admission) and
+by the scheduler (replica targets, placement). A model's cost comes from the profile
+its catalog entry names (`actors/profiles/*.json`, measured on H800s); models without
+a profile (real diffusers models built locally) have no known cost, and everything
+derived from them says so with `None` rather than guessing.
+
+Two costs per node: `latency_s`, the node run alone (batch of its own rows), and
+`throughput_s`, its share of a full batch (per-row time at the model's largest
+profiled batch, times its rows): the cheapest the node can ever be, which is what a
+lower bound needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from actors.profiles import PROFILE_MODE, Profile, ProfileError, load_profile
+from broker.workflows import Catalog, NodePlan, WorkflowSpec, unroll
+
+THROUGHPUT_BATCH = 8  # the largest batch every profile measures
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    work_s: float  # device-seconds of all its nodes, each run alone
+    min_work_s: float  # device-seconds if every node ran in a full batch
+    solo_s: float  # critical path on an idle cluster (CFG branches in parallel if split)
+    by_model: dict[str, float]  # model -> device-seconds (alone)
+
+
+class CostModel:
+    def __init__(self, catalog: Catalog, profiles: dict[str, Profile] | None = None):
+        self.catalog = catalog
+        self.profiles = profiles if profiles is not None else _load_profiles(catalog)
+
+    def profile(self, model: str) -> Profile | None:
+        return self.profiles.get(model)
+
+    def knows(self, workflow: WorkflowSpec) -> bool:
+        return all(m in self.profiles for m in workflow.models)
+
+    def node_s(self, model: str, kind: str, rows: int, shape: tuple[int, int], batch_rows: int = 0) -> float:
+        """Seconds of one node of `rows` rows; in a batch of `batch_rows` rows, its share."""
+        profile = self.profiles.get(model)
+        if profile is None or rows <= 0:
+            return 0.0
+        mode = PROFILE_MODE[kind]
+        batch = max(batch_rows, rows)
+        return profile.exec_time(mode, batch, *shape) * rows / batch
+
+    def plan_costs(self, plan: NodePlan) -> tuple[float, float]:
+        """(alone, in a full batch) seconds of one node; a split step's combine is free."""
+        if plan.params.get("split"):
+            return 0.0, 0.0
+        alone = self.node_s(plan.model, plan.kind, plan.rows, plan.shape)
+        full = self.node_s(plan.model, plan.kind, plan.rows, plan.shape, THROUGHPUT_BATCH)
+        return alone, min(alone, full)
+
+    def request(self, workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> RequestCost | None:
+        if not self.knows(workflow):
+            return None
+        plans = unroll(workflow, params, cfg_split=cfg_split)
+        return self.plans(plans)
+
+    def plans(self, plans: list[NodePlan]) -> RequestCost:
+        finish: dict[str, float] = {}
+        work = min_work = 0.0
+        by_model: dict[str, float] = {}
+        for plan in plans:  # producers come first
+            alone, full = self.plan_costs(plan)
+            work += alone
+            min_work += full
+            by_model[plan.model] = by_model.get(plan.model, 0.0) + alone
+            finish[plan.key] = max((finish[i] for i in plan.inputs), default=0.0) + alone
+        return RequestCost(work, min_work, max(finish.values(), default=0.0), by_model)
+
+    def solo_s(self, workflow: WorkflowSpec, params: dict) -> float | None:
+        """Latency alone on an idle cluster, as a monolith runs it (CFG as one batch-2 call):
+        the baseline an SLO multiple is taken of."""
+        cost = self.request(workflow, params, cfg_split=False)
+        return None if cost is None else cost.solo_s
+
+    def load_s(self, model: str) -> float:
+        profile = self.profiles.get(model)
+        return profile.load_s if profile else 0.0
+
+    def resident_bytes(self, model: str) -> int:
+        profile = self.profiles.get(model)
+        return profile.resident_bytes if profile else 0
+
+
+def _load_profiles(catalog: Catalog) -> dict[str, Profile]:
+    profiles = {}
+    for name, spec in catalog.models.items():
+        if not spec.profile:
+            continue
+        try:
+            profiles[name] = _cached_profile(spec.profile)
+        except ProfileError:
+            continue  # a catalog may name a profile this install lacks: cost unknown
+    return profiles
+
+
+@lru_cache(maxsize=None)
+def _cached_profile(name: str) -> Profile:
+    return load_profile(name)
