@@ -43,6 +43,8 @@ class Command(bytes, enum.Enum):
     STATS = b"STRP"
     ADMIN_SPAWN = b"ASPN"
     ADMIN_REPLY = b"ARPL"
+    ADMIN_STOP = b"ASTP"
+    ADMIN_CONFIGURE = b"ACFG"
     # any direction: a typed error about one message
     ERROR = b"ERR"
 

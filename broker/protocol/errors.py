@@ -17,6 +17,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_WORKFLOW = "unknown_workflow"
     DUPLICATE_REQUEST = "duplicate_request"
     OVERLOADED = "overloaded"
+    SLO_UNATTAINABLE = "slo_unattainable"  # admission control: it could not finish in time
     CANCELLED = "cancelled"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     TASK_ERROR = "task_error"

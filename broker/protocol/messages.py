@@ -23,6 +23,7 @@ __all__ = [
     "InputInfo",
     "WorkflowInfo",
     "ModelStats",
+    "WorkflowStats",
     "ActorStats",
     "AgentStats",
     "ActorTelemetry",
@@ -54,6 +55,8 @@ __all__ = [
     "Stats",
     "AdminSpawn",
     "AdminReply",
+    "AdminStop",
+    "AdminConfigure",
     "Error",
     "MESSAGE_TYPES",
 ]
@@ -189,6 +192,26 @@ class ModelStats(Struct):
     batches: int
     mixed_workflow_batches: int
     workflows: list
+    # Load, in device-seconds from the profile cost model (0 where a model has no profile).
+    ready_s: float = 0.0  # of the ready tasks in its queue
+    pending_s: float = 0.0  # of every unfinished task of live requests
+    arrival_rate: float = 0.0  # requests/s that need it (exponentially weighted)
+    work_per_request_s: float = 0.0
+    min_slack_s: float | None = None  # least time to deadline among requests queued here
+    service_s: float = 0.0  # recent mean dispatch-to-done time of a task
+
+
+@struct
+class WorkflowStats(Struct):
+    workflow: str
+    submitted: int = 0
+    completed: int = 0
+    slo_met: int = 0
+    rejected: int = 0
+    failed: int = 0
+    slo_s: float = 0.0  # the objective of a request with default parameters (0: none known)
+    solo_s: float = 0.0
+    latency_mode: int = 0  # requests that ran their CFG branches on two actors
 
 
 @struct
@@ -403,6 +426,7 @@ class Rejected(Message):
     code: str
     message: str
     field: str | None = None
+    retry_after_s: float = 0.0  # admission refusals: when the queued work should have drained
 
 
 @struct
@@ -472,6 +496,9 @@ class Stats(Message):
     counters: dict
     hop_latency_s: dict  # {"p50": .., "p99": .., "count": ..} over recent tasks
     call_id: str = ""
+    workflows: list[WorkflowStats] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the broker's live policy knobs
+    plan: dict | None = None  # what the scheduler last posted (targets, recent decisions)
 
 
 @struct
@@ -495,6 +522,26 @@ class AdminReply(Message):
     ok: bool
     message: str
     spawn_ids: list = field(default_factory=list)
+    call_id: str = ""
+
+
+@struct
+class AdminStop(Message):
+    """Drain an actor (no new work; its held outputs stay served) and then stop it."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_STOP
+    actor_id: str
+    call_id: str = ""
+
+
+@struct
+class AdminConfigure(Message):
+    """Set the broker's live policy knobs (`settings`: admission, slo_multiple,
+    cfg_split) and/or post the scheduler's plan for `lego status` (`plan`)."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_CONFIGURE
+    settings: dict = field(default_factory=dict)
+    plan: dict | None = None
     call_id: str = ""
 
 
