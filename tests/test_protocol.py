@@ -91,6 +91,9 @@ SAMPLES: dict[type, tuple[p.Message, list]] = {
     p.AdminSpawn: (p.AdminSpawn(model="den", device="cuda:0", backend="emulated", host="gpu-7", count=2,
                                 max_batch_rows=4, options={"scale": 0.5}), []),
     p.AdminReply: (p.AdminReply(ok=True, message="asked agent-1", spawn_ids=["agent-1-1", "agent-1-2"]), []),
+    p.AdminStop: (p.AdminStop(actor_id="den@h/emu:0#b-1", call_id="c-9"), []),
+    p.AdminConfigure: (p.AdminConfigure(settings={"admission": True, "slo_multiple": 2.5},
+                                        plan={"targets": {"den": 3}, "decisions": ["up: den"]}), []),
     p.Error: (p.Error(code="bad_header", message="Credit.credits has type str", field="credits", request_id="r1"), []),
 }
 
