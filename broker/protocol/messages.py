@@ -76,8 +76,9 @@ class Message(Struct):
 class TensorDesc(Struct):
     """One tensor in the payload: raw bytes of `dtype` laid out row-major in `shape`.
 
-    `where` is "frame" (payload frame number `frame`); later transports (CUDA IPC,
-    shared memory) add their own handles as optional fields.
+    `where` is "frame" (payload frame number `frame`), "shm" (a shared-memory
+    segment, `handle`) or "cuda_ipc" (the tensor stays in the holder's GPU memory:
+    the `ipc_*` fields, see actors/cuda_ipc.py). Each transport's fields are optional.
     """
 
     name: str
@@ -91,6 +92,19 @@ class TensorDesc(Struct):
     # since CPU kernels round differently for different layouts. None: row-major.
     strides: list | None = None
     handle: str = ""  # where == "shm": the shared-memory segment holding the bytes
+    # where == "cuda_ipc": `strides` are then the view's own (any layout within its
+    # storage), and the storage is `ipc_storage_bytes` at `ipc_offset` inside the CUDA
+    # allocation that `ipc_handle` opens in another process on the same GPU.
+    gpu_uuid: str = ""  # the physical GPU that holds it (device numbers differ per process)
+    ipc_handle: bytes = b""
+    ipc_offset: int = 0
+    ipc_storage_bytes: int = 0
+    storage_offset: int = 0  # elements from the storage's start to the view's first element
+    # The holder's reference counter for this one share (torch's counter file and slot):
+    # the consumer decrements it when it lets go; the holder drops it on FREE regardless.
+    ipc_ref: bytes = b""
+    ipc_ref_offset: int = 0
+    ipc_event: bytes = b""  # recorded after the tensor was produced; empty: the holder synchronized
 
 
 @struct
@@ -178,6 +192,9 @@ class ActorTelemetry(Struct):
     shm_fetches: int = 0  # of `fetches`, those answered through shared memory
     fetch_fallbacks: int = 0  # shared-memory fetches that failed and went by frames instead
     shm_segments: int = 0  # segments this actor holds for its peers now
+    ipc_fetches: int = 0  # of `fetches`, those answered (at least partly) through CUDA IPC
+    ipc_fallbacks: int = 0  # CUDA IPC transfers that failed (either side) and went by shm/frames instead
+    ipc_pins: int = 0  # CUDA IPC shares this actor holds for its peers now (dropped on FREE)
     stored_tensors: int = 0
     stored_bytes: int = 0
     memory_used_bytes: int = 0
@@ -388,6 +405,9 @@ class Fetch(Message):
     tensor_id: str
     request_id: str = ""
     shm: bool = False  # same host: answer with shared-memory segments instead of frames
+    # The consumer's GPU (CUDA UUID), sent by a CUDA actor on the holder's host: CUDA
+    # tensors held on that same GPU are answered with IPC handles instead of bytes.
+    gpu_uuid: str = ""
 
 
 @struct
