@@ -17,10 +17,15 @@ import structlog
 
 from broker import protocol as p
 from broker import telemetry
+from broker.admin import AdminMixin
+from broker.load import LoadTracker
 from broker.protocol.errors import ErrorCode
 from broker.protocol.tensors import check_payload
+from broker.recovery import RecoveryMixin
 from broker.state import (
+    BACKEND,
     DONE,
+    FRONTEND,
     READY,
     RUNNING,
     WAITING,
@@ -31,11 +36,11 @@ from broker.state import (
     ReadyQueue,
     Request,
 )
-from broker.workflows import Catalog, ParamError, check_image, unroll, validate_params
+from broker.workflows import Catalog, ParamError, WorkflowSpec, check_image, unroll, validate_params
+from scheduler import rules
 
 log = structlog.get_logger(__name__)
 
-FRONTEND, BACKEND = "frontend", "backend"
 
 
 @dataclass(frozen=True)
@@ -50,14 +55,27 @@ class BrokerSettings:
     # "avoid": to any other actor when one has credit (forces migration: tests the data plane).
     affinity: str = "prefer"
     # "always": run the two CFG branches of every step as separate tasks (for two
-    # actors); "never": one batch-2 call. The scheduler (issue 4) will decide per load.
+    # actors); "never": one batch-2 call; "auto": per request at arrival, by the
+    # parallel-group rule (scheduler.rules.parallel_mode).
     cfg_split: str = "never"
+    # Admission control: refuse at arrival a request that cannot meet its SLO
+    # (scheduler.rules.admission). The SLO is the workflow's slo_s, else this multiple
+    # of its solo latency from the profiles; workflows without profiles are not checked.
+    admission: bool = False
+    slo_multiple: float = 2.0
+    cost_scale: float = 1.0  # profile times x this (an emulated cluster's time_scale)
 
     def __post_init__(self) -> None:
         if self.affinity not in ("prefer", "avoid"):
             raise ValueError(f"affinity: expected 'prefer' or 'avoid', got {self.affinity!r}")
-        if self.cfg_split not in ("never", "always"):
-            raise ValueError(f"cfg_split: expected 'never' or 'always', got {self.cfg_split!r}")
+        if self.cfg_split not in ("never", "always", "auto"):
+            raise ValueError(f"cfg_split: expected 'never', 'always' or 'auto', got {self.cfg_split!r}")
+        if not isinstance(self.admission, bool):
+            raise ValueError(f"admission: expected true or false, got {self.admission!r}")
+        if not (isinstance(self.slo_multiple, (int, float)) and self.slo_multiple > 0):
+            raise ValueError(f"slo_multiple: expected a number > 0, got {self.slo_multiple!r}")
+        if not (isinstance(self.cost_scale, (int, float)) and self.cost_scale > 0):
+            raise ValueError(f"cost_scale: expected a number > 0, got {self.cost_scale!r}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_misses < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_misses >= 1")
 
@@ -72,7 +90,7 @@ class Send:
     payload: list = field(default_factory=list)
 
 
-class BrokerCore:
+class BrokerCore(RecoveryMixin, AdminMixin):
     def __init__(self, catalog: Catalog, settings: BrokerSettings = BrokerSettings(), broker_id: str = "broker", seed: int | None = None):
         self.catalog = catalog
         self.settings = settings
@@ -87,6 +105,9 @@ class BrokerCore:
         self.model_batches: dict[str, list[int]] = {}  # model -> [tasks, batches, mixed]
         self.model_workflows: dict[str, set[str]] = {}
         self.hop_latency = LatencyWindow(settings.latency_window)
+        self.load = LoadTracker(catalog, settings.cost_scale)
+        self.live_cfg: dict[str, int] = {}  # denoiser -> live CFG requests (for the parallel-group rule)
+        self.plan: dict | None = None  # the scheduler's last posted plan
         self.counters = dict.fromkeys(
             ("requests_submitted", "requests_completed", "requests_failed", "requests_rejected",
              "requests_cancelled", "requests_restarted", "tasks_dispatched", "tasks_done",
@@ -112,6 +133,8 @@ class BrokerCore:
             p.ListWorkflows: self._list_workflows,
             p.GetStats: self._get_stats,
             p.AdminSpawn: self._admin_spawn,
+            p.AdminStop: self._admin_stop,
+            p.AdminConfigure: self._admin_configure,
         }
 
     # ------------------------------------------------------------------ entry points
@@ -155,6 +178,8 @@ class BrokerCore:
         for actor in list(self.actors.values()):  # actors ping; we answer (see _peer_heartbeat)
             if now - actor.last_seen > expiry:
                 self._lose_actor(actor, f"silent for {now - actor.last_seen:.1f}s", now)
+            elif actor.draining and not actor.stop_sent and not actor.in_flight and not actor.held:
+                self._stop_drained(actor)
         for identity, agent in list(self.agents.items()):
             if now - agent.last_seen > expiry:
                 log.warning("agent_lost", agent_id=agent.agent_id, host=agent.host)
@@ -280,13 +305,29 @@ class BrokerCore:
             check_payload(msg.tensors, payload)
         except p.ProtocolError as err:
             return reject(ErrorCode.INVALID_PARAM, err.message, "params.image")
+        slo = self.load.slo_s(workflow, params, self.settings.slo_multiple)
+        if self.settings.admission and slo is not None:
+            decision = rules.admission(self.load.solo_s(workflow, params) or 0.0, self.load.queued_min_s,
+                                       self._device_count(), slo)
+            if not decision.admit:
+                self.load.stats(workflow.name).rejected += 1
+                retry = max(0.0, self.load.queued_min_s / self._device_count() - (slo - decision.bound_s))
+                self._send(FRONTEND, identity, p.Rejected(msg.request_id, ErrorCode.SLO_UNATTAINABLE.value,
+                                                          decision.reason, None, round(retry, 3)))
+                self.counters["requests_rejected"] += 1
+                log.info("request_rejected", request_id=msg.request_id, code="slo_unattainable", reason=decision.reason)
+                return
         request = Request(msg.request_id, identity, workflow.name, params, next(self._seq), now, msg.progress)
         request.tensors, request.frames = list(msg.tensors), list(payload)
-        plans = unroll(workflow, params, cfg_split=self.settings.cfg_split == "always")
+        request.deadline = None if slo is None else now + slo
+        request.latency_mode = self._split_cfg(workflow)
+        plans = unroll(workflow, params, cfg_split=request.latency_mode)
         request.total_steps = sum(1 for plan in plans if plan.kind == "denoise")
         groups: dict[str, list[Node]] = {}
         for plan in plans:
             node = Node(request, plan, next(self._seq))
+            node.cost_s, node.min_cost_s = self.load.plan_costs(plan)
+            request.min_cost_s += node.min_cost_s
             if plan.group:
                 groups.setdefault(plan.group, []).append(node)
             node.inputs = [request.nodes[k] for k in plan.inputs]
@@ -300,10 +341,35 @@ class BrokerCore:
                 node.siblings = [other for other in members if other is not node]
         self.requests[request.request_id] = request
         self.counters["requests_submitted"] += 1
+        request.remaining_min_s = request.min_cost_s
+        self.load.queued_min_s += request.min_cost_s
+        self.load.accepted(workflow, self.load.request_cost(plans, workflow), now)
+        stats = self.load.stats(workflow.name)
+        stats.submitted += 1
+        stats.latency_mode += request.latency_mode
+        if workflow.cfg:
+            self.live_cfg[workflow.denoiser] = self.live_cfg.get(workflow.denoiser, 0) + 1
         steps = sum(1 for n in plans if n.kind == "denoise")
         self._send(FRONTEND, identity, p.Accepted(request.request_id, len(plans), steps, params))
         log.info("request_accepted", request_id=request.request_id, workflow=workflow.name, nodes=len(plans))
         self._start_request(request, now)
+
+    def _split_cfg(self, workflow: WorkflowSpec) -> bool:
+        """Run this request's CFG branches as a parallel group (on two actors)?"""
+        mode = self.settings.cfg_split
+        if not workflow.cfg or mode == "never":
+            return False
+        if mode == "always":
+            return True
+        idle = sum(1 for a in self.actors.values()
+                   if a.model == workflow.denoiser and not a.in_flight and not a.draining)
+        needed = rules.cfg_actors_needed(self.live_cfg.get(workflow.denoiser, 0) + 1)
+        return rules.parallel_mode(needed, idle) == rules.LATENCY
+
+    def _device_count(self) -> int:
+        """Devices work can spread over: the agents' accelerators, else the actors' devices."""
+        accelerators = {(a.host, d.device) for a in self.agents.values() for d in a.devices if d.kind != "cpu"}
+        return len(accelerators) or max(1, len({(a.host, a.device) for a in self.actors.values()}))
 
     def _start_request(self, request: Request, now: float) -> None:
         """(Re)arm every node of the request and queue the ones with no inputs."""
@@ -326,7 +392,14 @@ class BrokerCore:
 
     def _finish_request(self, request: Request) -> None:
         """Forget the request; free whatever of it is still held anywhere."""
+        if request.finished:
+            return
         request.finished = True
+        self.load.queued_min_s -= request.remaining_min_s
+        request.remaining_min_s = 0.0
+        workflow = self.catalog.workflows.get(request.workflow)
+        if workflow is not None and workflow.cfg:
+            self.live_cfg[workflow.denoiser] = self.live_cfg.get(workflow.denoiser, 1) - 1
         self.requests.pop(request.request_id, None)
         for node in request.nodes.values():
             self.tasks.pop(node.task_id, None)
@@ -343,6 +416,8 @@ class BrokerCore:
     def _fail_request(self, request: Request, code: ErrorCode, message: str) -> None:
         counter = "requests_cancelled" if code is ErrorCode.CANCELLED else "requests_failed"
         self.counters[counter] += 1
+        if code is not ErrorCode.CANCELLED:
+            self.load.stats(request.workflow).failed += 1
         log.warning("request_failed", request_id=request.request_id, code=code.value, reason=message)
         self._send(FRONTEND, request.client, p.Failed(request.request_id, code.value, message))
         self._finish_request(request)
@@ -383,7 +458,7 @@ class BrokerCore:
         queue = self.queues.get(model)
         if queue is None or queue.depth <= 0:
             return
-        free = [a for a in self.actors.values() if a.model == model and a.credits > 0]
+        free = [a for a in self.actors.values() if a.model == model and a.credits > 0 and not a.draining]
         while free:
             head = queue.head()
             if head is None:
@@ -477,6 +552,9 @@ class BrokerCore:
         node.state = DONE
         node.nbytes = result.nbytes
         request.done_nodes += 1
+        request.remaining_min_s -= node.min_cost_s
+        self.load.queued_min_s -= node.min_cost_s
+        self.load.task_served(node.model, now - node.dispatched_at)
         self.counters["tasks_done"] += 1
         self.model_batches.setdefault(node.model, [0, 0, 0])[0] += 1
         self.hop_latency.add(now - node.dispatched_at)
@@ -512,6 +590,9 @@ class BrokerCore:
             tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(frames) - 1, desc.where, desc.nbytes))
         self.counters["requests_completed"] += 1
         latency = now - request.submitted_at
+        stats = self.load.stats(request.workflow)
+        stats.completed += 1
+        stats.slo_met += request.deadline is None or now <= request.deadline
         log.info("request_completed", request_id=request.request_id, latency_s=round(latency, 4))
         self._send(FRONTEND, request.client, p.Result(request.request_id, tensors, latency, request.restarts + 1), frames)
         self._finish_request(request)
@@ -540,109 +621,6 @@ class BrokerCore:
                 # Alone, a model error is deterministic for these inputs: retrying would fail again.
                 self._fail_request(node.request, ErrorCode.TASK_ERROR, f"{node.key} failed on {actor.actor_id}: {msg.code}: {msg.message}")
         self._dispatch(actor.model, now)
-
-    # ------------------------------------------------------------------ recovery
-
-    def _lose_actor(self, actor: ActorState, reason: str, now: float) -> None:
-        """Re-queue what the actor was running; recompute what only it held."""
-        self.counters["actors_lost"] += 1
-        log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
-                    in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
-        self.actors.pop(actor.actor_id, None)
-        self.actor_by_identity.pop(actor.identity, None)
-        self._send(BACKEND, actor.identity, p.Disconnect(reason=f"declared dead: {reason}"))
-        lost_held = {}
-        for request in list(self.requests.values()):
-            for node in request.nodes.values():
-                if node.state == DONE and node.refs_left > 0 and node.actor_id == actor.actor_id:
-                    lost_held.setdefault(request.request_id, request)
-        touched = set()
-        for batch in actor.in_flight.values():
-            for node, attempt in batch:
-                request = node.request
-                if request.finished or node.attempt != attempt or node.state != RUNNING:
-                    continue
-                if request.request_id in lost_held:
-                    continue  # recomputed from scratch below
-                if any(self.actors.get(prod.actor_id) is None for prod in node.inputs):
-                    lost_held[request.request_id] = request
-                    continue
-                self._requeue(node, reason)
-                touched.add(node.model)
-        actor.in_flight.clear()
-        for request in lost_held.values():
-            if not request.finished:
-                self._restart_request(request, reason, now)
-        for model in touched:
-            self._dispatch(model, now)
-
-    def _requeue(self, node: Node, reason: str) -> None:
-        node.attempt += 1
-        node.losses += 1
-        if node.losses >= self.settings.max_task_attempts:
-            self._fail_request(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,
-                               f"{node.key} lost {node.losses} times (last: {reason})")
-            return
-        self.counters["tasks_requeued"] += 1
-        log.info("task_requeued", request_id=node.request.request_id, task_id=node.task_id, attempt=node.attempt)
-        self._make_ready(node)
-
-    def _restart_request(self, request: Request, reason: str, now: float) -> None:
-        """An intermediate tensor is gone: recompute the request (seeded, so same result)."""
-        request.restarts += 1
-        if request.restarts > self.settings.max_request_restarts:
-            self._fail_request(request, ErrorCode.ATTEMPTS_EXHAUSTED,
-                               f"intermediate results lost {request.restarts} times (last: {reason})")
-            return
-        self.counters["requests_restarted"] += 1
-        log.warning("request_restarted", request_id=request.request_id, restarts=request.restarts, reason=reason)
-        for node in request.nodes.values():
-            if node.state == READY:
-                self._queue(node.model).discard(node)
-            elif node.state == DONE and node.refs_left > 0:
-                self._free(node)
-            node.attempt += 1  # results still in flight for the old attempt are dropped
-        request.done_nodes = 0
-        self._start_request(request, now)
-
-    # ------------------------------------------------------------------ agents, admin, stats
-
-    def _agent_event(self, identity: bytes, msg: p.AgentEvent, payload, now: float) -> None:
-        agent = self.agents.get(identity)
-        if agent is None:
-            self._send(BACKEND, identity, p.Disconnect(reason="unknown agent: send AGENT_HELLO again"))
-            return
-        agent.actors[msg.spawn_id] = msg.event
-        if msg.devices:
-            agent.devices = list(msg.devices)
-        log.info("agent_event", agent_id=agent.agent_id, spawn_id=msg.spawn_id, event_name=msg.event,
-                 actor_id=msg.actor_id, returncode=msg.returncode, detail=msg.message)
-
-    def _admin_spawn(self, identity: bytes, msg: p.AdminSpawn, payload, now: float) -> None:
-        def refuse(reason: str) -> None:
-            self._send(FRONTEND, identity, p.AdminReply(False, reason, call_id=msg.call_id))
-
-        if msg.model not in self.catalog.models:
-            return refuse(f"model: unknown model {msg.model!r}")
-        agents = [a for a in self.agents.values() if not msg.host or a.host == msg.host]
-        if not agents:
-            return refuse(f"host: no node agent on {msg.host or 'any host'}")
-        if not 1 <= msg.count <= 1024:
-            return refuse("count: must be 1..1024")
-        if not 1 <= msg.max_batch_rows <= 4096:
-            return refuse("max_batch_rows: must be 1..4096")
-        for key, value in (msg.options or {}).items():
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or "=" in str(key):
-                return refuse(f"options.{key}: must be a string or a number")
-        agent = agents[0]
-        spawn_ids = []
-        for _ in range(msg.count):
-            # Unique across broker restarts: the agent (and its actors) may outlive us.
-            spawn_id = f"{self.broker_id}-{next(self._spawn_ids)}"
-            spawn_ids.append(spawn_id)
-            agent.actors[spawn_id] = "requested"
-            self._send(BACKEND, agent.identity, p.SpawnActor(spawn_id, msg.model, msg.device, msg.backend, msg.max_batch_rows, msg.options))
-        self._send(FRONTEND, identity, p.AdminReply(True, f"asked {agent.agent_id} for {msg.count} actor(s)", spawn_ids, msg.call_id))
 
     def _list_workflows(self, identity: bytes, msg, payload, now: float) -> None:
         self._send(FRONTEND, identity, p.Workflows(telemetry.workflow_infos(self.catalog), msg.call_id))

@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 WAITING, READY, RUNNING, DONE = "waiting", "ready", "running", "done"
+FRONTEND, BACKEND = "frontend", "backend"  # the broker's two sockets, as named in Send
 
 
 class Node:
@@ -20,6 +21,7 @@ class Node:
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
         "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo", "siblings",
+        "cost_s", "min_cost_s",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -49,6 +51,8 @@ class Node:
         self.queue_token = 0
         self.seq = seq
         self.task_id = f"{request.request_id}/{plan.key}"
+        self.cost_s = 0.0  # device-seconds alone, from the profile (0: unknown)
+        self.min_cost_s = 0.0  # its share of a full batch: the least it can cost
 
     @property
     def batch_key(self) -> tuple:
@@ -74,6 +78,10 @@ class Request:
     # since a restart needs them again.
     tensors: list = field(default_factory=list)
     frames: list = field(default_factory=list)
+    deadline: float | None = None  # submitted_at + its SLO, where one is known
+    min_cost_s: float = 0.0  # full-batch device-seconds of all its nodes
+    remaining_min_s: float = 0.0  # of those, not yet done: counted in the broker's queued work
+    latency_mode: bool = False  # its CFG branches run as a parallel group
 
 
 @dataclass(eq=False)
@@ -96,6 +104,8 @@ class ActorState:
     mixed_workflow_batches: int = 0
     max_batch_rows_seen: int = 0
     telemetry: object = None
+    draining: bool = False  # no new work; stopped by its agent once it holds nothing
+    stop_sent: bool = False
 
 
 @dataclass(eq=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from broker import protocol as p
+from broker.state import DONE, READY
 from broker.workflows import Catalog
 
 if TYPE_CHECKING:  # the core imports this module
@@ -22,22 +23,66 @@ def workflow_infos(catalog: Catalog) -> list[p.WorkflowInfo]:
 
 
 def snapshot(core: BrokerCore, now: float) -> p.Stats:
-    """Per-model queues and batching, per-actor state and telemetry, agents, counters."""
+    """Per-model queues, load and batching; per-actor state and telemetry; agents;
+    per-workflow SLO counts; counters; the live policy settings and the scheduler's plan."""
     actors = core.actors.values()
     models = sorted(set(core.queues) | {a.model for a in actors} | set(core.model_batches))
+    load = _model_load(core, now)
     model_stats = []
     for model in models:
         tasks, batches, mixed = core.model_batches.get(model, (0, 0, 0))
         queue = core.queues.get(model)
+        ready_s, pending_s, slack = load.get(model, (0.0, 0.0, None))
         model_stats.append(p.ModelStats(
-            model, queue.depth if queue else 0, sum(a.model == model for a in actors),
-            tasks, batches, mixed, sorted(core.model_workflows.get(model, ()))))
+            model, queue.depth if queue else 0, sum(a.model == model and not a.draining for a in actors),
+            tasks, batches, mixed, sorted(core.model_workflows.get(model, ())),
+            round(ready_s, 6), round(pending_s, 6), round(core.load.arrival_rate(model, now), 4),
+            round(core.load.model_work.get(model, 0.0), 6), None if slack is None else round(slack, 4),
+            round(core.load.service_s.get(model, 0.0), 6)))
     actor_stats = [
-        p.ActorStats(a.actor_id, a.model, a.host, a.device, "busy" if a.in_flight else "idle", a.credits,
+        p.ActorStats(a.actor_id, a.model, a.host, a.device, _actor_state(a), a.credits,
                      sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
                      a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend)
         for a in actors
     ]
     agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in core.agents.values()]
     counters = dict(core.counters, requests_in_flight=len(core.requests))
-    return p.Stats(now, model_stats, actor_stats, agent_stats, counters, core.hop_latency.summary())
+    settings = {"admission": core.settings.admission, "slo_multiple": core.settings.slo_multiple,
+                "cfg_split": core.settings.cfg_split, "affinity": core.settings.affinity,
+                "queued_work_s": round(core.load.queued_min_s, 4), "devices": core._device_count()}
+    return p.Stats(now, model_stats, actor_stats, agent_stats, counters, core.hop_latency.summary(),
+                   workflows=_workflow_stats(core), settings=settings, plan=core.plan)
+
+
+def _actor_state(actor) -> str:
+    if actor.draining:
+        return "draining"
+    return "busy" if actor.in_flight else "idle"
+
+
+def _model_load(core: BrokerCore, now: float) -> dict[str, tuple[float, float, float | None]]:
+    """model -> (ready device-seconds, pending device-seconds, least slack of queued requests)."""
+    load: dict[str, list] = {}
+    for request in core.requests.values():
+        for node in request.nodes.values():
+            if node.state == DONE:
+                continue
+            entry = load.setdefault(node.model, [0.0, 0.0, None])
+            entry[1] += node.cost_s
+            if node.state == READY:
+                entry[0] += node.cost_s
+                if request.deadline is not None:
+                    slack = request.deadline - now
+                    entry[2] = slack if entry[2] is None else min(entry[2], slack)
+    return {model: tuple(entry) for model, entry in load.items()}
+
+
+def _workflow_stats(core: BrokerCore) -> list[p.WorkflowStats]:
+    out = []
+    for name in sorted(set(core.load.workflow_stats) | set(core.catalog.workflows)):
+        stats = core.load.stats(name)
+        workflow = core.catalog.workflows.get(name)
+        if workflow is not None:
+            stats.slo_s, stats.solo_s = (round(x, 4) for x in core.load.default_slo(workflow, core.settings.slo_multiple))
+        out.append(stats)
+    return out

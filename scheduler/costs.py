@@ -15,7 +15,7 @@ lower bound needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from actors.profiles import PROFILE_MODE, Profile, ProfileError, load_profile
 from broker.workflows import Catalog, NodePlan, WorkflowSpec, unroll
@@ -104,6 +104,6 @@ def _load_profiles(catalog: Catalog) -> dict[str, Profile]:
     return profiles
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_profile(name: str) -> Profile:
     return load_profile(name)

@@ -1,0 +1,109 @@
+"""Node agents and the admin commands: part of the broker's sans-IO core.
+
+Mixed into `broker.core.BrokerCore`. Admin commands come from the frontend (the CLI,
+the scheduler controller) and are answered with ADMIN_REPLY under the caller's
+call_id: spawn actors through a node agent, drain-and-stop an actor, set the live
+policy knobs and post the scheduler's plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import structlog
+
+from broker import protocol as p
+from broker.state import BACKEND, FRONTEND, ActorState
+
+log = structlog.get_logger("broker.core")
+
+CONFIGURABLE = {"admission": bool, "slo_multiple": (int, float), "cfg_split": str}
+
+
+class AdminMixin:
+    def _agent_event(self, identity: bytes, msg: p.AgentEvent, payload, now: float) -> None:
+        agent = self.agents.get(identity)
+        if agent is None:
+            self._send(BACKEND, identity, p.Disconnect(reason="unknown agent: send AGENT_HELLO again"))
+            return
+        agent.actors[msg.spawn_id] = msg.event
+        if msg.devices:
+            agent.devices = list(msg.devices)
+        log.info("agent_event", agent_id=agent.agent_id, spawn_id=msg.spawn_id, event_name=msg.event,
+                 actor_id=msg.actor_id, returncode=msg.returncode, detail=msg.message)
+
+    def _admin_spawn(self, identity: bytes, msg: p.AdminSpawn, payload, now: float) -> None:
+        def refuse(reason: str) -> None:
+            self._send(FRONTEND, identity, p.AdminReply(False, reason, call_id=msg.call_id))
+
+        if msg.model not in self.catalog.models:
+            return refuse(f"model: unknown model {msg.model!r}")
+        agents = [a for a in self.agents.values() if not msg.host or a.host == msg.host]
+        if not agents:
+            return refuse(f"host: no node agent on {msg.host or 'any host'}")
+        if not 1 <= msg.count <= 1024:
+            return refuse("count: must be 1..1024")
+        if not 1 <= msg.max_batch_rows <= 4096:
+            return refuse("max_batch_rows: must be 1..4096")
+        for key, value in (msg.options or {}).items():
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or "=" in str(key):
+                return refuse(f"options.{key}: must be a string or a number")
+        agent = agents[0]
+        spawn_ids = []
+        for _ in range(msg.count):
+            # Unique across broker restarts: the agent (and its actors) may outlive us.
+            spawn_id = f"{self.broker_id}-{next(self._spawn_ids)}"
+            spawn_ids.append(spawn_id)
+            agent.actors[spawn_id] = "requested"
+            self._send(BACKEND, agent.identity, p.SpawnActor(spawn_id, msg.model, msg.device, msg.backend, msg.max_batch_rows, msg.options))
+        self._send(FRONTEND, identity, p.AdminReply(True, f"asked {agent.agent_id} for {msg.count} actor(s)", spawn_ids, msg.call_id))
+
+
+    def _admin_stop(self, identity: bytes, msg: p.AdminStop, payload, now: float) -> None:
+        actor = self.actors.get(msg.actor_id)
+        if actor is None:
+            self._send(FRONTEND, identity, p.AdminReply(False, f"actor_id: no actor {msg.actor_id!r}", call_id=msg.call_id))
+            return
+        if not any(a.host == actor.host for a in self.agents.values()):
+            self._send(FRONTEND, identity, p.AdminReply(False, f"actor_id: no node agent on {actor.host} can stop it",
+                                                        call_id=msg.call_id))
+            return
+        actor.draining = True
+        log.info("actor_draining", actor_id=actor.actor_id, in_flight=len(actor.in_flight), held=len(actor.held))
+        self._send(FRONTEND, identity, p.AdminReply(True, f"draining {actor.actor_id}", call_id=msg.call_id))
+        if not actor.in_flight and not actor.held:
+            self._stop_drained(actor)
+
+    def _stop_drained(self, actor: ActorState) -> None:
+        """It runs nothing and holds nothing anyone needs: its agent may stop it."""
+        agent = next((a for a in self.agents.values() if a.host == actor.host), None)
+        if agent is None:
+            return  # its agent is gone; retried on a later tick if one comes back
+        actor.stop_sent = True
+        log.info("actor_stopping", actor_id=actor.actor_id, agent_id=agent.agent_id)
+        self._send(BACKEND, agent.identity, p.StopActor(actor.actor_id))
+
+    def _admin_configure(self, identity: bytes, msg: p.AdminConfigure, payload, now: float) -> None:
+        changes = {}
+        for key, value in (msg.settings or {}).items():
+            kind = CONFIGURABLE.get(key)
+            if kind is None:
+                self._send(FRONTEND, identity, p.AdminReply(False, f"settings.{key}: not a live setting "
+                                                            f"(live: {sorted(CONFIGURABLE)})", call_id=msg.call_id))
+                return
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                self._send(FRONTEND, identity, p.AdminReply(False, f"settings.{key}: wrong type {type(value).__name__}",
+                                                            call_id=msg.call_id))
+                return
+            changes[key] = value
+        try:
+            settings = dataclasses.replace(self.settings, **changes)
+        except ValueError as exc:
+            self._send(FRONTEND, identity, p.AdminReply(False, f"settings.{exc}", call_id=msg.call_id))
+            return
+        if changes:
+            log.info("settings_changed", **changes)
+        self.settings = settings
+        if msg.plan is not None:
+            self.plan = msg.plan
+        self._send(FRONTEND, identity, p.AdminReply(True, "configured", call_id=msg.call_id))

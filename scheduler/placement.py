@@ -1,0 +1,102 @@
+"""Where replicas go, and which go away: pure functions of a snapshot.
+
+- A new actor goes to an accelerator with room for the model's profiled resident
+  memory (plus `headroom_bytes` for activations), preferring the device with the
+  least compute already placed on it (the sum of its actors' busy ratios and count of
+  heavy actors: actors on one GPU take turns), then a host that already runs the
+  other models of the same workflows (their tensors then move by IPC, not the
+  network), then the most free memory.
+- When no device has room, an idle actor of a cold model (one above its target, or
+  with nothing queued and more than its minimum) is converted: stopped, and the hot
+  model started in its place, but only when that beats waiting: the hot model's
+  backlog per replica must exceed the model's load time from its profile.
+- Scale-down picks the replica that costs least to lose: idle, holding nothing, on
+  the most crowded device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.snapshot import ActorView, DeviceView, Snapshot
+
+
+@dataclass(frozen=True)
+class Spawn:
+    model: str
+    host: str
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    actor_id: str
+    model: str
+    reason: str
+
+
+def device_key(d: DeviceView | ActorView) -> tuple[str, str]:
+    return d.host, d.device
+
+
+def place(model: str, need_bytes: int, snapshot: Snapshot, neighbours: set[str], heavy: set[str],
+          reserved: dict[tuple[str, str], int] | None = None, headroom_bytes: int = 0) -> DeviceView | None:
+    """The device for one new actor of `model`, or None when none has room.
+
+    `neighbours`: models that share a workflow with `model`; `heavy`: models whose
+    compute dominates a device (base models); `reserved`: bytes already promised on a
+    device to spawns not yet reported by its agent."""
+    reserved = reserved or {}
+    on_device: dict[tuple[str, str], list[ActorView]] = {}
+    for actor in snapshot.actors:
+        on_device.setdefault(device_key(actor), []).append(actor)
+    hosts_with_neighbours = {a.host for a in snapshot.actors if a.model in neighbours}
+    fits = [d for d in snapshot.accelerators
+            if d.free_bytes - reserved.get(device_key(d), 0) >= need_bytes + headroom_bytes]
+    if not fits:
+        return None
+
+    def score(d: DeviceView) -> tuple:
+        actors = on_device.get(device_key(d), [])
+        heavy_here = sum(a.model in heavy for a in actors) if model in heavy else 0
+        busy = sum(a.busy_ratio for a in actors)
+        return (heavy_here, round(busy, 2), d.host not in hosts_with_neighbours, -(d.free_bytes - reserved.get(device_key(d), 0)))
+
+    return min(fits, key=score)
+
+
+def conversion_victim(hot_model: str, snapshot: Snapshot, targets: dict[str, int], minimums: dict[str, int],
+                      hot_backlog_s: float, hot_load_s: float, need_bytes: int,
+                      resident: dict[str, int]) -> ActorView | None:
+    """An idle actor of a cold model whose device would fit `hot_model` once it stops
+    (`resident`: each model's profiled resident bytes, given back when it stops)."""
+    replicas = snapshot.replicas()
+    hot_replicas = max(replicas.get(hot_model, 0), 1)
+    if hot_backlog_s / hot_replicas <= hot_load_s:
+        return None  # waiting for the existing replicas is quicker than loading a new one
+    free = {device_key(d): d.free_bytes for d in snapshot.accelerators}
+    candidates = []
+    for actor in snapshot.actors:
+        model = actor.model
+        if model == hot_model or not actor.idle or actor.held:
+            continue
+        surplus = replicas.get(model, 0) - max(targets.get(model, 0), minimums.get(model, 1))
+        cold = surplus > 0 or (snapshot.load(model).queue_depth == 0 and replicas.get(model, 0) > minimums.get(model, 1))
+        if not cold or device_key(actor) not in free:
+            continue
+        candidates.append((-surplus, actor.busy_ratio, actor.actor_id, actor))
+    for *_, actor in sorted(candidates, key=lambda c: c[:3]):
+        if free[device_key(actor)] + resident.get(actor.model, 0) >= need_bytes:
+            return actor
+    return None
+
+
+def scale_down_victim(model: str, snapshot: Snapshot) -> ActorView | None:
+    crowd: dict[tuple[str, str], int] = {}
+    for actor in snapshot.actors:
+        crowd[device_key(actor)] = crowd.get(device_key(actor), 0) + 1
+    mine = snapshot.actors_of(model)
+    if not mine:
+        return None
+    return min(mine, key=lambda a: (a.in_flight, a.held, -crowd[device_key(a)], a.busy_ratio, a.actor_id))
