@@ -42,7 +42,10 @@ class BrokerConfig:
     max_request_restarts: int = 3
     max_requests_in_flight: int = 100_000
     affinity: str = "prefer"  # or "avoid": force steps to migrate (testing the data plane)
-    cfg_split: str = "never"  # or "always": CFG branches as separate tasks, for two actors
+    cfg_split: str = "never"  # "always": CFG branches as separate tasks, for two actors; "auto": by load
+    admission: bool = False  # refuse requests that cannot meet their SLO (the scheduler turns it on)
+    slo_multiple: float = 2.0  # SLO = this x the solo latency, where a workflow sets no slo_s
+    cost_scale: float = 1.0  # profile times x this: the emulated actors' time_scale
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -56,6 +59,9 @@ class BrokerConfig:
             max_requests_in_flight=self.max_requests_in_flight,
             affinity=self.affinity,
             cfg_split=self.cfg_split,
+            admission=self.admission,
+            slo_multiple=self.slo_multiple,
+            cost_scale=self.cost_scale,
         )
 
 
@@ -180,10 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-misses", type=int)
     parser.add_argument("--max-task-attempts", type=int)
     parser.add_argument("--affinity", choices=("prefer", "avoid"))
-    parser.add_argument("--cfg-split", choices=("never", "always"))
+    parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
+    parser.add_argument("--admission", choices=("on", "off"))
+    parser.add_argument("--slo-multiple", type=float)
+    parser.add_argument("--cost-scale", type=float)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    config = load_config(BrokerConfig, "broker", args.config, {k: v for k, v in vars(args).items() if k != "config"})
+    cli = {k: v for k, v in vars(args).items() if k != "config"}
+    if cli.get("admission") is not None:
+        cli["admission"] = cli["admission"] == "on"
+    config = load_config(BrokerConfig, "broker", args.config, cli)
     configure_logging(config.log_format, config.log_level, process="broker")
     run_broker(config)
 

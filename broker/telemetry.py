@@ -61,7 +61,10 @@ def _actor_state(actor) -> str:
 
 
 def _model_load(core: BrokerCore, now: float) -> dict[str, tuple[float, float, float | None]]:
-    """model -> (ready device-seconds, pending device-seconds, least slack of queued requests)."""
+    """model -> (ready device-seconds, pending device-seconds, least slack of queued requests).
+
+    Ready work is counted at full-batch cost (the queue will be taken in batches);
+    pending work at cost alone (future steps of few requests run in small batches)."""
     load: dict[str, list] = {}
     for request in core.requests.values():
         for node in request.nodes.values():
@@ -69,8 +72,8 @@ def _model_load(core: BrokerCore, now: float) -> dict[str, tuple[float, float, f
                 continue
             entry = load.setdefault(node.model, [0.0, 0.0, None])
             entry[1] += node.cost_s
-            if node.state == READY:
-                entry[0] += node.cost_s
+            if node.state == READY:  # queued tasks will batch: count their full-batch cost
+                entry[0] += node.min_cost_s
                 if request.deadline is not None:
                     slack = request.deadline - now
                     entry[2] = slack if entry[2] is None else min(entry[2], slack)

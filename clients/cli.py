@@ -90,10 +90,25 @@ def cmd_status(args) -> int:
     print("models:")
     for m in stats.models:
         print(f"  {m.model:<24} queue {m.queue_depth:>5}  actors {m.actors:>3}  tasks {m.tasks_done:>7}  "
-              f"batches {m.batches:>6}  mixed-workflow {m.mixed_workflow_batches:>5}")
+              f"batches {m.batches:>6}  mixed-workflow {m.mixed_workflow_batches:>5}  "
+              f"pending {m.pending_s:>7.2f} s  rate {m.arrival_rate:>5.2f}/s")
     print("actors:")
     for a in stats.actors:
-        print(f"  {a.actor_id:<48} {a.state:<5} credits {a.credits} in-flight {a.in_flight:>3} tasks {a.tasks:>6}")
+        print(f"  {a.actor_id:<48} {a.state:<8} credits {a.credits} in-flight {a.in_flight:>3} tasks {a.tasks:>6}")
+    active = [w for w in stats.workflows if w.submitted or w.rejected]
+    if active:
+        print("workflows:")
+        for w in active:
+            attained = f"{100 * w.slo_met / w.completed:5.1f}%" if w.completed else "    -"
+            print(f"  {w.workflow:<28} submitted {w.submitted:>6} completed {w.completed:>6} SLO met {attained} "
+                  f"rejected {w.rejected:>5} failed {w.failed:>4} latency-mode {w.latency_mode:>5} (SLO {w.slo_s:.2f} s)")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.settings.items())))
+    if stats.plan:
+        print("scheduler plan: targets " + ", ".join(f"{m}={n}" for m, n in sorted(stats.plan.get("targets", {}).items())))
+        for line in stats.plan.get("in_progress", []):
+            print(f"  in progress: {line}")
+        for line in stats.plan.get("decisions", [])[-10:]:
+            print(f"  {line}")
     print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
     return 0
 
@@ -166,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     broker_addr = {"help": "broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)"}
 
-    for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor")):
+    for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor"),
+                            ("scheduler", "run the scheduler actor (replicas, placement, admission, parallel groups)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -245,12 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("broker", "agent", "actor"):  # process entry points parse their own flags
+    if argv and argv[0] in ("broker", "agent", "actor", "scheduler"):  # process entry points parse their own flags
         from actors.agent import main as agent_main
         from actors.runtime import main as actor_main
         from broker.server import main as broker_main
+        from scheduler.controller import main as scheduler_main
 
-        {"broker": broker_main, "agent": agent_main, "actor": actor_main}[argv[0]](argv[1:])
+        mains = {"broker": broker_main, "agent": agent_main, "actor": actor_main, "scheduler": scheduler_main}
+        mains[argv[0]](argv[1:])
         return
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))

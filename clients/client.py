@@ -131,6 +131,21 @@ class Client:
             raise LegoError(f"spawn refused: {reply.message}")
         return reply
 
+    def stop_actor(self, actor_id: str, timeout: float | None = None) -> p.AdminReply:
+        """Drain an actor (no new work; what it holds stays served), then stop it."""
+        reply = self._admin(p.AdminStop(actor_id), timeout)
+        if not reply.ok:
+            raise LegoError(f"stop refused: {reply.message}")
+        return reply
+
+    def configure(self, settings: dict | None = None, plan: dict | None = None,
+                  timeout: float | None = None) -> p.AdminReply:
+        """Set the broker's live settings (admission, slo_multiple, cfg_split); post a plan."""
+        reply = self._admin(p.AdminConfigure(settings or {}, plan), timeout)
+        if not reply.ok:
+            raise LegoError(f"configure refused: {reply.message}")
+        return reply
+
     def close(self) -> None:
         self._core.close()
 

@@ -90,7 +90,7 @@ def outcome_of(msg: p.Message, payload: list) -> JobResult | Exception | None:
             tensors[desc.name] = (desc.dtype, list(desc.shape), raw)
         return JobResult(msg.request_id, tensors, msg.latency_s, msg.attempts)
     if isinstance(msg, p.Rejected):
-        return RequestRejected(msg.request_id, msg.code, msg.message, msg.field)
+        return RequestRejected(msg.request_id, msg.code, msg.message, msg.field, msg.retry_after_s)
     if isinstance(msg, p.Failed):
         cls = Cancelled if msg.code == "cancelled" else RequestFailed
         return cls(msg.request_id, msg.code, msg.message)

@@ -10,10 +10,12 @@ class LegoError(Exception):
 class RequestRejected(LegoError):
     """The broker refused the request before doing any work (bad parameter, overload...)."""
 
-    def __init__(self, request_id: str, code: str, message: str, field: str | None = None):
+    def __init__(self, request_id: str, code: str, message: str, field: str | None = None,
+                 retry_after_s: float = 0.0):
         where = f" (field {field})" if field else ""
         super().__init__(f"request {request_id} rejected: {code}: {message}{where}")
         self.request_id, self.code, self.message, self.field = request_id, code, message, field
+        self.retry_after_s = retry_after_s  # admission refusals: when to try again
 
 
 class RequestFailed(LegoError):

@@ -44,6 +44,11 @@ class LocalClusterSpec:
     heartbeat_misses: int = 5
     affinity: str = "prefer"
     cfg_split: str = "never"
+    admission: bool = False
+    # Start the scheduler actor too (`lego scheduler` with these extra flags); it then
+    # owns replicas, admission and parallel groups.
+    scheduler: bool = False
+    scheduler_args: list[str] = field(default_factory=list)
     run_dir: str = "run/local"
     log_format: str = "console"
     log_level: str = "info"
@@ -118,7 +123,8 @@ class LocalCluster:
         self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend,
                                "--heartbeat-interval-s", str(s.heartbeat_interval_s),
                                "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity, "--cfg-split", s.cfg_split,
-                               *catalogs, *common])
+                               "--admission", "on" if s.admission else "off",
+                               "--cost-scale", str(s.options.get("time_scale", 1.0)), *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
                               "--host", "localhost", *catalogs, *common])
@@ -131,6 +137,11 @@ class LocalCluster:
             for model, device in place(plan, devices):
                 client.spawn(model, device, s.backend, max_batch_rows=s.max_batch_rows, options=s.options)
             self._wait(client, deadline, lambda st: len(st.actors) >= len(plan), f"{len(plan)} actors to join")
+        if s.scheduler:
+            options = [arg for key, value in s.options.items() for arg in ("--actor-option", f"{key}={value}")]
+            self._start("scheduler", ["scheduler.controller", "--broker", self.frontend, "--backend", s.backend,
+                                      "--workflows", ",".join(s.workflows), "--max-batch-rows", str(s.max_batch_rows),
+                                      *options, *catalogs, *s.scheduler_args, *common])
         return self
 
     def _wait(self, client: Client, deadline: float, ready, what: str):
@@ -155,8 +166,9 @@ class LocalCluster:
             time.sleep(0.1)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Agent first (it stops its actors), then the broker; SIGKILL what outlives the grace."""
-        for name in ("agent", "broker"):
+        """Scheduler first (it would replace what stops), then the agent (it stops its
+        actors), then the broker; SIGKILL what outlives the grace."""
+        for name in ("scheduler", "agent", "broker"):
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 continue

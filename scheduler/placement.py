@@ -2,8 +2,9 @@
 
 - A new actor goes to an accelerator with room for the model's profiled resident
   memory (plus `headroom_bytes` for activations), preferring the device with the
-  least compute already placed on it (the sum of its actors' busy ratios and count of
-  heavy actors: actors on one GPU take turns), then a host that already runs the
+  least compute already placed on it (its heavy actors, then the sum of its actors'
+  busy ratios: actors on one GPU take turns), never a second heavy (base-model) actor
+  on one device, since it would add memory but no compute; then a host that already runs the
   other models of the same workflows (their tensors then move by IPC, not the
   network), then the most free memory.
 - When no device has room, an idle actor of a cold model (one above its target, or
@@ -41,25 +42,31 @@ def device_key(d: DeviceView | ActorView) -> tuple[str, str]:
 
 
 def place(model: str, need_bytes: int, snapshot: Snapshot, neighbours: set[str], heavy: set[str],
-          reserved: dict[tuple[str, str], int] | None = None, headroom_bytes: int = 0) -> DeviceView | None:
+          reserved: dict[tuple[str, str], int] | None = None, headroom_bytes: int = 0,
+          reserved_heavy: dict[tuple[str, str], int] | None = None) -> DeviceView | None:
     """The device for one new actor of `model`, or None when none has room.
 
     `neighbours`: models that share a workflow with `model`; `heavy`: models whose
-    compute dominates a device (base models); `reserved`: bytes already promised on a
-    device to spawns not yet reported by its agent."""
+    compute dominates a device (base models): at most one heavy actor per device;
+    `reserved` / `reserved_heavy`: bytes and heavy actors already promised on a device
+    to spawns not yet reported by its agent."""
     reserved = reserved or {}
+    reserved_heavy = reserved_heavy or {}
     on_device: dict[tuple[str, str], list[ActorView]] = {}
     for actor in snapshot.actors:
         on_device.setdefault(device_key(actor), []).append(actor)
     hosts_with_neighbours = {a.host for a in snapshot.actors if a.model in neighbours}
     fits = [d for d in snapshot.accelerators
             if d.free_bytes - reserved.get(device_key(d), 0) >= need_bytes + headroom_bytes]
+    if model in heavy:  # a second compute-bound actor on a GPU only takes turns with the first
+        fits = [d for d in fits if not any(a.model in heavy for a in on_device.get(device_key(d), []))
+                and not reserved_heavy.get(device_key(d))]
     if not fits:
         return None
 
     def score(d: DeviceView) -> tuple:
         actors = on_device.get(device_key(d), [])
-        heavy_here = sum(a.model in heavy for a in actors) if model in heavy else 0
+        heavy_here = sum(a.model in heavy for a in actors) + reserved_heavy.get(device_key(d), 0)
         busy = sum(a.busy_ratio for a in actors)
         return (heavy_here, round(busy, 2), d.host not in hosts_with_neighbours, -(d.free_bytes - reserved.get(device_key(d), 0)))
 

@@ -55,6 +55,7 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
     minimums = {m: settings.scaling.bounds(m)[0] for m in models}
     resident = {m: costs.resident_bytes(m) for m in catalog.models}
     reserved: dict[tuple[str, str], int] = {}
+    reserved_heavy: dict[tuple[str, str], int] = {}
     actions: list = []
     for t in targets:
         if t.model in in_progress or t.target == t.current:
@@ -66,7 +67,8 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
             continue
         need = resident[t.model]
         for _ in range(t.target - t.current):
-            device = place(t.model, need, snapshot, neighbours_of(catalog, t.model), heavy, reserved, settings.headroom_bytes)
+            device = place(t.model, need, snapshot, neighbours_of(catalog, t.model), heavy, reserved,
+                           settings.headroom_bytes, reserved_heavy)
             if device is None:
                 load = snapshot.load(t.model)
                 victim = conversion_victim(t.model, snapshot, wanted, minimums, load.pending_s, costs.load_s(t.model),
@@ -77,5 +79,7 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
                                         f"outweighs a {costs.load_s(t.model):.1f} s load"))
                 break
             reserved[device_key(device)] = reserved.get(device_key(device), 0) + need
+            if t.model in heavy:
+                reserved_heavy[device_key(device)] = reserved_heavy.get(device_key(device), 0) + 1
             actions.append(Spawn(t.model, device.host, device.device, f"scale {t.current}->{t.target}: {t.reason}"))
     return Plan(actions, targets, memory)

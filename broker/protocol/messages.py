@@ -210,7 +210,7 @@ class ModelStats(Struct):
     mixed_workflow_batches: int
     workflows: list
     # Load, in device-seconds from the profile cost model (0 where a model has no profile).
-    ready_s: float = 0.0  # of the ready tasks in its queue
+    ready_s: float = 0.0  # of the ready tasks in its queue, at full-batch cost
     pending_s: float = 0.0  # of every unfinished task of live requests
     arrival_rate: float = 0.0  # requests/s that need it (exponentially weighted)
     work_per_request_s: float = 0.0

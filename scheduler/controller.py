@@ -1,0 +1,218 @@
+"""The scheduler actor (`lego scheduler`): polls telemetry, plans, acts.
+
+Runs in its own process as a client of the broker (one `Client`, whose IO thread
+owns the only socket). Every `interval_s` it reads the broker's telemetry snapshot,
+runs one pure planning round (`scheduler.plan.plan_round`), and applies the actions:
+spawns through the broker's node agents, drain-then-stop of surplus or converted
+actors. At start it sets the broker's live policy (admission, SLO multiple, parallel
+CFG groups). Every decision is logged with its reason and posted back to the broker
+with the current targets, so `lego status` shows the plan.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from broker import protocol as p
+from broker.workflows import load_catalog
+from scheduler.costs import CostModel
+from scheduler.placement import Spawn, Stop
+from scheduler.plan import PlanSettings, plan_round, served_models
+from scheduler.scaling import ScalingMemory, ScalingSettings
+from scheduler.snapshot import from_stats
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    broker: str = "tcp://127.0.0.1:5555"  # the broker's frontend
+    catalog: list[str] = field(default_factory=list)
+    workflows: list[str] = field(default_factory=list)  # to serve; empty: every catalog workflow
+    interval_s: float = 0.5
+    backend: str = "emulated"  # of the actors it starts
+    actor_options: list[str] = field(default_factory=list)  # KEY=VALUE for the actors it starts
+    max_batch_rows: int = 8
+    admission: bool = True
+    slo_multiple: float = 2.0
+    cfg_split: str = "auto"
+    horizon_s: float = 4.0
+    queue_wait_s: float = 0.5  # ready work per replica that marks a model as the bottleneck
+    up_cooldown_s: float = 1.0
+    down_cooldown_s: float = 10.0
+    min_replicas: int = 1
+    max_replicas: int = 64
+    headroom_gib: float = 4.0
+    change_timeout_s: float = 60.0  # a spawn or drain not settled by then is given up on
+    log_format: str = "console"
+    log_level: str = "info"
+
+
+@dataclass
+class Change:
+    model: str
+    since: float
+    kind: str  # spawn | stop
+    key: str  # spawn id or actor id
+
+
+class SchedulerController:
+    def __init__(self, config: SchedulerConfig, client=None):
+        from broker.config import parse_options
+        from clients import Client
+
+        self.config = config
+        self.catalog = load_catalog(config.catalog)
+        for name in config.workflows:
+            if name not in self.catalog.workflows:
+                raise ValueError(f"workflows: unknown workflow {name!r}")
+        self.costs = CostModel(self.catalog)
+        self.settings = PlanSettings(
+            ScalingSettings(config.horizon_s, queue_wait_s=config.queue_wait_s, up_cooldown_s=config.up_cooldown_s, down_cooldown_s=config.down_cooldown_s,
+                            min_replicas=config.min_replicas, max_replicas=config.max_replicas),
+            int(config.headroom_gib * 1024**3), tuple(config.workflows))
+        self.options = parse_options(config.actor_options)
+        self.client = client or Client(config.broker)
+        self.memory = ScalingMemory()
+        self.changes: list[Change] = []
+        self.decisions: collections.deque = collections.deque(maxlen=50)
+        self._busy: dict[str, tuple[float, float]] = {}  # actor -> (busy_s, at)
+        self.stopping = threading.Event()
+
+    def configure_broker(self) -> None:
+        c = self.config
+        self.client.configure({"admission": c.admission, "slo_multiple": c.slo_multiple, "cfg_split": c.cfg_split})
+
+    def step(self) -> list:
+        stats = self.client.stats()
+        now = time.monotonic()
+        snapshot = from_stats(stats, self._busy_ratios(stats, now))
+        self._settle(stats, now)
+        in_progress = frozenset(change.model for change in self.changes)
+        plan = plan_round(snapshot, self.costs, self.memory, self.settings, in_progress)
+        self.memory = plan.memory
+        for action in plan.actions:
+            self._apply(action, now)
+        self.client.configure(plan={
+            "targets": {t.model: t.target for t in plan.targets},
+            "replicas": snapshot.replicas(),
+            "in_progress": sorted(f"{c.kind} {c.model} ({c.key})" for c in self.changes),
+            "decisions": list(self.decisions),
+        })
+        return plan.actions
+
+    def _busy_ratios(self, stats: p.Stats, now: float) -> dict[str, float]:
+        ratios = {}
+        for actor in stats.actors:
+            busy = actor.telemetry.busy_s if actor.telemetry else 0.0
+            before = self._busy.get(actor.actor_id)
+            if before is not None and now > before[1]:
+                ratios[actor.actor_id] = min(1.0, max(0.0, (busy - before[0]) / (now - before[1])))
+            self._busy[actor.actor_id] = (busy, now)
+        return ratios
+
+    def _settle(self, stats: p.Stats, now: float) -> None:
+        """Forget changes that took effect (joined, refused, exited, gone) or timed out."""
+        actor_ids = {a.actor_id for a in stats.actors}
+        agent_states = {spawn: state for agent in stats.agents for spawn, state in agent.actors}
+        kept = []
+        for change in self.changes:
+            if change.kind == "spawn":
+                done = any(a.endswith(f"#{change.key}") for a in actor_ids) or agent_states.get(change.key) in ("refused", "exited")
+            else:
+                done = change.key not in actor_ids
+            if not done and now - change.since > self.config.change_timeout_s:
+                log.warning("scheduler_change_timed_out", kind=change.kind, model=change.model, key=change.key)
+                done = True
+            if not done:
+                kept.append(change)
+        self.changes = kept
+
+    def _apply(self, action, now: float) -> None:
+        from clients import LegoError
+
+        try:
+            if isinstance(action, Spawn):
+                reply = self.client.spawn(action.model, action.device, self.config.backend, host=action.host,
+                                          max_batch_rows=self.config.max_batch_rows, options=self.options or None)
+                self.changes += [Change(action.model, now, "spawn", s) for s in reply.spawn_ids]
+                line = f"start {action.model} on {action.host}/{action.device}: {action.reason}"
+            elif isinstance(action, Stop):
+                self.client.stop_actor(action.actor_id)
+                self.changes.append(Change(action.model, now, "stop", action.actor_id))
+                line = f"stop {action.actor_id}: {action.reason}"
+            else:
+                raise TypeError(f"unknown action {action!r}")
+        except LegoError as exc:
+            line = f"FAILED {action}: {exc}"
+            log.warning("scheduler_action_failed", action=str(action), error=str(exc))
+        else:
+            log.info("scheduler_decision", decision=line)
+        self.decisions.append(f"{time.strftime('%H:%M:%S')} {line}")
+
+    def run(self) -> None:
+        from clients import LegoError
+
+        models = served_models(self.catalog, self.settings.workflows)
+        log.info("scheduler_started", broker=self.config.broker, models=models, interval_s=self.config.interval_s)
+        configured = False
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                if not configured:
+                    self.configure_broker()
+                    configured = True
+                self.step()
+            except LegoError as exc:  # broker unreachable or restarting: try again next round
+                configured = False
+                log.warning("scheduler_round_failed", error=str(exc))
+            self.stopping.wait(max(0.0, self.config.interval_s - (time.monotonic() - started)))
+        self.client.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from broker.config import add_common_arguments, load_config
+    from broker.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="lego scheduler", description="Run the scheduler actor.")
+    parser.add_argument("--broker", help="broker frontend address (env LEGO_BROKER)")
+    parser.add_argument("--catalog", action="append")
+    parser.add_argument("--workflows", type=lambda s: [w for w in s.split(",") if w], help="comma-separated")
+    parser.add_argument("--interval-s", type=float)
+    parser.add_argument("--backend")
+    parser.add_argument("--actor-option", dest="actor_options", action="append", help="KEY=VALUE for started actors")
+    parser.add_argument("--max-batch-rows", type=int)
+    parser.add_argument("--admission", type=lambda s: s.lower() in ("1", "true", "on", "yes"))
+    parser.add_argument("--slo-multiple", type=float)
+    parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
+    parser.add_argument("--horizon-s", type=float)
+    parser.add_argument("--queue-wait-s", type=float)
+    parser.add_argument("--up-cooldown-s", type=float)
+    parser.add_argument("--down-cooldown-s", type=float)
+    parser.add_argument("--min-replicas", type=int)
+    parser.add_argument("--max-replicas", type=int)
+    parser.add_argument("--headroom-gib", type=float)
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    config = load_config(SchedulerConfig, "scheduler", args.config, cli)
+    configure_logging(config.log_format, config.log_level, process="scheduler")
+    controller = SchedulerController(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: controller.stop())
+    controller.run()
+
+
+if __name__ == "__main__":
+    main()
