@@ -43,7 +43,8 @@ class SchedulerConfig:
     slo_multiple: float = 2.0
     cfg_split: str = "auto"
     horizon_s: float = 4.0
-    queue_wait_s: float = 0.5  # ready work per replica that marks a model as the bottleneck
+    queue_wait_s: float = 0.5  # ready work per replica that marks a model as the bottleneck...
+    sustain_s: float = 1.0  # ...when it stays so this long
     up_cooldown_s: float = 1.0
     down_cooldown_s: float = 10.0
     min_replicas: int = 1
@@ -74,7 +75,8 @@ class SchedulerController:
                 raise ValueError(f"workflows: unknown workflow {name!r}")
         self.costs = CostModel(self.catalog)
         self.settings = PlanSettings(
-            ScalingSettings(config.horizon_s, queue_wait_s=config.queue_wait_s, up_cooldown_s=config.up_cooldown_s, down_cooldown_s=config.down_cooldown_s,
+            ScalingSettings(config.horizon_s, queue_wait_s=config.queue_wait_s,
+                            sustain_s=config.sustain_s, up_cooldown_s=config.up_cooldown_s, down_cooldown_s=config.down_cooldown_s,
                             min_replicas=config.min_replicas, max_replicas=config.max_replicas),
             int(config.headroom_gib * 1024**3), tuple(config.workflows))
         self.options = parse_options(config.actor_options)
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
     parser.add_argument("--horizon-s", type=float)
     parser.add_argument("--queue-wait-s", type=float)
+    parser.add_argument("--sustain-s", type=float)
     parser.add_argument("--up-cooldown-s", type=float)
     parser.add_argument("--down-cooldown-s", type=float)
     parser.add_argument("--min-replicas", type=int)

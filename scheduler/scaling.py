@@ -5,10 +5,11 @@ Demand of a model, in devices: (arrival rate x work per request + backlog / hori
 live requests still need from it. Rules, each there to stop a failure seen in
 practice:
 
-- Scale up only a bottleneck: a model whose ready queue is non-empty and waits
-  longer than `queue_wait_s` worth of work per replica. A burst piles future work on
-  every model of a workflow (each request will need the VAE once), but only the base
-  model's queue actually builds; the VAE keeps up with what the base model emits.
+- Scale up only a bottleneck: a model whose ready queue holds more than
+  `queue_wait_s` of work per replica, continuously for `sustain_s`. A burst piles
+  future work on every model of a workflow (each request will need the VAE once),
+  but only the base model's queue stays deep; the VAE sees short spikes when many
+  base-model replicas finish together, which one batch clears.
 - Up at once (after `up_cooldown_s`), to the full demand: a burst is served by the
   replicas that exist while it lasts.
 - Down one replica at a time, only after demand has stayed below the smaller count
@@ -29,7 +30,8 @@ from scheduler.snapshot import ModelLoad, Snapshot
 class ScalingSettings:
     horizon_s: float = 4.0  # drain a backlog within this (about an SLO)
     target_utilization: float = 0.85
-    queue_wait_s: float = 0.5  # ready work per replica beyond which a model is a bottleneck
+    queue_wait_s: float = 0.5  # ready work per replica beyond which a model is a bottleneck...
+    sustain_s: float = 1.0  # ...when it stays beyond it this long
     up_cooldown_s: float = 1.0
     down_cooldown_s: float = 10.0
     hysteresis: float = 0.3
@@ -48,6 +50,7 @@ class ScalingMemory:
 
     last_up: dict[str, float] = field(default_factory=dict)
     low_since: dict[str, float] = field(default_factory=dict)
+    hot_since: dict[str, float] = field(default_factory=dict)  # queue deep since
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def scale_targets(snapshot: Snapshot, models: list[str], memory: ScalingMemory,
                   settings: ScalingSettings) -> tuple[list[Target], ScalingMemory]:
     now = snapshot.time
     replicas = snapshot.replicas()
-    last_up, low_since = dict(memory.last_up), dict(memory.low_since)
+    last_up, low_since, hot_since = dict(memory.last_up), dict(memory.low_since), dict(memory.hot_since)
     targets = []
     for model in models:
         load = snapshot.load(model)
@@ -80,10 +83,15 @@ def scale_targets(snapshot: Snapshot, models: list[str], memory: ScalingMemory,
         demand = demand_devices(load, settings)
         need = min(max(math.ceil(demand - 1e-9), low), high)
         target, why = current, f"demand {demand:.2f} devices"
+        if is_bottleneck(load, current, settings):
+            hot_since.setdefault(model, now)
+        else:
+            hot_since.pop(model, None)
+        sustained = model in hot_since and now - hot_since[model] >= settings.sustain_s
         if current < low:
             target, why = low, f"below its minimum of {low}"
             low_since.pop(model, None)
-        elif need > current and is_bottleneck(load, current, settings):
+        elif need > current and sustained:
             low_since.pop(model, None)
             if now - last_up.get(model, -math.inf) >= settings.up_cooldown_s:
                 target, why = need, (f"bottleneck: {load.queue_depth} queued ({load.ready_s:.2f} s ready), "
@@ -100,4 +108,4 @@ def scale_targets(snapshot: Snapshot, models: list[str], memory: ScalingMemory,
         if target > current:
             last_up[model] = now
         targets.append(Target(model, current, target, why))
-    return targets, replace(memory, last_up=last_up, low_since=low_since)
+    return targets, replace(memory, last_up=last_up, low_since=low_since, hot_since=hot_since)
