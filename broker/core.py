@@ -108,6 +108,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.load = LoadTracker(catalog, settings.cost_scale)
         self.live_cfg: dict[str, int] = {}  # denoiser -> live CFG requests (for the parallel-group rule)
         self.plan: dict | None = None  # the scheduler's last posted plan
+        # Something a telemetry subscriber cares about changed (queues, requests, actors);
+        # the IO shell publishes a snapshot soon after and clears it.
+        self.telemetry_changed = False
         self.counters = dict.fromkeys(
             ("requests_submitted", "requests_completed", "requests_failed", "requests_rejected",
              "requests_cancelled", "requests_restarted", "tasks_dispatched", "tasks_done",
@@ -234,6 +237,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         )
         self.actors[msg.actor_id] = actor
         self.actor_by_identity[identity] = actor
+        self.telemetry_changed = True
         log.info("actor_joined", actor_id=msg.actor_id, model=msg.model, device=msg.device, host=msg.host, backend=msg.backend)
         self._welcome(identity)
         self._dispatch(msg.model, now)
@@ -311,7 +315,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                                        self._device_count(), slo)
             if not decision.admit:
                 self.load.stats(workflow.name).rejected += 1
-                retry = max(0.0, self.load.queued_min_s / self._device_count() - (slo - decision.bound_s))
+                # When the queue sets the bound: once it has drained by that much, it fits.
+                retry = max(0.0, decision.bound_s - slo)
                 self._send(FRONTEND, identity, p.Rejected(msg.request_id, ErrorCode.SLO_UNATTAINABLE.value,
                                                           decision.reason, None, round(retry, 3)))
                 self.counters["requests_rejected"] += 1
@@ -387,6 +392,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             self._dispatch(model, now)
 
     def _make_ready(self, node: Node) -> None:
+        self.telemetry_changed = True
         node.state = READY
         self._queue(node.model).push(node)
 
@@ -585,7 +591,10 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             self._fail_request(request, ErrorCode.TASK_ERROR, f"result of {result.task_id}: {err.message}")
             return
         tensors, frames = [], []
+        wanted = request.params.get("output", "image")  # the output tensor a request asked for
         for desc in result.tensors:
+            if desc.name != wanted and wanted in {d.name for d in result.tensors}:
+                continue  # e.g. a final step's bundle also holds conditioning and sampler state
             frames.append(payload[desc.frame])
             tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(frames) - 1, desc.where, desc.nbytes))
         self.counters["requests_completed"] += 1

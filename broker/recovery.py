@@ -23,6 +23,7 @@ class RecoveryMixin:
     def _lose_actor(self, actor: ActorState, reason: str, now: float) -> None:
         """Re-queue what the actor was running; recompute what only it held."""
         self.counters["actors_lost"] += 1
+        self.telemetry_changed = True
         log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
                     in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
         self.actors.pop(actor.actor_id, None)

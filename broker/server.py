@@ -1,14 +1,18 @@
 """The broker process's IO shell: two ROUTER sockets around `BrokerCore`.
 
-Owns (from one thread): the frontend ROUTER (clients, admin) and the backend ROUTER
-(actors, node agents). Decodes each message, hands it to the core, and sends what
-the core returns. It never opens tensor payload frames: the final result's frames
-are forwarded to the client as they arrived. A message that breaks the protocol or a
-handler that raises is answered with an error and the loop keeps running.
+Owns (from one thread): the frontend ROUTER (clients, admin), the backend ROUTER
+(actors, node agents) and, when `telemetry_address` is set, a PUB socket on which it
+publishes the telemetry snapshot every `telemetry_interval_s` and soon after a change
+(at most every `telemetry_min_gap_s`): the scheduler subscribes to it. Decodes each
+message, hands it to the core, and sends what the core returns. It never opens tensor
+payload frames: the final result's frames are forwarded to the client as they
+arrived. A message that breaks the protocol or a handler that raises is answered
+with an error and the loop keeps running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import threading
@@ -36,6 +40,9 @@ class BrokerConfig:
     frontend_address: str = "tcp://127.0.0.1:5555"
     backend_address: str = "tcp://127.0.0.1:5556"
     catalog: list[str] = field(default_factory=list)
+    telemetry_address: str = ""  # PUB address for telemetry snapshots; empty: none
+    telemetry_interval_s: float = 0.5
+    telemetry_min_gap_s: float = 0.1
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     max_task_attempts: int = 3
@@ -72,6 +79,8 @@ class BrokerServer:
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
+        self.telemetry: zmq.Socket | None = None
+        self._published_at = -1e9
         self.stopped = threading.Event()
 
     def bind(self) -> None:
@@ -86,8 +95,14 @@ class BrokerServer:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.bind(address)
             self.sockets[name] = sock
+        if self.config.telemetry_address:
+            pub = self.context.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.setsockopt(zmq.SNDHWM, 16)  # a slow subscriber loses old snapshots, never blocks us
+            pub.bind(self.config.telemetry_address)
+            self.telemetry = pub
         log.info("broker_listening", frontend=self.config.frontend_address, backend=self.config.backend_address,
-                 workflows=sorted(self.core.catalog.workflows))
+                 telemetry=self.config.telemetry_address or None, workflows=sorted(self.core.catalog.workflows))
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -105,7 +120,20 @@ class BrokerServer:
             if now >= next_tick:
                 self._apply(self._guarded(self.core.on_tick, now))
                 next_tick = now + tick_every_s
+            if self.telemetry is not None:
+                self._publish(now)
 
+    def _publish(self, now: float) -> None:
+        since = now - self._published_at
+        due = since >= self.config.telemetry_interval_s
+        if not due and not (self.core.telemetry_changed and since >= self.config.telemetry_min_gap_s):
+            return
+        self.core.telemetry_changed = False
+        self._published_at = now
+        stats = self._guarded(self.core.snapshot, now)
+        if isinstance(stats, p.Stats):
+            with contextlib.suppress(zmq.Again):  # no room at a slow subscriber: it gets the next one
+                self.telemetry.send_multipart(p.encode(stats), zmq.NOBLOCK)
     def _drain(self, name: str, sock: zmq.Socket) -> None:
         handle = self.core.on_frontend if name == FRONTEND else self.core.on_backend
         for _ in range(DRAIN_BATCH):
@@ -153,6 +181,9 @@ class BrokerServer:
         for sock in self.sockets.values():
             sock.close(linger=0)
         self.sockets.clear()
+        if self.telemetry is not None:
+            self.telemetry.close(linger=0)
+            self.telemetry = None
         if self._own_context:
             self.context.term()
 
@@ -182,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frontend", dest="frontend_address", help="client address to bind (default tcp://127.0.0.1:5555)")
     parser.add_argument("--backend", dest="backend_address", help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
     parser.add_argument("--catalog", action="append", help="extra workflow catalog TOML (repeatable)")
+    parser.add_argument("--telemetry", dest="telemetry_address", help="PUB address for telemetry snapshots (default: none)")
+    parser.add_argument("--telemetry-interval-s", type=float)
     parser.add_argument("--heartbeat-interval-s", type=float)
     parser.add_argument("--heartbeat-misses", type=int)
     parser.add_argument("--max-task-attempts", type=int)

@@ -26,8 +26,9 @@ def snapshot(core: BrokerCore, now: float) -> p.Stats:
     """Per-model queues, load and batching; per-actor state and telemetry; agents;
     per-workflow SLO counts; counters; the live policy settings and the scheduler's plan."""
     actors = core.actors.values()
-    models = sorted(set(core.queues) | {a.model for a in actors} | set(core.model_batches))
     load = _model_load(core, now)
+    # Models with waiting work but no actor yet matter most to the scheduler.
+    models = sorted(set(core.queues) | {a.model for a in actors} | set(core.model_batches) | set(load))
     model_stats = []
     for model in models:
         tasks, batches, mixed = core.model_batches.get(model, (0, 0, 0))

@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 MODEL_KINDS = ("text_encoder", "denoiser", "vae", "controlnet")
 INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SAMPLERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m")
+OUTPUTS = ("image", "latents")
 MAX_SEED = 2**63 - 1
 
 
@@ -137,6 +138,9 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[s
         InputSpec("seed", "int", default=None, min=0, max=MAX_SEED, description="random if absent"),
         InputSpec("sampler", "str", default="default", choices=SAMPLERS,
                   description="default: the scheduler the model ships with"),
+        InputSpec("output", "str", default="image", choices=OUTPUTS,
+                  description="image: decoded [height, width, 3] uint8; latents: the final latents, not decoded "
+                              "(as a diffusers pipeline's output_type='latent')"),
     ]
     if cfg:
         inputs += [
@@ -383,7 +387,10 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
             previous = branches + previous
         nodes.append(NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, 0, step=k))
         previous = [key]
-    nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))
+    if params.get("output") == "latents":
+        nodes[-1].return_output = True  # the last step's latents are the result
+    else:
+        nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))
     _set_path_lengths(nodes)
     return nodes
 

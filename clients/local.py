@@ -72,6 +72,7 @@ class LocalCluster:
         self.spec = spec
         self.frontend = f"tcp://127.0.0.1:{spec.frontend_port or free_port()}"
         self.backend = f"tcp://127.0.0.1:{spec.backend_port or free_port()}"
+        self.telemetry = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir = Path(spec.run_dir)
         self.processes: dict[str, subprocess.Popen] = {}
         self.catalog = load_catalog(spec.catalog)
@@ -123,7 +124,7 @@ class LocalCluster:
         self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend,
                                "--heartbeat-interval-s", str(s.heartbeat_interval_s),
                                "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity, "--cfg-split", s.cfg_split,
-                               "--admission", "on" if s.admission else "off",
+                               "--admission", "on" if s.admission else "off", "--telemetry", self.telemetry,
                                "--cost-scale", str(s.options.get("time_scale", 1.0)), *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
@@ -139,7 +140,8 @@ class LocalCluster:
             self._wait(client, deadline, lambda st: len(st.actors) >= len(plan), f"{len(plan)} actors to join")
         if s.scheduler:
             options = [arg for key, value in s.options.items() for arg in ("--actor-option", f"{key}={value}")]
-            self._start("scheduler", ["scheduler.controller", "--broker", self.frontend, "--backend", s.backend,
+            self._start("scheduler", ["scheduler.controller", "--broker", self.frontend, "--telemetry", self.telemetry,
+                                      "--backend", s.backend,
                                       "--workflows", ",".join(s.workflows), "--max-batch-rows", str(s.max_batch_rows),
                                       *options, *catalogs, *s.scheduler_args, *common])
         return self

@@ -31,6 +31,12 @@ class JobResult:
         """The output image, [height, width, 3] uint8."""
         return self.array("image")
 
+    @property
+    def latents(self) -> np.ndarray:
+        """The final latents of a request made with output="latents" (float32 models;
+        bf16 latents are in .tensors as raw bytes)."""
+        return self.array("latents")
+
     def save_png(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_bytes(encode_png(self.image))

@@ -1,8 +1,9 @@
 """The scheduler actor (`lego scheduler`): polls telemetry, plans, acts.
 
 Runs in its own process as a client of the broker (one `Client`, whose IO thread
-owns the only socket). Every `interval_s` it reads the broker's telemetry snapshot,
-runs one pure planning round (`scheduler.plan.plan_round`), and applies the actions:
+owns its socket) and, when the broker publishes telemetry, a subscriber of it (a SUB
+socket owned by the main thread; without one it polls GetStats). Every `interval_s`
+it takes the newest telemetry snapshot, runs one pure planning round (`scheduler.plan.plan_round`), and applies the actions:
 spawns through the broker's node agents, drain-then-stop of surplus or converted
 actors. At start it sets the broker's live policy (admission, SLO multiple, parallel
 CFG groups). Every decision is logged with its reason and posted back to the broker
@@ -33,6 +34,7 @@ log = structlog.get_logger(__name__)
 @dataclass
 class SchedulerConfig:
     broker: str = "tcp://127.0.0.1:5555"  # the broker's frontend
+    telemetry: str = ""  # the broker's telemetry PUB address; empty: poll the frontend
     catalog: list[str] = field(default_factory=list)
     workflows: list[str] = field(default_factory=list)  # to serve; empty: every catalog workflow
     interval_s: float = 0.5
@@ -91,8 +93,8 @@ class SchedulerController:
         c = self.config
         self.client.configure({"admission": c.admission, "slo_multiple": c.slo_multiple, "cfg_split": c.cfg_split})
 
-    def step(self) -> list:
-        stats = self.client.stats()
+    def step(self, stats: p.Stats | None = None) -> list:
+        stats = stats or self.client.stats()
         now = time.monotonic()
         snapshot = from_stats(stats, self._busy_ratios(stats, now))
         self._settle(stats, now)
@@ -162,23 +164,69 @@ class SchedulerController:
         from clients import LegoError
 
         models = served_models(self.catalog, self.settings.workflows)
-        log.info("scheduler_started", broker=self.config.broker, models=models, interval_s=self.config.interval_s)
+        log.info("scheduler_started", broker=self.config.broker, telemetry=self.config.telemetry or None,
+                 models=models, interval_s=self.config.interval_s)
+        subscriber = TelemetrySubscriber(self.config.telemetry) if self.config.telemetry else None
         configured = False
-        while not self.stopping.is_set():
-            started = time.monotonic()
-            try:
-                if not configured:
-                    self.configure_broker()
-                    configured = True
-                self.step()
-            except LegoError as exc:  # broker unreachable or restarting: try again next round
-                configured = False
-                log.warning("scheduler_round_failed", error=str(exc))
-            self.stopping.wait(max(0.0, self.config.interval_s - (time.monotonic() - started)))
-        self.client.close()
+        try:
+            while not self.stopping.is_set():
+                started = time.monotonic()
+                try:
+                    if not configured:
+                        self.configure_broker()
+                        configured = True
+                    # A snapshot older than a few rounds means the publisher is gone: poll.
+                    stats = subscriber.latest(max_age_s=3 * self.config.interval_s) if subscriber else None
+                    self.step(stats)
+                except LegoError as exc:  # broker unreachable or restarting: try again next round
+                    configured = False
+                    log.warning("scheduler_round_failed", error=str(exc))
+                self.stopping.wait(max(0.0, self.config.interval_s - (time.monotonic() - started)))
+        finally:
+            if subscriber is not None:
+                subscriber.close()
+            self.client.close()
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+class TelemetrySubscriber:
+    """The broker's published snapshots; keeps only the newest (they supersede each other)."""
+
+    def __init__(self, address: str):
+        import zmq
+
+        self._zmq = zmq
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 16)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(address)
+        self._newest: p.Stats | None = None
+        self._received_at = 0.0
+
+    def latest(self, max_age_s: float) -> p.Stats | None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(self._zmq.NOBLOCK)
+            except self._zmq.Again:
+                break
+            try:
+                msg, _ = p.decode(frames)
+            except p.ProtocolError as err:
+                log.warning("telemetry_undecodable", error=err.message)
+                continue
+            if isinstance(msg, p.Stats):
+                self._newest, self._received_at = msg, time.monotonic()
+        if self._newest is None or time.monotonic() - self._received_at > max_age_s:
+            return None
+        return self._newest
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="lego scheduler", description="Run the scheduler actor.")
     parser.add_argument("--broker", help="broker frontend address (env LEGO_BROKER)")
+    parser.add_argument("--telemetry", help="the broker's telemetry PUB address (default: poll the broker)")
     parser.add_argument("--catalog", action="append")
     parser.add_argument("--workflows", type=lambda s: [w for w in s.split(",") if w], help="comma-separated")
     parser.add_argument("--interval-s", type=float)

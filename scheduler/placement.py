@@ -75,19 +75,29 @@ def place(model: str, need_bytes: int, snapshot: Snapshot, neighbours: set[str],
 
 def conversion_victim(hot_model: str, snapshot: Snapshot, targets: dict[str, int], minimums: dict[str, int],
                       hot_backlog_s: float, hot_load_s: float, need_bytes: int,
-                      resident: dict[str, int]) -> ActorView | None:
+                      resident: dict[str, int], heavy: set[str] = frozenset(),
+                      stopping: set[str] = frozenset()) -> ActorView | None:
     """An idle actor of a cold model whose device would fit `hot_model` once it stops
-    (`resident`: each model's profiled resident bytes, given back when it stops)."""
-    replicas = snapshot.replicas()
+    (`resident`: each model's profiled resident bytes, given back when it stops).
+    `stopping`: actors this round already stops (neither chosen again nor counted);
+    a heavy hot model only goes where no other heavy actor stays."""
+    replicas: dict[str, int] = {}
+    for actor in snapshot.actors:
+        if not actor.draining and actor.actor_id not in stopping:
+            replicas[actor.model] = replicas.get(actor.model, 0) + 1
     hot_replicas = max(replicas.get(hot_model, 0), 1)
     if hot_backlog_s / hot_replicas <= hot_load_s:
         return None  # waiting for the existing replicas is quicker than loading a new one
     free = {device_key(d): d.free_bytes for d in snapshot.accelerators}
+    staying_heavy = {device_key(a) for a in snapshot.actors
+                     if a.model in heavy and a.actor_id not in stopping and not a.draining}
     candidates = []
     for actor in snapshot.actors:
         model = actor.model
-        if model == hot_model or not actor.idle or actor.held:
+        if model == hot_model or not actor.idle or actor.held or actor.actor_id in stopping:
             continue
+        if hot_model in heavy and (device_key(actor) in staying_heavy and model not in heavy):
+            continue  # the hot model could not be placed beside the heavy actor that stays
         surplus = replicas.get(model, 0) - max(targets.get(model, 0), minimums.get(model, 1))
         cold = surplus > 0 or (snapshot.load(model).queue_depth == 0 and replicas.get(model, 0) > minimums.get(model, 1))
         if not cold or device_key(actor) not in free:

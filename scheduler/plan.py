@@ -49,13 +49,14 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
                in_progress: frozenset[str] = frozenset()) -> Plan:
     catalog = costs.catalog
     models = served_models(catalog, settings.workflows)
-    targets, memory = scale_targets(snapshot, models, memory, settings.scaling)
+    targets, memory = scale_targets(snapshot, models, memory, settings.scaling, in_progress)
     heavy = {m for m in models if catalog.models[m].kind == "denoiser"}
     wanted = {t.model: t.target for t in targets}
     minimums = {m: settings.scaling.bounds(m)[0] for m in models}
     resident = {m: costs.resident_bytes(m) for m in catalog.models}
     reserved: dict[tuple[str, str], int] = {}
     reserved_heavy: dict[tuple[str, str], int] = {}
+    stopping: set[str] = set()
     actions: list = []
     for t in targets:
         if t.model in in_progress or t.target == t.current:
@@ -63,6 +64,7 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
         if t.target < t.current:
             victim = scale_down_victim(t.model, snapshot)
             if victim is not None:
+                stopping.add(victim.actor_id)
                 actions.append(Stop(victim.actor_id, t.model, f"scale {t.current}->{t.target}: {t.reason}"))
             continue
         need = resident[t.model]
@@ -72,8 +74,9 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
             if device is None:
                 load = snapshot.load(t.model)
                 victim = conversion_victim(t.model, snapshot, wanted, minimums, load.pending_s, costs.load_s(t.model),
-                                           need + settings.headroom_bytes, resident)
+                                           need + settings.headroom_bytes, resident, heavy, stopping)
                 if victim is not None:  # its memory frees once it stops: placed next round
+                    stopping.add(victim.actor_id)
                     actions.append(Stop(victim.actor_id, victim.model,
                                         f"convert {victim.device} to {t.model}: backlog {load.pending_s:.1f} s "
                                         f"outweighs a {costs.load_s(t.model):.1f} s load"))

@@ -71,7 +71,9 @@ def is_bottleneck(load: ModelLoad, replicas: int, settings: ScalingSettings) -> 
 
 
 def scale_targets(snapshot: Snapshot, models: list[str], memory: ScalingMemory,
-                  settings: ScalingSettings) -> tuple[list[Target], ScalingMemory]:
+                  settings: ScalingSettings, in_progress: frozenset[str] = frozenset()) -> tuple[list[Target], ScalingMemory]:
+    """Targets per model; a model with a change `in_progress` keeps its count and its
+    timers (its replicas are about to change: judging it now would be premature)."""
     now = snapshot.time
     replicas = snapshot.replicas()
     last_up, low_since, hot_since = dict(memory.last_up), dict(memory.low_since), dict(memory.hot_since)
@@ -79,6 +81,9 @@ def scale_targets(snapshot: Snapshot, models: list[str], memory: ScalingMemory,
     for model in models:
         load = snapshot.load(model)
         current = replicas.get(model, 0)
+        if model in in_progress:
+            targets.append(Target(model, current, current, "change in progress"))
+            continue
         low, high = settings.bounds(model)
         demand = demand_devices(load, settings)
         need = min(max(math.ceil(demand - 1e-9), low), high)

@@ -190,10 +190,6 @@ def test_admission_counts_the_agents_accelerators_else_the_actors_devices():
     assert core._device_count() == 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: broker/core.py _submit computes retry_after_s as "
-                   "queued/devices - (slo - bound); when the queue is the bound that is 2*queued/devices - slo, "
-                   "longer than it takes the whole queue to drain (should be bound - slo, i.e. "
-                   "queued/devices - slo)")
 def test_retry_after_is_no_longer_than_the_queue_takes_to_drain():
     core = flux_core(admission=True)
     agent_with(core, 2)
@@ -331,10 +327,6 @@ def test_model_load_after_submits():
     assert (wf.slo_s, wf.solo_s) == (pytest.approx(slo, abs=1e-3), pytest.approx(solo * scale, abs=1e-3))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: broker/telemetry.py snapshot() lists only models with a ready "
-                   "queue, an actor or a batch, so a model whose tasks are all still waiting (no queue yet) and "
-                   "that has no actor is missing from Stats.models: its pending_s and arrival_rate never reach "
-                   "the scheduler (models should also include every model in _model_load and in the arrival rates)")
 def test_pending_work_of_a_model_without_actors_or_queue_is_reported():
     core = flux_core()
     for i in range(3):

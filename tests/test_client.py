@@ -127,7 +127,7 @@ def test_submit_progress_result_and_png(client, tmp_path):
     assert params["prompt"] == "a lighthouse at dusk"
     assert (params["width"], params["height"], params["steps"]) == (128, 128, 2)
     assert isinstance(params["seed"], int) and params["seed"] >= 0
-    assert set(params) == {"prompt", "steps", "width", "height", "seed", "sampler"}
+    assert set(params) == {"prompt", "steps", "width", "height", "seed", "sampler", "output"}
 
     events = list(job.progress(timeout=30))
     assert events and all(isinstance(e, p.Progress) for e in events)
@@ -174,7 +174,7 @@ def test_workflows_lists_builtin_workflows_with_inputs(client):
     flux = by_name[WORKFLOW]
     assert flux.models == MODELS
     inputs = {i.name: i for i in flux.inputs}
-    assert set(inputs) == {"prompt", "steps", "width", "height", "seed", "sampler"}
+    assert set(inputs) == {"prompt", "steps", "width", "height", "seed", "sampler", "output"}
     assert inputs["prompt"].required is True
     assert inputs["steps"].default == 4 and inputs["steps"].max == 16
     # CFG workflows have the extra inputs

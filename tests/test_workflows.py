@@ -111,12 +111,12 @@ def test_builtin_overrides_are_applied(catalog, sd15, schnell):
 def test_validate_fills_defaults(sd15):
     out = validate_params(sd15, {"prompt": "a cat"}, random.Random(0))
     assert out == {"prompt": "a cat", "steps": 25, "width": 512, "height": 512,
-                   "seed": out["seed"], "sampler": "default", "negative_prompt": "", "guidance": 7.5}
+                   "seed": out["seed"], "sampler": "default", "negative_prompt": "", "guidance": 7.5, "output": "image"}
 
 
 def test_validate_keeps_given_values(sd15):
     params = {"prompt": "a cat", "steps": 3, "width": 256, "height": 768, "seed": 0,
-              "sampler": "euler", "negative_prompt": "blurry", "guidance": 2.5}
+              "sampler": "euler", "negative_prompt": "blurry", "guidance": 2.5, "output": "latents"}
     assert validate_params(sd15, dict(params)) == params
 
 
