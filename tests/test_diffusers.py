@@ -1,7 +1,9 @@
-"""The correctness anchor: micro-served SD 1.5 and SDXL equal the plain diffusers pipelines.
+"""The correctness anchor: micro-served SD 1.5, SDXL, SD3 and Flux equal the plain diffusers
+pipelines, in process and through a cluster of real processes.
 
-Tiny SD-1.5-shaped components with random weights are built offline (`lego models
-tiny`) and loaded through `from_pretrained`, by the pipeline and by the actors alike.
+Tiny components with random weights are built offline (`lego models tiny`) and loaded
+through `from_pretrained`, by the pipeline and by the actors alike. Variants (FLUX.1-dev
+guidance, SD3 with T5, single-file checkpoints): tests/test_diffusers_variants.py.
 """
 
 from __future__ import annotations
@@ -36,35 +38,51 @@ def one_torch_thread():
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    catalog_path = build_all(root, "tiny")
+def tiny_models(tmp_path_factory):
+    """(root, catalog path, catalog) of the tiny build: one build per session, shared by the
+    test_diffusers* modules (the catalog file is written last: its presence means complete)."""
+    root = tmp_path_factory.getbasetemp() / "tiny-models"
+    catalog_path = root / "catalog.toml"
+    if not catalog_path.exists():
+        build_all(root, "tiny")
     return root, catalog_path, load_catalog([catalog_path])
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_models(tmp_path_factory)
+
+
+# Pipeline variants: the tiny build's folder, the pipeline class and components to leave out.
+# "sd3" is SD3 without T5 (the pipeline then conditions on zeros), "sd3-t5" the same folder
+# with its T5 encoder; "flux-dev" has a guidance-embedding transformer.
+FOLDER = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "sd3-t5": "sd3", "flux": "flux", "flux-dev": "flux-dev"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-             "flux": "FluxPipeline"}
-EXTRA = {  # components a family's tiny build leaves out
+             "sd3-t5": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-dev": "FluxPipeline"}
+EXTRA = {  # components a family's tiny build (or the variant) leaves out
     "sd15": {"safety_checker": None, "requires_safety_checker": False},
     "sdxl": {},
     "sd3": {"text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None},
+    "sd3-t5": {"image_encoder": None, "feature_extractor": None},
     "flux": {},
+    "flux-dev": {},
 }
-SIZE = {"sd15": 64, "sdxl": 64, "sd3": 32, "flux": 32}
+SIZE = {"sd15": 64, "sdxl": 64, "sd3": 32, "sd3-t5": 32, "flux": 32, "flux-dev": 32}
 
 
-def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np", family: str = "sd15"):
-    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(root / family, **EXTRA[family])
+def pipeline_image(root, sampler: str, cfg: bool, seed: int, steps: int = 4, output_type: str = "np", family: str = "sd15",
+                   **call):
+    """The plain pipeline's image (uint8) or final latents; `call` adds pipeline arguments."""
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(root / FOLDER[family], **EXTRA[family])
     if sampler != "default":
         pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if family == "flux":  # FluxPipeline's CFG is "true CFG" with its own scale
+    if family.startswith("flux"):  # FluxPipeline's CFG is "true CFG" with its own scale
         guidance = {"true_cfg_scale": 7.5} if cfg else {}
     else:
         guidance = {"guidance_scale": 7.5 if cfg else 1.0}
     out = pipe(PROMPT, negative_prompt=NEGATIVE if cfg else None, num_inference_steps=steps,
-               height=SIZE[family], width=SIZE[family], **guidance,
+               height=SIZE[family], width=SIZE[family], **{**guidance, **call},
                generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
     if output_type == "latent":
         return out
@@ -85,8 +103,11 @@ def workflow_name(cfg: bool, family: str = "sd15") -> str:
 FAMILY_SAMPLERS = [(f, s) for f in ("sd15", "sdxl") for s in sorted(SCHEDULERS)] + [("sd3", "default"), ("flux", "default")]
 
 
-def run_in_process(catalog, workflow, params: dict, *, cfg_split: bool = False, image=None, dtype: str = "") -> dict:
-    """Load the workflow's actors' backends here and run its DAG node by node: {node: output bundle}."""
+def run_in_process(catalog, workflow, params: dict, *, cfg_split: bool = False, image=None, dtype: str = "",
+                   step_params: dict | None = None) -> dict:
+    """Load the workflow's actors' backends here and run its DAG node by node: {node: output bundle}.
+
+    `step_params` are added to every denoise node's parameters (what the broker would put there)."""
     import dataclasses
 
     def spec(model):
@@ -98,6 +119,8 @@ def run_in_process(catalog, workflow, params: dict, *, cfg_split: bool = False, 
     client = [{"image": torch.from_numpy(image)}] if image is not None else []
     outputs = {}
     for plan in unroll(workflow, validate_params(workflow, params), cfg_split=cfg_split):
+        if step_params and plan.kind in ("denoise", "denoise_branch"):
+            plan.params.update(step_params)
         task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
                           list(plan.shape), plan.params, [], plan.key)
         inputs = [outputs[k] for k in plan.inputs] or (client if plan.kind == "encode_image" else [])
@@ -116,32 +139,6 @@ def test_node_tasks_reproduce_the_pipeline_exactly(tiny, sampler, cfg, family):
     assert np.array_equal(outputs["decode"]["image"].numpy(), pipeline_image(root, sampler, cfg, seed=3, family=family))
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(300)
-def test_micro_served_cluster_equals_the_pipeline_with_forced_migration(tiny, tmp_path):
-    root, catalog_path, _ = tiny
-    spec = LocalClusterSpec(
-        workflows=[workflow_name(True), workflow_name(False), workflow_name(True, "sdxl"), workflow_name(True, "sd3")],
-        replicas={"tiny-sd15-unet": 2, "tiny-sdxl-unet": 2, "tiny-sd3-unet": 2}, backend="diffusers",
-        catalog=[str(catalog_path)], affinity="avoid", run_dir=str(tmp_path / "run"), log_level="warning",
-    )
-    cases = [(cfg, sampler, seed, "sd15") for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
-    cases += [(True, "euler_a", 5, "sdxl"), (True, "dpmpp_2m", 6, "sdxl"), (True, "default", 7, "sd3")]
-    with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
-        jobs = [client.submit(workflow_name(cfg, family), progress=False, **request_params(cfg, sampler, seed))
-                for cfg, sampler, seed, family in cases]
-        results = [job.result(timeout=240) for job in jobs]
-        stats = client.stats()
-    for model in ("tiny-sd15-unet", "tiny-sdxl-unet", "tiny-sd3-unet"):
-        unet_actors = [a for a in stats.actors if a.model == model]
-        assert len(unet_actors) == 2 and all(a.tasks > 0 for a in unet_actors)
-        fetched = sum(a.telemetry.fetches for a in unet_actors if a.telemetry)
-        assert fetched > 0, f"{model}: steps never moved between actors"
-    for (cfg, sampler, seed, family), result in zip(cases, results, strict=True):
-        expected = pipeline_image(root, sampler, cfg, seed, family=family)
-        assert np.array_equal(result.image, expected), (cfg, sampler, seed, family)
-
-
 def test_tiny_models_load_offline_without_a_hub(tiny):
     root, _, _ = tiny
     from transformers import CLIPTokenizer
@@ -156,20 +153,23 @@ def source_image(seed: int = 0, size: int = 64) -> np.ndarray:
 
 
 IMG2IMG = {"sd15": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline",
-           "sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipeline"}
+           "sd3": "StableDiffusion3Img2ImgPipeline", "sd3-t5": "StableDiffusion3Img2ImgPipeline",
+           "flux": "FluxImg2ImgPipeline"}
 
 
-def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type: str, family: str = "sd15"):
+def img2img_pipeline(root, sampler: str, seed: int, strength: float, output_type: str, family: str = "sd15",
+                     image_seed: int = 0):
     from PIL import Image
 
-    pipe = getattr(diffusers, IMG2IMG[family]).from_pretrained(root / family, **EXTRA[family])
+    pipe = getattr(diffusers, IMG2IMG[family]).from_pretrained(root / FOLDER[family], **EXTRA[family])
     if sampler != "default":
         pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, image=Image.fromarray(source_image(size=SIZE[family])), negative_prompt=NEGATIVE, strength=strength,
+    image = Image.fromarray(source_image(image_seed, SIZE[family]))
+    out = pipe(PROMPT, image=image, negative_prompt=NEGATIVE, strength=strength,
                num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(seed),
                height=SIZE[family], width=SIZE[family],  # FluxImg2ImgPipeline would default to 128
-               **({"true_cfg_scale": 7.5} if family == "flux" else {"guidance_scale": 7.5}),
+               **({"true_cfg_scale": 7.5} if family.startswith("flux") else {"guidance_scale": 7.5}),
                output_type=output_type).images
     return out if output_type == "latent" else (out[0] * 255).round().astype("uint8")
 
@@ -324,3 +324,79 @@ def test_half_precision_actors_reproduce_the_pipeline_in_that_precision(tiny, fa
     image = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, height=SIZE[family], width=SIZE[family],
                  generator=torch.Generator("cpu").manual_seed(3), output_type="np", **kwargs).images[0]
     assert np.array_equal(outputs["decode"]["image"].numpy(), (image * 255).round().astype("uint8"))
+
+
+# ---------------------------------------------------------------- one shared cluster
+# Last in the module: the module-scoped cluster stops when the module ends, so its actors
+# do not sit idle beside the other tests' clusters.
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny, tmp_path_factory):
+    """One cluster of real processes for the txt2img and img2img tests below: starting its
+    actors (each imports diffusers) is most of their time. Two actors per SD denoiser and
+    affinity "avoid", so that steps move between actors; img2img workflows reuse the models."""
+    _, catalog_path, _ = tiny
+    spec = LocalClusterSpec(
+        workflows=[workflow_name(True), workflow_name(False), workflow_name(True, "sdxl"), workflow_name(True, "sd3"),
+                   workflow_name(True, "sd3-t5"), "tiny-sdxl-img2img", "tiny-sd3-img2img", "tiny-flux-img2img",
+                   "tiny-flux-dev-txt2img"],
+        replicas={"tiny-sd15-unet": 2, "tiny-sdxl-unet": 2, "tiny-sd3-unet": 2}, backend="diffusers",
+        catalog=[str(catalog_path)], affinity="avoid", run_dir=str(tmp_path_factory.mktemp("cluster") / "run"),
+        log_level="warning",
+    )
+    running = LocalCluster(spec).start(timeout_s=180)  # ~20 actors: about 50 s on 2 cores, more when busy
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_micro_served_cluster_equals_the_pipeline_with_forced_migration(tiny, cluster):
+    root, _, _ = tiny
+    cases = [(cfg, sampler, seed, "sd15") for cfg in (True, False) for sampler in ("ddim", "euler") for seed in (1, 2)]
+    cases += [(True, "euler_a", 5, "sdxl"), (True, "dpmpp_2m", 6, "sdxl"), (True, "default", 7, "sd3"),
+              (True, "default", 8, "sd3-t5")]
+    # FLUX.1-dev-shaped: the distilled guidance scale crosses the broker as the workflow's
+    # `guidance` input where the catalog flag exists, else the pipeline's default applies
+    flux_dev = tiny[2].workflow("tiny-flux-dev-txt2img")
+    dev_guidance = {"guidance": 5.0} if "guidance" in flux_dev.inputs else {}
+    with Client(cluster.frontend) as client:
+        jobs = [client.submit(workflow_name(cfg, family), progress=False, **request_params(cfg, sampler, seed))
+                for cfg, sampler, seed, family in cases]
+        dev_job = client.submit(flux_dev.name, progress=False, **request_params(False, "default", 9), **dev_guidance)
+        results = [job.result(timeout=240) for job in jobs]
+        dev_image = dev_job.result(timeout=240).image
+        stats = client.stats()
+    expected = pipeline_image(root, "default", False, 9, family="flux-dev",
+                              **({"guidance_scale": 5.0} if dev_guidance else {}))
+    assert np.array_equal(dev_image, expected)
+    for model in ("tiny-sd15-unet", "tiny-sdxl-unet", "tiny-sd3-unet"):
+        unet_actors = [a for a in stats.actors if a.model == model]
+        assert len(unet_actors) == 2 and all(a.tasks > 0 for a in unet_actors)
+        fetched = sum(a.telemetry.fetches for a in unet_actors if a.telemetry)
+        assert fetched > 0, f"{model}: steps never moved between actors"
+    for (cfg, sampler, seed, family), result in zip(cases, results, strict=True):
+        expected = pipeline_image(root, sampler, cfg, seed, family=family)
+        assert np.array_equal(result.image, expected), (cfg, sampler, seed, family)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_img2img_through_the_cluster_equals_the_pipelines_for_sdxl_sd3_and_flux(tiny, cluster):
+    """The client's image crosses the processes (client -> broker -> VAE actor), its latents
+    and the generator state go on to the denoiser actors, steps move between two actors
+    (SDXL, SD3): each result equals its img2img pipeline's bit for bit."""
+    root, _, _ = tiny
+    cases = [("sdxl", "euler_a", 11, 0.6), ("sdxl", "dpmpp_2m", 12, 1.0), ("sd3", "default", 13, 0.75),
+             ("flux", "default", 14, 0.5)]
+    with Client(cluster.frontend) as client:
+        jobs = [client.submit(f"tiny-{family}-img2img", image=source_image(seed, SIZE[family]), progress=False,
+                              **request_params(True, sampler, seed), strength=strength)
+                for family, sampler, seed, strength in cases]
+        results = [job.result(timeout=240) for job in jobs]
+    for (family, sampler, seed, strength), result in zip(cases, results, strict=True):
+        expected = img2img_pipeline(root, sampler, seed, strength, "np", family=family, image_seed=seed)
+        assert np.array_equal(result.image, expected), (family, sampler, seed, strength)

@@ -2,9 +2,17 @@
 
 A node task does exactly what the diffusers pipeline does at that point, in the same
 order and with the same tensor shapes, so the micro-served result equals the
-pipeline's bit for bit. Families (`ModelSpec.family`): `sd15` (StableDiffusionPipeline)
-and `sdxl` (StableDiffusionXLPipeline: two text encoders, penultimate hidden states,
-pooled embeddings and size/crop time ids as added conditioning).
+pipeline's bit for bit. Families (`ModelSpec.family`): `sd15` (StableDiffusionPipeline),
+`sdxl` (StableDiffusionXLPipeline: two text encoders, penultimate hidden states,
+pooled embeddings and size/crop time ids as added conditioning), `sd3`
+(StableDiffusion3Pipeline: two CLIP encoders and an optional T5 encoder, whose sequence
+is zeros when the workflow lists none) and `flux` (FluxPipeline; a transformer with
+`guidance_embeds` in its config, FLUX.1-dev style, embeds the distilled guidance scale).
+
+Sources: a pipeline folder or hub id (`from_pretrained`, with `subfolder`), or, for
+denoisers and VAEs, one local `.safetensors` checkpoint (`from_single_file`, original
+layout or the model's diffusers keys) whose diffusers config is read from a local folder,
+never from a hub.
 
 - encode: tokenize and run the text encoder, the prompt and (CFG) the negative
   prompt in separate calls as `encode_prompt` does; output `[negative; positive]`
@@ -43,6 +51,10 @@ SDXL, SD3, FLUX = "sdxl", "sd3", "flux"
 ROW_KEYS = ("text_embeds", "time_ids", "pooled_projections")  # added conditioning with one row per CFG branch
 T5_FLUX_SEQUENCE = 512  # FluxPipeline's max_sequence_length
 T5_SEQUENCE = 256  # StableDiffusion3Pipeline's max_sequence_length: T5 rows in the joint sequence
+# FluxPipeline's `guidance_scale` default: what a guidance-distilled transformer (FLUX.1-dev)
+# embeds when a task carries no `distilled_guidance` (e.g. with true CFG, whose scale is `guidance`)
+FLUX_DISTILLED_GUIDANCE = 3.5
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SAMPLERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
@@ -114,6 +126,7 @@ class DiffusersBackend:
         self.model = model
         self.device = torch.device(device)
         self.dtype = DTYPES[model.dtype]
+        self.options = options
         self.batching = str(options.get("batching", "exact"))
         if self.batching not in ("exact", "fused"):
             raise ValueError(f"options.batching: expected 'exact' or 'fused', got {self.batching!r}")
@@ -128,37 +141,90 @@ class DiffusersBackend:
         path = Path(self.model.source).expanduser()
         return str(path) if path.exists() else self.model.source  # a hub id otherwise
 
+    def _checkpoint(self) -> Path | None:
+        """The file when `source` names a single-file checkpoint, else None (a folder or hub id)."""
+        path = Path(self.model.source).expanduser()
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            return None
+        field = f"models.{self.model.name}.source"
+        if path.suffix != ".safetensors":  # torch.load would unpickle it: no pickle anywhere
+            raise ValueError(f"{field}: single-file checkpoints load from .safetensors only, got {path.name!r}")
+        if not path.is_file():
+            raise ValueError(f"{field}: no such checkpoint file: {path}")
+        return path
+
+    def _single_file_config(self, checkpoint: Path, sub: str) -> str:
+        """Where a single-file component's diffusers config is read, so `from_single_file` never
+        asks a hub: the model's `config` (catalog field, or the actor option while the catalog
+        lacks it), else the checkpoint's own folder when `{subfolder}/config.json` lies beside it."""
+        field = f"models.{self.model.name}.config"
+        config = getattr(self.model, "config", "") or str(self.options.get("config", ""))
+        if not config:
+            if (checkpoint.parent / sub / "config.json").is_file():
+                return str(checkpoint.parent)
+            raise ValueError(f"{field}: a single-file source needs a folder holding the diffusers config "
+                             f"{sub}/config.json (none beside {checkpoint}); without it diffusers would look "
+                             "the config up on the hub")
+        folder = Path(config).expanduser()
+        if folder.exists() and not (folder / sub / "config.json").is_file():
+            raise ValueError(f"{field}: {folder} holds no {sub}/config.json")
+        return str(folder) if folder.exists() else config  # a hub id otherwise
+
+    def _from_source(self, cls, sub: str) -> tuple[Any, str]:
+        """Load a diffusers model from a folder/hub id or a single file; returns it and the
+        folder (or hub id) its sibling configs (the scheduler's) are read from."""
+        checkpoint = self._checkpoint()
+        if checkpoint is None:
+            source = self._source()
+            return cls.from_pretrained(source, subfolder=sub, torch_dtype=self.dtype), source
+        config = self._single_file_config(checkpoint, sub)
+        # An original-format (LDM/BFL) checkpoint is converted by diffusers; one holding exactly
+        # this model's diffusers keys loads as is.
+        return cls.from_single_file(str(checkpoint), config=config, subfolder=sub, torch_dtype=self.dtype), config
+
     def load(self) -> None:
+        loaders = {"text_encoder": self._load_text_encoder, "denoiser": self._load_denoiser, "vae": self._load_vae}
+        if self.model.kind not in loaders:
+            raise ValueError(f"models.{self.model.name}.kind: {self.model.kind!r} has no diffusers loader")
+        loaders[self.model.kind]()
+        self.component.to(self.device).eval()
+
+    def _load_text_encoder(self) -> None:
         import transformers
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoConfig, CLIPTokenizer
 
-        source, sub = self._source(), self.model.subfolder
-        kind = self.model.kind
-        if kind == "text_encoder":
-            sub = sub or "text_encoder"
-            # CLIPTextModel, CLIPTextModelWithProjection (SDXL/SD3) or T5EncoderModel (Flux), as saved
-            (architecture,) = AutoConfig.from_pretrained(source, subfolder=sub).architectures
-            tokenizer_cls = transformers.T5TokenizerFast if architecture.startswith("T5") else CLIPTokenizer
-            self.tokenizer = tokenizer_cls.from_pretrained(source, subfolder=_sibling(sub, "tokenizer"))
-            cls = getattr(transformers, architecture)
-            self.component = cls.from_pretrained(source, subfolder=sub, torch_dtype=self.dtype)
-        elif kind == "denoiser":
-            from diffusers import DDIMScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+        if self._checkpoint() is not None:
+            raise ValueError(f"models.{self.model.name}.source: text encoders load from a pipeline folder or hub id; "
+                             "single-file checkpoints are for denoisers and VAEs")
+        source, sub = self._source(), self.model.subfolder or "text_encoder"
+        # CLIPTextModel, CLIPTextModelWithProjection (SDXL/SD3) or T5EncoderModel (Flux, SD3), as saved
+        (architecture,) = AutoConfig.from_pretrained(source, subfolder=sub).architectures
+        tokenizer_cls = transformers.T5TokenizerFast if architecture.startswith("T5") else CLIPTokenizer
+        self.tokenizer = tokenizer_cls.from_pretrained(source, subfolder=_sibling(sub, "tokenizer"))
+        self.component = getattr(transformers, architecture).from_pretrained(source, subfolder=sub, torch_dtype=self.dtype)
 
-            cls, default = {SD3: (SD3Transformer2DModel, "transformer"), FLUX: (FluxTransformer2DModel, "transformer")}.get(
-                self.model.family, (UNet2DConditionModel, "unet"))
-            self.component = cls.from_pretrained(source, subfolder=sub or default, torch_dtype=self.dtype)
-            # Any scheduler class reads the config file; the sampler picks the class per step.
-            self.scheduler_config = DDIMScheduler.load_config(source, subfolder=_sibling(sub, "scheduler"))
-        elif kind == "vae":
-            self.component = AutoencoderKL.from_pretrained(source, subfolder=sub or "vae", torch_dtype=self.dtype)
-            if self.model.family == SDXL and self.dtype == torch.float16 and self.component.config.force_upcast:
-                # The SDXL pipelines run a half-precision VAE in float32 (`upcast_vae`): so do we.
-                self.component.to(torch.float32)
-        else:
-            raise ValueError(f"models.{self.model.name}.kind: {kind!r} has no diffusers loader")
-        self.component.to(self.device).eval()
+    def _load_denoiser(self) -> None:
+        from diffusers import (
+            DDIMScheduler,
+            FluxTransformer2DModel,
+            SD3Transformer2DModel,
+            UNet2DConditionModel,
+        )
+
+        cls, default = {SD3: (SD3Transformer2DModel, "transformer"), FLUX: (FluxTransformer2DModel, "transformer")}.get(
+            self.model.family, (UNet2DConditionModel, "unet"))
+        sub = self.model.subfolder or default
+        self.component, configs = self._from_source(cls, sub)
+        # Any scheduler class reads the config file; the sampler picks the class per step.
+        self.scheduler_config = DDIMScheduler.load_config(configs, subfolder=_sibling(sub, "scheduler"))
+
+    def _load_vae(self) -> None:
+        from diffusers import AutoencoderKL
+
+        self.component, _ = self._from_source(AutoencoderKL, self.model.subfolder or "vae")
+        if self.model.family == SDXL and self.dtype == torch.float16 and self.component.config.force_upcast:
+            # The SDXL pipelines run a half-precision VAE in float32 (`upcast_vae`): so do we.
+            self.component.to(torch.float32)
 
     def memory_bytes(self) -> int:
         if self.component is None:
@@ -182,14 +248,13 @@ class DiffusersBackend:
         return outputs
 
     def _embed(self, text: str) -> dict[str, torch.Tensor]:
-        if self.model.family == FLUX:  # FluxPipeline: CLIP gives the pooled vector, T5 the sequence
-            t5 = self.component.config.model_type == "t5"
-            length = T5_FLUX_SEQUENCE if t5 else self.tokenizer.model_max_length
-            ids = self.tokenizer(text, padding="max_length", max_length=length, truncation=True, return_length=False,
-                                 return_overflowing_tokens=False, return_tensors="pt").input_ids.to(self.device)
-            out = self.component(ids, output_hidden_states=False)
-            value = out[0] if t5 else out.pooler_output
-            return {"embeds" if t5 else "pooled": value.to(dtype=self.dtype, device=self.device)}
+        if self.component.config.model_type == "t5":
+            return self._embed_t5(text)
+        if self.model.family == FLUX:  # FluxPipeline: CLIP gives the pooled vector only
+            ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                                 return_overflowing_tokens=False, return_length=False, return_tensors="pt").input_ids
+            pooled = self.component(ids.to(self.device), output_hidden_states=False).pooler_output
+            return {"pooled": pooled.to(dtype=self.dtype, device=self.device)}
         tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)
@@ -203,6 +268,15 @@ class DiffusersBackend:
         if getattr(self.component.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
         return {"embeds": self.component(ids, attention_mask=mask)[0].to(dtype=self.dtype, device=self.device)}
+
+    def _embed_t5(self, text: str) -> dict[str, torch.Tensor]:
+        """The T5 sequence, padded to the pipeline's `max_sequence_length` (Flux 512, SD3 256).
+
+        Its own key (`t5`): SD3 tells it from the CLIP hidden states it is joined with."""
+        length = T5_FLUX_SEQUENCE if self.model.family == FLUX else T5_SEQUENCE
+        ids = self.tokenizer(text, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                             return_length=False, return_overflowing_tokens=False, return_tensors="pt").input_ids
+        return {"t5": self.component(ids.to(self.device))[0].to(dtype=self.dtype, device=self.device)}
 
     def _encode(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         positive = self._embed(task.params["prompt"])
@@ -246,7 +320,7 @@ class DiffusersBackend:
             # FluxPipeline runs true CFG as two batch-1 calls (positive, negative), so one
             # call per row here gives the same bits; rows stay in [negative; positive] order.
             timestep = t.expand(model_input.shape[0]).to(model_input.dtype) / 1000
-            rows = [self.component(hidden_states=model_input, timestep=timestep, guidance=None,
+            rows = [self.component(hidden_states=model_input, timestep=timestep, guidance=added.get("guidance"),
                                    pooled_projections=added["pooled_projections"][r: r + 1],
                                    encoder_hidden_states=embeds[r: r + 1], txt_ids=added["txt_ids"],
                                    img_ids=added["img_ids"], joint_attention_kwargs={}, return_dict=False)[0]
@@ -353,6 +427,8 @@ class DiffusersBackend:
             added = {"pooled_projections": cond["cond/pooled"].to(self.device),
                      "txt_ids": torch.zeros(cond["cond/embeds"].shape[1], 3, device=self.device, dtype=embeds_dtype),
                      "img_ids": FluxPipeline._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2, self.device, embeds_dtype)}
+            if self.component.config.guidance_embeds:
+                added["guidance"] = self._distilled_guidance(task)
         elif self.model.family == SD3:
             added = {"pooled_projections": cond["cond/pooled"].to(self.device)}
         elif "cond/pooled" in cond:
@@ -364,6 +440,17 @@ class DiffusersBackend:
         if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
             model_input = scheduler.scale_model_input(model_input, t)
         return _Step(scheduler, generator, cond, latents, t, model_input, cond["cond/embeds"].to(self.device), added)
+
+    def _distilled_guidance(self, task: TaskSpec) -> torch.Tensor:
+        """What FluxPipeline hands a guidance-distilled transformer (FLUX.1-dev): its
+        `guidance_scale` as a float32 tensor of one row (each model call here is one row).
+
+        The scale comes as `distilled_guidance`, apart from `guidance`, which is the true-CFG
+        scale in a CFG workflow; absent, the pipeline's default applies."""
+        value = task.params.get("distilled_guidance", FLUX_DISTILLED_GUIDANCE)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{task.node}: params.distilled_guidance must be a number, got {value!r}")
+        return torch.full([1], float(value), device=self.device, dtype=torch.float32)
 
     def _finish_step(self, task: TaskSpec, step: _Step, noise: torch.Tensor) -> Bundle:
         """Guidance and the sampler update; the output bundle carries the sampler state."""
@@ -379,18 +466,17 @@ class DiffusersBackend:
     def _conditioning(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """What every step conditions on, built once at step 0 and carried with the latent."""
         pooled = [b["pooled"] for b in inputs if "pooled" in b]
+        t5 = [b["t5"] for b in inputs if "t5" in b]
+        if len(t5) > 1:
+            raise ValueError(f"{task.node}: the workflow lists {len(t5)} T5 encoders; its pipeline takes one")
         if self.model.family == FLUX:  # the T5 sequence and CLIP's pooled vector, each from its encoder
-            (embeds,) = [b["embeds"] for b in inputs if "embeds" in b]
-            return {"cond/embeds": embeds, "cond/pooled": pooled[0]}
-        cond = {"cond/embeds": torch.cat([b["embeds"] for b in inputs], dim=-1)}
+            if not t5 or not pooled:
+                raise ValueError(f"{task.node}: Flux needs a T5 encoder (sequence) and a CLIP encoder (pooled)")
+            return {"cond/embeds": t5[0], "cond/pooled": pooled[0]}
+        cond = {"cond/embeds": torch.cat([b["embeds"] for b in inputs if "embeds" in b], dim=-1)}
         if self.model.family == SD3:
-            # CLIP hidden states padded (or cut) to the joint width, then the T5 rows: zeros,
-            # as StableDiffusion3Pipeline has them without a T5 encoder.
-            clip = cond["cond/embeds"]
-            joint = self.component.config.joint_attention_dim
-            t5 = torch.zeros((clip.shape[0], T5_SEQUENCE, joint), dtype=clip.dtype, device=clip.device)
-            clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
-            return {"cond/embeds": torch.cat([clip, t5], dim=-2), "cond/pooled": torch.cat(pooled, dim=-1)}
+            return {"cond/embeds": self._sd3_joint(cond["cond/embeds"], t5[0] if t5 else None),
+                    "cond/pooled": torch.cat(pooled, dim=-1)}
         if self.model.family == SDXL:
             if not pooled:
                 raise ValueError(f"{task.node}: SDXL needs pooled embeddings from a projection text encoder")
@@ -400,6 +486,15 @@ class DiffusersBackend:
             cond["cond/pooled"] = pooled[0]  # the pipeline keeps the first pooled (2-D) output it sees
             cond["cond/time_ids"] = time_ids.repeat(cond["cond/embeds"].shape[0], 1)  # one per CFG row
         return cond
+
+    def _sd3_joint(self, clip: torch.Tensor, t5: torch.Tensor | None) -> torch.Tensor:
+        """StableDiffusion3Pipeline's joint sequence: the CLIP hidden states padded to T5's
+        width, then the T5 rows (zeros of the transformer's joint width without a T5 encoder)."""
+        if t5 is None:
+            joint = self.component.config.joint_attention_dim
+            t5 = torch.zeros((clip.shape[0], T5_SEQUENCE, joint), dtype=clip.dtype, device=clip.device)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2)
 
     def _encode_image(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """img2img's first node: the client's image through the VAE encoder, as the pipeline does."""

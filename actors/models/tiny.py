@@ -3,8 +3,14 @@
 `lego models tiny DIR [--size tiny|mid]` writes, per family, a pipeline folder in the
 layout `from_pretrained` reads (text_encoder/, tokenizer/, unet/, vae/, scheduler/,
 model_index.json) with random weights, plus `DIR/catalog.toml` naming the models and
-workflows so a cluster can serve them at once. Nothing is downloaded: the tokenizer
-is a byte-level BPE vocabulary written here, with no merges (one token per byte).
+workflows so a cluster can serve them at once. Nothing is downloaded: the CLIP tokenizer
+is a byte-level BPE vocabulary written here, with no merges (one token per byte); the T5
+one a unigram vocabulary of printable ASCII.
+
+Besides one workflow set per family: `sd15-file` (the SD 1.5 UNet and VAE loaded from
+`sd15/sd15.safetensors`, an original-format single-file checkpoint), `sd3-t5` (SD3 with
+its T5 encoder; plain `sd3` leaves it out) and `flux-dev` (a guidance-embedding
+transformer sharing the Flux encoders and VAE).
 
 `tiny` is for tests (64 px images, milliseconds per step); `mid` is for a demo a
 person can watch on two CPU cores (256 px, a few seconds per image).
@@ -164,9 +170,12 @@ def build_sdxl(folder: Path, seed: int = 0) -> dict:
     return {"image": 64, "steps": 4, "vae_scale": 2}
 
 
-def build_sd3(folder: Path, seed: int = 0) -> dict:
+def build_sd3(folder: Path, seed: int = 0, t5: bool = True) -> dict:
     """An SD3-shaped pipeline folder: two CLIP encoders with projections, an MMDiT, a
-    flow-matching scheduler, no T5 (the pipeline then conditions on zeros in its place)."""
+    flow-matching scheduler and, with `t5`, a T5 encoder (text_encoder_3/tokenizer_3).
+
+    The MMDiT is the same either way: a pipeline loaded with `text_encoder_3=None` (and the
+    catalog's no-T5 workflows) conditions on zeros where the T5 sequence goes."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -189,11 +198,14 @@ def build_sd3(folder: Path, seed: int = 0) -> dict:
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
+    clip_l, clip_g = CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
+    # built last, so the other components' weights do not depend on `t5`
+    text_encoder_3, tokenizer_3 = _t5_encoder(folder / "tokenizer_3", hidden) if t5 else (None, None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(config), tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(folder)
     return {"image": 32, "steps": 4, "vae_scale": 1, "denoiser": "transformer", "samplers": ["default"]}
@@ -209,9 +221,23 @@ def write_t5_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def build_flux(folder: Path, seed: int = 0) -> dict:
-    """A FLUX.1-schnell-shaped pipeline folder: CLIP (pooled) + T5 (sequence), a Flux
-    transformer on 2x2-packed latents, flow matching with the resolution shift."""
+def _t5_encoder(tokenizer_folder: Path, hidden: int):
+    """A small T5 encoder of width `hidden` and its offline tokenizer (Flux's and SD3's)."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = write_t5_tokenizer(tokenizer_folder)
+    encoder = T5EncoderModel(T5Config(vocab_size=vocab, d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return encoder, T5TokenizerFast.from_pretrained(tokenizer_folder)
+
+
+def build_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) -> dict:
+    """A FLUX.1-shaped pipeline folder: CLIP (pooled) + T5 (sequence), a Flux transformer on
+    2x2-packed latents, flow matching with the resolution shift.
+
+    `guidance_embeds=False` is schnell-shaped; True is dev-shaped: the transformer embeds the
+    (distilled) guidance scale. The transformer is built last, so both shapes built with one
+    seed share identical text encoders and VAE, as FLUX.1-dev and -schnell do."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -219,89 +245,138 @@ def build_flux(folder: Path, seed: int = 0) -> dict:
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
-    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     clip_vocab = write_clip_tokenizer(folder / "tokenizer")
-    t5_vocab = write_t5_tokenizer(folder / "tokenizer_2")
     hidden = 32
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden,
-                                         pooled_projection_dim=hidden, axes_dims_rope=[4, 4, 8], guidance_embeds=False)
     clip = CLIPTextModel(CLIPTextConfig(bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1,
                                         pad_token_id=clip_vocab - 1, hidden_size=hidden, intermediate_size=37,
                                         num_attention_heads=4, num_hidden_layers=2, vocab_size=clip_vocab,
                                         max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu"))
-    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    t5, t5_tokenizer = _t5_encoder(folder / "tokenizer_2", hidden)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden,
+                                         pooled_projection_dim=hidden, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
-                        transformer=transformer)
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
     pipe.save_pretrained(folder)
     return {"image": 32, "steps": 4, "vae_scale": 1, "denoiser": "transformer", "samplers": ["default"]}
+
+
+STANDARD_WORKFLOWS = [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)]
 
 
 def build_all(root: str | Path, size: str = "tiny") -> Path:
     """Build every family under `root` and write `root/catalog.toml`; returns its path.
 
-    SD 1.5 at the given size; SDXL and SD3 (tests only) always at the tiny size.
+    SD 1.5 at the given size (also as one original-format single-file checkpoint);
+    SDXL, SD3 (with and without T5) and Flux (schnell- and dev-shaped), for tests, always
+    at the tiny size.
     """
     if size not in SIZES:
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
     root = Path(root).resolve()
     info = build_sd15(root / "sd15", size)
     text = f"# Written by `lego models tiny`: {size} components with random weights.\n"
-    text += _family_catalog(f"{size}-sd15", "sd15", root / "sd15", {"clip": "text_encoder"}, info,
-                            [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
+    text += _family_catalog(f"{size}-sd15", "sd15", root / "sd15", {"clip": "text_encoder"}, info, STANDARD_WORKFLOWS)
+    text += _single_file_catalog(f"{size}-sd15", root / "sd15", info)
     if size == "tiny":
         text += _family_catalog("tiny-sdxl", "sdxl", root / "sdxl",
                                 {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, build_sdxl(root / "sdxl"),
-                                [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
-        text += _family_catalog("tiny-sd3", "sd3", root / "sd3", {"clip-l": "text_encoder", "clip-g": "text_encoder_2"},
-                                build_sd3(root / "sd3"),
-                                [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
-        text += _family_catalog("tiny-flux", "flux", root / "flux", {"clip": "text_encoder", "t5": "text_encoder_2"},
-                                build_flux(root / "flux"),
-                                [("txt2img", True, False), ("txt2img-nocfg", False, False), ("img2img", True, True)])
+                                STANDARD_WORKFLOWS)
+        text += _sd3_catalog(root / "sd3")
+        text += _flux_catalog(root)
     catalog = root / "catalog.toml"
-    catalog.write_text(text)
+    catalog.write_text(text)  # last: a catalog file means a complete build
     return catalog
+
+
+def _single_file_catalog(prefix: str, folder: Path, info: dict) -> str:
+    """The UNet and VAE again, loaded from one original-format checkpoint in the folder
+    (`from_single_file`; their configs are read from the folder beside it)."""
+    from actors.models.single_file import write_sd_checkpoint
+
+    checkpoint = write_sd_checkpoint(folder, folder / "sd15.safetensors")
+    text = _model(f"{prefix}-file-unet", "denoiser", "sd15", checkpoint, "unet",
+                  f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
+    text += _model(f"{prefix}-file-vae", "vae", "sd15", checkpoint, "vae")
+    return text + _workflow(f"{prefix}-file-txt2img", [f"{prefix}-clip"], f"{prefix}-file-unet", f"{prefix}-file-vae",
+                            True, False, info)
+
+
+def _sd3_catalog(folder: Path) -> str:
+    """SD3 without T5 (zeros in its place) and with it: one folder, one MMDiT."""
+    info = build_sd3(folder)
+    text = _family_catalog("tiny-sd3", "sd3", folder, {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, info,
+                           STANDARD_WORKFLOWS)
+    text += _model("tiny-sd3-t5", "text_encoder", "sd3", folder, "text_encoder_3")
+    encoders = ["tiny-sd3-clip-l", "tiny-sd3-clip-g", "tiny-sd3-t5"]
+    for suffix, cfg, img2img in STANDARD_WORKFLOWS:
+        text += _workflow(f"tiny-sd3-t5-{suffix}", encoders, "tiny-sd3-unet", "tiny-sd3-vae", cfg, img2img, info)
+    return text
+
+
+def _flux_catalog(root: Path) -> str:
+    """Flux schnell-shaped, and a dev-shaped transformer (guidance embedding) that shares
+    its text encoders and VAE, as FLUX.1-dev does with -schnell."""
+    info = build_flux(root / "flux")
+    text = _family_catalog("tiny-flux", "flux", root / "flux", {"clip": "text_encoder", "t5": "text_encoder_2"}, info,
+                           STANDARD_WORKFLOWS)
+    build_flux(root / "flux-dev", guidance_embeds=True)  # a complete pipeline folder, for FluxPipeline
+    text += _model("tiny-flux-dev-unet", "denoiser", "flux", root / "flux-dev", "transformer",
+                   f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
+    # Distilled guidance, no CFG: the `guidance` input is the scale the transformer embeds
+    # (FluxPipeline's `guidance_scale`). The catalog flag is written once the broker reads it.
+    extra = "distilled_guidance = true\n" if _broker_reads("distilled_guidance") else ""
+    return text + _workflow("tiny-flux-dev-txt2img", ["tiny-flux-clip", "tiny-flux-t5"], "tiny-flux-dev-unet",
+                            "tiny-flux-vae", False, False, info, extra)
+
+
+def _broker_reads(workflow_field: str) -> bool:
+    """Whether broker/workflows.py knows this workflow field: an unknown one fails the catalog."""
+    import dataclasses
+
+    from broker.workflows import WorkflowSpec
+
+    return any(f.name == workflow_field for f in dataclasses.fields(WorkflowSpec))
+
+
+def _model(name: str, kind: str, family: str, source: Path, subfolder: str, extra: str = "") -> str:
+    return (f'\n[models.{name}]\nkind = "{kind}"\nfamily = "{family}"\nsource = "{source}"\n'
+            f'subfolder = "{subfolder}"\ndtype = "float32"\n{extra}')
+
+
+def _workflow(name: str, encoders: list[str], denoiser: str, vae: str, cfg: bool, img2img: bool, info: dict,
+              extra: str = "") -> str:
+    kind = "image-to-image" if img2img else "text-to-image"
+    multiple = 2 * info["vae_scale"]  # what the workflow's size inputs must be a multiple of
+    names = ", ".join(f'"{encoder}"' for encoder in encoders)
+    text = (f"\n[workflows.{name}]\n"
+            f'description = "{name}: {kind}, {"CFG" if cfg else "no CFG"} (random weights)"\n'
+            f'text_encoders = [{names}]\ndenoiser = "{denoiser}"\nvae = "{vae}"\n'
+            f"cfg = {str(cfg).lower()}\nimg2img = {str(img2img).lower()}\n{extra}"
+            f'inputs.steps = {{ default = {info["steps"]} }}\n'
+            f'inputs.width = {{ default = {info["image"]}, min = {multiple} }}\n'
+            f'inputs.height = {{ default = {info["image"]}, min = {multiple} }}\n')
+    if "samplers" in info:  # e.g. flow matching: the model's own scheduler only
+        text += f'inputs.sampler = {{ choices = {info["samplers"]!r}, default = "default" }}\n'.replace("'", '"')
+    return text
 
 
 def _family_catalog(prefix: str, family: str, folder: Path, encoders: dict[str, str], info: dict,
                     workflows: list[tuple[str, bool, bool]]) -> str:
     """Catalog entries for one pipeline folder: its models, then (suffix, cfg, img2img) workflows."""
-    def model(name: str, kind: str, subfolder: str, extra: str = "") -> str:
-        return (f'\n[models.{prefix}-{name}]\nkind = "{kind}"\nfamily = "{family}"\nsource = "{folder}"\n'
-                f'subfolder = "{subfolder}"\ndtype = "float32"\n{extra}')
-
-    text = "".join(model(name, "text_encoder", sub) for name, sub in encoders.items())
-    denoiser = info.get("denoiser", "unet")
-    text += model("unet", "denoiser", denoiser, f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
-    text += model("vae", "vae", "vae")
-    multiple = 2 * info["vae_scale"]  # what the workflow's size inputs must be a multiple of
-    names = ", ".join(f'"{prefix}-{name}"' for name in encoders)
-    for suffix, cfg, img2img in workflows:
-        kind = "image-to-image" if img2img else "text-to-image"
-        text += (f"\n[workflows.{prefix}-{suffix}]\n"
-                 f'description = "{prefix}: {kind}, {"CFG" if cfg else "no CFG"} (random weights)"\n'
-                 f'text_encoders = [{names}]\ndenoiser = "{prefix}-unet"\nvae = "{prefix}-vae"\n'
-                 f"cfg = {str(cfg).lower()}\nimg2img = {str(img2img).lower()}\n"
-                 f'inputs.steps = {{ default = {info["steps"]} }}\n'
-                 f'inputs.width = {{ default = {info["image"]}, min = {multiple} }}\n'
-                 f'inputs.height = {{ default = {info["image"]}, min = {multiple} }}\n')
-        if "samplers" in info:  # e.g. flow matching: the model's own scheduler only
-            text += f'inputs.sampler = {{ choices = {info["samplers"]!r}, default = "default" }}\n'.replace("'", '"')
-    return text
+    text = "".join(_model(f"{prefix}-{name}", "text_encoder", family, folder, sub) for name, sub in encoders.items())
+    text += _model(f"{prefix}-unet", "denoiser", family, folder, info.get("denoiser", "unet"),
+                   f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
+    text += _model(f"{prefix}-vae", "vae", family, folder, "vae")
+    names = [f"{prefix}-{name}" for name in encoders]
+    return text + "".join(_workflow(f"{prefix}-{suffix}", names, f"{prefix}-unet", f"{prefix}-vae", cfg, img2img, info)
+                          for suffix, cfg, img2img in workflows)
