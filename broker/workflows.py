@@ -59,7 +59,10 @@ class ModelSpec:
     vae_scale: int = 8
     source: str = ""  # diffusers: a local folder or hub id holding the pipeline
     subfolder: str = ""  # diffusers: the component's folder inside `source`
-    family: str = ""  # diffusers: the pipeline family whose conventions apply (sd15 | sdxl)
+    family: str = ""  # diffusers: the pipeline family whose conventions apply (sd15 | sdxl | sd3 | flux)
+    # diffusers, single-file `source` (.safetensors): the folder (or hub id) holding the
+    # component's diffusers config, so loading never asks a hub for it.
+    config: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[s
 
 
 _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
-_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder", "family"}
+_MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder",
+                 "family", "config"}
 _WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs", "controlnets", "slo_s"}
 
 
