@@ -1,0 +1,145 @@
+"""The bare-metal launch scripts, end to end on loopback.
+
+`scripts/lego-cluster.sh` with a hosts file of `localhost` entries (run here, no
+ssh): a head (broker + scheduler) and two node agents with two emulated GPUs each,
+as real detached processes. The scheduler starts the actors of one workflow through
+the agents; requests complete; `stop` leaves no process of any pidfile (actors
+included) alive and no pidfile behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.workflows import load_catalog
+from clients import Client
+from clients.errors import Timeout
+from clients.local import free_port
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = "flux-schnell-txt2img"
+SCRIPT_TIMEOUT_S = 90
+
+
+def _env(frontend_port: int, backend_port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEGO_")}
+    env.update(
+        LEGO_VENV=sys.prefix, LEGO_INSTALL="0",  # this interpreter's environment, as it is
+        LEGO_FRONTEND_PORT=str(frontend_port), LEGO_BACKEND_PORT=str(backend_port),
+        LEGO_WORKFLOWS=WORKFLOW,
+        LEGO_BROKER_ARGS="--cost-scale 0.05",
+        LEGO_SCHEDULER_ARGS="--admission off --actor-option time_scale=0.05 --interval-s 0.3",
+        LEGO_START_TIMEOUT_S="45", LEGO_STOP_TIMEOUT_S="10",
+    )
+    return env
+
+
+def _cluster(hosts: Path, action: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "lego-cluster.sh"), str(hosts), action],
+                          env=env, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+
+
+def _logs(run: Path) -> str:
+    return "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(run.rglob("*.log")))
+
+
+def _pids(run: Path) -> dict[Path, int]:
+    return {pidfile: int(pidfile.read_text()) for pidfile in run.rglob("pids/*.pid")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _environ(pid: int) -> str:
+    """The process's environment (it holds this test's run dirs), or "" if unreadable."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_for_actors(frontend: str, models: set[str], timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    with Client(frontend, admin_timeout_s=2.0) as client:
+        while True:
+            try:
+                stats = client.stats()
+            except Timeout:
+                stats = None
+            if stats is not None and models <= {a.model for a in stats.actors if a.state != "draining"}:
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"actors of {sorted(models)} did not all join within {timeout_s}s: {stats}")
+            time.sleep(0.2)
+
+
+@pytest.mark.skipif(not shutil.which("setsid") or not (Path(sys.prefix) / "bin" / "python").exists(),
+                    reason="needs setsid and a virtualenv")
+def test_cluster_script_starts_serves_and_stops_everything(tmp_path):
+    frontend_port, backend_port = free_port(), free_port()
+    frontend = f"tcp://127.0.0.1:{frontend_port}"
+    env = _env(frontend_port, backend_port)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "# head: broker + scheduler\n"
+        f"localhost LEGO_RUN_DIR={tmp_path}/head\n"
+        "\n"
+        f"localhost LEGO_RUN_DIR={tmp_path}/a LEGO_NODE_HOST=node-a LEGO_EMULATE_GPUS=2  # node a\n"
+        f"127.0.0.1 LEGO_RUN_DIR={tmp_path}/b LEGO_NODE_HOST=node-b LEGO_EMULATE_GPUS=2\n"
+    )
+    models = set(load_catalog([]).workflows[WORKFLOW].models)
+    seen: dict[Path, int] = {}
+    stopped = False
+    try:
+        started = _cluster(hosts, "start", env)
+        assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
+        seen.update(_pids(tmp_path))
+        stats = _wait_for_actors(frontend, models, timeout_s=60)
+        assert sorted(a.host for a in stats.agents) == ["node-a", "node-b"]
+        seen.update(_pids(tmp_path))  # the actors' pidfiles, written by the agents
+
+        with Client(frontend) as client:
+            for seed in range(3):
+                result = client.generate(WORKFLOW, prompt=f"a lighthouse {seed}", seed=seed, steps=2,
+                                         width=256, height=256, timeout=30)
+                assert result.image.shape == (256, 256, 3)
+
+        status = _cluster(hosts, "status", env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "scheduler: running" in status.stdout and status.stdout.count("agent: running") == 2
+
+        seen.update(_pids(tmp_path))
+        names = {pidfile.name for pidfile in seen}
+        assert {"broker.pid", "scheduler.pid", "agent.pid"} <= names
+        assert sum(name.startswith("actor-") for name in names) >= len(models)
+
+        result = _cluster(hosts, "stop", env)
+        stopped = True
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in seen.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = {str(pidfile): pid for pidfile, pid in seen.items() if _alive(pid)}
+        assert not alive, f"still running after stop: {alive}"
+        assert list(tmp_path.rglob("*.pid")) == []
+    finally:
+        if not stopped:
+            _cluster(hosts, "stop", env)
+        for pid in {**seen, **_pids(tmp_path)}.values():  # last resort, by pid, never by name
+            if _alive(pid) and str(tmp_path) in _environ(pid):
+                os.kill(pid, signal.SIGKILL)
