@@ -12,6 +12,11 @@ Threads and the sockets each one owns:
 - data thread: the ROUTER data socket from which peer actors FETCH the outputs this
   actor holds (the data plane is actor-to-actor; the broker moves references).
 
+A fetch from a peer on another host comes as frames; from one on this host, a big
+bundle comes through shared memory (actors/shm.py), and CUDA tensors on this actor's
+own GPU come as CUDA IPC handles (actors/cuda_ipc.py), each falling back to the next
+when it fails, counted in the telemetry.
+
 A session is one hello..disconnect span; everything tied to an older session
 (stored tensors, a batch that was computing) is dropped when a new one starts: the
 broker has re-queued it.
@@ -30,8 +35,10 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
+from actors import cuda_ipc
 from actors.backends import create_backend
-from actors.shm import PREFIX, ShmExporter, attach_bundle
+from actors.cuda_ipc import IpcExporter, IpcUnavailable
+from actors.shm import PREFIX, ShmExporter, ShmUnavailable, attach_bundle
 from actors.store import Bundle, TensorStore, bundle_nbytes, pack_bundle, unpack_bundle
 from broker import protocol as p
 from broker.protocol.errors import ErrorCode
@@ -58,6 +65,7 @@ class ActorConfig:
     fetch_timeout_s: float = 10.0
     shm: bool = True  # fetch from same-host peers through shared memory instead of sockets
     shm_min_bytes: int = 1 << 20  # below this a segment costs more than sending the bytes
+    ipc: bool = True  # CUDA tensors on this actor's GPU, held by a same-host peer: fetch by CUDA IPC
     reconnect_max_s: float = 5.0
     options: dict = field(default_factory=dict)  # backend settings, e.g. time_scale
     log_format: str = "console"
@@ -87,6 +95,9 @@ class ActorRuntime:
         self._own_context = context is None
         self.store = TensorStore()
         self.exporter = ShmExporter()  # segments this actor serves to same-host peers
+        self.ipc = IpcExporter()  # CUDA IPC shares this actor serves to peers on its GPU
+        self._gpu: str | None = None  # this actor's GPU UUID ("" for none), found at the first fetch
+        self._ipc_fetch_fallbacks = 0  # compute thread; the exporter counts the data thread's
         self.stopping = threading.Event()
         self.telemetry = p.ActorTelemetry()
         # Session state, written by the compute thread, read by the heartbeat thread.
@@ -132,6 +143,7 @@ class ActorRuntime:
                 thread.join(timeout=2.0)
             self._data_sock.close(linger=0)
             self.exporter.close()
+            self.ipc.close()
             if self._own_context:
                 self.context.term()
             log.info("actor_stopped", actor_id=self.actor_id)
@@ -148,6 +160,7 @@ class ActorRuntime:
         self.epoch += 1
         self.store.clear(self.epoch)
         self.exporter.close()
+        self.ipc.close()
         self.session_lost = None
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -197,8 +210,7 @@ class ActorRuntime:
                 if self.welcomed_epoch == self.epoch:
                     self._run_batch(self.epoch, msg, payload, work, peers)
             elif isinstance(msg, p.Free):
-                self.store.free(msg.tensor_ids)
-                self.exporter.release(msg.tensor_ids)
+                self.free(msg.tensor_ids)
             elif isinstance(msg, p.Welcome):
                 self.heartbeat_interval_s, self.heartbeat_misses = msg.heartbeat_interval_s, msg.heartbeat_misses
                 self.welcomed_epoch, backoff = self.epoch, 0.5
@@ -210,6 +222,17 @@ class ActorRuntime:
             elif isinstance(msg, p.Error):
                 log.warning("broker_error", actor_id=self.actor_id, code=msg.code, error=msg.message)
         return work
+
+    def free(self, tensor_ids: list[str]) -> None:
+        """The broker's FREE (compute thread): the store first, then what was exported.
+
+        The order matters: the data thread registers an export before it checks that
+        the bundle is still stored (`_serve_fetch`), so either it sees the bundle gone
+        and undoes its export, or this release comes after the export and drops it.
+        """
+        self.store.free(tensor_ids)
+        self.exporter.release(tensor_ids)
+        self.ipc.release(tensor_ids)
 
     def _run_batch(self, epoch: int, batch: p.Tasks, payload: list, work: zmq.Socket, peers: dict) -> None:
         bound = log.bind(actor_id=self.actor_id, batch_id=batch.batch_id)
@@ -235,7 +258,7 @@ class ActorRuntime:
                 payload.extend(buffers)
                 results.append(p.TaskResult(task.task_id, task.attempt, task.output_id, nbytes, descs))
             else:
-                if not self.store.put(task.output_id, bundle, epoch):
+                if not self.store.put(task.output_id, bundle, epoch, ready=cuda_ipc.record_ready(bundle)):
                     return  # the session ended meanwhile; the broker re-queued this batch
                 results.append(p.TaskResult(task.task_id, task.attempt, task.output_id, nbytes))
         t = self.telemetry
@@ -270,7 +293,7 @@ class ActorRuntime:
                     if ref.holder == self.actor_id:
                         bundle = self.store.get(ref.tensor_id)
                     else:
-                        bundle = fetched.get(ref.tensor_id) or self._fetch(ref, task, peers)
+                        bundle = fetched.get(ref.tensor_id) or self._fetch(ref, task.request_id, peers)
                         fetched[ref.tensor_id] = bundle
                     if bundle is None:
                         raise InputUnavailable(f"{ref.tensor_id} is not in this actor's store")
@@ -284,23 +307,41 @@ class ActorRuntime:
             resolved.append(bundles)
         return runnable, resolved, missing
 
-    def _fetch(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict) -> Bundle:
-        if self.config.shm and ref.host == self.host and ref.nbytes >= self.config.shm_min_bytes:
+    def local_gpu(self) -> str:
+        """This actor's GPU UUID, advertised in same-host fetches; "" when IPC cannot apply."""
+        if self._gpu is None:
+            usable = self.config.ipc and self.backend.tensor_kind == "torch"
+            self._gpu = cuda_ipc.device_uuid(self.config.device) if usable else ""
+        return self._gpu
+
+    def _fetch(self, ref: p.TensorRef, request_id: str, peers: dict) -> Bundle:
+        """Fetch a peer's bundle by the best transport that works: CUDA IPC, shared memory, frames.
+
+        Each failed transport is dropped for a retry (counted: `ipc_fallbacks`,
+        `fetch_fallbacks`); a holder that has not got the bundle or does not answer is
+        no transport failure, and is not retried.
+        """
+        shm, gpu = cuda_ipc.fetch_request(same_host=ref.host == self.host, nbytes=ref.nbytes, shm=self.config.shm,
+                                          shm_min_bytes=self.config.shm_min_bytes, gpu=self.local_gpu())
+        while True:
             try:
-                return self._fetch_from(ref, task, peers, shm=True)
-            except (InputUnavailable, OSError, ValueError) as exc:
-                # The segment could not be made or mapped: the bytes can still come by socket.
+                return self._fetch_from(ref, request_id, peers, shm, gpu)
+            except IpcUnavailable as exc:
+                self._ipc_fetch_fallbacks += 1
+                log.warning("cuda_ipc_fetch_fell_back", actor_id=self.actor_id, tensor_id=ref.tensor_id, error=str(exc))
+                gpu = ""
+            except ShmUnavailable as exc:  # the segment could not be mapped: the bytes can come by socket
                 self.telemetry.fetch_fallbacks += 1
                 log.warning("shm_fetch_fell_back", actor_id=self.actor_id, tensor_id=ref.tensor_id, error=str(exc))
-        return self._fetch_from(ref, task, peers, shm=False)
+                shm = False
 
-    def _fetch_from(self, ref: p.TensorRef, task: p.TaskSpec, peers: dict, shm: bool) -> Bundle:
+    def _fetch_from(self, ref: p.TensorRef, request_id: str, peers: dict, shm: bool, gpu: str = "") -> Bundle:
         sock = peers.get(ref.address)
         if sock is None:
             sock = peers[ref.address] = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(ref.address)
-        sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, task.request_id, shm))])
+        sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, request_id, shm, gpu))])
         if not sock.poll(self.config.fetch_timeout_s * 1000):
             # A late reply would confuse the next fetch on this socket: start afresh.
             peers.pop(ref.address).close(linger=0)
@@ -312,21 +353,68 @@ class ActorRuntime:
                 raise InputUnavailable(f"{ref.holder}: {msg.code}: {msg.message}")
             if not isinstance(msg, p.FetchReply) or msg.tensor_id != ref.tensor_id:
                 raise InputUnavailable(f"{ref.holder} answered a fetch of {ref.tensor_id} with {msg.COMMAND.name}")
-            as_torch = self.backend.tensor_kind == "torch"
-            if shm and msg.tensors and all(d.where == "shm" for d in msg.tensors):
-                if not all(d.handle.startswith(PREFIX) for d in msg.tensors):
-                    raise InputUnavailable(f"{ref.holder} named a shared-memory segment that is not ours")
-                bundle = attach_bundle(msg.tensors, as_torch)
-                self.telemetry.shm_fetches += 1
-            else:
-                bundle = unpack_bundle(msg.tensors, payload, as_torch=as_torch)
+            bundle = self._unpack_reply(ref, msg, payload, shm, gpu)
         except p.ProtocolError as err:  # a garbled reply is as good as none: recompute
             raise InputUnavailable(f"{ref.holder} sent a bad fetch reply: {err}") from None
         self.telemetry.fetches += 1
         self.telemetry.fetched_bytes += sum(d.nbytes for d in msg.tensors)
         return bundle
 
+    def _unpack_reply(self, ref: p.TensorRef, msg: p.FetchReply, payload: list, shm: bool, gpu: str) -> Bundle:
+        """The bundle a FETCH_REPLY describes, by whichever transport each tensor took."""
+        as_torch = self.backend.tensor_kind == "torch"
+        descs = msg.tensors
+        shared = [d for d in descs if d.where == cuda_ipc.WHERE]
+        if shared:
+            if not gpu or not as_torch:
+                raise InputUnavailable(f"{ref.holder} answered with CUDA IPC handles that were not asked for")
+            index = cuda_ipc.device_index(self.config.device)
+            opened = cuda_ipc.open_tensors(shared, index, gpu)  # copies out; IpcUnavailable if it cannot
+            rest = unpack_bundle([d for d in descs if d.where != cuda_ipc.WHERE], payload, as_torch)
+            self.telemetry.ipc_fetches += 1
+            return {d.name: opened[d.name] if d.where == cuda_ipc.WHERE else rest[d.name] for d in descs}
+        if shm and descs and all(d.where == "shm" for d in descs):
+            if not all(d.handle.startswith(PREFIX) for d in descs):
+                raise ShmUnavailable(f"{ref.holder} named a shared-memory segment that is not ours")
+            try:
+                bundle = attach_bundle(descs, as_torch)
+            except (OSError, ValueError) as exc:
+                raise ShmUnavailable(f"{type(exc).__name__}: {exc}") from None
+            self.telemetry.shm_fetches += 1
+            return bundle
+        return unpack_bundle(descs, payload, as_torch=as_torch)
+
+    def fetch(self, ref: p.TensorRef, peers: dict, request_id: str = "", *, shm: bool | None = None,
+              gpu: str | None = None) -> Bundle:
+        """Fetch a bundle outside a task (tools and tests driving the data plane; the
+        caller's thread then owns the sockets in `peers`). By default the transport is
+        chosen as for a task, with its fallbacks; `shm`/`gpu` given force one attempt."""
+        if shm is None and gpu is None:
+            return self._fetch(ref, request_id, peers)
+        return self._fetch_from(ref, request_id, peers, bool(shm), gpu or "")
+
     # ------------------------------------------------------------------ data thread
+
+    def start_data_plane(self) -> threading.Thread:
+        """Serve FETCH from this actor's store without joining a broker (tools and tests)."""
+        thread = threading.Thread(target=self._data_loop, name="actor-data", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def close_data_plane(self, peers: dict | None = None) -> None:
+        """Stop what `start_data_plane` started and close the fetch sockets in `peers`."""
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        for sock in (peers or {}).values():
+            sock.close(linger=0)
+        self._data_sock.close(linger=0)
+        self.exporter.close()
+        self.ipc.close()
+        self.store.clear()
+        if self._own_context:
+            self.context.term()
 
     def _data_loop(self) -> None:
         sock = self._data_sock
@@ -344,20 +432,62 @@ class ActorRuntime:
             except p.ProtocolError as err:
                 sock.send_multipart([identity, b"", *p.encode(p.Error(err.code.value, err.message, err.field))])
                 continue
-            bundle = self.store.get(msg.tensor_id)
-            if bundle is None:
-                reply = p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} is not held here", "tensor_id", msg.request_id)
-                sock.send_multipart([identity, b"", *p.encode(reply)])
-                continue
-            if msg.shm:
-                try:
-                    descs = self.exporter.export(msg.tensor_id, bundle)
-                    sock.send_multipart([identity, b"", *p.encode(p.FetchReply(msg.tensor_id, descs))])
-                    continue
-                except OSError as exc:  # e.g. /dev/shm full: answer with frames instead
-                    log.warning("shm_export_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id, error=str(exc))
+            try:
+                reply = self._serve_fetch(msg)
+            except Exception as exc:  # a bundle that cannot travel must not take the data thread down
+                log.exception("fetch_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id)
+                reply = p.encode(p.Error(ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}", "tensor_id",
+                                         msg.request_id))
+            # Zero-copy: ZeroMQ keeps the tensor buffers alive until sent. Called in a
+            # method of its own so that no bundle outlives the request in this loop's
+            # locals (a FREEd CUDA bundle must go back to the allocator at once).
+            sock.send_multipart([identity, b"", *reply], copy=False)
+
+    def _serve_fetch(self, msg: p.Fetch) -> list:
+        """The reply frames to a FETCH (data thread): CUDA IPC handles for CUDA tensors on
+        the asker's GPU, else shared-memory segments if asked for, else the bytes."""
+        entry = self.store.entry(msg.tensor_id)
+        if entry is None:
+            return p.encode(p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} is not held here", "tensor_id",
+                                    msg.request_id))
+        bundle, ready = entry
+        cuda_ipc.wait_ready(ready)  # its producing work may still be queued on the GPU
+        descs, buffers = None, []
+        shared = cuda_ipc.ipc_candidates(bundle, msg.gpu_uuid, self.ipc.uuid_of) if self.config.ipc else []
+        if shared:
+            try:
+                by_name = dict(zip(shared, self.ipc.export(msg.tensor_id, {n: bundle[n] for n in shared}), strict=True))
+            except IpcUnavailable as exc:  # counted by the exporter; the bytes go instead
+                log.warning("cuda_ipc_export_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id, error=str(exc))
+            else:
+                # The rest (CPU-side sampler state, small) as frames of the same reply.
+                rest, buffers = pack_bundle({k: v for k, v in bundle.items() if k not in by_name})
+                by_name.update((d.name, d) for d in rest)
+                descs = [by_name[name] for name in bundle]
+        if descs is None and msg.shm:
+            try:
+                descs = self.exporter.export(msg.tensor_id, bundle)
+            except OSError as exc:  # e.g. /dev/shm full: answer with frames instead
+                log.warning("shm_export_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id, error=str(exc))
+        if descs is None:
             descs, buffers = pack_bundle(bundle)
-            sock.send_multipart([identity, b"", *p.encode(p.FetchReply(msg.tensor_id, descs), buffers)], copy=False)
+        if self.store.get(msg.tensor_id) is not bundle:
+            # FREEd while we exported, maybe before our export existed to be released:
+            # undo it here, and answer as if it had gone before we looked.
+            self.ipc.release([msg.tensor_id])
+            self.exporter.release([msg.tensor_id])
+            return p.encode(p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} was freed", "tensor_id",
+                                    msg.request_id))
+        return p.encode(p.FetchReply(msg.tensor_id, descs), buffers)
+
+    def refresh_telemetry(self) -> p.ActorTelemetry:
+        """Fold the store's and the exporters' state into the telemetry (heartbeat thread)."""
+        t = self.telemetry
+        t.stored_tensors, t.stored_bytes = self.store.stats()
+        t.shm_segments = self.exporter.count()
+        t.ipc_pins = self.ipc.count()
+        t.ipc_fallbacks = self._ipc_fetch_fallbacks + self.ipc.failures
+        return t
 
     # ------------------------------------------------------------------ heartbeat thread
 
@@ -383,10 +513,7 @@ class ActorRuntime:
                 interval = self.heartbeat_interval_s
                 if now - last_beat >= interval:
                     last_beat = now
-                    count, nbytes = self.store.stats()
-                    self.telemetry.stored_tensors, self.telemetry.stored_bytes = count, nbytes
-                    self.telemetry.shm_segments = self.exporter.count()
-                    ping = p.Heartbeat(time.time(), self.telemetry, self.actor_id, self.session_id)
+                    ping = p.Heartbeat(time.time(), self.refresh_telemetry(), self.actor_id, self.session_id)
                     sock.send_multipart([b"", *p.encode(ping)])
                 if sock.poll(min(interval, 0.1) * 1000):
                     frames = sock.recv_multipart()

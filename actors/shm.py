@@ -23,6 +23,10 @@ from broker.protocol.messages import TensorDesc
 PREFIX = "lego-"  # every segment this project creates starts with it (tests count them)
 
 
+class ShmUnavailable(Exception):
+    """A segment named in a reply could not be mapped; the bytes can still come by socket."""
+
+
 class ShmExporter:
     """Producer side. Thread-safe: the data thread exports, the compute thread releases."""
 

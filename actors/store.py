@@ -3,8 +3,11 @@
 An output bundle (a node's outputs: name -> tensor) stays in the producing actor's
 memory until the broker sends FREE. Tensors are `RawTensor` (bytes plus dtype and
 shape: the emulated backend, which never imports torch) or torch tensors (the
-diffusers backend). The store is shared by the compute thread (put) and the data
-thread (get for peers), so it takes a lock.
+diffusers backend, on the CPU or a GPU). The store is shared by the compute thread
+(put, free) and the data thread (get for peers), so it takes a lock. A bundle of CUDA
+tensors is stored with `ready`: events recorded after the work that produced it,
+which the data thread waits on before it copies or shares the tensors
+(actors/cuda_ipc.py), since that work may still be queued on the GPU.
 """
 
 from __future__ import annotations
@@ -82,10 +85,11 @@ class TensorStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bundles: dict[str, Bundle] = {}
+        self._ready: dict[str, Any] = {}  # tensor_id -> CUDA events, for bundles that have them
         self._bytes = 0
         self._epoch = 0
 
-    def put(self, tensor_id: str, bundle: Bundle, epoch: int | None = None) -> bool:
+    def put(self, tensor_id: str, bundle: Bundle, epoch: int | None = None, ready: Any = None) -> bool:
         """Store a bundle made in session `epoch`; refused (False) if that session ended."""
         with self._lock:
             if epoch is not None and epoch != self._epoch:
@@ -93,7 +97,10 @@ class TensorStore:
             old = self._bundles.pop(tensor_id, None)
             if old is not None:
                 self._bytes -= bundle_nbytes(old)
+            self._ready.pop(tensor_id, None)
             self._bundles[tensor_id] = bundle
+            if ready is not None:
+                self._ready[tensor_id] = ready
             self._bytes += bundle_nbytes(bundle)
             return True
 
@@ -101,11 +108,18 @@ class TensorStore:
         with self._lock:
             return self._bundles.get(tensor_id)
 
+    def entry(self, tensor_id: str) -> tuple[Bundle, Any] | None:
+        """(bundle, its ready events or None), or None if not held."""
+        with self._lock:
+            bundle = self._bundles.get(tensor_id)
+            return None if bundle is None else (bundle, self._ready.get(tensor_id))
+
     def free(self, tensor_ids: list[str]) -> int:
         freed = 0
         with self._lock:
             for tensor_id in tensor_ids:
                 bundle = self._bundles.pop(tensor_id, None)
+                self._ready.pop(tensor_id, None)
                 if bundle is not None:
                     self._bytes -= bundle_nbytes(bundle)
                     freed += 1
@@ -116,6 +130,7 @@ class TensorStore:
         with self._lock:
             self._epoch = epoch
             self._bundles.clear()
+            self._ready.clear()
             self._bytes = 0
 
     def stats(self) -> tuple[int, int]:
