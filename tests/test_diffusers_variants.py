@@ -153,13 +153,13 @@ def test_single_file_models_serve_the_image_of_the_folder_models(tiny):
     assert np.array_equal(from_file["decode"]["image"].numpy(), pipeline_image(root, "euler", True, 2))
 
 
-def _loaded(spec, options=None) -> DiffusersBackend:
-    backend = DiffusersBackend(spec, "cpu", options or {})
+def _loaded(spec) -> DiffusersBackend:
+    backend = DiffusersBackend(spec, "cpu", {})
     backend.load()
     return backend
 
 
-def test_single_file_config_comes_from_the_config_option_else_a_clear_error(tiny, tmp_path):
+def test_single_file_config_comes_from_the_config_field_else_a_clear_error(tiny, tmp_path):
     root, _, catalog = tiny
     alone = tmp_path / "v1-5-like.safetensors"  # a checkpoint with no configs beside it
     shutil.copy(root / "sd15" / "sd15.safetensors", alone)
@@ -167,9 +167,9 @@ def test_single_file_config_comes_from_the_config_option_else_a_clear_error(tiny
     with pytest.raises(ValueError, match=r"models\.tiny-sd15-file-unet\.config: .*unet/config\.json"):
         _loaded(unet)
     with pytest.raises(ValueError, match=r"models\.tiny-sd15-file-unet\.config: .* holds no unet/config\.json"):
-        _loaded(unet, {"config": str(tmp_path)})
+        _loaded(dataclasses.replace(unet, config=str(tmp_path)))
     reference = _loaded(catalog.models["tiny-sd15-unet"]).component.state_dict()
-    loaded = _loaded(unet, {"config": str(root / "sd15")}).component.state_dict()  # configs from elsewhere
+    loaded = _loaded(dataclasses.replace(unet, config=str(root / "sd15"))).component.state_dict()  # configs elsewhere
     assert all(torch.equal(loaded[k], reference[k]) for k in reference)
 
 
@@ -187,14 +187,15 @@ def test_bad_single_file_sources_are_refused_naming_the_field(tiny, source, mode
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_transformers_load_from_a_single_file_of_diffusers_keys(tiny, tmp_path, family):
     """SD3's and Flux's transformers from one .safetensors holding the diffusers state dict
-    (from_single_file loads it without conversion), configs from the `config` option."""
+    (from_single_file loads it without conversion), configs from the model's `config`."""
     from safetensors.torch import save_file
 
     root, _, catalog = tiny
     reference = _loaded(catalog.models[f"tiny-{family}-unet"]).component.state_dict()
     save_file({k: v.contiguous() for k, v in reference.items()}, tmp_path / "transformer.safetensors")
-    spec = dataclasses.replace(catalog.models[f"tiny-{family}-unet"], source=str(tmp_path / "transformer.safetensors"))
-    backend = _loaded(spec, {"config": str(root / FOLDER[family])})
+    spec = dataclasses.replace(catalog.models[f"tiny-{family}-unet"], source=str(tmp_path / "transformer.safetensors"),
+                               config=str(root / FOLDER[family]))
+    backend = _loaded(spec)
     loaded = backend.component.state_dict()
     assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
     assert backend.scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"

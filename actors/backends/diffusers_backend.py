@@ -126,7 +126,6 @@ class DiffusersBackend:
         self.model = model
         self.device = torch.device(device)
         self.dtype = DTYPES[model.dtype]
-        self.options = options
         self.batching = str(options.get("batching", "exact"))
         if self.batching not in ("exact", "fused"):
             raise ValueError(f"options.batching: expected 'exact' or 'fused', got {self.batching!r}")
@@ -155,10 +154,10 @@ class DiffusersBackend:
 
     def _single_file_config(self, checkpoint: Path, sub: str) -> str:
         """Where a single-file component's diffusers config is read, so `from_single_file` never
-        asks a hub: the model's `config` (catalog field, or the actor option while the catalog
-        lacks it), else the checkpoint's own folder when `{subfolder}/config.json` lies beside it."""
+        asks a hub: the model's `config`, else the checkpoint's own folder when
+        `{subfolder}/config.json` lies beside it."""
         field = f"models.{self.model.name}.config"
-        config = getattr(self.model, "config", "") or str(self.options.get("config", ""))
+        config = self.model.config
         if not config:
             if (checkpoint.parent / sub / "config.json").is_file():
                 return str(checkpoint.parent)
