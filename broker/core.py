@@ -446,7 +446,11 @@ class BrokerCore(RecoveryMixin, AdminMixin):
     # ------------------------------------------------------------------ dispatch
 
     def _pick_actor(self, head: Node, candidates: list[ActorState]) -> ActorState:
-        """Affinity first (the holder of the head task's input), then the least loaded."""
+        """Affinity first (the holder of the head task's input), then the least loaded.
+
+        Affinity yields when the holder is busy and another actor is idle: moving the
+        latent costs one fetch, waiting costs a whole batch (and new replicas would
+        otherwise only ever get new requests)."""
         holders = {producer.actor_id for producer in head.inputs}
         taken = {s.actor_id for s in head.siblings if s.state in (RUNNING, DONE)}
         if taken:  # a parallel branch: another actor than its sibling's, when one is free
@@ -455,10 +459,11 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             others = [a for a in candidates if a.actor_id not in holders]
             candidates = others or candidates
         else:
+            someone_idle = any(not a.in_flight for a in candidates)
             for actor in candidates:
-                if actor.actor_id in holders:
+                if actor.actor_id in holders and (not actor.in_flight or not someone_idle):
                     return actor
-        return max(candidates, key=lambda a: (a.credits, -len(a.in_flight)))
+        return max(candidates, key=lambda a: (not a.in_flight, a.credits, a.actor_id in holders))
 
     def _dispatch(self, model: str, now: float) -> None:
         queue = self.queues.get(model)

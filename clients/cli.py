@@ -176,6 +176,20 @@ def cmd_bench(args) -> int:
     return run_overhead_bench(args)
 
 
+def cmd_bench_scheduler(args) -> int:
+    from clients.bench_scheduler import run_scheduler_bench, scheduler_table
+
+    result = run_scheduler_bench(args.time_scale, args.rounds, args.burst)
+    print(json.dumps(result, indent=2) if args.json else scheduler_table(result))
+    if args.record:
+        command = f"lego bench scheduler --time-scale {args.time_scale:g} --rounds {args.rounds} --burst {args.burst}"
+        with open(args.record, "a") as out:
+            out.write(f"\n### Scheduler: parallel groups and scaling, emulated ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `{command}`. Emulated H800 GPUs (profile times x "
+                      f"{args.time_scale:g}), real processes.\n\n{scheduler_table(result)}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
+    sb = bsub.add_parser("scheduler", help="parallel groups and scaling on 8 emulated H800s (the paper's Flux workflows)")
+    sb.add_argument("--time-scale", type=float, default=0.5, help="emulated times x this")
+    sb.add_argument("--rounds", type=int, default=5, help="idle requests per mode")
+    sb.add_argument("--burst", type=int, default=24)
+    sb.add_argument("--json", action="store_true")
+    sb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
+    sb.set_defaults(func=cmd_bench_scheduler)
     o = bsub.add_parser("overhead", help="broker dispatch throughput and hop latency with no-op actors")
     o.add_argument("--actors", type=int, default=2)
     o.add_argument("--max-batch-rows", type=int, default=64)

@@ -50,7 +50,8 @@ def test_accepted_carries_the_validated_params():
     (accepted,) = of(sends, p.Accepted, CLIENT)
     assert accepted.request_id == "r1"
     assert accepted.params == {"prompt": "a lego brick", "steps": 2, "width": 64, "height": 64, "seed": 5,
-                               "sampler": "default", "negative_prompt": "", "guidance": 7.0}
+                               "sampler": "default", "negative_prompt": "", "guidance": 7.0,
+                               "output": "image"}
     assert (accepted.nodes, accepted.steps) == (2 + 2 + 1, 2)
     assert "r1" in core.requests
 
