@@ -121,7 +121,8 @@ def _cluster_spec(args):
         workflows=args.workflow or ["flux-schnell-txt2img"], replicas=replicas, backend=args.backend,
         options=parse_options(args.option), emulate_gpus=args.emulate_gpus, catalog=args.catalog or [],
         frontend_port=args.port, backend_port=args.port + 1 if args.port else 0, run_dir=args.run_dir,
-        log_format=args.log_format, log_level=args.log_level,
+        log_format=args.log_format, log_level=args.log_level, scheduler=args.scheduler,
+        scheduler_args=list(args.scheduler_arg), cfg_split=args.cfg_split,
     )
 
 
@@ -232,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--backend", default="emulated")
     u.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option, e.g. time_scale=0.5")
     u.add_argument("--emulate-gpus", type=int, default=2)
+    u.add_argument("--scheduler", action="store_true",
+                   help="run the scheduler actor too (scaling, placement, admission, parallel CFG groups)")
+    u.add_argument("--scheduler-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for lego scheduler (repeatable; e.g. --scheduler-arg=--admission=false)")
+    u.add_argument("--cfg-split", choices=("never", "always", "auto"), default="never",
+                   help="CFG branches as two tasks: never, always, or by load (auto; the scheduler sets auto)")
     u.add_argument("--catalog", action="append")
     u.add_argument("--port", type=int, default=5555, help="frontend port (backend is port+1); 0 picks free ports")
     u.add_argument("--run-dir", default="run/local")
