@@ -99,11 +99,16 @@ class NodeAgent:
     # ------------------------------------------------------------------ actors
 
     def _memory_needed(self, model: str, backend: str, options: dict) -> int:
+        spec = self.catalog.model(model)
+        if backend == "monolith":  # its largest hosted workflow, every model its own copy
+            from scheduler.costs import CostModel
+
+            costs = CostModel(self.catalog)
+            return max(sum(costs.resident_bytes(m) for m in wf.models) for wf in spec.workflows)
         if backend != "emulated":
             return 0  # real backends report what they hold once loaded
         from actors.profiles import load_profile
 
-        spec = self.catalog.models[model]
         return load_profile(options.get("profile") or spec.profile or spec.name).resident_bytes
 
     def spawn(self, msg: p.SpawnActor) -> None:
@@ -117,7 +122,7 @@ class NodeAgent:
         device = self.devices.get(msg.device)
         if device is None:
             return refuse(f"device: no device {msg.device!r} on {self.host} (has {sorted(self.devices)})")
-        if msg.model not in self.catalog.models:
+        if self.catalog.model(msg.model) is None:
             return refuse(f"model: unknown model {msg.model!r}")
         try:
             need = self._memory_needed(msg.model, msg.backend, options)

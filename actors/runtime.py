@@ -82,11 +82,13 @@ class ActorRuntime:
             raise ValueError("model: an actor needs a model name")
         self.config = config
         catalog = load_catalog(config.catalog)
-        if config.model not in catalog.models:
-            raise ValueError(f"model: unknown model {config.model!r} (known: {sorted(catalog.models)})")
+        spec = catalog.model(config.model)  # a declared model, or a monolith: pipeline/WORKFLOW
+        if spec is None:
+            raise ValueError(f"model: unknown model {config.model!r} (known: {sorted(catalog.models)}, "
+                             "or pipeline/WORKFLOW[+WORKFLOW...])")
         self.host = config.host or socketlib.gethostname()
         self.actor_id = config.actor_id or f"{config.model}@{self.host}:{os.getpid()}"
-        self.backend = create_backend(config.backend, catalog.models[config.model], config.device, config.options)
+        self.backend = create_backend(config.backend, spec, config.device, config.options)
         if self.backend.tensor_kind == "torch" or "torch" in sys.modules:
             import torch
 

@@ -17,7 +17,7 @@ from broker.state import BACKEND, FRONTEND, ActorState
 
 log = structlog.get_logger("broker.core")
 
-CONFIGURABLE = {"admission": bool, "slo_multiple": (int, float), "cfg_split": str}
+CONFIGURABLE = {"admission": bool, "slo_multiple": (int, float), "cfg_split": str, "serving": str, "drop_late": bool}
 
 
 class AdminMixin:
@@ -36,8 +36,8 @@ class AdminMixin:
         def refuse(reason: str) -> None:
             self._send(FRONTEND, identity, p.AdminReply(False, reason, call_id=msg.call_id))
 
-        if msg.model not in self.catalog.models:
-            return refuse(f"model: unknown model {msg.model!r}")
+        if self.catalog.model(msg.model) is None:
+            return refuse(f"model: unknown model {msg.model!r} (a declared model, or pipeline/WORKFLOW[+WORKFLOW...])")
         agents = [a for a in self.agents.values() if not msg.host or a.host == msg.host]
         if not agents:
             return refuse(f"host: no node agent on {msg.host or 'any host'}")

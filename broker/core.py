@@ -36,7 +36,16 @@ from broker.state import (
     ReadyQueue,
     Request,
 )
-from broker.workflows import Catalog, ParamError, WorkflowSpec, check_image, unroll, validate_params
+from broker.workflows import (
+    PIPELINE_PREFIX,
+    Catalog,
+    ParamError,
+    WorkflowSpec,
+    check_image,
+    unroll,
+    unroll_monolith,
+    validate_params,
+)
 from scheduler import rules
 
 log = structlog.get_logger(__name__)
@@ -64,6 +73,12 @@ class BrokerSettings:
     admission: bool = False
     slo_multiple: float = 2.0
     cost_scale: float = 1.0  # profile times x this (an emulated cluster's time_scale)
+    # "micro": requests are unrolled into node tasks; "monolith": each request is one
+    # task on a `pipeline/...` actor hosting its whole workflow (the baselines).
+    serving: str = "micro"
+    # Fail a request with `deadline_exceeded` instead of dispatching work for it once
+    # its SLO deadline has passed (the paper's baselines drop such requests).
+    drop_late: bool = False
 
     def __post_init__(self) -> None:
         if self.affinity not in ("prefer", "avoid"):
@@ -74,6 +89,10 @@ class BrokerSettings:
             raise ValueError(f"admission: expected true or false, got {self.admission!r}")
         if not (isinstance(self.slo_multiple, (int, float)) and self.slo_multiple > 0):
             raise ValueError(f"slo_multiple: expected a number > 0, got {self.slo_multiple!r}")
+        if self.serving not in ("micro", "monolith"):
+            raise ValueError(f"serving: expected 'micro' or 'monolith', got {self.serving!r}")
+        if not isinstance(self.drop_late, bool):
+            raise ValueError(f"drop_late: expected true or false, got {self.drop_late!r}")
         if not (isinstance(self.cost_scale, (int, float)) and self.cost_scale > 0):
             raise ValueError(f"cost_scale: expected a number > 0, got {self.cost_scale!r}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_misses < 1:
@@ -322,11 +341,18 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                 self.counters["requests_rejected"] += 1
                 log.info("request_rejected", request_id=msg.request_id, code="slo_unattainable", reason=decision.reason)
                 return
+        if self.settings.serving == "monolith":
+            pipeline = self._pipeline_for(workflow.name)
+            if pipeline is None:
+                return reject(ErrorCode.NO_CAPACITY, f"no monolith (pipeline/...) actor hosts {workflow.name!r}", "workflow")
         request = Request(msg.request_id, identity, workflow.name, params, next(self._seq), now, msg.progress)
         request.tensors, request.frames = list(msg.tensors), list(payload)
         request.deadline = None if slo is None else now + slo
-        request.latency_mode = self._split_cfg(workflow)
-        plans = unroll(workflow, params, cfg_split=request.latency_mode)
+        if self.settings.serving == "monolith":
+            plans = unroll_monolith(workflow, params, pipeline)
+        else:
+            request.latency_mode = self._split_cfg(workflow)
+            plans = unroll(workflow, params, cfg_split=request.latency_mode)
         request.total_steps = sum(1 for plan in plans if plan.kind == "denoise")
         groups: dict[str, list[Node]] = {}
         for plan in plans:
@@ -370,6 +396,19 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                    if a.model == workflow.denoiser and not a.in_flight and not a.draining)
         needed = rules.cfg_actors_needed(self.live_cfg.get(workflow.denoiser, 0) + 1)
         return rules.parallel_mode(needed, idle) == rules.LATENCY
+
+    def _pipeline_for(self, workflow: str) -> str | None:
+        """The monolith model serving `workflow` with the shortest queue per actor."""
+        best, best_load = None, None
+        for model in {a.model for a in self.actors.values() if a.model.startswith(PIPELINE_PREFIX)}:
+            spec = self.catalog.model(model)
+            if spec is None or not spec.serves(workflow):
+                continue
+            queue = self.queues.get(model)
+            load = (queue.depth if queue else 0) / sum(a.model == model for a in self.actors.values())
+            if best_load is None or load < best_load:
+                best, best_load = model, load
+        return best
 
     def _device_count(self) -> int:
         """Devices work can spread over: the agents' accelerators, else the actors' devices."""
@@ -451,6 +490,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         Affinity yields when the holder is busy and another actor is idle: moving the
         latent costs one fetch, waiting costs a whole batch (and new replicas would
         otherwise only ever get new requests)."""
+        if head.kind == "pipeline":  # a monolith that ran this workflow last has it loaded
+            return max(candidates, key=lambda a: (a.last_workflow == head.request.workflow, a.credits))
         holders = {producer.actor_id for producer in head.inputs}
         taken = {s.actor_id for s in head.siblings if s.state in (RUNNING, DONE)}
         if taken:  # a parallel branch: another actor than its sibling's, when one is free
@@ -469,16 +510,37 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         queue = self.queues.get(model)
         if queue is None or queue.depth <= 0:
             return
-        free = [a for a in self.actors.values() if a.model == model and a.credits > 0 and not a.draining]
+        # A monolith runs one request at a time: the rest wait here, where drop_late sees them.
+        monolith = model.startswith(PIPELINE_PREFIX)
+        free = [a for a in self.actors.values()
+                if a.model == model and a.credits > 0 and not a.draining and not (monolith and a.in_flight)]
         while free:
             head = queue.head()
             if head is None:
                 return
             actor = self._pick_actor(head, free)
             batch = queue.take_batch(head, actor.max_batch_rows)
+            if self.settings.drop_late:
+                batch = self._drop_late(batch, now)
+                if not batch:
+                    continue
             self._send_batch(actor, batch, now)
-            if actor.credits <= 0:
+            if actor.credits <= 0 or monolith:
                 free.remove(actor)
+
+    def _drop_late(self, batch: list[Node], now: float) -> list[Node]:
+        """Fail the requests of nodes whose deadline has passed; the rest of the batch."""
+        kept = []
+        for node in batch:
+            request = node.request
+            if request.deadline is not None and now > request.deadline:
+                if not request.finished:
+                    node.state = WAITING  # already out of the queue
+                    self._fail_request(request, ErrorCode.DEADLINE_EXCEEDED,
+                                       f"deadline passed {now - request.deadline:.3f} s before {node.key} could start")
+            else:
+                kept.append(node)
+        return kept
 
     def _send_batch(self, actor: ActorState, batch: list[Node], now: float) -> None:
         batch_id = next(self._batch_ids)
@@ -490,6 +552,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             node.dispatched_at = now
             node.output_id = f"{node.task_id}@{node.attempt}"
             workflows.add(node.request.workflow)
+            actor.last_workflow = node.request.workflow
             inputs = []
             for producer in node.inputs:
                 holder = self.actors.get(producer.actor_id)

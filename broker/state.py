@@ -56,7 +56,10 @@ class Node:
 
     @property
     def batch_key(self) -> tuple:
-        """Tasks batch together only when this matches (model is implied by the queue)."""
+        """Tasks batch together only when this matches (model is implied by the queue;
+        a monolith serving several workflows never mixes them in one call)."""
+        if self.kind == "pipeline":
+            return (self.kind, self.shape, self.request.workflow)
         return (self.kind, self.shape)
 
 
@@ -104,6 +107,7 @@ class ActorState:
     mixed_workflow_batches: int = 0
     max_batch_rows_seen: int = 0
     telemetry: object = None
+    last_workflow: str = ""  # of its last task (a multi-workflow monolith has it loaded)
     draining: bool = False  # no new work; stopped by its agent once it holds nothing
     stop_sent: bool = False
 

@@ -127,6 +127,39 @@ class Catalog:
     def workflow(self, name: str) -> WorkflowSpec:
         return self.workflows[name]
 
+    def model(self, name: str) -> ModelSpec | PipelineSpec | None:
+        """A declared model, or a monolithic pipeline named `pipeline/WF[+WF...]`."""
+        if name.startswith(PIPELINE_PREFIX):
+            names = name[len(PIPELINE_PREFIX):].split("+")
+            if not names or any(n not in self.workflows for n in names) or len(set(names)) != len(names):
+                return None
+            return PipelineSpec(name, tuple(self.workflows[n] for n in names), self)
+        return self.models.get(name)
+
+
+PIPELINE_PREFIX = "pipeline/"
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A monolith: whole workflows served by one actor, request by request, the way a
+    diffusers pipeline behind a per-GPU queue runs them (the baselines' unit). Named
+    `pipeline/WF` (one workflow) or `pipeline/WF1+WF2` (several, loaded on demand)."""
+
+    name: str
+    workflows: tuple[WorkflowSpec, ...]
+    catalog: Catalog = field(repr=False, compare=False)
+    kind: str = "pipeline"
+    profile: str = ""
+    dtype: str = "uint8"
+
+    def serves(self, workflow: str) -> bool:
+        return any(w.name == workflow for w in self.workflows)
+
+
+def pipeline_name(workflows: list[str]) -> str:
+    return PIPELINE_PREFIX + "+".join(workflows)
+
 
 # ------------------------------------------------------------------- catalog files
 
@@ -342,6 +375,15 @@ def check_image(workflow: WorkflowSpec, params: dict, tensors: list) -> None:
 
 
 # ---------------------------------------------------------------- unrolling
+
+
+def unroll_monolith(workflow: WorkflowSpec, params: dict, pipeline: str) -> list[NodePlan]:
+    """The whole request as one node on a monolith (`pipeline`): no sharing, no
+    decomposition; the baseline that micro-serving is measured against."""
+    shape = (params["height"], params["width"])
+    node = NodePlan("pipeline", "pipeline", pipeline, 1, shape, {**params, "workflow": workflow.name}, [], 1,
+                    return_output=True)
+    return [node]
 
 
 def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> list[NodePlan]:

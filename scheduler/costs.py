@@ -52,9 +52,14 @@ class CostModel:
         return profile.exec_time(mode, batch, *shape) * rows / batch
 
     def plan_costs(self, plan: NodePlan) -> tuple[float, float]:
-        """(alone, in a full batch) seconds of one node; a split step's combine is free."""
+        """(alone, in a full batch) seconds of one node; a split step's combine is free;
+        a monolith's one node is its whole workflow, run in order (no batching)."""
         if plan.params.get("split"):
             return 0.0, 0.0
+        if plan.kind == "pipeline":
+            workflow = self.catalog.workflows[plan.params["workflow"]]
+            cost = self.request(workflow, plan.params)
+            return (cost.work_s, cost.work_s) if cost else (0.0, 0.0)
         alone = self.node_s(plan.model, plan.kind, plan.rows, plan.shape)
         full = self.node_s(plan.model, plan.kind, plan.rows, plan.shape, THROUGHPUT_BATCH)
         return alone, min(alone, full)

@@ -22,6 +22,7 @@ from typing import Any
 _REGISTRY = {
     "emulated": "actors.backends.emulated:EmulatedBackend",
     "noop": "actors.backends.emulated:NoopBackend",
+    "monolith": "actors.backends.monolith:MonolithBackend",
     "diffusers": "actors.backends.diffusers_backend:DiffusersBackend",
 }
 

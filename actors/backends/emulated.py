@@ -42,6 +42,17 @@ def _stamped(dtype: str, shape: tuple, digest: bytes) -> RawTensor:
     return tensor
 
 
+@contextlib.contextmanager
+def device_turn(lock_path: str):
+    """Hold an emulated GPU (its lock file) while computing; no-op without a path."""
+    if not lock_path:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
 def render_image(digest: bytes, height: int, width: int) -> np.ndarray:
     """A smooth colour field determined by the digest: [height, width, 3] uint8."""
     params = np.frombuffer(digest, dtype=np.uint8).astype(np.float32) / 255.0
@@ -79,17 +90,8 @@ class EmulatedBackend:
         time.sleep(self.profile.load_s * self.load_time_scale)
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
-        with self._device_turn():
+        with device_turn(self.device_lock):
             return self._run(tasks, inputs)
-
-    @contextlib.contextmanager
-    def _device_turn(self):
-        if not self.device_lock:
-            yield
-            return
-        with open(self.device_lock, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-            yield
 
     def _run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()

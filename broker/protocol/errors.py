@@ -18,6 +18,7 @@ class ErrorCode(str, enum.Enum):
     DUPLICATE_REQUEST = "duplicate_request"
     OVERLOADED = "overloaded"
     SLO_UNATTAINABLE = "slo_unattainable"  # admission control: it could not finish in time
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # drop_late: its deadline passed before its work ran
     CANCELLED = "cancelled"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     TASK_ERROR = "task_error"
