@@ -195,14 +195,27 @@ class _DevicePointer:
                                          "strides": None, "version": 2}
 
 
-def share_storage(storage: Any) -> Share:
-    """Export one CUDA storage through a non-owning alias (see the module docstring)."""
+def _alias(storage: Any) -> Any:
+    """A storage over the same device memory that does not own it (its own StorageImpl).
+
+    torch's `_construct_storage_from_data_pointer` (what its CUDA-graph trees use)
+    makes one with no deleter at all; torch versions without it get a tensor over a
+    `__cuda_array_interface__`, whose deleter only drops that small Python object.
+    """
     import torch
 
-    alias = torch.as_tensor(_DevicePointer(storage.data_ptr(), storage.nbytes()), device=storage.device)
-    if alias.data_ptr() != storage.data_ptr():
-        raise IpcUnavailable("torch copied the storage instead of aliasing it")
-    _device, handle, size, offset, ref, ref_offset, event, sync = alias.untyped_storage()._share_cuda_()
+    construct = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+    if construct is not None:
+        return construct(storage.data_ptr(), storage.device, storage.nbytes())
+    return torch.as_tensor(_DevicePointer(storage.data_ptr(), storage.nbytes()), device=storage.device).untyped_storage()
+
+
+def share_storage(storage: Any) -> Share:
+    """Export one CUDA storage through a non-owning alias (see the module docstring)."""
+    alias = _alias(storage)
+    if alias.data_ptr() != storage.data_ptr() or alias.nbytes() != storage.nbytes():
+        raise IpcUnavailable("could not alias the storage without copying it")
+    _device, handle, size, offset, ref, ref_offset, event, sync = alias._share_cuda_()
     return Share(bytes(handle), int(offset), int(size), bytes(ref), int(ref_offset), bytes(event) if sync else b"")
 
 

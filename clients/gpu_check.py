@@ -348,6 +348,9 @@ def bench_transfers(device: str, sizes: tuple[int, ...], reps: int, transports: 
                 except Exception as exc:  # one transport failing must not hide the others
                     problems.append(f"{type(exc).__name__}: {exc}")
                 used = (telemetry.ipc_fetches - before[0], telemetry.shm_fetches - before[1])
+                want = {"ipc": used[0], "shm": used[1]}.get(transport)
+                if not problems and want is not None and want != reps + 1:  # the bytes came another way
+                    problems.append(f"{want} of {reps + 1} fetches went by {transport}")
                 row[transport] = {
                     "median_ms": round(statistics.median(times) * 1000, 3) if times else None,
                     "min_ms": round(min(times) * 1000, 3) if times else None,
@@ -639,6 +642,8 @@ def _passed(report: dict, stages: list[str]) -> bool:
                 return False
         elif not r.get("identical") or r.get("ipc_fallbacks") or r.get("ipc_pins_left"):
             return False
+        elif report["device"].startswith("cuda") and not r.get("ipc_fetches"):
+            return False  # on one GPU every hop between actors must have been an IPC fetch
     return True
 
 
