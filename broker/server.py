@@ -53,6 +53,8 @@ class BrokerConfig:
     admission: bool = False  # refuse requests that cannot meet their SLO (the scheduler turns it on)
     slo_multiple: float = 2.0  # SLO = this x the solo latency, where a workflow sets no slo_s
     cost_scale: float = 1.0  # profile times x this: the emulated actors' time_scale
+    serving: str = "micro"  # or "monolith": each request one task on a pipeline/WORKFLOW actor (baselines)
+    drop_late: bool = False  # fail requests whose SLO deadline passed instead of running them
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -69,6 +71,8 @@ class BrokerConfig:
             admission=self.admission,
             slo_multiple=self.slo_multiple,
             cost_scale=self.cost_scale,
+            serving=self.serving,
+            drop_late=self.drop_late,
         )
 
 
@@ -223,11 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--admission", choices=("on", "off"))
     parser.add_argument("--slo-multiple", type=float)
     parser.add_argument("--cost-scale", type=float)
+    parser.add_argument("--serving", choices=("micro", "monolith"))
+    parser.add_argument("--drop-late", choices=("on", "off"))
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config"}
-    if cli.get("admission") is not None:
-        cli["admission"] = cli["admission"] == "on"
+    for flag in ("admission", "drop_late"):
+        if cli.get(flag) is not None:
+            cli[flag] = cli[flag] == "on"
     config = load_config(BrokerConfig, "broker", args.config, cli)
     configure_logging(config.log_format, config.log_level, process="broker")
     run_broker(config)

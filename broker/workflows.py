@@ -94,6 +94,9 @@ class WorkflowSpec:
     # the step consumes their residuals. Their actors are shared like any model's.
     controlnets: tuple[str, ...] = ()
     slo_s: float = 0.0  # latency objective; 0: the broker's multiple of the solo latency
+    # the denoiser embeds the guidance scale (guidance-distilled, FLUX.1-dev): a `guidance`
+    # input without CFG, handed to every denoise step as `distilled_guidance`
+    distilled_guidance: bool = False
 
     @property
     def models(self) -> list[str]:
@@ -164,7 +167,7 @@ def pipeline_name(workflows: list[str]) -> str:
 # ------------------------------------------------------------------- catalog files
 
 
-def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[str, InputSpec]:
+def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False, distilled: bool = False) -> dict[str, InputSpec]:
     multiple = 2 * vae_scale  # Flux packs 2x2 latent patches; UNets need /8 at least
     inputs = [
         InputSpec("prompt", "str", required=True, max_length=8192, description="what to draw"),
@@ -183,6 +186,9 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[s
             InputSpec("negative_prompt", "str", default="", max_length=8192),
             InputSpec("guidance", "float", default=7.0, min=1.0, max=30.0, description="CFG scale"),
         ]
+    if distilled:
+        inputs.append(InputSpec("guidance", "float", default=3.5, min=0.0, max=30.0,
+                                description="guidance scale the denoiser embeds (FluxPipeline's guidance_scale)"))
     if img2img:
         inputs += [
             InputSpec("image", "image", required=True, description="uint8 [height, width, 3], sent as a tensor"),
@@ -195,7 +201,8 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False) -> dict[s
 _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
 _MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder",
                  "family", "config"}
-_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs", "controlnets", "slo_s"}
+_WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs", "controlnets", "slo_s",
+                    "distilled_guidance"}
 
 
 def _parse_model(name: str, raw: dict) -> ModelSpec:
@@ -241,7 +248,13 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
     img2img = raw.get("img2img", False)
     if not isinstance(img2img, bool):
         raise CatalogError(f"workflows.{name}.img2img", f"must be true or false, got {img2img!r}")
-    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img)
+    distilled = raw.get("distilled_guidance", False)
+    if not isinstance(distilled, bool):
+        raise CatalogError(f"workflows.{name}.distilled_guidance", f"must be true or false, got {distilled!r}")
+    if distilled and cfg:
+        raise CatalogError(f"workflows.{name}.distilled_guidance", "cannot be combined with cfg = true: "
+                           "`guidance` would name two scales")
+    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img, distilled)
     for input_name, override in raw.get("inputs", {}).items():
         if input_name not in inputs:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}", "not an input of this workflow")
@@ -261,7 +274,7 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
             except ParamError as exc:
                 raise CatalogError(f"workflows.{name}.inputs.{input_name}.default", exc.message) from None
     return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs, img2img,
-                        models[raw["denoiser"]].family, controlnets, float(slo_s))
+                        models[raw["denoiser"]].family, controlnets, float(slo_s), distilled)
 
 
 def _model_list(workflow: str, raw: dict, role: str, kind: str, models: dict[str, ModelSpec]) -> tuple[str, ...]:
@@ -416,6 +429,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
                        "sampler": params["sampler"]}
         if workflow.cfg:
             step_params["guidance"] = params["guidance"]
+        if workflow.distilled_guidance:
+            step_params["distilled_guidance"] = params["guidance"]
         if workflow.img2img:
             step_params["begin_index"] = first_step
         key = f"denoise/{k}"

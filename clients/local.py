@@ -45,6 +45,10 @@ class LocalClusterSpec:
     affinity: str = "prefer"
     cfg_split: str = "never"
     admission: bool = False
+    serving: str = "micro"  # "monolith": the baselines (pipeline/WORKFLOW actors from `placement`)
+    drop_late: bool = False
+    # Explicit actors as (model, device, backend), instead of `replicas` over the workflows' models.
+    placement: list[tuple[str, str, str]] = field(default_factory=list)
     # Start the scheduler actor too (`lego scheduler` with these extra flags); it then
     # owns replicas, admission and parallel groups.
     scheduler: bool = False
@@ -125,6 +129,7 @@ class LocalCluster:
                                "--heartbeat-interval-s", str(s.heartbeat_interval_s),
                                "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity, "--cfg-split", s.cfg_split,
                                "--admission", "on" if s.admission else "off", "--telemetry", self.telemetry,
+                               "--serving", s.serving, "--drop-late", "on" if s.drop_late else "off",
                                "--cost-scale", str(s.options.get("time_scale", 1.0)), *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
@@ -134,9 +139,14 @@ class LocalCluster:
             stats = self._wait(client, deadline, lambda st: st.agents, "the node agent to register")
             devices = {d.device: d.free_bytes for d in stats.agents[0].devices if d.kind == self._device_kind()}
             devices = devices or {"cpu": 1 << 62}
-            plan = self.actor_plan()
-            for model, device in place(plan, devices):
-                client.spawn(model, device, s.backend, max_batch_rows=s.max_batch_rows, options=s.options)
+            if s.placement:
+                plan = s.placement
+                for model, device, backend in plan:
+                    client.spawn(model, device, backend, max_batch_rows=s.max_batch_rows, options=s.options)
+            else:
+                plan = self.actor_plan()
+                for model, device in place(plan, devices):
+                    client.spawn(model, device, s.backend, max_batch_rows=s.max_batch_rows, options=s.options)
             self._wait(client, deadline, lambda st: len(st.actors) >= len(plan), f"{len(plan)} actors to join")
         if s.scheduler:
             options = [arg for key, value in s.options.items() for arg in ("--actor-option", f"{key}={value}")]

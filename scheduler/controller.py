@@ -51,6 +51,8 @@ class SchedulerConfig:
     down_cooldown_s: float = 10.0
     min_replicas: int = 1
     max_replicas: int = 64
+    model_min: list[str] = field(default_factory=list)  # MODEL=N: per-model minimum replicas
+    model_max: list[str] = field(default_factory=list)  # MODEL=N: per-model maximum replicas
     headroom_gib: float = 4.0
     change_timeout_s: float = 60.0  # a spawn or drain not settled by then is given up on
     log_format: str = "console"
@@ -76,10 +78,16 @@ class SchedulerController:
             if name not in self.catalog.workflows:
                 raise ValueError(f"workflows: unknown workflow {name!r}")
         self.costs = CostModel(self.catalog)
+        per_model_min = {k: int(v) for k, v in parse_options(config.model_min).items()}
+        per_model_max = {k: int(v) for k, v in parse_options(config.model_max).items()}
+        for name in [*per_model_min, *per_model_max]:
+            if name not in self.catalog.models:
+                raise ValueError(f"model_min/model_max: unknown model {name!r}")
         self.settings = PlanSettings(
             ScalingSettings(config.horizon_s, queue_wait_s=config.queue_wait_s,
                             sustain_s=config.sustain_s, up_cooldown_s=config.up_cooldown_s, down_cooldown_s=config.down_cooldown_s,
-                            min_replicas=config.min_replicas, max_replicas=config.max_replicas),
+                            min_replicas=config.min_replicas, max_replicas=config.max_replicas,
+                            per_model_min=per_model_min, per_model_max=per_model_max),
             int(config.headroom_gib * 1024**3), tuple(config.workflows))
         self.options = parse_options(config.actor_options)
         self.client = client or Client(config.broker)
@@ -254,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--down-cooldown-s", type=float)
     parser.add_argument("--min-replicas", type=int)
     parser.add_argument("--max-replicas", type=int)
+    parser.add_argument("--model-min", action="append", metavar="MODEL=N", help="a model's minimum replicas")
+    parser.add_argument("--model-max", action="append", metavar="MODEL=N", help="a model's maximum replicas")
     parser.add_argument("--headroom-gib", type=float)
     add_common_arguments(parser)
     args = parser.parse_args(argv)

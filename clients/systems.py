@@ -1,0 +1,110 @@
+"""The serving systems a cluster benchmark compares, as plain data: pure, no IO.
+
+`lego` is micro-serving: every model its own actors, the scheduler actor on
+(scaling, placement, admission, parallel CFG groups). The baselines are monoliths in
+the same runtime (`pipeline/WORKFLOW` actors, one request at a time), placed as the
+paper's artifact places them (`../shared/data/diflow-ae/baselines/*.yml`): `basic`
+(a static split), `shepherd` (a static split sized to demand), `clockwork` (every GPU
+hosts every workflow, loading on demand). Every system drops requests whose deadline
+passed before their work started, as the paper's baselines do.
+
+Used by the emulated-process benchmark (`clients/bench_cluster.py`) and the
+simulator (`scheduler/simulator.py`), so both run exactly the same configurations.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.workflows import Catalog, pipeline_name
+
+# The artifact's workflow names -> ours (tenants A, B, C of the traces, in this order).
+PAPER_WORKFLOWS = {
+    "flux_schnell_txt2img_workflow": "flux-schnell-txt2img-cfg",
+    "flux_schnell_txt2img_controlnet_canny_workflow": "flux-schnell-canny-cfg",
+    "flux_schnell_txt2img_controlnet_depth_workflow": "flux-schnell-depth-cfg",
+}
+PAPER_TENANTS = dict(zip("ABC", PAPER_WORKFLOWS.values(), strict=True))
+BASELINES = ("basic", "shepherd", "clockwork")
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    serving: str  # micro | monolith
+    placement: tuple[tuple[str, str, str], ...]  # (model, device, backend) of every actor at start
+    scheduler: bool = False
+    cfg_split: str = "never"
+    admission: bool = False
+    drop_late: bool = True
+    scheduler_args: tuple[str, ...] = field(default=())
+
+
+def read_baseline(path: str | Path) -> dict[str, list[int]]:
+    """The artifact's placement file: {artifact workflow name: [GPU ranks]}.
+
+    The format is a two-level YAML list (`pipelines: NAME: - rank: N`); read with a
+    strict line parser so a malformed file fails naming its line."""
+    placement: dict[str, list[int]] = {}
+    current = None
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip() or line.startswith(("baseline_name:", "pipelines:")):
+            continue
+        if m := re.fullmatch(r"  ([A-Za-z0-9_]+):\s*", line):
+            current = placement.setdefault(m.group(1), [])
+        elif (m := re.fullmatch(r"    - rank: (\d+)\s*", line)) and current is not None:
+            current.append(int(m.group(1)))
+        else:
+            raise ValueError(f"{path}:{number}: not a `pipelines: NAME: - rank: N` entry: {line!r}")
+    return placement
+
+
+def baseline_system(name: str, ranks: dict[str, list[int]], workflow_names: dict[str, str] = PAPER_WORKFLOWS) -> SystemSpec:
+    """Monolith actors placed by rank; a GPU named by several workflows hosts them all
+    in one actor that loads them on demand (Clockwork)."""
+    by_gpu: dict[int, list[str]] = {}
+    for artifact_name, gpu_ranks in ranks.items():
+        if artifact_name not in workflow_names:
+            raise ValueError(f"baseline {name}: unknown workflow {artifact_name!r} (known: {sorted(workflow_names)})")
+        for rank in gpu_ranks:
+            by_gpu.setdefault(rank, []).append(workflow_names[artifact_name])
+    placement = tuple((pipeline_name(wfs), f"emu:{rank}", "monolith") for rank, wfs in sorted(by_gpu.items()))
+    return SystemSpec(name, "monolith", placement)
+
+
+def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: float = 1.0) -> SystemSpec:
+    """Micro-serving: a base-model actor on every GPU, one actor of every other model,
+    spread over the GPUs; the scheduler adapts from there."""
+    models: list[str] = []
+    for name in workflows:
+        for model in catalog.workflows[name].models:
+            if model not in models:
+                models.append(model)
+    base = [m for m in models if catalog.models[m].kind == "denoiser"]
+    others = [m for m in models if m not in base]
+    placement = [(m, f"emu:{g}", "emulated") for m in base for g in range(gpus)]
+    placement += [(m, f"emu:{i % gpus}", "emulated") for i, m in enumerate(others)]
+    scaled = [("--queue-wait-s", 0.5), ("--sustain-s", 1.0), ("--horizon-s", 4.0),
+              ("--up-cooldown-s", 1.0), ("--down-cooldown-s", 10.0)]
+    args = ["--admission", "true", "--cfg-split", "auto", "--interval-s", str(max(0.1, 0.5 * time_scale))]
+    args += [arg for flag, value in scaled for arg in (flag, f"{value * time_scale:g}")]
+    # A dedicated cluster: an idle base-model replica costs nothing while no other model
+    # needs its GPU, and dropping one would make the next burst wait for a reload.
+    args += [arg for m in base for arg in ("--model-min", f"{m}={gpus}")]
+    return SystemSpec("lego", "micro", tuple(placement), scheduler=True, cfg_split="auto", admission=True,
+                      scheduler_args=tuple(args))
+
+
+def paper_systems(catalog: Catalog, baselines_dir: str | Path, gpus: int = 8, time_scale: float = 1.0,
+                  names: tuple[str, ...] = ("lego", *BASELINES)) -> list[SystemSpec]:
+    systems = []
+    for name in names:
+        if name == "lego":
+            systems.append(lego_system(catalog, list(PAPER_WORKFLOWS.values()), gpus, time_scale))
+        elif name in BASELINES:
+            systems.append(baseline_system(name, read_baseline(Path(baselines_dir) / f"{name}.yml")))
+        else:
+            raise ValueError(f"systems: unknown system {name!r} (known: lego, {', '.join(BASELINES)})")
+    return systems
