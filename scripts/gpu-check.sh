@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared run for a lent GPU machine (about 3-4 minutes of an
-# H100; hard limits below keep it under 7).
+# H100; the hard limits below (90 s of tests, 330 s of driver) keep it under 8).
 #
 #   here, once:   bash scripts/gpu-wheels.sh            # .whl/: diffusers, pyzmq, ... (~28 MB)
 #   there:        bash scripts/gpu-check.sh [--record]  # with `.whl` carried; results in $OUT
@@ -11,8 +11,11 @@
 # IPC vs shared memory vs frames at 128 KiB / 4 MiB / 64 MiB, and full-size SDXL (fp16)
 # and SD3 (bf16) served by one actor per component on the GPU against the diffusers
 # pipeline (identical images, per-step overhead). One table is printed and written to
-# $OUT (or run/gpu-check); --record also appends it to docs/benchmarks.md (there that
-# copy is lost with the machine: apply $OUT/gpu-check.md here).
+# $OUT (or run/gpu-check) with the logs; --record also appends it to docs/benchmarks.md,
+# which on a lent machine is lost with it: append the fetched benchmarks-entry.md here.
+#
+# From a session with the device tool (carry the wheels; the run takes 3-4 minutes):
+#   run(command="bash scripts/gpu-check.sh --record", carry=[".whl"], timeout_s=480)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
