@@ -42,7 +42,7 @@ from clients.local import LocalCluster, LocalClusterSpec
 from clients.systems import PAPER_TENANTS, PAPER_WORKFLOWS, SystemSpec, paper_systems
 from scheduler.costs import CostModel
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "diflow-ae"
+DATA = Path(__file__).resolve().parent / "data"  # traces and baseline placements (copied from the artifact)
 RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 BURSTS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 TARGET = 0.9

@@ -177,6 +177,44 @@ def cmd_bench(args) -> int:
     return run_overhead_bench(args)
 
 
+def cmd_bench_cluster(args) -> int:
+    from clients.bench_cluster import (
+        BenchSettings,
+        attainment_chart,
+        cluster_table,
+        run_cluster_bench,
+    )
+
+    def numbers(text: str, cast) -> tuple:
+        return tuple(cast(x) for x in text.split(",") if x.strip())
+
+    settings = BenchSettings(systems=tuple(s for s in args.systems.split(",") if s), rates=numbers(args.rates, float),
+                             bursts=numbers(args.bursts, int), gpus=args.gpus, time_scale=args.time_scale,
+                             trace_limit_s=args.trace_limit_s)
+    if args.quick:
+        settings.gpus, settings.rates, settings.bursts = 4, (1.0, 4.0), (1, 4)
+        settings.trace_limit_s, settings.time_scale = 6.0, 0.2
+    result = run_cluster_bench(settings)
+    print(json.dumps(result, indent=2, default=str) if args.json else cluster_table(result))
+    chart = attainment_chart(result, f"{args.plot}/slo_attainment_vs_rate.png") if args.plot else None
+    if args.record:
+        command = "lego bench cluster " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "lego bench cluster"
+        with open(args.record, "a") as out:
+            out.write(f"\n### Micro-serving vs monolithic baselines, emulated ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `{command}`. {result['gpus']} emulated H800s "
+                      f"(profile times x {result['time_scale']:g}, arrivals compressed alike), real processes; "
+                      f"took {result['wall_s']} s.\n\n{cluster_table(result)}\n")
+            if chart:
+                out.write(f"\n![SLO attainment vs rate scale]({chart})\n")
+    return 0
+
+
+def cmd_bench_simulate(args) -> int:
+    from scheduler.simulator import cli_main
+
+    return cli_main(args.rest)
+
+
 def cmd_bench_scheduler(args) -> int:
     from clients.bench_scheduler import run_scheduler_bench, scheduler_table
 
@@ -263,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
+    cb = bsub.add_parser("cluster", help="micro-serving vs monolithic baselines on an emulated cluster (the paper's setting)")
+    cb.add_argument("--systems", default="lego,basic,shepherd,clockwork", help="comma-separated")
+    cb.add_argument("--rates", default="0.5,1,2,3,4,6,8", help="trace rate scales, comma-separated")
+    cb.add_argument("--bursts", default="1,2,4,8,16,24,32,48,64", help="burst sizes, comma-separated ('' for none)")
+    cb.add_argument("--gpus", type=int, default=8)
+    cb.add_argument("--time-scale", type=float, default=0.25, help="emulated times and arrival gaps x this")
+    cb.add_argument("--trace-limit-s", type=float, help="replay only the first seconds of each trace")
+    cb.add_argument("--quick", action="store_true", help="CI check of the harness: 4 GPUs, 6 s of two traces, small bursts")
+    cb.add_argument("--json", action="store_true")
+    cb.add_argument("--plot", metavar="DIR", help="write the SLO-attainment chart (PNG) there")
+    cb.add_argument("--record", metavar="FILE", help="append the tables to FILE (docs/benchmarks.md)")
+    cb.set_defaults(func=cmd_bench_cluster)
+    sim = bsub.add_parser("simulate", help="the same broker and scheduler code in virtual time (hundreds of GPUs)",
+                          add_help=False)
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_bench_simulate)
     sb = bsub.add_parser("scheduler", help="parallel groups and scaling on 8 emulated H800s (the paper's Flux workflows)")
     sb.add_argument("--time-scale", type=float, default=0.5, help="emulated times x this")
     sb.add_argument("--rounds", type=int, default=5, help="idle requests per mode")
