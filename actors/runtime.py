@@ -440,10 +440,11 @@ class ActorRuntime:
                 log.exception("fetch_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id)
                 reply = p.encode(p.Error(ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}", "tensor_id",
                                          msg.request_id))
-            # Zero-copy: ZeroMQ keeps the tensor buffers alive until sent. Called in a
-            # method of its own so that no bundle outlives the request in this loop's
-            # locals (a FREEd CUDA bundle must go back to the allocator at once).
+            # Zero-copy: ZeroMQ keeps the tensor buffers alive until sent. Served by a
+            # method of its own, and the reply dropped here, so that no bundle outlives
+            # the request in this loop's locals (a FREEd bundle must go at once).
             sock.send_multipart([identity, b"", *reply], copy=False)
+            del reply
 
     def _serve_fetch(self, msg: p.Fetch) -> list:
         """The reply frames to a FETCH (data thread): CUDA IPC handles for CUDA tensors on
