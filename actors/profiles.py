@@ -20,6 +20,13 @@ PROFILE_MODE = {"encode": "default", "denoise": "default", "denoise_branch": "de
                 "decode": "decode_latents", "encode_image": "prepare_image"}
 
 
+# The artifact measured these at the latent resolution (128 x 128 for a 1024 px image,
+# the VAE's factor 8) where every other profile gives image pixels; read them as pixels
+# so one request shape prices every model of a workflow.
+LATENT_RESOLUTION = {"StableDiffusion3": 8, "StableDiffusion35Large": 8, "StableDiffusion3VAE": 8,
+                     "StableDiffusion35LargeVAE": 8}
+
+
 class ProfileError(ValueError):
     """A profile is missing or malformed."""
 
@@ -73,9 +80,10 @@ def parse_profile(doc: dict, name: str = "") -> Profile:
     try:
         loading = doc["loading"]
         points: dict[str, list] = {}
+        factor = LATENT_RESOLUTION.get(doc.get("model_name", name), 1)
         for entry in doc["execution"]:
             rows = [
-                (int(r["batch_size"]), int(r.get("height", 0)), int(r.get("width", 0)),
+                (int(r["batch_size"]), int(r.get("height", 0)) * factor, int(r.get("width", 0)) * factor,
                  float(r["execution_time"]), int(r.get("gpu_memory_used", 0)))
                 for r in entry["results"]
             ]

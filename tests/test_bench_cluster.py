@@ -80,3 +80,22 @@ def test_quick_mode_runs_every_system_end_to_end(tmp_path):
 @needs_data
 def test_the_paper_systems_are_the_four():
     assert [s.name for s in paper_systems(load_catalog(), DATA / "baselines")] == ["lego", "basic", "shepherd", "clockwork"]
+
+
+def test_latent_resolution_profiles_price_image_pixels():
+    from actors.profiles import load_profile
+
+    # measured at 128 x 128 latents = 1024 px images; a 1024 px step costs the measured time
+    sd3 = load_profile("StableDiffusion3")
+    assert sd3.exec_time("default", 1, 1024, 1024) == sd3.points["default"][0][3]
+    assert sd3.exec_time("default", 1, 512, 512) < sd3.exec_time("default", 1, 1024, 1024) / 3
+
+
+def test_the_sharing_setting_workflows_share_encoders_across_sd3_and_sd35():
+    catalog = load_catalog()
+    names = ["sd3-canny-cfg", "sd3-pose-cfg", "sd35l-canny-cfg", "sd35l-depth-cfg", "flux-dev-canny", "flux-dev-depth"]
+    users = {}
+    for name in names:
+        for model in catalog.workflows[name].models:
+            users.setdefault(model, set()).add(name)
+    assert len(users["T5_SD3"]) == 4 and len(users["Flux1Dev"]) == 2 and len(users["StableDiffusion3"]) == 2
