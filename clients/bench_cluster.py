@@ -1,6 +1,11 @@
 """`lego bench cluster`: micro-serving against monolithic serving, same cluster, same
 trace, same SLO, in one invocation.
 
+Two settings. `paper`: 8 GPUs, the three FLUX.1-schnell workflows, the artifact's
+traces at rate scales 0.5-8. `sharing`: 16 GPUs, six ControlNet workflows over SD3,
+SD3.5 Large and FLUX.1-dev sharing encoders, VAEs and base models, bursty Gamma
+arrivals (CV 2) at a range of request rates.
+
 Every (system, rate) runs on a fresh emulated cluster of real processes (broker,
 scheduler for `lego`, one node agent with N emulated H800s, actors) so no state
 carries over. Arrivals come from the paper's traces (`TENANT GAP_SECONDS`, tenants
@@ -33,23 +38,34 @@ from clients.loadgen import (
     Arrival,
     burst_arrivals,
     default_params,
+    gamma_arrivals,
     run_open_loop_sync,
     scale_arrivals,
     summarize,
     trace_arrivals,
 )
 from clients.local import LocalCluster, LocalClusterSpec
-from clients.systems import PAPER_TENANTS, PAPER_WORKFLOWS, SystemSpec, paper_systems
+from clients.systems import (
+    PAPER_TENANTS,
+    PAPER_WORKFLOWS,
+    SHARING_WORKFLOWS,
+    SystemSpec,
+    paper_systems,
+    sharing_systems,
+)
 from scheduler.costs import CostModel
 
 DATA = Path(__file__).resolve().parent / "data"  # traces and baseline placements (copied from the artifact)
 RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+SHARING_RATES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # requests/s; the fluid bound is about 2.5 on 16 GPUs
 BURSTS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 TARGET = 0.9
+WINDOW_S = 120.0  # of each trace, and of the generated arrivals
 
 
 @dataclass
 class BenchSettings:
+    setting: str = "paper"  # paper | sharing
     systems: tuple[str, ...] = ("lego", "basic", "shepherd", "clockwork")
     rates: tuple[float, ...] = RATES
     bursts: tuple[int, ...] = BURSTS
@@ -61,15 +77,39 @@ class BenchSettings:
     log_level: str = "warning"
     results: dict = field(default_factory=dict)
 
+    @property
+    def workflows(self) -> list[str]:
+        return list(SHARING_WORKFLOWS if self.setting == "sharing" else PAPER_WORKFLOWS.values())
+
+    @property
+    def window_s(self) -> float:
+        return self.trace_limit_s or WINDOW_S
+
 
 def trace_path(data_dir: Path, rate: float) -> Path:
     return data_dir / "traces" / f"generated_trace_n3_rs{rate:.1f}_st50000_t120_seed666.txt"
 
 
-def cluster_spec(system: SystemSpec, gpus: int, time_scale: float, run_dir: str, log_level: str) -> LocalClusterSpec:
+def arrivals_at(s: BenchSettings, rate: float) -> list[Arrival]:
+    """Unscaled arrivals: the paper's trace at rate scale `rate`, or for the sharing
+    setting bursty Gamma arrivals (CV 2) at `rate` requests/s over an equal mix."""
+    if s.setting == "sharing":
+        return gamma_arrivals(rate, 2.0, s.window_s, s.workflows, seed=666)
+    return trace_arrivals(trace_path(s.data_dir, rate), PAPER_TENANTS, s.trace_limit_s)
+
+
+def systems_of(s: BenchSettings) -> list[SystemSpec]:
+    catalog = load_catalog()
+    if s.setting == "sharing":
+        return sharing_systems(catalog, s.gpus, s.time_scale, s.systems)
+    return paper_systems(catalog, s.data_dir / "baselines", s.gpus, s.time_scale, s.systems)
+
+
+def cluster_spec(system: SystemSpec, s: BenchSettings, run_dir: str) -> LocalClusterSpec:
+    gpus, time_scale, log_level = s.gpus, s.time_scale, s.log_level
     placement = [p for p in system.placement if int(p[1].split(":")[1]) < gpus]
     return LocalClusterSpec(
-        workflows=list(PAPER_WORKFLOWS.values()), emulate_gpus=gpus,
+        workflows=s.workflows, emulate_gpus=gpus,
         options={"time_scale": time_scale, "load_time_scale": time_scale}, max_batch_rows=8,
         serving=system.serving, drop_late=system.drop_late, admission=system.admission, cfg_split=system.cfg_split,
         scheduler=system.scheduler, scheduler_args=list(system.scheduler_args), placement=placement,
@@ -80,17 +120,16 @@ def _busy_s(client: Client) -> float:
     return sum(a.telemetry.busy_s for a in client.stats().actors if a.telemetry)
 
 
-def _warm_up(client: Client) -> None:
+def _warm_up(client: Client, workflows: list[str]) -> None:
     """One request per workflow, one after another: every actor has run once."""
-    for workflow in PAPER_WORKFLOWS.values():
-        client.generate(workflow, prompt="warm up", seed=0, timeout=120)
+    for workflow in workflows:
+        client.generate(workflow, prompt="warm up", seed=0, timeout=300)
 
 
 def run_arrivals(system: SystemSpec, arrivals: list[Arrival], window_s: float, s: BenchSettings, run_dir: str) -> dict:
     """One fresh cluster, one open-loop run; its summary plus device utilisation."""
-    with LocalCluster(cluster_spec(system, s.gpus, s.time_scale, run_dir, s.log_level)) as cluster, \
-            Client(cluster.frontend) as client:
-        _warm_up(client)
+    with LocalCluster(cluster_spec(system, s, run_dir)) as cluster, Client(cluster.frontend) as client:
+        _warm_up(client, s.workflows)
         time.sleep(1.0)  # a heartbeat carries the warm-up's busy time
         busy_before, started = _busy_s(client), time.monotonic()
         outcomes = run_open_loop_sync(cluster.frontend, arrivals, default_params, timeout_s=60 + 10 * window_s)
@@ -105,10 +144,10 @@ def run_arrivals(system: SystemSpec, arrivals: list[Arrival], window_s: float, s
 def rate_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[float, dict]:
     out = {}
     for rate in s.rates:
-        arrivals = trace_arrivals(trace_path(s.data_dir, rate), PAPER_TENANTS, s.trace_limit_s)
-        window = (s.trace_limit_s or 120.0) * s.time_scale
+        arrivals = arrivals_at(s, rate)
+        window = s.window_s * s.time_scale
         out[rate] = run_arrivals(system, scale_arrivals(arrivals, s.time_scale), window, s, f"{run_dir}/rate-{rate:g}")
-        out[rate]["requests_per_s"] = round(len(arrivals) / (s.trace_limit_s or 120.0), 3)
+        out[rate]["requests_per_s"] = round(len(arrivals) / s.window_s, 3)
         print(f"  {system.name} rate x{rate:g}: attainment {out[rate]['slo_attainment']:.3f} "
               f"({out[rate]['count']} requests)", flush=True)
     return out
@@ -117,10 +156,9 @@ def rate_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[float
 def burst_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[int, float]:
     """Attainment of n simultaneous requests, for growing n, on one cluster (idle between)."""
     out = {}
-    workflows = list(PAPER_WORKFLOWS.values())
-    with LocalCluster(cluster_spec(system, s.gpus, s.time_scale, run_dir, s.log_level)) as cluster, \
-            Client(cluster.frontend) as client:
-        _warm_up(client)
+    workflows = s.workflows
+    with LocalCluster(cluster_spec(system, s, run_dir)) as cluster, Client(cluster.frontend) as client:
+        _warm_up(client, workflows)
         for n in s.bursts:
             outcomes = run_open_loop_sync(cluster.frontend, burst_arrivals(n, workflows), default_params,
                                           timeout_s=120)
@@ -132,13 +170,13 @@ def burst_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[int,
     return out
 
 
-def fluid_bound_per_s() -> float:
+def fluid_bound_per_s(workflows: list[str]) -> float:
     """Requests/s per GPU no system can beat: one GPU-second over the mean device-seconds
-    of a request of the trace mix, every node in a full batch (profile times)."""
+    of a request of the mix (equal shares), every node in a full batch (profile times)."""
     catalog = load_catalog()
     costs = CostModel(catalog)
     works = [costs.request(catalog.workflows[w], validate_params(catalog.workflows[w], {"prompt": "x", "seed": 0})).min_work_s
-             for w in PAPER_WORKFLOWS.values()]
+             for w in workflows]
     return 1.0 / statistics.mean(works)
 
 
@@ -149,12 +187,11 @@ def best_at(values: dict, threshold: float = TARGET) -> float | None:
 
 
 def run_cluster_bench(s: BenchSettings) -> dict:
-    catalog = load_catalog()
-    systems = paper_systems(catalog, s.data_dir / "baselines", s.gpus, s.time_scale, s.systems)
+    systems = systems_of(s)
     started = time.monotonic()
     result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": _machine(), "gpus": s.gpus, "time_scale": s.time_scale, "trace_limit_s": s.trace_limit_s,
-              "systems": {}}
+              "machine": _machine(), "setting": s.setting, "workflows": s.workflows, "gpus": s.gpus,
+              "time_scale": s.time_scale, "trace_limit_s": s.trace_limit_s, "systems": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = s.run_dir or tmp
         for system in systems:
@@ -168,7 +205,7 @@ def run_cluster_bench(s: BenchSettings) -> dict:
 
 
 def derive(result: dict, gpus: int) -> dict:
-    fluid = fluid_bound_per_s() * gpus
+    fluid = fluid_bound_per_s(result["workflows"]) * gpus
     derived: dict = {"fluid_requests_per_s": round(fluid, 3), "systems": {}}
     for name, runs in result["systems"].items():
         rate = best_at({r: v["slo_attainment"] for r, v in runs["rates"].items()})
@@ -196,7 +233,8 @@ def _fmt(x, pattern="{:.3f}") -> str:
 
 
 def cluster_table(result: dict) -> str:
-    lines = ["| system | rate scale | req/s | SLO attainment | p50 (s) | p99 (s) | goodput (req/s) | rejected | dropped | util |",
+    label = "rate scale" if result.get("setting", "paper") == "paper" else "offered req/s"
+    lines = [f"| system | {label} | req/s | SLO attainment | p50 (s) | p99 (s) | goodput (req/s) | rejected | dropped | util |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     scale = result["time_scale"]
     for name, runs in result["systems"].items():
@@ -208,7 +246,7 @@ def cluster_table(result: dict) -> str:
                          f"{_fmt(r['p99_latency_s'] and r['p99_latency_s'] / scale, '{:.2f}')} | "
                          f"{r['goodput_per_s'] * scale:.3f} | {r['rejected']} | {dropped} | {r['utilisation']:.2f} |")
     d = result["derived"]
-    lines += ["", "| system | highest rate scale >= 90% (req/s) | largest burst >= 90% | share of fluid bound |",
+    lines += ["", f"| system | highest {label} >= 90% (req/s) | largest burst >= 90% | share of fluid bound |",
               "| --- | --- | --- | --- |"]
     for name, v in d["systems"].items():
         lines.append(f"| {name} | {_fmt(v['sustainable_rate_scale'], '{:g}')} ({_fmt(v['sustainable_requests_per_s'])}) | "
@@ -226,5 +264,7 @@ def attainment_chart(result: dict, path: str | Path) -> Path:
 
     series = {name: [(rate, r["slo_attainment"]) for rate, r in runs["rates"].items()]
               for name, runs in result["systems"].items()}
-    return line_chart(series, path, f"SLO attainment vs rate scale ({result['gpus']} emulated H800s, "
-                      "3 FLUX.1-schnell workflows, SLO 2x solo)", "rate scale", "SLO attainment", guide_y=TARGET)
+    paper = result.get("setting", "paper") == "paper"
+    what = "3 FLUX.1-schnell workflows" if paper else f"{len(result['workflows'])} SD3/SD3.5L/Flux-dev ControlNet workflows"
+    return line_chart(series, path, f"SLO attainment vs load ({result['gpus']} emulated H800s, {what}, SLO 2x solo)",
+                      "rate scale" if paper else "offered requests/s", "SLO attainment", guide_y=TARGET)

@@ -179,6 +179,8 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_cluster(args) -> int:
     from clients.bench_cluster import (
+        RATES,
+        SHARING_RATES,
         BenchSettings,
         attainment_chart,
         cluster_table,
@@ -188,19 +190,21 @@ def cmd_bench_cluster(args) -> int:
     def numbers(text: str, cast) -> tuple:
         return tuple(cast(x) for x in text.split(",") if x.strip())
 
-    settings = BenchSettings(systems=tuple(s for s in args.systems.split(",") if s), rates=numbers(args.rates, float),
-                             bursts=numbers(args.bursts, int), gpus=args.gpus, time_scale=args.time_scale,
-                             trace_limit_s=args.trace_limit_s)
+    sharing = args.setting == "sharing"
+    rates = numbers(args.rates, float) if args.rates else (SHARING_RATES if sharing else RATES)
+    settings = BenchSettings(setting=args.setting, systems=tuple(s for s in args.systems.split(",") if s), rates=rates,
+                             bursts=numbers(args.bursts, int), gpus=args.gpus or (16 if sharing else 8),
+                             time_scale=args.time_scale, trace_limit_s=args.trace_limit_s)
     if args.quick:
         settings.gpus, settings.rates, settings.bursts = 4, (1.0, 4.0), (1, 4)
         settings.trace_limit_s, settings.time_scale = 6.0, 0.2
     result = run_cluster_bench(settings)
     print(json.dumps(result, indent=2, default=str) if args.json else cluster_table(result))
-    chart = attainment_chart(result, f"{args.plot}/slo_attainment_vs_rate.png") if args.plot else None
+    chart = attainment_chart(result, f"{args.plot}/slo_attainment_{args.setting}.png") if args.plot else None
     if args.record:
         command = "lego bench cluster " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "lego bench cluster"
         with open(args.record, "a") as out:
-            out.write(f"\n### Micro-serving vs monolithic baselines, emulated ({result['date']})\n\n"
+            out.write(f"\n### Micro-serving vs monolithic baselines, {args.setting} setting, emulated ({result['date']})\n\n"
                       f"Machine: {result['machine']}. Command: `{command}`. {result['gpus']} emulated H800s "
                       f"(profile times x {result['time_scale']:g}, arrivals compressed alike), real processes; "
                       f"took {result['wall_s']} s.\n\n{cluster_table(result)}\n")
@@ -302,10 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     cb = bsub.add_parser("cluster", help="micro-serving vs monolithic baselines on an emulated cluster (the paper's setting)")
+    cb.add_argument("--setting", choices=("paper", "sharing"), default="paper",
+                    help="paper: 8 GPUs, 3 Flux workflows, the traces; sharing: 16 GPUs, 6 SD3/SD3.5L/Flux-dev "
+                         "ControlNet workflows, Gamma arrivals (CV 2)")
     cb.add_argument("--systems", default="lego,basic,shepherd,clockwork", help="comma-separated")
-    cb.add_argument("--rates", default="0.5,1,2,3,4,6,8", help="trace rate scales, comma-separated")
+    cb.add_argument("--rates", help="paper: trace rate scales (default 0.5,1,2,3,4,6,8); sharing: requests/s "
+                                    "(default 0.25,0.5,1,1.5,2,3)")
     cb.add_argument("--bursts", default="1,2,4,8,16,24,32,48,64", help="burst sizes, comma-separated ('' for none)")
-    cb.add_argument("--gpus", type=int, default=8)
+    cb.add_argument("--gpus", type=int, help="default 8 (paper), 16 (sharing)")
     cb.add_argument("--time-scale", type=float, default=0.25, help="emulated times and arrival gaps x this")
     cb.add_argument("--trace-limit-s", type=float, help="replay only the first seconds of each trace")
     cb.add_argument("--quick", action="store_true", help="CI check of the harness: 4 GPUs, 6 s of two traces, small bursts")

@@ -74,27 +74,102 @@ def baseline_system(name: str, ranks: dict[str, list[int]], workflow_names: dict
     return SystemSpec(name, "monolith", placement)
 
 
-def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: float = 1.0) -> SystemSpec:
-    """Micro-serving: a base-model actor on every GPU, one actor of every other model,
-    spread over the GPUs; the scheduler adapts from there."""
+def _models_of(catalog: Catalog, workflows: list[str]) -> list[str]:
     models: list[str] = []
     for name in workflows:
         for model in catalog.workflows[name].models:
             if model not in models:
                 models.append(model)
+    return models
+
+
+def split_gpus(weights: dict[str, float], gpus: int) -> dict[str, int]:
+    """GPUs per key in proportion to `weights`, at least one each (largest remainders)."""
+    if gpus < len(weights):
+        raise ValueError(f"gpus: {gpus} cannot give each of {len(weights)} entries one")
+    total = sum(weights.values())
+    share = {k: max(1.0, gpus * w / total) for k, w in weights.items()}
+    counts = {k: int(v) for k, v in share.items()}
+    for k in sorted(share, key=lambda k: share[k] - counts[k], reverse=True):
+        if sum(counts.values()) >= gpus:
+            break
+        counts[k] += 1
+    while sum(counts.values()) > gpus:  # the minimum of one each overshot: take from the largest
+        counts[max(counts, key=counts.get)] -= 1
+    return counts
+
+
+def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: float = 1.0,
+                base_share: dict[str, float] | None = None, pin_base: bool = True) -> SystemSpec:
+    """Micro-serving: base-model actors over the GPUs (one base model, all of them; several,
+    split by `base_share`), one actor of every other model spread over the GPUs; the
+    scheduler adapts from there."""
+    models = _models_of(catalog, workflows)
     base = [m for m in models if catalog.models[m].kind == "denoiser"]
     others = [m for m in models if m not in base]
-    placement = [(m, f"emu:{g}", "emulated") for m in base for g in range(gpus)]
+    counts = split_gpus(base_share or dict.fromkeys(base, 1.0), gpus) if len(base) > 1 else {base[0]: gpus}
+    devices = iter(range(gpus))
+    placement = [(m, f"emu:{next(devices)}", "emulated") for m in base for _ in range(counts[m])]
     placement += [(m, f"emu:{i % gpus}", "emulated") for i, m in enumerate(others)]
     scaled = [("--queue-wait-s", 0.5), ("--sustain-s", 1.0), ("--horizon-s", 4.0),
               ("--up-cooldown-s", 1.0), ("--down-cooldown-s", 10.0)]
     args = ["--admission", "true", "--cfg-split", "auto", "--interval-s", str(max(0.1, 0.5 * time_scale))]
     args += [arg for flag, value in scaled for arg in (flag, f"{value * time_scale:g}")]
-    # A dedicated cluster: an idle base-model replica costs nothing while no other model
-    # needs its GPU, and dropping one would make the next burst wait for a reload.
-    args += [arg for m in base for arg in ("--model-min", f"{m}={gpus}")]
+    if pin_base and len(base) == 1:
+        # One base model on a dedicated cluster: an idle replica costs nothing while no
+        # other model needs its GPU, and dropping one would make the next burst wait.
+        args += ["--model-min", f"{base[0]}={gpus}"]
     return SystemSpec("lego", "micro", tuple(placement), scheduler=True, cfg_split="auto", admission=True,
                       scheduler_args=tuple(args))
+
+
+def static_split_system(name: str, workflows: list[str], gpus: int, weights: dict[str, float] | None = None) -> SystemSpec:
+    """Monoliths on disjoint GPUs, per workflow in proportion to `weights` (equal: a plain
+    static split; demand-weighted: Shepherd-style)."""
+    counts = split_gpus(weights or dict.fromkeys(workflows, 1.0), gpus)
+    devices = iter(range(gpus))
+    placement = tuple((pipeline_name([wf]), f"emu:{next(devices)}", "monolith") for wf in workflows for _ in range(counts[wf]))
+    return SystemSpec(name, "monolith", placement)
+
+
+def shared_gpus_system(name: str, workflows: list[str], gpus: int) -> SystemSpec:
+    """Every GPU hosts every workflow, loading on demand (Clockwork-style)."""
+    return SystemSpec(name, "monolith", tuple((pipeline_name(workflows), f"emu:{g}", "monolith") for g in range(gpus)))
+
+
+SHARING_WORKFLOWS = ("sd3-canny-cfg", "sd3-pose-cfg", "sd35l-canny-cfg", "sd35l-depth-cfg", "flux-dev-canny", "flux-dev-depth")
+
+
+def sharing_systems(catalog: Catalog, gpus: int = 16, time_scale: float = 1.0,
+                    names: tuple[str, ...] = ("lego", *BASELINES)) -> list[SystemSpec]:
+    """The model-sharing setting: six ControlNet workflows over SD3, SD3.5 Large and
+    FLUX.1-dev (equal request mix). Baselines: an equal static split (basic), a split in
+    proportion to each workflow's work (shepherd), every GPU hosting every workflow
+    (clockwork). Micro-serving starts with base models split by their work and lets the
+    scheduler move GPUs between them."""
+    from broker.workflows import validate_params
+    from scheduler.costs import CostModel
+
+    costs = CostModel(catalog)
+    work = {wf: costs.request(catalog.workflows[wf], validate_params(catalog.workflows[wf], {"prompt": "x", "seed": 0})).work_s
+            for wf in SHARING_WORKFLOWS}
+    base_work: dict[str, float] = {}
+    for wf, seconds in work.items():
+        base = catalog.workflows[wf].denoiser
+        base_work[base] = base_work.get(base, 0.0) + seconds
+    systems = []
+    for name in names:
+        if name == "lego":
+            systems.append(lego_system(catalog, list(SHARING_WORKFLOWS), gpus, time_scale, base_work, pin_base=False))
+        elif name == "basic":
+            systems.append(static_split_system(name, list(SHARING_WORKFLOWS), gpus))
+        elif name == "shepherd":
+            systems.append(static_split_system(name, list(SHARING_WORKFLOWS), gpus, work))
+        elif name == "clockwork":
+            systems.append(shared_gpus_system(name, list(SHARING_WORKFLOWS), gpus))
+        else:
+            raise ValueError(f"systems: unknown system {name!r} (known: lego, {', '.join(BASELINES)})")
+    return systems
 
 
 def paper_systems(catalog: Catalog, baselines_dir: str | Path, gpus: int = 8, time_scale: float = 1.0,
