@@ -1,0 +1,156 @@
+"""The simulator's control side: the scheduler controller in virtual time, its admin
+client answered by the broker core, and the hot-path helpers a simulation needs.
+
+- `VirtualController` is `scheduler.controller.SchedulerController` (its settle,
+  busy-ratio and apply logic, its config and PlanSettings) with one step taken at a
+  virtual time; `_AdminClient` answers its Client calls through the core's admin
+  path (AdminSpawn/AdminStop/AdminConfigure -> ADMIN_REPLY).
+- `scheduler_config` turns a SystemSpec's `scheduler_args` (the flags of `lego
+  scheduler`) into its SchedulerConfig, with the same coercion as the process.
+- `CachedCosts` memoises the profile cost model, which the broker consults for every
+  node of every request.
+- `quiet_logs` silences the core's and the controller's per-request log lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from broker import protocol as p
+from broker.config import load_config
+from broker.workflows import Catalog, WorkflowSpec
+from clients.errors import LegoError
+from scheduler.controller import SchedulerConfig, SchedulerController
+from scheduler.costs import CostModel, RequestCost
+from scheduler.plan import plan_round
+from scheduler.snapshot import from_stats
+
+if TYPE_CHECKING:  # the simulator imports this module
+    from scheduler.simulator import Simulation
+
+ADMIN = b"sim-admin"  # the frontend identity of the admin calls (setup, scheduler)
+
+
+def scheduler_config(args: Sequence[str]) -> SchedulerConfig:
+    """A SystemSpec's `scheduler_args` (flags of `lego scheduler`) as its config."""
+    defaults = SchedulerConfig()
+    names = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    values: dict = {}
+    items = iter(args)
+    for flag in items:
+        name, sep, value = str(flag).partition("=")
+        if not name.startswith("--"):
+            raise ValueError(f"scheduler_args: expected --FLAG VALUE, got {flag!r}")
+        if not sep:
+            value = next(items, None)
+            if value is None:
+                raise ValueError(f"scheduler_args: {flag} needs a value")
+        field = {"actor_option": "actor_options"}.get(name[2:].replace("-", "_"), name[2:].replace("-", "_"))
+        if field not in names:
+            raise ValueError(f"scheduler_args: unknown flag {name}")
+        if isinstance(getattr(defaults, field), list):
+            values.setdefault(field, []).append(value)
+        else:
+            values[field] = value
+    return load_config(SchedulerConfig, "scheduler", None, values, environ={})
+
+
+class _AdminClient:
+    """What the scheduler controller calls on its `Client`, answered by the core in virtual time."""
+
+    def __init__(self, sim: Simulation):
+        self.sim = sim
+
+    def _call(self, msg: p.Message, what: str) -> p.AdminReply:
+        self.sim.replies.clear()
+        self.sim.frontend(ADMIN, msg)
+        reply = next((r for r in self.sim.replies if isinstance(r, p.AdminReply)), None)
+        if reply is None or not reply.ok:
+            raise LegoError(f"{what} refused: {reply.message if reply else 'no reply'}")
+        return reply
+
+    def spawn(self, model: str, device: str = "cpu", backend: str = "emulated", count: int = 1, host: str = "",
+              max_batch_rows: int = 8, options: dict | None = None, timeout: float | None = None) -> p.AdminReply:
+        return self._call(p.AdminSpawn(model, device, backend, host, count, max_batch_rows, options), "spawn")
+
+    def stop_actor(self, actor_id: str, timeout: float | None = None) -> p.AdminReply:
+        return self._call(p.AdminStop(actor_id), "stop")
+
+    def configure(self, settings: dict | None = None, plan: dict | None = None, timeout: float | None = None) -> p.AdminReply:
+        return self._call(p.AdminConfigure(settings or {}, plan), "configure")
+
+    def stats(self) -> p.Stats:
+        return self.sim.core.snapshot(self.sim.now)
+
+    def close(self) -> None:
+        return None
+
+
+class VirtualController(SchedulerController):
+    """The scheduler actor's controller with the simulator's clock instead of the wall's."""
+
+    def __init__(self, config: SchedulerConfig, client: _AdminClient, catalog: Catalog, costs):
+        super().__init__(config, client)
+        self.catalog, self.costs = catalog, costs  # the simulated cluster's, not config.catalog's
+
+    def step_at(self, stats: p.Stats, now: float) -> list:
+        """SchedulerController.step, at virtual time `now`."""
+        snapshot = from_stats(stats, self._busy_ratios(stats, now))
+        self._settle(stats, now)
+        in_progress = frozenset(change.model for change in self.changes)
+        plan = plan_round(snapshot, self.costs, self.memory, self.settings, in_progress)
+        self.memory = plan.memory
+        for action in plan.actions:
+            self._apply(action, now)
+            self.decisions[-1] = f"{now:.3f}s {self.decisions[-1].split(' ', 1)[1]}"  # virtual, not wall time
+        self.client.configure(plan={
+            "targets": {t.model: t.target for t in plan.targets}, "replicas": snapshot.replicas(),
+            "in_progress": sorted(f"{c.kind} {c.model} ({c.key})" for c in self.changes),
+            "decisions": list(self.decisions)})
+        return plan.actions
+
+
+class CachedCosts(CostModel):
+    """The profile cost model with its pure per-node and per-request costs memoised: the
+    broker prices every node of every request at arrival, the same few shapes over and over."""
+
+    def __init__(self, costs: CostModel):
+        super().__init__(costs.catalog, costs.profiles)
+        self._nodes: dict[tuple, float] = {}
+        self._requests: dict[tuple, RequestCost | None] = {}
+
+    def node_s(self, model: str, kind: str, rows: int, shape: tuple[int, int], batch_rows: int = 0) -> float:
+        key = (model, kind, rows, tuple(shape), batch_rows)
+        seconds = self._nodes.get(key)
+        if seconds is None:
+            seconds = self._nodes[key] = super().node_s(model, kind, rows, shape, batch_rows)
+        return seconds
+
+    def request(self, workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> RequestCost | None:
+        key = (workflow.name, cfg_split, *(params.get(k) for k in ("steps", "height", "width", "strength", "output")))
+        if key not in self._requests:
+            self._requests[key] = super().request(workflow, params, cfg_split)
+        return self._requests[key]
+
+
+class _Silent:
+    def __getattr__(self, name: str) -> Callable:
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def quiet_logs():
+    """No per-request log lines from the core and the controller while simulating."""
+    modules = [sys.modules[name] for name in ("broker.core", "broker.admin", "broker.recovery", "scheduler.controller")]
+    saved = [(module, module.log) for module in modules if hasattr(module, "log")]
+    for module, _ in saved:
+        module.log = _Silent()
+    try:
+        yield
+    finally:
+        for module, log in saved:
+            module.log = log
