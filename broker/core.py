@@ -79,6 +79,9 @@ class BrokerSettings:
     # Fail a request with `deadline_exceeded` instead of dispatching work for it once
     # its SLO deadline has passed (the paper's baselines drop such requests).
     drop_late: bool = False
+    # Cap a batch at the rows that still lower the time per row (from the profile);
+    # off: fill batches up to each actor's max_batch_rows.
+    batch_by_profile: bool = True
 
     def __post_init__(self) -> None:
         if self.affinity not in ("prefer", "avoid"):
@@ -519,7 +522,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             if head is None:
                 return
             actor = self._pick_actor(head, free)
-            batch = queue.take_batch(head, actor.max_batch_rows)
+            # No more rows than batching pays for (the profile says), nor the actor takes.
+            worth = self.load.batch_rows(model, head.kind, head.shape) if self.settings.batch_by_profile else None
+            batch = queue.take_batch(head, min(actor.max_batch_rows, worth or actor.max_batch_rows))
             if self.settings.drop_late:
                 batch = self._drop_late(batch, now)
                 if not batch:

@@ -47,6 +47,7 @@ class LoadTracker:
         self.service_s: dict[str, float] = {}
         self.workflow_stats: dict[str, p.WorkflowStats] = {}
         self._solo_cache: dict[tuple, float | None] = {}
+        self._batch_cache: dict[tuple, int | None] = {}
 
     # ---------------------------------------------------------------- per request
 
@@ -85,6 +86,13 @@ class LoadTracker:
 
     def request_cost(self, plans: list[NodePlan], workflow: WorkflowSpec) -> RequestCost | None:
         return self.costs.plans(plans) if self.costs.knows(workflow) else None
+
+    def batch_rows(self, model: str, kind: str, shape: tuple[int, int]) -> int | None:
+        """Rows worth batching for one model call (cached; None: no profile)."""
+        key = (model, kind, shape)
+        if key not in self._batch_cache:
+            self._batch_cache[key] = self.costs.batch_rows(model, kind, shape)
+        return self._batch_cache[key]
 
     def task_served(self, model: str, seconds: float) -> None:
         old = self.service_s.get(model)

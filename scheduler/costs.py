@@ -21,6 +21,8 @@ from actors.profiles import PROFILE_MODE, Profile, ProfileError, load_profile
 from broker.workflows import Catalog, NodePlan, WorkflowSpec, unroll
 
 THROUGHPUT_BATCH = 8  # the largest batch every profile measures
+BATCH_MIN_GAIN = 0.1  # doubling a batch must save this share of the time per row
+MAX_BATCH_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,23 @@ class CostModel:
         the baseline an SLO multiple is taken of."""
         cost = self.request(workflow, params, cfg_split=False)
         return None if cost is None else cost.solo_s
+
+    def batch_rows(self, model: str, kind: str, shape: tuple[int, int], min_gain: float = BATCH_MIN_GAIN) -> int | None:
+        """The most rows worth batching for this model, kind and shape: doubling a batch
+        must cut the time per row by at least `min_gain`, or it only makes every task in
+        it wait for the others (FLUX at 1024 px costs the same per row at any batch, so
+        it batches nothing beyond one task; CLIP is nearly free per row up to 32).
+        None: no profile, no limit known."""
+        profile = self.profiles.get(model)
+        if profile is None:
+            return None
+        mode, rows = PROFILE_MODE[kind], 1
+        while rows < MAX_BATCH_ROWS:
+            now, doubled = profile.exec_time(mode, rows, *shape) / rows, profile.exec_time(mode, 2 * rows, *shape) / (2 * rows)
+            if doubled > now * (1 - min_gain):
+                break
+            rows *= 2
+        return rows
 
     def load_s(self, model: str) -> float:
         profile = self.profiles.get(model)
