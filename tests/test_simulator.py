@@ -134,10 +134,14 @@ def test_the_scheduler_scales_only_the_base_model_under_a_burst_then_falls_back(
     scaled_at = next(t for t, replicas in timeline if replicas.get(BASE, 0) >= 4)
     assert scaled_at < 5.0
     assert stats["peak_replicas"][BASE] <= 8  # at most one base-model actor per GPU
-    assert all(stats["peak_replicas"][m] == 1 for m in SMALL)  # encoders, VAE, ControlNets stay packed
+    # encoders and ControlNets stay packed; the VAE (which batches little) may gain one when
+    # the base replicas' decodes arrive together
+    assert all(stats["peak_replicas"][m] == 1 for m in SMALL if m != "Flux1VAE")
+    assert stats["peak_replicas"]["Flux1VAE"] <= 2
+    first = next(line for line in stats["decisions"] if " start " in line)
+    assert f"start {BASE} " in first and "bottleneck" in first
     assert stats["workflows"][WORKFLOWS[0]]["latency_mode"] <= 4  # under load the groups collapse
     assert timeline[-1][1][BASE] <= 2  # back down once the burst is over
-    assert any("bottleneck" in line for line in stats["decisions"])
     assert any(line.split(" ", 1)[1].startswith("stop") for line in stats["decisions"])
 
 
