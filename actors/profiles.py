@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-
 # The profile mode that times each task kind ("default" is the model's forward call).
 PROFILE_MODE = {"encode": "default", "denoise": "default", "denoise_branch": "default", "control": "default",
                 "decode": "decode_latents", "encode_image": "prepare_image"}

@@ -17,7 +17,8 @@ from broker.state import BACKEND, FRONTEND, ActorState
 
 log = structlog.get_logger("broker.core")
 
-CONFIGURABLE = {"admission": bool, "slo_multiple": (int, float), "cfg_split": str, "serving": str, "drop_late": bool}
+CONFIGURABLE = {"admission": bool, "slo_multiple": (int, float), "cfg_split": str, "serving": str, "drop_late": bool,
+                "drop_hopeless": bool}
 
 
 class AdminMixin:

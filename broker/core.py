@@ -79,9 +79,16 @@ class BrokerSettings:
     # Fail a request with `deadline_exceeded` instead of dispatching work for it once
     # its SLO deadline has passed (the paper's baselines drop such requests).
     drop_late: bool = False
+    # With drop_late: also drop a request as soon as it cannot make its deadline any more
+    # (now + the profile time of its remaining critical path > deadline), before more
+    # work is spent on it; the freed capacity goes to requests that still can.
+    drop_hopeless: bool = False
     # Cap a batch at the rows that still lower the time per row (from the profile);
     # off: fill batches up to each actor's max_batch_rows.
     batch_by_profile: bool = True
+    # Tasks at least this long (profile seconds, before cost_scale) go only to actors with
+    # nothing in flight; shorter ones may queue a second batch at a busy actor.
+    prefetch_below_s: float = 0.05
 
     def __post_init__(self) -> None:
         if self.affinity not in ("prefer", "avoid"):
@@ -94,8 +101,9 @@ class BrokerSettings:
             raise ValueError(f"slo_multiple: expected a number > 0, got {self.slo_multiple!r}")
         if self.serving not in ("micro", "monolith"):
             raise ValueError(f"serving: expected 'micro' or 'monolith', got {self.serving!r}")
-        if not isinstance(self.drop_late, bool):
-            raise ValueError(f"drop_late: expected true or false, got {self.drop_late!r}")
+        if not isinstance(self.drop_late, bool) or not isinstance(self.drop_hopeless, bool):
+            raise ValueError(f"drop_late, drop_hopeless: expected true or false, got {self.drop_late!r}, "
+                             f"{self.drop_hopeless!r}")
         if not (isinstance(self.cost_scale, (int, float)) and self.cost_scale > 0):
             raise ValueError(f"cost_scale: expected a number > 0, got {self.cost_scale!r}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_misses < 1:
@@ -373,6 +381,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         for members in groups.values():
             for node in members:
                 node.siblings = [other for other in members if other is not node]
+        for node in reversed(list(request.nodes.values())):  # consumers come after producers
+            node.tail_s = node.cost_s + max((c.tail_s for c in node.consumers), default=0.0)
         self.requests[request.request_id] = request
         self.counters["requests_submitted"] += 1
         request.remaining_min_s = request.min_cost_s
@@ -514,9 +524,16 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         if queue is None or queue.depth <= 0:
             return
         # A monolith runs one request at a time: the rest wait here, where drop_late sees them.
-        monolith = model.startswith(PIPELINE_PREFIX)
+        # One batch at a time for long tasks (and monoliths): a second batch queued at a busy
+        # actor would be a newer request's step, decided before the older request's next
+        # step existed; deciding at each completion lets requests run to completion in
+        # arrival order instead of all slowing down together. Short tasks keep a second
+        # batch queued, which hides the round trip.
+        head = queue.head()
+        one_at_a_time = model.startswith(PIPELINE_PREFIX) or (
+            head is not None and head.cost_s >= self.settings.prefetch_below_s * self.settings.cost_scale)
         free = [a for a in self.actors.values()
-                if a.model == model and a.credits > 0 and not a.draining and not (monolith and a.in_flight)]
+                if a.model == model and a.credits > 0 and not a.draining and not (one_at_a_time and a.in_flight)]
         while free:
             head = queue.head()
             if head is None:
@@ -530,19 +547,22 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                 if not batch:
                     continue
             self._send_batch(actor, batch, now)
-            if actor.credits <= 0 or monolith:
+            if actor.credits <= 0 or one_at_a_time:
                 free.remove(actor)
 
     def _drop_late(self, batch: list[Node], now: float) -> list[Node]:
-        """Fail the requests of nodes whose deadline has passed; the rest of the batch."""
+        """Fail the requests of nodes whose deadline has passed (or, with drop_hopeless,
+        can no longer be met); the rest of the batch."""
         kept = []
         for node in batch:
             request = node.request
-            if request.deadline is not None and now > request.deadline:
+            finish = now + (node.tail_s if self.settings.drop_hopeless else 0.0)
+            if request.deadline is not None and finish > request.deadline:
                 if not request.finished:
                     node.state = WAITING  # already out of the queue
                     self._fail_request(request, ErrorCode.DEADLINE_EXCEEDED,
-                                       f"deadline passed {now - request.deadline:.3f} s before {node.key} could start")
+                                       f"{node.key} could start {now - request.deadline:+.3f} s from the deadline, "
+                                       f"with {node.tail_s:.3f} s of its critical path left")
             else:
                 kept.append(node)
         return kept

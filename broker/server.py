@@ -55,6 +55,7 @@ class BrokerConfig:
     cost_scale: float = 1.0  # profile times x this: the emulated actors' time_scale
     serving: str = "micro"  # or "monolith": each request one task on a pipeline/WORKFLOW actor (baselines)
     drop_late: bool = False  # fail requests whose SLO deadline passed instead of running them
+    drop_hopeless: bool = False  # ...or can no longer be met (remaining critical path)
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -73,6 +74,7 @@ class BrokerConfig:
             cost_scale=self.cost_scale,
             serving=self.serving,
             drop_late=self.drop_late,
+            drop_hopeless=self.drop_hopeless,
         )
 
 
@@ -229,10 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost-scale", type=float)
     parser.add_argument("--serving", choices=("micro", "monolith"))
     parser.add_argument("--drop-late", choices=("on", "off"))
+    parser.add_argument("--drop-hopeless", choices=("on", "off"))
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config"}
-    for flag in ("admission", "drop_late"):
+    for flag in ("admission", "drop_late", "drop_hopeless"):
         if cli.get(flag) is not None:
             cli[flag] = cli[flag] == "on"
     config = load_config(BrokerConfig, "broker", args.config, cli)

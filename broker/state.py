@@ -21,7 +21,7 @@ class Node:
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
         "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo", "siblings",
-        "cost_s", "min_cost_s",
+        "cost_s", "min_cost_s", "tail_s",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -53,6 +53,7 @@ class Node:
         self.task_id = f"{request.request_id}/{plan.key}"
         self.cost_s = 0.0  # device-seconds alone, from the profile (0: unknown)
         self.min_cost_s = 0.0  # its share of a full batch: the least it can cost
+        self.tail_s = 0.0  # profile time of the longest path from it to the output, itself included
 
     @property
     def batch_key(self) -> tuple:

@@ -111,7 +111,8 @@ def cluster_spec(system: SystemSpec, s: BenchSettings, run_dir: str) -> LocalClu
     return LocalClusterSpec(
         workflows=s.workflows, emulate_gpus=gpus,
         options={"time_scale": time_scale, "load_time_scale": time_scale}, max_batch_rows=8,
-        serving=system.serving, drop_late=system.drop_late, admission=system.admission, cfg_split=system.cfg_split,
+        serving=system.serving, drop_late=system.drop_late, drop_hopeless=system.drop_hopeless,
+        admission=system.admission, cfg_split=system.cfg_split,
         scheduler=system.scheduler, scheduler_args=list(system.scheduler_args), placement=placement,
         run_dir=run_dir, log_level=log_level, heartbeat_interval_s=1.0)
 

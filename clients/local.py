@@ -47,6 +47,7 @@ class LocalClusterSpec:
     admission: bool = False
     serving: str = "micro"  # "monolith": the baselines (pipeline/WORKFLOW actors from `placement`)
     drop_late: bool = False
+    drop_hopeless: bool = False
     # Explicit actors as (model, device, backend), instead of `replicas` over the workflows' models.
     placement: list[tuple[str, str, str]] = field(default_factory=list)
     # Start the scheduler actor too (`lego scheduler` with these extra flags); it then
@@ -130,6 +131,7 @@ class LocalCluster:
                                "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity, "--cfg-split", s.cfg_split,
                                "--admission", "on" if s.admission else "off", "--telemetry", self.telemetry,
                                "--serving", s.serving, "--drop-late", "on" if s.drop_late else "off",
+                               "--drop-hopeless", "on" if s.drop_hopeless else "off",
                                "--cost-scale", str(s.options.get("time_scale", 1.0)), *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),

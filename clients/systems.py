@@ -39,6 +39,9 @@ class SystemSpec:
     cfg_split: str = "never"
     admission: bool = False
     drop_late: bool = True
+    # Micro-serving also drops a request once its remaining critical path cannot meet the
+    # deadline; the baselines drop only what has expired, as the paper's do.
+    drop_hopeless: bool = False
     scheduler_args: tuple[str, ...] = field(default=())
 
 
@@ -120,7 +123,7 @@ def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: f
         # other model needs its GPU, and dropping one would make the next burst wait.
         args += ["--model-min", f"{base[0]}={gpus}"]
     return SystemSpec("lego", "micro", tuple(placement), scheduler=True, cfg_split="auto", admission=True,
-                      scheduler_args=tuple(args))
+                      drop_hopeless=True, scheduler_args=tuple(args))
 
 
 def static_split_system(name: str, workflows: list[str], gpus: int, weights: dict[str, float] | None = None) -> SystemSpec:

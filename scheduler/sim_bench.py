@@ -209,8 +209,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-time-scale", type=float, help="profile load times x this (default: --time-scale)")
     parser.add_argument("--process-start-s", type=float, default=PROCESS_START_S)
     parser.add_argument("--timeout-s", type=float, default=600.0, help="client timeout of a request")
-    parser.add_argument("--device-model", choices=("fifo", "shared"), default="fifo",
-                        help="fifo: one batch at a time per GPU (the emulated device lock); shared: time-slicing")
+    parser.add_argument("--device-model", choices=("fifo", "shared"), default="shared",
+                        help="shared: actors on one GPU time-slice it (the emulated backend's default); "
+                             "fifo: one batch at a time per GPU (its device_sharing=fifo)")
     parser.add_argument("--baselines", default=str(DATA / "baselines"),
                         help="the artifact's placement files (used on 8 GPUs)")
     parser.add_argument("--seed", type=int, default=0)

@@ -10,9 +10,10 @@ speaks the same protocol messages to the broker core and times work the same way
   actors `MODEL@HOST/DEVICE#SPAWN_ID` as the real agent does.
 - An actor runs one batch at a time in arrival order (the runtime's compute thread):
   it first fetches the inputs it does not hold (`fetch_s`), then waits for its GPU.
-- A GPU computes one batch at a time, first come first served (the emulated
-  backend's device lock; `device_model="shared"` instead time-slices the batches of
-  the actors on one GPU, each at 1/n speed, as processes sharing a real GPU do):
+- A GPU time-slices the batches of the actors on it, each at 1/n speed, as processes
+  sharing a real GPU do and as the emulated backend does by default
+  (`actors/backends/emulated_gpu.py`); `device_model="fifo"` instead computes one
+  batch at a time, first come first served (the emulated `device_sharing=fifo`):
   micro-serving batches take the profile's time for their
   mode, rows and resolution x `time_scale` (a split step's combine task costs 0; it
   still takes its turn on the device); a monolith takes the workflow's whole
@@ -221,7 +222,7 @@ class SimActor:
 class SimAgent:
     """The node agent of one host: spawns and stops simulated actors."""
 
-    def __init__(self, sim: Simulation, host: str, gpus: int, gpu_memory_bytes: int, device_model: str = "fifo"):
+    def __init__(self, sim: Simulation, host: str, gpus: int, gpu_memory_bytes: int, device_model: str = "shared"):
         self.sim, self.host = sim, host
         self.agent_id = f"agent@{host}"
         self.identity = self.agent_id.encode()
@@ -284,7 +285,7 @@ class SimAgent:
 class SimCluster:
     """Every host's agent; routes the broker's backend messages to agents and actors."""
 
-    def __init__(self, sim: Simulation, gpus: int, hosts: int, gpu_memory_bytes: int, device_model: str = "fifo"):
+    def __init__(self, sim: Simulation, gpus: int, hosts: int, gpu_memory_bytes: int, device_model: str = "shared"):
         if gpus < 1 or hosts < 1 or hosts > gpus:
             raise ValueError(f"gpus ({gpus}) must be >= hosts ({hosts}) >= 1")
         per_host = -(-gpus // hosts)

@@ -76,7 +76,7 @@ class Simulation:
                  gpu_memory_gib: float = 80.0, time_scale: float = 1.0, load_time_scale: float | None = None,
                  process_start_s: float = PROCESS_START_S, max_batch_rows: int = 8, credits: int = 2,
                  timeout_s: float = 600.0, seed: int = 0, params_for: Callable[[Arrival], dict] = default_params,
-                 workflows: Sequence[str] = (), device_model: str = "fifo", drain_s: float = 0.0):
+                 workflows: Sequence[str] = (), device_model: str = "shared", drain_s: float = 0.0):
         self.system, self.catalog = system, catalog or load_catalog()
         self.gpus, self.time_scale, self.timeout_s = gpus, time_scale, timeout_s
         self.workflows, self.drain_s = list(workflows), drain_s
@@ -141,7 +141,8 @@ class Simulation:
             agent.hello()
         s = self.system
         admin = _AdminClient(self)
-        admin.configure({"serving": s.serving, "drop_late": s.drop_late, "admission": s.admission, "cfg_split": s.cfg_split})
+        admin.configure({"serving": s.serving, "drop_late": s.drop_late, "drop_hopeless": s.drop_hopeless,
+                         "admission": s.admission, "cfg_split": s.cfg_split})
         self.warm_start = True
         for model, device, backend in s.placement:
             gpu = int(device.split(":")[1])

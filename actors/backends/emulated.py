@@ -9,13 +9,12 @@ a lost, stale or mixed-up tensor shows in the final image.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import time
 
 import numpy as np
 
+from actors.backends.emulated_gpu import EmulatedGpu
 from actors.profiles import PROFILE_MODE, load_profile
 from actors.store import Bundle, RawTensor, raw_zeros
 from broker.protocol.messages import TaskSpec
@@ -40,17 +39,6 @@ def _stamped(dtype: str, shape: tuple, digest: bytes) -> RawTensor:
     n = min(DIGEST_BYTES, len(tensor.buffer))
     tensor.buffer[:n] = digest[:n]
     return tensor
-
-
-@contextlib.contextmanager
-def device_turn(lock_path: str):
-    """Hold an emulated GPU (its lock file) while computing; no-op without a path."""
-    if not lock_path:
-        yield
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        yield
 
 
 def render_image(digest: bytes, height: int, width: int) -> np.ndarray:
@@ -79,9 +67,8 @@ class EmulatedBackend:
             raise ValueError("options.time_scale and options.load_time_scale must be >= 0")
         self.profile = load_profile(options.get("profile") or model.profile or model.name)
         self.peak_bytes = self.profile.resident_bytes
-        # Held while "computing": actors sharing an emulated GPU take turns, as they
-        # would on a real one (the agent passes one lock file per emulated device).
-        self.device_lock = options.get("device_lock", "")
+        # Actors on one emulated GPU share it as on a real one (emulated_gpu.py).
+        self.gpu = EmulatedGpu(options.get("device_lock", ""), options.get("device_sharing", "shared"))
 
     def memory_bytes(self) -> int:
         return self.profile.resident_bytes
@@ -90,10 +77,6 @@ class EmulatedBackend:
         time.sleep(self.profile.load_s * self.load_time_scale)
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
-        with device_turn(self.device_lock):
-            return self._run(tasks, inputs)
-
-    def _run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()
         # A split step's combine task makes no model call (its branches did): no time.
         rows = sum(t.rows for t in tasks if not t.params.get("split"))
@@ -103,9 +86,7 @@ class EmulatedBackend:
         if rows:
             self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
         outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs, strict=True)]
-        remaining = duration - (time.perf_counter() - started)
-        if remaining > 0:
-            time.sleep(remaining)
+        self.gpu.compute(duration - (time.perf_counter() - started))  # building outputs took some already
         return outputs
 
     def _compute(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
