@@ -129,6 +129,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.requests: dict[str, Request] = {}
         self.tasks: dict[str, Node] = {}  # task_id -> node, for nodes of live requests
         self.actors: dict[str, ActorState] = {}
+        self.actors_by_model: dict[str, list[ActorState]] = {}  # the dispatch loop's index
         self.actor_by_identity: dict[bytes, ActorState] = {}
         self.agents: dict[bytes, AgentState] = {}
         self.queues: dict[str, ReadyQueue] = {}
@@ -141,6 +142,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         # Something a telemetry subscriber cares about changed (queues, requests, actors);
         # the IO shell publishes a snapshot soon after and clears it.
         self.telemetry_changed = False
+        self.now = 0.0  # of the event being handled: when a node became ready
         self.counters = dict.fromkeys(
             ("requests_submitted", "requests_completed", "requests_failed", "requests_rejected",
              "requests_cancelled", "requests_restarted", "tasks_dispatched", "tasks_done",
@@ -173,6 +175,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
     # ------------------------------------------------------------------ entry points
 
     def on_backend(self, identity: bytes, msg: p.Message, payload: list, now: float) -> list[Send]:
+        self.now = now
         handler = self._backend_handlers.get(type(msg))
         if handler is None:
             self._error(BACKEND, identity, ErrorCode.UNKNOWN_COMMAND, f"{msg.COMMAND.name} is not a backend command")
@@ -184,6 +187,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         return self._flush()
 
     def on_frontend(self, identity: bytes, msg: p.Message, payload: list, now: float) -> list[Send]:
+        self.now = now
         handler = self._frontend_handlers.get(type(msg))
         if handler is None:
             self._error(FRONTEND, identity, ErrorCode.UNKNOWN_COMMAND, f"{msg.COMMAND.name} is not a client command")
@@ -200,6 +204,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
 
     def on_unreachable(self, socket: str, identity: bytes, now: float) -> list[Send]:
         """A send found no connected peer of that identity: an actor there is gone."""
+        self.now = now
         actor = self.actor_by_identity.get(identity) if socket == BACKEND else None
         if actor is not None:
             self._lose_actor(actor, "unreachable: its connection is gone", now)
@@ -207,6 +212,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
 
     def on_tick(self, now: float) -> list[Send]:
         """Heartbeats out, silent peers declared dead. Call about 4x per interval."""
+        self.now = now
         expiry = self.settings.heartbeat_interval_s * self.settings.heartbeat_misses
         for actor in list(self.actors.values()):  # actors ping; we answer (see _peer_heartbeat)
             if now - actor.last_seen > expiry:
@@ -266,6 +272,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             credits=msg.credits, last_seen=now, pid=msg.pid,
         )
         self.actors[msg.actor_id] = actor
+        self.actors_by_model.setdefault(actor.model, []).append(actor)
         self.actor_by_identity[identity] = actor
         self.telemetry_changed = True
         log.info("actor_joined", actor_id=msg.actor_id, model=msg.model, device=msg.device, host=msg.host, backend=msg.backend)
@@ -405,8 +412,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             return False
         if mode == "always":
             return True
-        idle = sum(1 for a in self.actors.values()
-                   if a.model == workflow.denoiser and not a.in_flight and not a.draining)
+        idle = sum(1 for a in self.actors_by_model.get(workflow.denoiser, ()) if not a.in_flight and not a.draining)
         needed = rules.cfg_actors_needed(self.live_cfg.get(workflow.denoiser, 0) + 1)
         return rules.parallel_mode(needed, idle) == rules.LATENCY
 
@@ -445,6 +451,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
 
     def _make_ready(self, node: Node) -> None:
         self.telemetry_changed = True
+        node.ready_at = self.now
         node.state = READY
         self._queue(node.model).push(node)
 
@@ -524,24 +531,26 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         if queue is None or queue.depth <= 0:
             return
         # A monolith runs one request at a time: the rest wait here, where drop_late sees them.
-        # One batch at a time for long tasks (and monoliths): a second batch queued at a busy
+        # One batch at a time for long tasks too: a second batch queued at a busy
         # actor would be a newer request's step, decided before the older request's next
         # step existed; deciding at each completion lets requests run to completion in
         # arrival order instead of all slowing down together. Short tasks keep a second
         # batch queued, which hides the round trip.
         head = queue.head()
-        one_at_a_time = model.startswith(PIPELINE_PREFIX) or (
+        monolith = model.startswith(PIPELINE_PREFIX)
+        one_at_a_time = monolith or (
             head is not None and head.cost_s >= self.settings.prefetch_below_s * self.settings.cost_scale)
-        free = [a for a in self.actors.values()
-                if a.model == model and a.credits > 0 and not a.draining and not (one_at_a_time and a.in_flight)]
+        free = [a for a in self.actors_by_model.get(model, ())
+                if a.credits > 0 and not a.draining and not (one_at_a_time and a.in_flight)]
         while free:
             head = queue.head()
             if head is None:
                 return
             actor = self._pick_actor(head, free)
-            # No more rows than batching pays for (the profile says), nor the actor takes.
+            # No more rows than batching pays for (the profile says), nor the actor takes;
+            # a monolith serves one request per call, as a pipeline behind a queue does.
             worth = self.load.batch_rows(model, head.kind, head.shape) if self.settings.batch_by_profile else None
-            batch = queue.take_batch(head, min(actor.max_batch_rows, worth or actor.max_batch_rows))
+            batch = queue.take_batch(head, 1 if monolith else min(actor.max_batch_rows, worth or actor.max_batch_rows))
             if self.settings.drop_late:
                 batch = self._drop_late(batch, now)
                 if not batch:

@@ -27,6 +27,9 @@ class RecoveryMixin:
         log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
                     in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
         self.actors.pop(actor.actor_id, None)
+        peers = self.actors_by_model.get(actor.model, [])
+        if actor in peers:
+            peers.remove(actor)
         self.actor_by_identity.pop(actor.identity, None)
         self._send(BACKEND, actor.identity, p.Disconnect(reason=f"declared dead: {reason}"))
         lost_held = {}

@@ -21,7 +21,7 @@ class Node:
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
         "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo", "siblings",
-        "cost_s", "min_cost_s", "tail_s",
+        "cost_s", "min_cost_s", "tail_s", "ready_at",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -54,6 +54,7 @@ class Node:
         self.cost_s = 0.0  # device-seconds alone, from the profile (0: unknown)
         self.min_cost_s = 0.0  # its share of a full batch: the least it can cost
         self.tail_s = 0.0  # profile time of the longest path from it to the output, itself included
+        self.ready_at = 0.0  # when it last became ready (its queue wait starts there)
 
     @property
     def batch_key(self) -> tuple:

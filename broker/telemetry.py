@@ -33,13 +33,13 @@ def snapshot(core: BrokerCore, now: float) -> p.Stats:
     for model in models:
         tasks, batches, mixed = core.model_batches.get(model, (0, 0, 0))
         queue = core.queues.get(model)
-        ready_s, pending_s, slack = load.get(model, (0.0, 0.0, None))
+        ready_s, pending_s, slack, oldest = load.get(model, (0.0, 0.0, None, 0.0))
         model_stats.append(p.ModelStats(
             model, queue.depth if queue else 0, sum(a.model == model and not a.draining for a in actors),
             tasks, batches, mixed, sorted(core.model_workflows.get(model, ())),
             round(ready_s, 6), round(pending_s, 6), round(core.load.arrival_rate(model, now), 4),
             round(core.load.model_work.get(model, 0.0), 6), None if slack is None else round(slack, 4),
-            round(core.load.service_s.get(model, 0.0), 6)))
+            round(core.load.service_s.get(model, 0.0), 6), round(oldest, 4)))
     actor_stats = [
         p.ActorStats(a.actor_id, a.model, a.host, a.device, _actor_state(a), a.credits,
                      sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
@@ -61,8 +61,9 @@ def _actor_state(actor) -> str:
     return "busy" if actor.in_flight else "idle"
 
 
-def _model_load(core: BrokerCore, now: float) -> dict[str, tuple[float, float, float | None]]:
-    """model -> (ready device-seconds, pending device-seconds, least slack of queued requests).
+def _model_load(core: BrokerCore, now: float) -> dict[str, tuple[float, float, float | None, float]]:
+    """model -> (ready device-seconds, pending device-seconds, least slack of queued requests,
+    longest wait of a ready task).
 
     Ready work is counted at full-batch cost (the queue will be taken in batches);
     pending work at cost alone (future steps of few requests run in small batches)."""
@@ -71,10 +72,11 @@ def _model_load(core: BrokerCore, now: float) -> dict[str, tuple[float, float, f
         for node in request.nodes.values():
             if node.state == DONE:
                 continue
-            entry = load.setdefault(node.model, [0.0, 0.0, None])
+            entry = load.setdefault(node.model, [0.0, 0.0, None, 0.0])
             entry[1] += node.cost_s
             if node.state == READY:  # queued tasks will batch: count their full-batch cost
                 entry[0] += node.min_cost_s
+                entry[3] = max(entry[3], now - node.ready_at)
                 if request.deadline is not None:
                     slack = request.deadline - now
                     entry[2] = slack if entry[2] is None else min(entry[2], slack)

@@ -101,9 +101,10 @@ class SchedulerController:
         c = self.config
         self.client.configure({"admission": c.admission, "slo_multiple": c.slo_multiple, "cfg_split": c.cfg_split})
 
-    def step(self, stats: p.Stats | None = None) -> list:
+    def step(self, stats: p.Stats | None = None, now: float | None = None) -> list:
+        """One round. `now`: the clock of the round (the simulator passes virtual time)."""
         stats = stats or self.client.stats()
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         snapshot = from_stats(stats, self._busy_ratios(stats, now))
         self._settle(stats, now)
         in_progress = frozenset(change.model for change in self.changes)
@@ -118,6 +119,10 @@ class SchedulerController:
             "decisions": list(self.decisions),
         })
         return plan.actions
+
+    def _stamp(self, now: float) -> str:
+        """How a decision's time reads in the plan: wall-clock time of day here."""
+        return time.strftime("%H:%M:%S")
 
     def _busy_ratios(self, stats: p.Stats, now: float) -> dict[str, float]:
         ratios = {}
@@ -166,7 +171,7 @@ class SchedulerController:
             log.warning("scheduler_action_failed", action=str(action), error=str(exc))
         else:
             log.info("scheduler_decision", decision=line)
-        self.decisions.append(f"{time.strftime('%H:%M:%S')} {line}")
+        self.decisions.append(f"{self._stamp(now)} {line}")
 
     def run(self) -> None:
         from clients import LegoError

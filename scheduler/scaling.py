@@ -67,6 +67,8 @@ def demand_devices(load: ModelLoad, settings: ScalingSettings) -> float:
 
 
 def is_bottleneck(load: ModelLoad, replicas: int, settings: ScalingSettings) -> bool:
+    """Its queue holds more work per replica than `queue_wait_s`. (Not how long its
+    oldest task waited: after a burst that only says the burst arrived at once.)"""
     return load.queue_depth > 0 and load.ready_s / max(replicas, 1) > settings.queue_wait_s
 
 
@@ -96,11 +98,12 @@ def scale_targets(snapshot: Snapshot, models: list[str], memory: ScalingMemory,
         if current < low:
             target, why = low, f"below its minimum of {low}"
             low_since.pop(model, None)
-        elif need > current and sustained:
+        elif sustained and need > current:
             low_since.pop(model, None)
             if now - last_up.get(model, -math.inf) >= settings.up_cooldown_s:
-                target, why = need, (f"bottleneck: {load.queue_depth} queued ({load.ready_s:.2f} s ready), "
-                                     f"demand {demand:.2f} devices")
+                target = need
+                why = (f"bottleneck: {load.queue_depth} queued ({load.ready_s:.2f} s ready, oldest waiting "
+                       f"{load.oldest_wait_s:.2f} s), demand {demand:.2f} devices")
         elif current > low and demand <= (current - 1) * (1 - settings.hysteresis):
             since = low_since.setdefault(model, now)
             cooled = now - since >= settings.down_cooldown_s and now - last_up.get(model, -math.inf) >= settings.down_cooldown_s

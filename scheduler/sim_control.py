@@ -26,8 +26,6 @@ from broker.workflows import Catalog, WorkflowSpec
 from clients.errors import LegoError
 from scheduler.controller import SchedulerConfig, SchedulerController
 from scheduler.costs import CostModel, RequestCost
-from scheduler.plan import plan_round
-from scheduler.snapshot import from_stats
 
 if TYPE_CHECKING:  # the simulator imports this module
     from scheduler.simulator import Simulation
@@ -99,19 +97,10 @@ class VirtualController(SchedulerController):
 
     def step_at(self, stats: p.Stats, now: float) -> list:
         """SchedulerController.step, at virtual time `now`."""
-        snapshot = from_stats(stats, self._busy_ratios(stats, now))
-        self._settle(stats, now)
-        in_progress = frozenset(change.model for change in self.changes)
-        plan = plan_round(snapshot, self.costs, self.memory, self.settings, in_progress)
-        self.memory = plan.memory
-        for action in plan.actions:
-            self._apply(action, now)
-            self.decisions[-1] = f"{now:.3f}s {self.decisions[-1].split(' ', 1)[1]}"  # virtual, not wall time
-        self.client.configure(plan={
-            "targets": {t.model: t.target for t in plan.targets}, "replicas": snapshot.replicas(),
-            "in_progress": sorted(f"{c.kind} {c.model} ({c.key})" for c in self.changes),
-            "decisions": list(self.decisions)})
-        return plan.actions
+        return self.step(stats, now)
+
+    def _stamp(self, now: float) -> str:
+        return f"{now:.3f}s"  # virtual time, not the wall's
 
 
 class CachedCosts(CostModel):

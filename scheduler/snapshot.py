@@ -22,6 +22,7 @@ class ModelLoad:
     work_per_request_s: float = 0.0  # device-seconds one request needs of this model
     min_slack_s: float | None = None  # least time to deadline among requests queued here
     service_s: float = 0.0  # recent mean dispatch-to-done time of one task
+    oldest_wait_s: float = 0.0  # the longest a ready task has waited in its queue
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def from_stats(stats: p.Stats, busy_ratios: dict[str, float] | None = None) -> S
     busy_ratios = busy_ratios or {}
     models = {
         m.model: ModelLoad(m.model, m.queue_depth, m.ready_s, m.pending_s, m.arrival_rate,
-                           m.work_per_request_s, m.min_slack_s, m.service_s)
+                           m.work_per_request_s, m.min_slack_s, m.service_s, m.oldest_wait_s)
         for m in stats.models
     }
     actors = tuple(

@@ -216,6 +216,7 @@ class ModelStats(Struct):
     work_per_request_s: float = 0.0
     min_slack_s: float | None = None  # least time to deadline among requests queued here
     service_s: float = 0.0  # recent mean dispatch-to-done time of a task
+    oldest_wait_s: float = 0.0  # how long the longest-waiting ready task has waited
 
 
 @struct
