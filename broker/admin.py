@@ -17,7 +17,7 @@ from broker.state import BACKEND, FRONTEND, ActorState
 
 log = structlog.get_logger("broker.core")
 
-CONFIGURABLE = {"admission": bool, "slo_multiple": (int, float), "cfg_split": str, "serving": str, "drop_late": bool,
+CONFIGURABLE = {"admission": bool, "admission_bound": str, "slo_multiple": (int, float), "cfg_split": str, "serving": str, "drop_late": bool,
                 "drop_hopeless": bool}
 
 

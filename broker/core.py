@@ -71,6 +71,7 @@ class BrokerSettings:
     # (scheduler.rules.admission). The SLO is the workflow's slo_s, else this multiple
     # of its solo latency from the profiles; workflows without profiles are not checked.
     admission: bool = False
+    admission_bound: str = "max"  # "max" (the paper's lower bound) | "sum" (queue, then solo): rules.admission
     slo_multiple: float = 2.0
     cost_scale: float = 1.0  # profile times x this (an emulated cluster's time_scale)
     # "micro": requests are unrolled into node tasks; "monolith": each request is one
@@ -97,6 +98,8 @@ class BrokerSettings:
             raise ValueError(f"cfg_split: expected 'never', 'always' or 'auto', got {self.cfg_split!r}")
         if not isinstance(self.admission, bool):
             raise ValueError(f"admission: expected true or false, got {self.admission!r}")
+        if self.admission_bound not in rules.ADMISSION_BOUNDS:
+            raise ValueError(f"admission_bound: expected one of {rules.ADMISSION_BOUNDS}, got {self.admission_bound!r}")
         if not (isinstance(self.slo_multiple, (int, float)) and self.slo_multiple > 0):
             raise ValueError(f"slo_multiple: expected a number > 0, got {self.slo_multiple!r}")
         if self.serving not in ("micro", "monolith"):
@@ -349,7 +352,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         slo = self.load.slo_s(workflow, params, self.settings.slo_multiple)
         if self.settings.admission and slo is not None:
             decision = rules.admission(self.load.solo_s(workflow, params) or 0.0, self.load.queued_min_s,
-                                       self._device_count(), slo)
+                                       self._device_count(), slo, self.settings.admission_bound)
             if not decision.admit:
                 self.load.stats(workflow.name).rejected += 1
                 # When the queue sets the bound: once it has drained by that much, it fits.

@@ -51,6 +51,7 @@ class BrokerConfig:
     affinity: str = "prefer"  # or "avoid": force steps to migrate (testing the data plane)
     cfg_split: str = "never"  # "always": CFG branches as separate tasks, for two actors; "auto": by load
     admission: bool = False  # refuse requests that cannot meet their SLO (the scheduler turns it on)
+    admission_bound: str = "max"  # max (the paper's lower bound) | sum (queue, then solo latency)
     slo_multiple: float = 2.0  # SLO = this x the solo latency, where a workflow sets no slo_s
     cost_scale: float = 1.0  # profile times x this: the emulated actors' time_scale
     serving: str = "micro"  # or "monolith": each request one task on a pipeline/WORKFLOW actor (baselines)
@@ -70,6 +71,7 @@ class BrokerConfig:
             affinity=self.affinity,
             cfg_split=self.cfg_split,
             admission=self.admission,
+            admission_bound=self.admission_bound,
             slo_multiple=self.slo_multiple,
             cost_scale=self.cost_scale,
             serving=self.serving,
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--affinity", choices=("prefer", "avoid"))
     parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
     parser.add_argument("--admission", choices=("on", "off"))
+    parser.add_argument("--admission-bound", choices=("max", "sum"))
     parser.add_argument("--slo-multiple", type=float)
     parser.add_argument("--cost-scale", type=float)
     parser.add_argument("--serving", choices=("micro", "monolith"))

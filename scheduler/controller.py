@@ -42,6 +42,7 @@ class SchedulerConfig:
     actor_options: list[str] = field(default_factory=list)  # KEY=VALUE for the actors it starts
     max_batch_rows: int = 8
     admission: bool = True
+    admission_bound: str = "max"  # the broker's: max (the paper's lower bound) | sum (queue, then solo)
     slo_multiple: float = 2.0
     cfg_split: str = "auto"
     horizon_s: float = 4.0
@@ -99,7 +100,8 @@ class SchedulerController:
 
     def configure_broker(self) -> None:
         c = self.config
-        self.client.configure({"admission": c.admission, "slo_multiple": c.slo_multiple, "cfg_split": c.cfg_split})
+        self.client.configure({"admission": c.admission, "admission_bound": c.admission_bound,
+                               "slo_multiple": c.slo_multiple, "cfg_split": c.cfg_split})
 
     def step(self, stats: p.Stats | None = None, now: float | None = None) -> list:
         """One round. `now`: the clock of the round (the simulator passes virtual time)."""
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actor-option", dest="actor_options", action="append", help="KEY=VALUE for started actors")
     parser.add_argument("--max-batch-rows", type=int)
     parser.add_argument("--admission", type=lambda s: s.lower() in ("1", "true", "on", "yes"))
+    parser.add_argument("--admission-bound", choices=("max", "sum"))
     parser.add_argument("--slo-multiple", type=float)
     parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
     parser.add_argument("--horizon-s", type=float)

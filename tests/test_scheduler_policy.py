@@ -699,3 +699,13 @@ def test_node_cost_in_a_full_batch_is_its_share():
     assert 0 < shared < alone
     assert costs().node_s(FLUX, "denoise", 0, (1024, 1024)) == 0.0
     assert costs().load_s(FLUX) > 1.0 and costs().resident_bytes(FLUX) > 20 * GB
+
+
+def test_the_sum_admission_bound_adds_the_queue_wait_to_the_solo_latency():
+    # 8 devices, 16 s of queued work: 2 s of queue before a 2 s request; SLO 3.5 s
+    assert rules.admission(2.0, 16.0, 8, 3.5).admit  # max(2, 2) = 2 <= 3.5: the paper's bound admits
+    decision = rules.admission(2.0, 16.0, 8, 3.5, bound="sum")
+    assert not decision.admit and decision.bound_s == pytest.approx(4.0)
+    assert rules.admission(2.0, 12.0, 8, 3.5, bound="sum").admit  # 1.5 + 2 = 3.5: exactly the slack
+    with pytest.raises(ValueError, match="bound"):
+        rules.admission(2.0, 1.0, 8, 3.5, bound="min")
