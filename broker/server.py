@@ -57,6 +57,7 @@ class BrokerConfig:
     serving: str = "micro"  # or "monolith": each request one task on a pipeline/WORKFLOW actor (baselines)
     drop_late: bool = False  # fail requests whose SLO deadline passed instead of running them
     drop_hopeless: bool = False  # ...or can no longer be met (remaining critical path)
+    batch_by_profile: bool = True  # cap batches at the rows the profile says still pay
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -77,6 +78,7 @@ class BrokerConfig:
             serving=self.serving,
             drop_late=self.drop_late,
             drop_hopeless=self.drop_hopeless,
+            batch_by_profile=self.batch_by_profile,
         )
 
 
@@ -235,10 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serving", choices=("micro", "monolith"))
     parser.add_argument("--drop-late", choices=("on", "off"))
     parser.add_argument("--drop-hopeless", choices=("on", "off"))
+    parser.add_argument("--batch-by-profile", choices=("on", "off"))
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config"}
-    for flag in ("admission", "drop_late", "drop_hopeless"):
+    for flag in ("admission", "drop_late", "drop_hopeless", "batch_by_profile"):
         if cli.get(flag) is not None:
             cli[flag] = cli[flag] == "on"
     config = load_config(BrokerConfig, "broker", args.config, cli)

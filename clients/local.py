@@ -48,6 +48,7 @@ class LocalClusterSpec:
     serving: str = "micro"  # "monolith": the baselines (pipeline/WORKFLOW actors from `placement`)
     drop_late: bool = False
     drop_hopeless: bool = False
+    batch_by_profile: bool = True  # cap batches where the profile says more rows do not pay
     # Explicit actors as (model, device, backend), instead of `replicas` over the workflows' models.
     placement: list[tuple[str, str, str]] = field(default_factory=list)
     # Start the scheduler actor too (`lego scheduler` with these extra flags); it then
@@ -132,6 +133,7 @@ class LocalCluster:
                                "--admission", "on" if s.admission else "off", "--telemetry", self.telemetry,
                                "--serving", s.serving, "--drop-late", "on" if s.drop_late else "off",
                                "--drop-hopeless", "on" if s.drop_hopeless else "off",
+                               "--batch-by-profile", "on" if s.batch_by_profile else "off",
                                "--cost-scale", str(s.options.get("time_scale", 1.0)), *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
