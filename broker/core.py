@@ -133,6 +133,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.tasks: dict[str, Node] = {}  # task_id -> node, for nodes of live requests
         self.actors: dict[str, ActorState] = {}
         self.actors_by_model: dict[str, list[ActorState]] = {}  # the dispatch loop's index
+        self.actors_by_device: dict[tuple[str, str], list[ActorState]] = {}  # (host, device) -> actors
         self.actor_by_identity: dict[bytes, ActorState] = {}
         self.agents: dict[bytes, AgentState] = {}
         self.queues: dict[str, ReadyQueue] = {}
@@ -276,6 +277,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         )
         self.actors[msg.actor_id] = actor
         self.actors_by_model.setdefault(actor.model, []).append(actor)
+        self.actors_by_device.setdefault((actor.host, actor.device), []).append(actor)
         self.actor_by_identity[identity] = actor
         self.telemetry_changed = True
         log.info("actor_joined", actor_id=msg.actor_id, model=msg.model, device=msg.device, host=msg.host, backend=msg.backend)
@@ -351,8 +353,16 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             return reject(ErrorCode.INVALID_PARAM, err.message, "params.image")
         slo = self.load.slo_s(workflow, params, self.settings.slo_multiple)
         if self.settings.admission and slo is not None:
-            decision = rules.admission(self.load.solo_s(workflow, params) or 0.0, self.load.queued_min_s,
-                                       self._device_count(), slo, self.settings.admission_bound)
+            if self.settings.admission_bound == "sum":
+                # its wait: the work queued on its workflow's models, over the devices they run on
+                devices = {(a.host, a.device) for m in workflow.models
+                           for a in self.actors_by_model.get(m, ()) if not a.draining}
+                queued = sum(self.load.queued_by_model.get(m, 0.0) for m in workflow.models)
+                devices = max(1, len(devices))
+            else:
+                queued, devices = self.load.queued_min_s, self._device_count()
+            decision = rules.admission(self.load.solo_s(workflow, params) or 0.0, queued, devices, slo,
+                                       self.settings.admission_bound)
             if not decision.admit:
                 self.load.stats(workflow.name).rejected += 1
                 # When the queue sets the bound: once it has drained by that much, it fits.
@@ -396,7 +406,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.requests[request.request_id] = request
         self.counters["requests_submitted"] += 1
         request.remaining_min_s = request.min_cost_s
-        self.load.queued_min_s += request.min_cost_s
+        for node in request.nodes.values():
+            self.load.queue(node.model, node.min_cost_s)
         self.load.accepted(workflow, self.load.request_cost(plans, workflow), now)
         stats = self.load.stats(workflow.name)
         stats.submitted += 1
@@ -463,7 +474,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         if request.finished:
             return
         request.finished = True
-        self.load.queued_min_s -= request.remaining_min_s
+        for node in request.nodes.values():
+            if node.state != DONE:
+                self.load.queue(node.model, -node.min_cost_s)
         request.remaining_min_s = 0.0
         workflow = self.catalog.workflows.get(request.workflow)
         if workflow is not None and workflow.cfg:
@@ -523,11 +536,20 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             others = [a for a in candidates if a.actor_id not in holders]
             candidates = others or candidates
         else:
-            someone_idle = any(not a.in_flight for a in candidates)
-            for actor in candidates:
-                if actor.actor_id in holders and (not actor.in_flight or not someone_idle):
+            # Idle actors on a GPU nobody else is computing on, then idle ones, then any:
+            # a task beside another actor's batch runs time-sliced, at a fraction of its speed.
+            idle = [a for a in candidates if not a.in_flight]
+            pool = [a for a in idle if self._device_free(a)] or idle or candidates
+            for actor in pool:
+                if actor.actor_id in holders:
                     return actor
-        return max(candidates, key=lambda a: (not a.in_flight, a.credits, a.actor_id in holders))
+            candidates = pool
+        return max(candidates, key=lambda a: (not a.in_flight, self._device_free(a), a.credits, a.actor_id in holders))
+
+    def _device_free(self, actor: ActorState) -> bool:
+        """No other actor on its device has work in flight."""
+        return not any(other.in_flight for other in self.actors_by_device.get((actor.host, actor.device), ())
+                       if other is not actor)
 
     def _dispatch(self, model: str, now: float) -> None:
         queue = self.queues.get(model)
@@ -664,7 +686,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         node.nbytes = result.nbytes
         request.done_nodes += 1
         request.remaining_min_s -= node.min_cost_s
-        self.load.queued_min_s -= node.min_cost_s
+        self.load.queue(node.model, -node.min_cost_s)
         self.load.task_served(node.model, now - node.dispatched_at)
         self.counters["tasks_done"] += 1
         self.model_batches.setdefault(node.model, [0, 0, 0])[0] += 1

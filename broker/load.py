@@ -42,6 +42,7 @@ class LoadTracker:
         self.costs = CostModel(catalog)
         self.cost_scale = cost_scale
         self.queued_min_s = 0.0  # full-batch device-seconds of every unfinished node
+        self.queued_by_model: dict[str, float] = {}  # the same, per model
         self.rates: dict[str, Rate] = {}  # workflow -> arrivals
         self.model_work: dict[str, float] = {}  # model -> device-seconds per request (averaged)
         self.service_s: dict[str, float] = {}
@@ -93,6 +94,11 @@ class LoadTracker:
         if key not in self._batch_cache:
             self._batch_cache[key] = self.costs.batch_rows(model, kind, shape)
         return self._batch_cache[key]
+
+    def queue(self, model: str, seconds: float) -> None:
+        """Unfinished work changed by `seconds` (negative: done or dropped)."""
+        self.queued_min_s += seconds
+        self.queued_by_model[model] = self.queued_by_model.get(model, 0.0) + seconds
 
     def task_served(self, model: str, seconds: float) -> None:
         old = self.service_s.get(model)

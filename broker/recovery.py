@@ -27,9 +27,10 @@ class RecoveryMixin:
         log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
                     in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
         self.actors.pop(actor.actor_id, None)
-        peers = self.actors_by_model.get(actor.model, [])
-        if actor in peers:
-            peers.remove(actor)
+        for index, key in ((self.actors_by_model, actor.model), (self.actors_by_device, (actor.host, actor.device))):
+            peers = index.get(key, [])
+            if actor in peers:
+                peers.remove(actor)
         self.actor_by_identity.pop(actor.identity, None)
         self._send(BACKEND, actor.identity, p.Disconnect(reason=f"declared dead: {reason}"))
         lost_held = {}
@@ -71,12 +72,14 @@ class RecoveryMixin:
     def _restart_request(self, request: Request, reason: str, now: float) -> None:
         """An intermediate tensor is gone: recompute the request (seeded, so same result)."""
         request.restarts += 1
-        self.load.queued_min_s += request.min_cost_s - request.remaining_min_s
-        request.remaining_min_s = request.min_cost_s
         if request.restarts > self.settings.max_request_restarts:
             self._fail_request(request, ErrorCode.ATTEMPTS_EXHAUSTED,
                                f"intermediate results lost {request.restarts} times (last: {reason})")
             return
+        for node in request.nodes.values():  # what was done is to be done again
+            if node.state == DONE:
+                self.load.queue(node.model, node.min_cost_s)
+        request.remaining_min_s = request.min_cost_s
         self.counters["requests_restarted"] += 1
         log.warning("request_restarted", request_id=request.request_id, restarts=request.restarts, reason=reason)
         for node in request.nodes.values():

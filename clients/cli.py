@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         mains = {"broker": broker_main, "agent": agent_main, "actor": actor_main, "scheduler": scheduler_main}
         mains[argv[0]](argv[1:])
         return
+    if argv[:2] == ["bench", "simulate"]:  # it parses its own flags (argparse cannot pass them through)
+        from scheduler.simulator import cli_main
+
+        sys.exit(cli_main(argv[2:]))
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
 

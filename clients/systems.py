@@ -103,16 +103,22 @@ def split_gpus(weights: dict[str, float], gpus: int) -> dict[str, int]:
 
 
 def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: float = 1.0,
-                base_share: dict[str, float] | None = None, pin_base: bool = True) -> SystemSpec:
-    """Micro-serving: base-model actors over the GPUs (one base model, all of them; several,
-    split by `base_share`), one actor of every other model spread over the GPUs; the
-    scheduler adapts from there."""
+                base_share: dict[str, float] | None = None, pin_base: bool = True,
+                base_everywhere: bool = False) -> SystemSpec:
+    """Micro-serving: base-model actors over the GPUs (one base model: all of them;
+    several: split by `base_share`, or with `base_everywhere` every base model on every
+    GPU, which then serves whichever has work), one actor of every other model spread
+    over the GPUs; the scheduler adapts from there."""
     models = _models_of(catalog, workflows)
     base = [m for m in models if catalog.models[m].kind == "denoiser"]
     others = [m for m in models if m not in base]
-    counts = split_gpus(base_share or dict.fromkeys(base, 1.0), gpus) if len(base) > 1 else {base[0]: gpus}
-    devices = iter(range(gpus))
-    placement = [(m, f"emu:{next(devices)}", "emulated") for m in base for _ in range(counts[m])]
+    if base_everywhere or len(base) == 1:
+        counts = dict.fromkeys(base, gpus)
+        placement = [(m, f"emu:{g}", "emulated") for m in base for g in range(gpus)]
+    else:
+        counts = split_gpus(base_share or dict.fromkeys(base, 1.0), gpus)
+        devices = iter(range(gpus))
+        placement = [(m, f"emu:{next(devices)}", "emulated") for m in base for _ in range(counts[m])]
     placement += [(m, f"emu:{i % gpus}", "emulated") for i, m in enumerate(others)]
     scaled = [("--queue-wait-s", 0.5), ("--sustain-s", 1.0), ("--horizon-s", 4.0),
               ("--up-cooldown-s", 1.0), ("--down-cooldown-s", 10.0)]
@@ -121,10 +127,11 @@ def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: f
     args = ["--admission", "true", "--admission-bound", "sum", "--cfg-split", "auto",
             "--interval-s", str(max(0.1, 0.5 * time_scale))]
     args += [arg for flag, value in scaled for arg in (flag, f"{value * time_scale:g}")]
-    if pin_base and len(base) == 1:
-        # One base model on a dedicated cluster: an idle replica costs nothing while no
-        # other model needs its GPU, and dropping one would make the next burst wait.
-        args += ["--model-min", f"{base[0]}={gpus}"]
+    if pin_base:
+        # A dedicated cluster: an idle base-model replica costs nothing while no other
+        # model needs its GPU, and dropping one would make the next burst wait for a
+        # reload; the scheduler still adds replicas where a model's queue builds.
+        args += [arg for m in base for arg in ("--model-min", f"{m}={counts[m]}")]
     return SystemSpec("lego", "micro", tuple(placement), scheduler=True, cfg_split="auto", admission=True,
                       drop_hopeless=True, scheduler_args=tuple(args))
 
@@ -151,8 +158,9 @@ def sharing_systems(catalog: Catalog, gpus: int = 16, time_scale: float = 1.0,
     """The model-sharing setting: six ControlNet workflows over SD3, SD3.5 Large and
     FLUX.1-dev (equal request mix). Baselines: an equal static split (basic), a split in
     proportion to each workflow's work (shepherd), every GPU hosting every workflow
-    (clockwork). Micro-serving starts with base models split by their work and lets the
-    scheduler move GPUs between them."""
+    (clockwork). Micro-serving puts every base model on every GPU (41.6 GB together, with
+    one copy of the shared encoders, VAEs and ControlNets beside them), so each GPU
+    serves whichever base model has work; the broker prefers a GPU nobody computes on."""
     from broker.workflows import validate_params
     from scheduler.costs import CostModel
 
@@ -166,7 +174,8 @@ def sharing_systems(catalog: Catalog, gpus: int = 16, time_scale: float = 1.0,
     systems = []
     for name in names:
         if name == "lego":
-            systems.append(lego_system(catalog, list(SHARING_WORKFLOWS), gpus, time_scale, base_work, pin_base=False))
+            systems.append(lego_system(catalog, list(SHARING_WORKFLOWS), gpus, time_scale, base_work,
+                                       base_everywhere=True))
         elif name == "basic":
             systems.append(static_split_system(name, list(SHARING_WORKFLOWS), gpus))
         elif name == "shepherd":

@@ -3,8 +3,9 @@
 - A new actor goes to an accelerator with room for the model's profiled resident
   memory (plus `headroom_bytes` for activations), preferring the device with the
   least compute already placed on it (its heavy actors, then the sum of its actors'
-  busy ratios: actors on one GPU take turns), never a second heavy (base-model) actor
-  on one device, since it would add memory but no compute; then a host that already runs the
+  busy ratios: actors on one GPU take turns), never a second replica of the same base
+  model on one device, since it would add memory but no compute (different base
+  models may share a GPU: it then serves whichever has work); then a host that already runs the
   other models of the same workflows (their tensors then move by IPC, not the
   network), then the most free memory.
 - When no device has room, an idle actor of a cold model (one above its target, or
@@ -43,13 +44,13 @@ def device_key(d: DeviceView | ActorView) -> tuple[str, str]:
 
 def place(model: str, need_bytes: int, snapshot: Snapshot, neighbours: set[str], heavy: set[str],
           reserved: dict[tuple[str, str], int] | None = None, headroom_bytes: int = 0,
-          reserved_heavy: dict[tuple[str, str], int] | None = None) -> DeviceView | None:
+          reserved_heavy: dict[tuple, int] | None = None) -> DeviceView | None:
     """The device for one new actor of `model`, or None when none has room.
 
     `neighbours`: models that share a workflow with `model`; `heavy`: models whose
     compute dominates a device (base models): at most one heavy actor per device;
-    `reserved` / `reserved_heavy`: bytes and heavy actors already promised on a device
-    to spawns not yet reported by its agent."""
+    `reserved` / `reserved_heavy`: bytes on a device, and heavy actors by (host, device,
+    model), already promised to spawns not yet reported by its agent."""
     reserved = reserved or {}
     reserved_heavy = reserved_heavy or {}
     on_device: dict[tuple[str, str], list[ActorView]] = {}
@@ -58,15 +59,16 @@ def place(model: str, need_bytes: int, snapshot: Snapshot, neighbours: set[str],
     hosts_with_neighbours = {a.host for a in snapshot.actors if a.model in neighbours}
     fits = [d for d in snapshot.accelerators
             if d.free_bytes - reserved.get(device_key(d), 0) >= need_bytes + headroom_bytes]
-    if model in heavy:  # a second compute-bound actor on a GPU only takes turns with the first
-        fits = [d for d in fits if not any(a.model in heavy for a in on_device.get(device_key(d), []))
-                and not reserved_heavy.get(device_key(d))]
+    if model in heavy:  # a second replica of a base model on one GPU adds memory, not compute
+        fits = [d for d in fits if not any(a.model == model for a in on_device.get(device_key(d), []))
+                and not reserved_heavy.get((*device_key(d), model))]
     if not fits:
         return None
 
     def score(d: DeviceView) -> tuple:
         actors = on_device.get(device_key(d), [])
-        heavy_here = sum(a.model in heavy for a in actors) + reserved_heavy.get(device_key(d), 0)
+        promised = sum(n for key, n in reserved_heavy.items() if key[:2] == device_key(d))
+        heavy_here = sum(a.model in heavy for a in actors) + promised
         busy = sum(a.busy_ratio for a in actors)
         return (heavy_here, round(busy, 2), d.host not in hosts_with_neighbours, -(d.free_bytes - reserved.get(device_key(d), 0)))
 
@@ -89,15 +91,16 @@ def conversion_victim(hot_model: str, snapshot: Snapshot, targets: dict[str, int
     if hot_backlog_s / hot_replicas <= hot_load_s:
         return None  # waiting for the existing replicas is quicker than loading a new one
     free = {device_key(d): d.free_bytes for d in snapshot.accelerators}
-    staying_heavy = {device_key(a) for a in snapshot.actors
-                     if a.model in heavy and a.actor_id not in stopping and not a.draining}
+    # devices where a replica of the hot model stays: it cannot get a second one there
+    staying_hot = {device_key(a) for a in snapshot.actors
+                   if a.model == hot_model and a.actor_id not in stopping and not a.draining}
     candidates = []
     for actor in snapshot.actors:
         model = actor.model
         if model == hot_model or not actor.idle or actor.held or actor.actor_id in stopping:
             continue
-        if hot_model in heavy and (device_key(actor) in staying_heavy and model not in heavy):
-            continue  # the hot model could not be placed beside the heavy actor that stays
+        if hot_model in heavy and device_key(actor) in staying_hot:
+            continue  # the hot model could not be placed beside its own replica that stays
         surplus = replicas.get(model, 0) - max(targets.get(model, 0), minimums.get(model, 1))
         cold = surplus > 0 or (snapshot.load(model).queue_depth == 0 and replicas.get(model, 0) > minimums.get(model, 1))
         if not cold or device_key(actor) not in free:

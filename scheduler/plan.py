@@ -55,7 +55,7 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
     minimums = {m: settings.scaling.bounds(m)[0] for m in models}
     resident = {m: costs.resident_bytes(m) for m in catalog.models}
     reserved: dict[tuple[str, str], int] = {}
-    reserved_heavy: dict[tuple[str, str], int] = {}
+    reserved_heavy: dict[tuple[str, str, str], int] = {}
     stopping: set[str] = set()
     actions: list = []
     for t in targets:
@@ -83,6 +83,7 @@ def plan_round(snapshot: Snapshot, costs: CostModel, memory: ScalingMemory, sett
                 break
             reserved[device_key(device)] = reserved.get(device_key(device), 0) + need
             if t.model in heavy:
-                reserved_heavy[device_key(device)] = reserved_heavy.get(device_key(device), 0) + 1
+                key = (*device_key(device), t.model)
+                reserved_heavy[key] = reserved_heavy.get(key, 0) + 1
             actions.append(Spawn(t.model, device.host, device.device, f"scale {t.current}->{t.target}: {t.reason}"))
     return Plan(actions, targets, memory)

@@ -303,15 +303,17 @@ def test_place_ignores_cpu_devices():
     assert place(VAE, GB, snap_of([cpu, gpu]), set(), set()) == gpu
 
 
-def test_place_never_puts_a_second_base_model_on_a_device():
+def test_place_never_puts_a_second_replica_of_a_base_model_on_a_device():
     crowded_but_light = dev("g1", 30)  # a busy VAE, no base model
     with_base = dev("g0", 60)  # an idle base model, much more memory
     actors = [actor("dev-0", "Flux1Dev", "g0"), actor("vae-0", VAE, "g1", busy_ratio=0.9)]
     heavy = {FLUX, "Flux1Dev"}
+    # a device without a base model first; beside another base model when it fits
     assert place(FLUX, NEED, snap_of([with_base, crowded_but_light], actors), set(), heavy) == crowded_but_light
-    assert place(FLUX, NEED, snap_of([with_base], actors), set(), heavy) is None  # room, but a base model
-    # nor beside a base-model spawn already promised there this round
-    assert place(FLUX, NEED, snap_of([dev("g2", 80)]), set(), heavy, reserved_heavy={("h1", "g2"): 1}) is None
+    assert place(FLUX, NEED, snap_of([with_base], actors), set(), heavy) == with_base
+    # never beside a replica of itself (memory, no compute), nor one promised this round
+    assert place("Flux1Dev", NEED, snap_of([with_base], actors), set(), heavy) is None
+    assert place(FLUX, NEED, snap_of([dev("g2", 80)]), set(), heavy, reserved_heavy={("h1", "g2", FLUX): 1}) is None
 
 
 def test_place_prefers_a_device_without_a_base_model_even_for_a_light_model():
