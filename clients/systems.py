@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.workflows import Catalog, pipeline_name
+from scheduler.plan import served_models
 
 # The artifact's workflow names -> ours (tenants A, B, C of the traces, in this order).
 PAPER_WORKFLOWS = {
@@ -77,15 +78,6 @@ def baseline_system(name: str, ranks: dict[str, list[int]], workflow_names: dict
     return SystemSpec(name, "monolith", placement)
 
 
-def _models_of(catalog: Catalog, workflows: list[str]) -> list[str]:
-    models: list[str] = []
-    for name in workflows:
-        for model in catalog.workflows[name].models:
-            if model not in models:
-                models.append(model)
-    return models
-
-
 def split_gpus(weights: dict[str, float], gpus: int) -> dict[str, int]:
     """GPUs per key in proportion to `weights`, at least one each (largest remainders)."""
     if gpus < len(weights):
@@ -109,7 +101,7 @@ def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: f
     several: split by `base_share`, or with `base_everywhere` every base model on every
     GPU, which then serves whichever has work), one actor of every other model spread
     over the GPUs; the scheduler adapts from there."""
-    models = _models_of(catalog, workflows)
+    models = served_models(catalog, tuple(workflows))
     base = [m for m in models if catalog.models[m].kind == "denoiser"]
     others = [m for m in models if m not in base]
     if base_everywhere or len(base) == 1:
