@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--systems", default="lego,basic,shepherd,clockwork", help="comma-separated")
     cb.add_argument("--rates", help="paper: trace rate scales (default 0.5,1,2,3,4,6,8); sharing: requests/s "
                                     "(default 0.25,0.5,1,1.5,2,3)")
-    cb.add_argument("--bursts", default="1,2,4,8,16,24,32,48,64", help="burst sizes, comma-separated ('' for none)")
+    cb.add_argument("--bursts", default="1,2,4,6,8,10,12,16,24,32,48", help="burst sizes, comma-separated ('' for none)")
     cb.add_argument("--gpus", type=int, help="default 8 (paper), 16 (sharing)")
     cb.add_argument("--time-scale", type=float, default=0.25, help="emulated times and arrival gaps x this")
     cb.add_argument("--trace-limit-s", type=float, help="replay only the first seconds of each trace")
