@@ -150,7 +150,9 @@ def cmd_up(args) -> int:
                   f"{result.latency_s:.2f}s through the micro-served cluster)")
             return 0
         print("Ctrl-C stops everything this command started.", file=sys.stderr)
-        while not stop.is_set():  # short waits, so Ctrl-C is handled promptly
+        # Ctrl-C as an event, not a KeyboardInterrupt that could land anywhere in this loop
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        while not stop.is_set():  # short waits, so a signal is handled promptly
             stop.wait(0.5)
         return 0
     except KeyboardInterrupt:
