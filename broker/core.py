@@ -405,7 +405,6 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             node.tail_s = node.cost_s + max((c.tail_s for c in node.consumers), default=0.0)
         self.requests[request.request_id] = request
         self.counters["requests_submitted"] += 1
-        request.remaining_min_s = request.min_cost_s
         for node in request.nodes.values():
             self.load.queue(node.model, node.min_cost_s)
         self.load.accepted(workflow, self.load.request_cost(plans, workflow), now)
@@ -433,12 +432,14 @@ class BrokerCore(RecoveryMixin, AdminMixin):
     def _pipeline_for(self, workflow: str) -> str | None:
         """The monolith model serving `workflow` with the shortest queue per actor."""
         best, best_load = None, None
-        for model in {a.model for a in self.actors.values() if a.model.startswith(PIPELINE_PREFIX)}:
+        for model, actors in self.actors_by_model.items():
+            if not actors or not model.startswith(PIPELINE_PREFIX):
+                continue
             spec = self.catalog.model(model)
             if spec is None or not spec.serves(workflow):
                 continue
             queue = self.queues.get(model)
-            load = (queue.depth if queue else 0) / sum(a.model == model for a in self.actors.values())
+            load = (queue.depth if queue else 0) / len(actors)
             if best_load is None or load < best_load:
                 best, best_load = model, load
         return best
@@ -477,7 +478,6 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         for node in request.nodes.values():
             if node.state != DONE:
                 self.load.queue(node.model, -node.min_cost_s)
-        request.remaining_min_s = 0.0
         workflow = self.catalog.workflows.get(request.workflow)
         if workflow is not None and workflow.cfg:
             self.live_cfg[workflow.denoiser] = self.live_cfg.get(workflow.denoiser, 1) - 1
@@ -685,7 +685,6 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         node.state = DONE
         node.nbytes = result.nbytes
         request.done_nodes += 1
-        request.remaining_min_s -= node.min_cost_s
         self.load.queue(node.model, -node.min_cost_s)
         self.load.task_served(node.model, now - node.dispatched_at)
         self.counters["tasks_done"] += 1

@@ -4,8 +4,8 @@ Pure state with no IO, owned by `broker.core`. Costs come from the profile cost 
 (`scheduler.costs`, times `cost_scale`, which matches an emulated cluster's
 `time_scale`); workflows whose models have no profile get no cost, no derived SLO
 and no admission check. The one running total kept incrementally is the queued work
-that admission reads on every arrival (device-seconds, full-batch costs: a lower
-bound); everything else is summed when a snapshot is taken.
+per model that admission reads on every arrival (device-seconds, full-batch costs: a
+lower bound); everything else is summed when a snapshot is taken.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ class LoadTracker:
         self.catalog = catalog
         self.costs = CostModel(catalog)
         self.cost_scale = cost_scale
-        self.queued_min_s = 0.0  # full-batch device-seconds of every unfinished node
-        self.queued_by_model: dict[str, float] = {}  # the same, per model
+        self.queued_by_model: dict[str, float] = {}  # full-batch device-seconds of every unfinished node
         self.rates: dict[str, Rate] = {}  # workflow -> arrivals
         self.model_work: dict[str, float] = {}  # model -> device-seconds per request (averaged)
         self.service_s: dict[str, float] = {}
@@ -95,9 +94,13 @@ class LoadTracker:
             self._batch_cache[key] = self.costs.batch_rows(model, kind, shape)
         return self._batch_cache[key]
 
+    @property
+    def queued_min_s(self) -> float:
+        """Unfinished work of every model (what the paper's admission bound reads)."""
+        return sum(self.queued_by_model.values())
+
     def queue(self, model: str, seconds: float) -> None:
         """Unfinished work changed by `seconds` (negative: done or dropped)."""
-        self.queued_min_s += seconds
         self.queued_by_model[model] = self.queued_by_model.get(model, 0.0) + seconds
 
     def task_served(self, model: str, seconds: float) -> None:

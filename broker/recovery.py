@@ -79,7 +79,6 @@ class RecoveryMixin:
         for node in request.nodes.values():  # what was done is to be done again
             if node.state == DONE:
                 self.load.queue(node.model, node.min_cost_s)
-        request.remaining_min_s = request.min_cost_s
         self.counters["requests_restarted"] += 1
         log.warning("request_restarted", request_id=request.request_id, restarts=request.restarts, reason=reason)
         for node in request.nodes.values():

@@ -85,7 +85,6 @@ class Request:
     frames: list = field(default_factory=list)
     deadline: float | None = None  # submitted_at + its SLO, where one is known
     min_cost_s: float = 0.0  # full-batch device-seconds of all its nodes
-    remaining_min_s: float = 0.0  # of those, not yet done: counted in the broker's queued work
     latency_mode: bool = False  # its CFG branches run as a parallel group
 
 

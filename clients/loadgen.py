@@ -22,6 +22,7 @@ Three layers, kept apart so the first and last can be tested without a cluster:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -294,10 +295,8 @@ async def _follow(job: AsyncJob, outcome: Outcome, clock: Callable[[], float], t
     except (LegoError, asyncio.TimeoutError) as exc:
         _end_with_error(outcome, clock(), exc)
         if outcome.status == "timeout" and cancel_on_timeout:
-            try:
+            with contextlib.suppress(LegoError):  # the client closed meanwhile: nothing left to cancel
                 job.cancel()
-            except LegoError:  # the client closed meanwhile: nothing left to cancel
-                pass
         return outcome
     outcome.server_latency_s = result.latency_s
     return _end(outcome, clock(), "ok")

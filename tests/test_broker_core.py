@@ -8,12 +8,11 @@ text encoder and no CFG (1 row per task), "guided" has two text encoders and CFG
 from __future__ import annotations
 
 import pytest
-from broker_helpers import (  # noqa: F401 (shared helpers; tests/ is on sys.path)
+from broker_helpers import (  # tests/ is on sys.path
     AGENT,
     CATALOG_DOC,
     CLIENT,
     LATER,
-    SETTINGS,
     batches,
     beat,
     done,
@@ -27,7 +26,6 @@ from broker_helpers import (  # noqa: F401 (shared helpers; tests/ is on sys.pat
     model_stats,
     of,
     only_batch,
-    result_of,
     run,
     standard_actors,
     started,

@@ -17,23 +17,17 @@ import time
 import uuid
 
 import pytest
-from broker_helpers import (  # noqa: F401 (shared helpers; tests/ is on sys.path)
+from broker_helpers import (  # tests/ is on sys.path
     AGENT,
-    CATALOG_DOC,
     CLIENT,
-    LATER,
-    SETTINGS,
     batches,
-    beat,
     done,
     failed,
     freed,
     hello,
     hello_agent,
     ident,
-    image_of,
     make_core,
-    model_stats,
     of,
     only_batch,
     result_of,

@@ -103,6 +103,19 @@ def _torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
+def _prepare(folder: str | Path, size: str, seed: int) -> tuple[bool, Path, int]:
+    """Both builds' start: check the size, write the two CLIP tokenizers, seed torch."""
+    import torch
+
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    folder = Path(folder)
+    vocab = write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
+    torch.manual_seed(seed)
+    return size == "dry", folder, vocab
+
+
 def build_sdxl(folder: str | Path, *, size: str = "full", dtype: str = "float16", device: str = "cpu",
                seed: int = 0) -> Built:
     """StableDiffusionXLPipeline's components (UNet 2.6 B, CLIP-L, CLIP-bigG, VAE), saved in `dtype`."""
@@ -115,12 +128,7 @@ def build_sdxl(folder: str | Path, *, size: str = "full", dtype: str = "float16"
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if size not in SIZES:
-        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
-    dry, folder = size == "dry", Path(folder)
-    vocab = write_clip_tokenizer(folder / "tokenizer")
-    write_clip_tokenizer(folder / "tokenizer_2")
-    torch.manual_seed(seed)
+    dry, folder, vocab = _prepare(folder, size, seed)
     with torch.device(device):  # initialise on the device itself: seconds on a GPU
         unet = UNet2DConditionModel(**(SDXL_UNET_DRY if dry else SDXL_UNET))
         text_encoder = CLIPTextModel(_clip_config(CLIP_L, vocab, dry))
@@ -154,12 +162,7 @@ def build_sd3(folder: str | Path, *, size: str = "full", dtype: str = "bfloat16"
     )
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    if size not in SIZES:
-        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
-    dry, folder = size == "dry", Path(folder)
-    vocab = write_clip_tokenizer(folder / "tokenizer")
-    write_clip_tokenizer(folder / "tokenizer_2")
-    torch.manual_seed(seed)
+    dry, folder, vocab = _prepare(folder, size, seed)
     with torch.device(device):
         transformer = SD3Transformer2DModel(**(SD3_TRANSFORMER_DRY if dry else SD3_TRANSFORMER))
         text_encoder = CLIPTextModelWithProjection(_clip_config(CLIP_L, vocab, dry))
