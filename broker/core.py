@@ -19,6 +19,7 @@ from broker import protocol as p
 from broker import telemetry
 from broker.admin import AdminMixin
 from broker.load import LoadTracker
+from broker.metering import Meters
 from broker.protocol.errors import ErrorCode
 from broker.protocol.tensors import check_payload
 from broker.recovery import RecoveryMixin
@@ -143,6 +144,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.load = LoadTracker(catalog, settings.cost_scale)
         self.live_cfg: dict[str, int] = {}  # denoiser -> live CFG requests (for the parallel-group rule)
         self.plan: dict | None = None  # the scheduler's last posted plan
+        self.replica_bounds: dict[str, dict] = {}  # model -> {"min", "max"}: an operator's, for the scheduler
+        self.paused: set[str] = set()  # workflows whose admission an operator paused
+        self.meters = Meters()  # cumulative counts for metrics, recent refusals and failures
         # Something a telemetry subscriber cares about changed (queues, requests, actors);
         # the IO shell publishes a snapshot soon after and clears it.
         self.telemetry_changed = False
@@ -174,6 +178,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             p.AdminSpawn: self._admin_spawn,
             p.AdminStop: self._admin_stop,
             p.AdminConfigure: self._admin_configure,
+            p.AdminDrain: self._admin_drain,
+            p.AdminReplicas: self._admin_replicas,
+            p.AdminPause: self._admin_pause,
         }
 
     # ------------------------------------------------------------------ entry points
@@ -221,7 +228,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         for actor in list(self.actors.values()):  # actors ping; we answer (see _peer_heartbeat)
             if now - actor.last_seen > expiry:
                 self._lose_actor(actor, f"silent for {now - actor.last_seen:.1f}s", now)
-            elif actor.draining and not actor.stop_sent and not actor.in_flight and not actor.held:
+            elif actor.stopping and not actor.stop_sent and not actor.in_flight and not actor.held:
                 self._stop_drained(actor)
         for identity, agent in list(self.agents.items()):
             if now - agent.last_seen > expiry:
@@ -305,6 +312,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         if actor is not None:
             actor.last_seen = now
             if msg.telemetry is not None:
+                self.meters.actor_telemetry(actor.telemetry, msg.telemetry)
                 actor.telemetry = msg.telemetry
             if msg.actor_id:  # the pong the actor's heartbeat thread waits for
                 self._send(BACKEND, identity, p.Heartbeat(sent_at=now))
@@ -328,10 +336,12 @@ class BrokerCore(RecoveryMixin, AdminMixin):
     # ------------------------------------------------------------------ requests
 
     def _submit(self, identity: bytes, msg: p.Submit, payload, now: float) -> None:
-        def reject(code: ErrorCode, message: str, field_name: str | None = None):
+        def reject(code: ErrorCode, message: str, field_name: str | None = None, retry_after_s: float = 0.0):
             self.counters["requests_rejected"] += 1
-            log.info("request_rejected", request_id=msg.request_id, code=code.value, field=field_name, reason=message)
-            self._send(FRONTEND, identity, p.Rejected(msg.request_id, code.value, message, field_name))
+            self.meters.rejected(now, msg.request_id, msg.workflow, code.value, message, field_name)
+            log.info("request_rejected", request_id=msg.request_id, workflow=msg.workflow, code=code.value,
+                     field=field_name, reason=message)
+            self._send(FRONTEND, identity, p.Rejected(msg.request_id, code.value, message, field_name, retry_after_s))
 
         if not msg.request_id or len(msg.request_id) > 128 or "/" in msg.request_id:
             return reject(ErrorCode.INVALID_PARAM, "request_id must be 1-128 characters without '/'", "request_id")
@@ -340,6 +350,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         workflow = self.catalog.workflows.get(msg.workflow)
         if workflow is None:
             return reject(ErrorCode.UNKNOWN_WORKFLOW, f"unknown workflow {msg.workflow!r} (known: {sorted(self.catalog.workflows)})", "workflow")
+        if workflow.name in self.paused:
+            return reject(ErrorCode.PAUSED, f"workflow {workflow.name!r} is paused by an operator", "workflow")
         if len(self.requests) >= self.settings.max_requests_in_flight:
             return reject(ErrorCode.OVERLOADED, f"{len(self.requests)} requests in flight")
         try:
@@ -367,11 +379,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                 self.load.stats(workflow.name).rejected += 1
                 # When the queue sets the bound: once it has drained by that much, it fits.
                 retry = max(0.0, decision.bound_s - slo)
-                self._send(FRONTEND, identity, p.Rejected(msg.request_id, ErrorCode.SLO_UNATTAINABLE.value,
-                                                          decision.reason, None, round(retry, 3)))
-                self.counters["requests_rejected"] += 1
-                log.info("request_rejected", request_id=msg.request_id, code="slo_unattainable", reason=decision.reason)
-                return
+                return reject(ErrorCode.SLO_UNATTAINABLE, decision.reason, None, round(retry, 3))
         if self.settings.serving == "monolith":
             pipeline = self._pipeline_for(workflow.name)
             if pipeline is None:
@@ -499,6 +507,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.counters[counter] += 1
         if code is not ErrorCode.CANCELLED:
             self.load.stats(request.workflow).failed += 1
+        self.meters.failed(self.now, request.request_id, request.workflow, code.value, message)
         log.warning("request_failed", request_id=request.request_id, code=code.value, reason=message)
         self._send(FRONTEND, request.client, p.Failed(request.request_id, code.value, message))
         self._finish_request(request)
@@ -640,6 +649,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         stats[1] += 1
         stats[2] += mixed
         self.counters["tasks_dispatched"] += len(batch)
+        self.meters.batch_sent(actor.actor_id, batch)
         self._send(BACKEND, actor.identity, p.Tasks(batch_id, specs), payload)
 
     # ------------------------------------------------------------------ results
@@ -687,6 +697,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         request.done_nodes += 1
         self.load.queue(node.model, -node.min_cost_s)
         self.load.task_served(node.model, now - node.dispatched_at)
+        self.meters.task_done(node.model, node.kind, now - node.dispatched_at)
         self.counters["tasks_done"] += 1
         self.model_batches.setdefault(node.model, [0, 0, 0])[0] += 1
         self.hop_latency.add(now - node.dispatched_at)
@@ -728,6 +739,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         stats = self.load.stats(request.workflow)
         stats.completed += 1
         stats.slo_met += request.deadline is None or now <= request.deadline
+        self.meters.request_done(request.workflow, latency)
         log.info("request_completed", request_id=request.request_id, latency_s=round(latency, 4))
         self._send(FRONTEND, request.client, p.Result(request.request_id, tensors, latency, request.restarts + 1), frames)
         self._finish_request(request)

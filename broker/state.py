@@ -109,7 +109,8 @@ class ActorState:
     max_batch_rows_seen: int = 0
     telemetry: object = None
     last_workflow: str = ""  # of its last task (a multi-workflow monolith has it loaded)
-    draining: bool = False  # no new work; stopped by its agent once it holds nothing
+    draining: bool = False  # no new work (an operator's drain, or on its way out)
+    stopping: bool = False  # draining to stop: its agent stops it once it holds nothing
     stop_sent: bool = False
 
 

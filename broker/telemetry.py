@@ -24,7 +24,9 @@ def workflow_infos(catalog: Catalog) -> list[p.WorkflowInfo]:
 
 def snapshot(core: BrokerCore, now: float) -> p.Stats:
     """Per-model queues, load and batching; per-actor state and telemetry; agents;
-    per-workflow SLO counts; counters; the live policy settings and the scheduler's plan."""
+    per-workflow SLO counts; counters; the live policy settings and the scheduler's plan;
+    the operator's replica bounds and paused workflows; recent refusals and failures and
+    the cumulative meters (`broker.metering`)."""
     actors = core.actors.values()
     load = _model_load(core, now)
     # Models with waiting work but no actor yet matter most to the scheduler.
@@ -43,7 +45,7 @@ def snapshot(core: BrokerCore, now: float) -> p.Stats:
     actor_stats = [
         p.ActorStats(a.actor_id, a.model, a.host, a.device, _actor_state(a), a.credits,
                      sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
-                     a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend)
+                     a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend, a.stopping)
         for a in actors
     ]
     agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in core.agents.values()]
@@ -51,8 +53,11 @@ def snapshot(core: BrokerCore, now: float) -> p.Stats:
     settings = {"admission": core.settings.admission, "slo_multiple": core.settings.slo_multiple,
                 "cfg_split": core.settings.cfg_split, "affinity": core.settings.affinity,
                 "queued_work_s": round(core.load.queued_min_s, 4), "devices": core._device_count()}
-    return p.Stats(now, model_stats, actor_stats, agent_stats, counters, core.hop_latency.summary(),
-                   workflows=_workflow_stats(core), settings=settings, plan=core.plan)
+    stats = p.Stats(now, model_stats, actor_stats, agent_stats, counters, core.hop_latency.summary(),
+                    workflows=_workflow_stats(core), settings=settings, plan=core.plan,
+                    replica_bounds={m: dict(b) for m, b in core.replica_bounds.items()},
+                    paused_workflows=sorted(core.paused))
+    return core.meters.fill(stats)
 
 
 def _actor_state(actor) -> str:
@@ -90,5 +95,6 @@ def _workflow_stats(core: BrokerCore) -> list[p.WorkflowStats]:
         workflow = core.catalog.workflows.get(name)
         if workflow is not None:
             stats.slo_s, stats.solo_s = (round(x, 4) for x in core.load.default_slo(workflow, core.settings.slo_multiple))
+        stats.paused = name in core.paused
         out.append(stats)
     return out

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from broker import protocol as p
-from clients.core import ClientCore
-from clients.errors import LegoError, Timeout
+from clients.core import ClientCore, admin_outcome, broker_error, replicas_message
+from clients.errors import Timeout
 from clients.results import JobResult
 
 _END = object()
@@ -109,7 +109,7 @@ class AsyncClient:
             self._core.forget_admin(call_id)
             raise Timeout(f"no answer from the broker at {self.address} within {self.admin_timeout_s}s") from None
         if isinstance(reply, p.Error):
-            raise LegoError(f"{reply.code}: {reply.message}")
+            raise broker_error(reply)
         return reply
 
     async def workflows(self) -> list[p.WorkflowInfo]:
@@ -117,6 +117,31 @@ class AsyncClient:
 
     async def stats(self) -> p.Stats:
         return await self._admin(p.GetStats())
+
+    # Admin calls, as on `Client`: the broker's AdminReply, or AdminRefused naming the field.
+
+    async def spawn(self, model: str, device: str = "cpu", backend: str = "emulated", count: int = 1, host: str = "",
+                    max_batch_rows: int = 8, options: dict | None = None) -> p.AdminReply:
+        msg = p.AdminSpawn(model, device, backend, host, count, max_batch_rows, options)
+        return admin_outcome(await self._admin(msg), "spawn")
+
+    async def stop_actor(self, actor_id: str) -> p.AdminReply:
+        return admin_outcome(await self._admin(p.AdminStop(actor_id)), "stop")
+
+    async def drain_actor(self, actor_id: str) -> p.AdminReply:
+        return admin_outcome(await self._admin(p.AdminDrain(actor_id, True)), "drain")
+
+    async def undrain_actor(self, actor_id: str) -> p.AdminReply:
+        return admin_outcome(await self._admin(p.AdminDrain(actor_id, False)), "undrain")
+
+    async def set_replicas(self, model: str, min: int | None = None, max: int | None = None) -> p.AdminReply:  # noqa: A002
+        return admin_outcome(await self._admin(replicas_message(model, min, max)), "set_replicas")
+
+    async def pause_workflow(self, workflow: str) -> p.AdminReply:
+        return admin_outcome(await self._admin(p.AdminPause(workflow, True)), "pause")
+
+    async def resume_workflow(self, workflow: str) -> p.AdminReply:
+        return admin_outcome(await self._admin(p.AdminPause(workflow, False)), "resume")
 
     async def close(self) -> None:
         await asyncio.to_thread(self._core.close)

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from broker import protocol as p
-from clients.core import ClientCore, JobState
-from clients.errors import LegoError, Timeout
+from clients.core import ClientCore, JobState, admin_outcome, broker_error, replicas_message
+from clients.errors import Timeout
 from clients.results import JobResult
 
 _END = object()
@@ -113,7 +113,7 @@ class Client:
             self._core.forget_admin(call_id)
             raise Timeout(f"no answer from the broker at {self.address} within {timeout}s") from None
         if isinstance(reply, p.Error):
-            raise LegoError(f"{reply.code}: {reply.message}")
+            raise broker_error(reply)
         return reply
 
     def workflows(self, timeout: float | None = None) -> list[p.WorkflowInfo]:
@@ -122,29 +122,41 @@ class Client:
     def stats(self, timeout: float | None = None) -> p.Stats:
         return self._admin(p.GetStats(), timeout)
 
+    # Admin calls return the broker's AdminReply; a refusal raises AdminRefused naming the field.
+
     def spawn(self, model: str, device: str = "cpu", backend: str = "emulated", count: int = 1, host: str = "",
               max_batch_rows: int = 8, options: dict | None = None, timeout: float | None = None) -> p.AdminReply:
         """Ask a node agent to start `count` actors of `model`."""
         msg = p.AdminSpawn(model, device, backend, host, count, max_batch_rows, options)
-        reply = self._admin(msg, timeout)
-        if not reply.ok:
-            raise LegoError(f"spawn refused: {reply.message}")
-        return reply
+        return admin_outcome(self._admin(msg, timeout), "spawn")
 
     def stop_actor(self, actor_id: str, timeout: float | None = None) -> p.AdminReply:
         """Drain an actor (no new work; what it holds stays served), then stop it."""
-        reply = self._admin(p.AdminStop(actor_id), timeout)
-        if not reply.ok:
-            raise LegoError(f"stop refused: {reply.message}")
-        return reply
+        return admin_outcome(self._admin(p.AdminStop(actor_id), timeout), "stop")
+
+    def drain_actor(self, actor_id: str, timeout: float | None = None) -> p.AdminReply:
+        """No new work for the actor; it stays alive (and serves what it holds) until undrained."""
+        return admin_outcome(self._admin(p.AdminDrain(actor_id, True), timeout), "drain")
+
+    def undrain_actor(self, actor_id: str, timeout: float | None = None) -> p.AdminReply:
+        return admin_outcome(self._admin(p.AdminDrain(actor_id, False), timeout), "undrain")
+
+    def set_replicas(self, model: str, min: int | None = None, max: int | None = None,  # noqa: A002
+                     timeout: float | None = None) -> p.AdminReply:
+        """The model's replica bounds for the scheduler (over its own flags); None: no bound."""
+        return admin_outcome(self._admin(replicas_message(model, min, max), timeout), "set_replicas")
+
+    def pause_workflow(self, workflow: str, timeout: float | None = None) -> p.AdminReply:
+        """Reject the workflow's new requests (code `paused`); accepted ones run on."""
+        return admin_outcome(self._admin(p.AdminPause(workflow, True), timeout), "pause")
+
+    def resume_workflow(self, workflow: str, timeout: float | None = None) -> p.AdminReply:
+        return admin_outcome(self._admin(p.AdminPause(workflow, False), timeout), "resume")
 
     def configure(self, settings: dict | None = None, plan: dict | None = None,
                   timeout: float | None = None) -> p.AdminReply:
         """Set the broker's live settings (admission, slo_multiple, cfg_split); post a plan."""
-        reply = self._admin(p.AdminConfigure(settings or {}, plan), timeout)
-        if not reply.ok:
-            raise LegoError(f"configure refused: {reply.message}")
-        return reply
+        return admin_outcome(self._admin(p.AdminConfigure(settings or {}, plan), timeout), "configure")
 
     def close(self) -> None:
         self._core.close()

@@ -35,6 +35,34 @@ def resolve_address(address: str | None) -> str:
     return address or os.environ.get("LEGO_BROKER") or DEFAULT_ADDRESS
 
 
+class AdminRefused(LegoError):
+    """The broker refused an admin call; `field` names what was wrong (`actor_id`, `min`...)."""
+
+    def __init__(self, what: str, message: str, field: str | None = None):
+        super().__init__(f"{what} refused: {message}")
+        self.message, self.field = message, field
+
+
+def broker_error(reply: p.Error) -> LegoError:
+    """The broker could not read a call (or the client closed): say what and where."""
+    return LegoError(f"{reply.code}: {reply.message}" + (f" (field {reply.field})" if reply.field else ""))
+
+
+def admin_outcome(reply: p.AdminReply, what: str) -> p.AdminReply:
+    """The reply of an admin call, or AdminRefused naming the field."""
+    if not reply.ok:
+        raise AdminRefused(what, reply.message, reply.field)
+    return reply
+
+
+def replicas_message(model: str, min: int | None, max: int | None) -> p.AdminReplicas:  # noqa: A002 (the API's names)
+    """Counts must be whole numbers; the broker checks their range and the model."""
+    for name, value in (("min", min), ("max", max)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise AdminRefused("set_replicas", f"{name}: expected a whole number or None, got {value!r}", name)
+    return p.AdminReplicas(model, min, max)
+
+
 class JobState:
     """What the IO thread learns about one request; `sink(event)` is called for each."""
 

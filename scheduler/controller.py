@@ -7,12 +7,14 @@ it takes the newest telemetry snapshot, runs one pure planning round (`scheduler
 spawns through the broker's node agents, drain-then-stop of surplus or converted
 actors. At start it sets the broker's live policy (admission, SLO multiple, parallel
 CFG groups). Every decision is logged with its reason and posted back to the broker
-with the current targets, so `lego status` shows the plan.
+with the current targets, so `lego status` shows the plan. Replica bounds an operator
+set at the broker (`lego admin scale`) override the --model-min/--model-max flags.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import signal
 import threading
 import time
@@ -58,6 +60,28 @@ class SchedulerConfig:
     change_timeout_s: float = 60.0  # a spawn or drain not settled by then is given up on
     log_format: str = "console"
     log_level: str = "info"
+
+
+def with_operator_bounds(scaling: ScalingSettings, operator: dict) -> ScalingSettings:
+    """`scaling` with the broker's operator bounds (model -> {"min", "max"}, None: unset)
+    laid over the flags' per-model bounds. Where an operator's bound contradicts a flag's
+    (min 5 against a flag's max 3), the operator's wins and the other bound moves to it."""
+    if not operator:
+        return scaling
+    lows, highs = dict(scaling.per_model_min), dict(scaling.per_model_max)
+    for model, bounds in operator.items():
+        low, high = bounds.get("min"), bounds.get("max")
+        if low is not None:
+            lows[model] = low
+        if high is not None:
+            highs[model] = high
+        low_now, high_now = lows.get(model, scaling.min_replicas), highs.get(model, scaling.max_replicas)
+        if low_now > high_now:
+            if high is None:
+                highs[model] = low_now
+            else:
+                lows[model] = high_now
+    return dataclasses.replace(scaling, per_model_min=lows, per_model_max=highs)
 
 
 @dataclass
@@ -110,7 +134,9 @@ class SchedulerController:
         snapshot = from_stats(stats, self._busy_ratios(stats, now))
         self._settle(stats, now)
         in_progress = frozenset(change.model for change in self.changes)
-        plan = plan_round(snapshot, self.costs, self.memory, self.settings, in_progress)
+        settings = dataclasses.replace(self.settings, scaling=with_operator_bounds(self.settings.scaling,
+                                                                                   stats.replica_bounds))
+        plan = plan_round(snapshot, self.costs, self.memory, settings, in_progress)
         self.memory = plan.memory
         for action in plan.actions:
             self._apply(action, now)

@@ -87,6 +87,10 @@ SAMPLES: dict[type, tuple[p.Message, list]] = {
         agents=[p.AgentStats(agent_id="agent-1", host="h", devices=[DEVICE], actors=[["agent-1-1", "started"]])],
         counters={"requests_submitted": 3},
         hop_latency_s={"count": 2, "p50": 0.01, "p99": 0.02, "max": 0.03},
+        replica_bounds={"den": {"min": 1, "max": None}}, paused_workflows=["a"],
+        recent_outcomes=[p.OutcomeRecord(99.0, "rejected", "r9", "a", "paused", "paused", "workflow")],
+        rejections={"paused": 1}, task_latency=[p.Histogram({"model": "den", "kind": "denoise"}, [0.1, 1.0], [1, 0, 2], 5.5, 3)],
+        transfers=p.TransferTotals(local_bytes=10, frames_bytes=20, ipc_fallbacks=1),
     ), []),
     p.AdminSpawn: (p.AdminSpawn(model="den", device="cuda:0", backend="emulated", host="gpu-7", count=2,
                                 max_batch_rows=4, options={"scale": 0.5}), []),
@@ -94,6 +98,9 @@ SAMPLES: dict[type, tuple[p.Message, list]] = {
     p.AdminStop: (p.AdminStop(actor_id="den@h/emu:0#b-1", call_id="c-9"), []),
     p.AdminConfigure: (p.AdminConfigure(settings={"admission": True, "slo_multiple": 2.5},
                                         plan={"targets": {"den": 3}, "decisions": ["up: den"]}), []),
+    p.AdminDrain: (p.AdminDrain(actor_id="den-1", drained=False, call_id="c-1"), []),
+    p.AdminReplicas: (p.AdminReplicas(model="den", min=1, max=None, call_id="c-2"), []),
+    p.AdminPause: (p.AdminPause(workflow="sd15-txt2img", paused=True, call_id="c-3"), []),
     p.Error: (p.Error(code="bad_header", message="Credit.credits has type str", field="credits", request_id="r1"), []),
 }
 

@@ -45,6 +45,9 @@ class Command(bytes, enum.Enum):
     ADMIN_REPLY = b"ARPL"
     ADMIN_STOP = b"ASTP"
     ADMIN_CONFIGURE = b"ACFG"
+    ADMIN_DRAIN = b"ADRN"
+    ADMIN_REPLICAS = b"ARPS"
+    ADMIN_PAUSE = b"APAU"
     # any direction: a typed error about one message
     ERROR = b"ERR"
 

@@ -17,6 +17,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_WORKFLOW = "unknown_workflow"
     DUPLICATE_REQUEST = "duplicate_request"
     OVERLOADED = "overloaded"
+    PAUSED = "paused"  # an operator paused admission for the workflow
     SLO_UNATTAINABLE = "slo_unattainable"  # admission control: it could not finish in time
     DEADLINE_EXCEEDED = "deadline_exceeded"  # drop_late: its deadline passed before its work ran
     CANCELLED = "cancelled"

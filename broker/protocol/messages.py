@@ -27,6 +27,9 @@ __all__ = [
     "ActorStats",
     "AgentStats",
     "ActorTelemetry",
+    "Histogram",
+    "TransferTotals",
+    "OutcomeRecord",
     "ActorHello",
     "AgentHello",
     "Welcome",
@@ -57,6 +60,9 @@ __all__ = [
     "AdminReply",
     "AdminStop",
     "AdminConfigure",
+    "AdminDrain",
+    "AdminReplicas",
+    "AdminPause",
     "Error",
     "MESSAGE_TYPES",
 ]
@@ -195,6 +201,10 @@ class ActorTelemetry(Struct):
     ipc_fetches: int = 0  # of `fetches`, those answered (at least partly) through CUDA IPC
     ipc_fallbacks: int = 0  # CUDA IPC transfers that failed (either side) and went by shm/frames instead
     ipc_pins: int = 0  # CUDA IPC shares this actor holds for its peers now (dropped on FREE)
+    # Of `fetched_bytes`, those that came through shared memory / CUDA IPC (the rest came
+    # as frames); an actor that does not count them reports 0.
+    shm_bytes: int = 0
+    ipc_bytes: int = 0
     stored_tensors: int = 0
     stored_bytes: int = 0
     memory_used_bytes: int = 0
@@ -230,6 +240,7 @@ class WorkflowStats(Struct):
     slo_s: float = 0.0  # the objective of a request with default parameters (0: none known)
     solo_s: float = 0.0
     latency_mode: int = 0  # requests that ran their CFG branches on two actors
+    paused: bool = False  # an operator paused its admission: new submissions are rejected
 
 
 @struct
@@ -249,6 +260,9 @@ class ActorStats(Struct):
     telemetry: ActorTelemetry | None = None
     pid: int = 0
     backend: str = ""
+    # state "draining" means no new work: by an operator's drain (kept alive, can be
+    # undrained) or on its way out (`stopping`: its agent stops it once it holds nothing).
+    stopping: bool = False
 
 
 @struct
@@ -257,6 +271,48 @@ class AgentStats(Struct):
     host: str
     devices: list[DeviceInfo]
     actors: list
+
+
+@struct
+class Histogram(Struct):
+    """Cumulative observations of one quantity (seconds) since the broker started.
+
+    `counts[i]` counts observations in (bounds[i-1], bounds[i]]; the last entry, one
+    past `bounds`, those above every bound. `labels` say what was observed.
+    """
+
+    labels: dict
+    bounds: list
+    counts: list
+    sum: float = 0.0
+    count: int = 0
+
+
+@struct
+class TransferTotals(Struct):
+    """Bytes task inputs moved by each path since the broker started (cumulative, so
+    that they only grow: folded in from each actor's heartbeat telemetry as deltas)."""
+
+    local_bytes: int = 0  # the input was held by the actor that ran the task: no copy
+    frames_bytes: int = 0  # fetched as frames over the holder's data socket
+    shm_bytes: int = 0  # fetched through shared memory (same host)
+    ipc_bytes: int = 0  # opened through CUDA IPC (same host and GPU)
+    fetches: int = 0
+    shm_fallbacks: int = 0  # shared-memory fetches that went by frames instead
+    ipc_fallbacks: int = 0  # CUDA IPC transfers that went by shared memory or frames instead
+
+
+@struct
+class OutcomeRecord(Struct):
+    """A request the broker refused or failed, for operators (`Stats.recent_outcomes`)."""
+
+    time: float  # the broker's clock, as `Stats.time`
+    kind: str  # rejected | failed
+    request_id: str
+    workflow: str
+    code: str  # an ErrorCode value: the reason
+    message: str
+    field: str | None = None
 
 
 # ------------------------------------------------------- peer <-> broker (backend)
@@ -520,6 +576,20 @@ class Stats(Message):
     workflows: list[WorkflowStats] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # the broker's live policy knobs
     plan: dict | None = None  # what the scheduler last posted (targets, recent decisions)
+    # Operator settings: model -> {"min": n | None, "max": n | None} replicas (the
+    # scheduler honours them over its own flags); workflows whose admission is paused.
+    replica_bounds: dict = field(default_factory=dict)
+    paused_workflows: list = field(default_factory=list)
+    recent_outcomes: list[OutcomeRecord] = field(default_factory=list)  # newest last, bounded
+    # Cumulative, for metrics: rejections / failures by reason (ErrorCode value),
+    # task latency (dispatch to done) by model and kind, request latency by workflow,
+    # bytes moved by transfer path, and the broker loop's lag behind its timer.
+    rejections: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)
+    task_latency: list[Histogram] = field(default_factory=list)
+    request_latency: list[Histogram] = field(default_factory=list)
+    transfers: TransferTotals | None = None
+    loop_lag: Histogram | None = None
 
 
 @struct
@@ -544,6 +614,7 @@ class AdminReply(Message):
     message: str
     spawn_ids: list = field(default_factory=list)
     call_id: str = ""
+    field: str | None = None  # a refusal: the offending field of the request
 
 
 @struct
@@ -563,6 +634,38 @@ class AdminConfigure(Message):
     COMMAND: ClassVar[Command] = Command.ADMIN_CONFIGURE
     settings: dict = field(default_factory=dict)
     plan: dict | None = None
+    call_id: str = ""
+
+
+@struct
+class AdminDrain(Message):
+    """Stop (`drained`) or resume dispatching to an actor; it stays alive either way."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_DRAIN
+    actor_id: str
+    drained: bool = True
+    call_id: str = ""
+
+
+@struct
+class AdminReplicas(Message):
+    """Set a model's replica bounds for the scheduler; None: no operator bound (the
+    scheduler's own flags apply)."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_REPLICAS
+    model: str
+    min: int | None = None
+    max: int | None = None
+    call_id: str = ""
+
+
+@struct
+class AdminPause(Message):
+    """Pause (`paused`) or resume admission of a workflow's new requests."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_PAUSE
+    workflow: str
+    paused: bool = True
     call_id: str = ""
 
 
