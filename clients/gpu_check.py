@@ -166,15 +166,20 @@ def peer_main(device: str) -> int:
         sys.stdout.write(json.dumps(value) + "\n")
         sys.stdout.flush()
 
+    def put(tensor_id: str, specs: list[dict]) -> int:
+        bundle = {spec["name"]: make_tensor(spec, device) for spec in specs}
+        runtime.store.put(tensor_id, bundle, ready=cuda_ipc.record_ready(bundle))
+        return bundle_nbytes(bundle)
+
     reply({"address": runtime.data_address, "host": runtime.host, "gpu": cuda_ipc.device_uuid(device)})
     try:
         for line in sys.stdin:
             cmd = json.loads(line)
             op = cmd["op"]
             if op == "put":
-                bundle = {spec["name"]: make_tensor(spec, device) for spec in cmd["tensors"]}
-                runtime.store.put(cmd["id"], bundle, ready=cuda_ipc.record_ready(bundle))
-                reply({"nbytes": bundle_nbytes(bundle)})
+                # In a function so that no local of this loop keeps the last bundle
+                # alive after its FREE (the GPU run once read that as a leak).
+                reply({"nbytes": put(cmd["id"], cmd["tensors"])})
             elif op == "free":
                 runtime.free(cmd["ids"])
                 reply({})
