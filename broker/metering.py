@@ -42,7 +42,8 @@ class Meters:
         self.recent: deque[p.OutcomeRecord] = deque(maxlen=recent)
         self.rejections: dict[str, int] = {}  # reason (ErrorCode value) -> requests
         self.failures: dict[str, int] = {}
-        self.task_latency: dict[tuple[str, str], p.Histogram] = {}  # (model, kind) -> dispatch-to-done
+        # (model, task kind: the mode of the call, e.g. denoise or denoise_branch) -> dispatch-to-done
+        self.task_latency: dict[tuple[str, str], p.Histogram] = {}
         self.request_latency: dict[str, p.Histogram] = {}  # workflow -> submit-to-result
         self.transfers = p.TransferTotals()
         self.loop_lag = new_histogram(LOOP_LAG_BOUNDS_S)
@@ -70,7 +71,7 @@ class Meters:
     def task_done(self, model: str, kind: str, seconds: float) -> None:
         hist = self.task_latency.get((model, kind))
         if hist is None:
-            hist = self.task_latency[model, kind] = new_histogram(TASK_BOUNDS_S, model=model, kind=kind)
+            hist = self.task_latency[model, kind] = new_histogram(TASK_BOUNDS_S, model=model, mode=kind)
         observe(hist, seconds)
 
     def batch_sent(self, actor_id: str, batch) -> None:

@@ -128,6 +128,8 @@ class BrokerServer:
                 self._drain(by_socket[sock], sock)
             now = time.monotonic()
             if now >= next_tick:
+                # How late the timer fires: the time messages kept the loop from it.
+                self.core.meters.loop_lagged(now - next_tick)
                 self._apply(self._guarded(self.core.on_tick, now))
                 next_tick = now + tick_every_s
             if self.telemetry is not None:

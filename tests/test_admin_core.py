@@ -234,7 +234,7 @@ def test_latency_histograms_count_every_task_and_request_by_model_kind_and_workf
     results = of(run(core, sends, now=0.5), p.Result, CLIENT)
     assert len(results) == 2
     stats = core.snapshot(1.0)
-    tasks = {(h.labels["model"], h.labels["kind"]): h for h in stats.task_latency}
+    tasks = {(h.labels["model"], h.labels["mode"]): h for h in stats.task_latency}
     assert set(tasks) == {("enc-a", "encode"), ("den", "denoise"), ("vae", "decode")}
     assert tasks["den", "denoise"].count == 4  # 2 steps x 2 requests
     assert sum(h.count for h in tasks.values()) == stats.counters["tasks_done"]

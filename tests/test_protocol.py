@@ -89,7 +89,7 @@ SAMPLES: dict[type, tuple[p.Message, list]] = {
         hop_latency_s={"count": 2, "p50": 0.01, "p99": 0.02, "max": 0.03},
         replica_bounds={"den": {"min": 1, "max": None}}, paused_workflows=["a"],
         recent_outcomes=[p.OutcomeRecord(99.0, "rejected", "r9", "a", "paused", "paused", "workflow")],
-        rejections={"paused": 1}, task_latency=[p.Histogram({"model": "den", "kind": "denoise"}, [0.1, 1.0], [1, 0, 2], 5.5, 3)],
+        rejections={"paused": 1}, task_latency=[p.Histogram({"model": "den", "mode": "denoise"}, [0.1, 1.0], [1, 0, 2], 5.5, 3)],
         transfers=p.TransferTotals(local_bytes=10, frames_bytes=20, ipc_fallbacks=1),
     ), []),
     p.AdminSpawn: (p.AdminSpawn(model="den", device="cuda:0", backend="emulated", host="gpu-7", count=2,

@@ -582,7 +582,7 @@ class Stats(Message):
     paused_workflows: list = field(default_factory=list)
     recent_outcomes: list[OutcomeRecord] = field(default_factory=list)  # newest last, bounded
     # Cumulative, for metrics: rejections / failures by reason (ErrorCode value),
-    # task latency (dispatch to done) by model and kind, request latency by workflow,
+    # task latency (dispatch to done) by model and mode (the task kind), request latency by workflow,
     # bytes moved by transfer path, and the broker loop's lag behind its timer.
     rejections: dict = field(default_factory=dict)
     failures: dict = field(default_factory=dict)
