@@ -35,6 +35,25 @@ lego_ensure_venv() {
   fi
 }
 
+# The console's browser test (tests/test_gateway_console.py) drives Debian's headless
+# Chromium. Installed only when missing, as root, with apt-get; never fatal: without a
+# browser that test skips and says why. LEGO_INSTALL_BROWSER=0 never installs.
+: "${LEGO_INSTALL_BROWSER:=1}"
+lego_ensure_browser() {
+  if [ "$LEGO_INSTALL_BROWSER" != 1 ] || { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+    return 0
+  fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    return 0
+  fi
+  echo "installing chromium and chromium-driver (the console's browser test)" >&2
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+    >/dev/null 2>&1; then
+    echo "could not install chromium: the browser test will skip" >&2
+  fi
+  return 0
+}
+
 # ---------------------------------------------------------------- bare-metal launch
 # Read by lego-head.sh, lego-node.sh, lego-cluster.sh and lego-local.sh (usage in
 # their headers). Every process also reads LEGO_<SETTING> for its own settings

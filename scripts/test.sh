@@ -3,5 +3,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 lego_ensure_venv
+lego_ensure_browser
 cd "$LEGO_ROOT"
 exec "$LEGO_VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,106 @@
+"""Shared by tests/test_gateway*.py: API keys, a gateway process, raw HTTP calls."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clients.local import free_port
+
+
+def write_keys(path: Path) -> dict[str, str]:
+    """A key file with an admin key and two user keys; returns name -> key."""
+    keys = {"ops": f"adm-{secrets.token_hex(16)}", "alice": f"usr-{secrets.token_hex(16)}",
+            "bob": f"usr-{secrets.token_hex(16)}"}
+    path.write_text("# test keys\n"
+                    f"admin {keys['ops']} ops\n"
+                    f"user  {keys['alice']} alice   # a comment\n"
+                    f"user  {keys['bob']} bob\n")
+    return keys
+
+
+class Gateway:
+    """`python -m clients.gateway` as a process on a free port; its log in `log_path`."""
+
+    def __init__(self, broker: str, keys_file: Path, log_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "clients.gateway", "--broker", broker, "--listen", f"127.0.0.1:{self.port}",
+                 "--keys", str(keys_file), "--log-level", "debug", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if request(self, "GET", "/healthz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the gateway did not start; log:\n{log_path.read_text()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def request(gateway: Gateway, method: str, path: str, body=None, *, key: str | None = None,
+            headers: dict | None = None, raw: bytes | None = None, timeout: float = 60):
+    """(status, headers, JSON or bytes). `body` is sent as JSON; `raw` as given."""
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=timeout)
+    sent = dict(headers or {})
+    if key is not None:
+        sent["Authorization"] = f"Bearer {key}"
+    data = raw
+    if body is not None:
+        data = json.dumps(body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=data, headers=sent)
+        response = conn.getresponse()
+        payload = response.read()
+        answer = dict(response.getheaders())
+    finally:
+        conn.close()
+    if answer.get("Content-Type", "").startswith("application/json"):
+        return response.status, answer, json.loads(payload)
+    return response.status, answer, payload
+
+
+def sse_events(gateway: Gateway, path: str, key: str, timeout: float = 60) -> list[tuple[str, dict]]:
+    """Every (event, data) of a server-sent event stream, until the server ends it."""
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}", "Accept": "text/event-stream"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        assert response.getheader("Content-Type").startswith("text/event-stream")
+        events, kind = [], None
+        for line in response:
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[len("data: "):])))
+        return events
+    finally:
+        conn.close()
