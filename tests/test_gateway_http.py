@@ -241,6 +241,11 @@ def test_metrics_parse_as_prometheus_text_and_the_counters_move(setup):
     assert sample(after, "lego_gateway_runs_total", **runs) == sample(before, "lego_gateway_runs_total", **runs) + 2
     assert sample(after, "lego_gateway_http_request_seconds_count", route="/v1/images/generations") > 0
     assert sample(after, "lego_gateway_broker_up") == 1.0
+    # The cluster's own metrics come along, from the broker's snapshot.
+    workflow = {"workflow": WORKFLOW}
+    assert (sample(after, "lego_requests_completed_total", **workflow)
+            >= sample(before, "lego_requests_completed_total", **workflow) + 2)
+    assert 'lego_queue_depth{model="Flux1Schnell"}' in after
 
 
 def test_the_openapi_document_covers_every_route(setup):

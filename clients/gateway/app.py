@@ -9,7 +9,6 @@ import time
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from clients.aio import AsyncClient
 from clients.gateway import admin, api
@@ -21,6 +20,8 @@ from clients.gateway.observe import GatewayMetrics, History
 from clients.gateway.openapi import openapi_document
 from clients.gateway.runs import RunStore
 from clients.gateway.state import GATEWAY, Gateway, ask_broker, gateway_of
+from clients.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from clients.metrics import render_metrics
 
 log = structlog.get_logger(__name__)
 
@@ -116,12 +117,15 @@ async def authenticate(request: web.Request, handler):
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The cluster's metrics (from a fresh broker snapshot), then the gateway's own."""
     gw = gateway_of(request)
+    parts = []
     try:
-        await ask_broker(gw, gw.client.stats())
+        parts.append(render_metrics(await ask_broker(gw, gw.client.stats())))
     except ApiError:
-        pass  # the gateway's own metrics still answer, lego_gateway_broker_up says 0
-    return web.Response(body=gw.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        pass  # the gateway's own metrics still answer; lego_gateway_broker_up says 0
+    parts.append(gw.metrics.render())
+    return web.Response(body=b"".join(parts), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:
