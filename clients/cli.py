@@ -9,6 +9,7 @@ import sys
 import threading
 
 from broker.config import parse_options
+from clients import admin_cli
 
 
 def _print_progress(job, stream=sys.stderr) -> None:
@@ -87,29 +88,9 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(stats.to_wire(), indent=2))
         return 0
-    print("models:")
-    for m in stats.models:
-        print(f"  {m.model:<24} queue {m.queue_depth:>5}  actors {m.actors:>3}  tasks {m.tasks_done:>7}  "
-              f"batches {m.batches:>6}  mixed-workflow {m.mixed_workflow_batches:>5}  "
-              f"pending {m.pending_s:>7.2f} s  rate {m.arrival_rate:>5.2f}/s")
-    print("actors:")
-    for a in stats.actors:
-        print(f"  {a.actor_id:<48} {a.state:<8} credits {a.credits} in-flight {a.in_flight:>3} tasks {a.tasks:>6}")
-    active = [w for w in stats.workflows if w.submitted or w.rejected]
-    if active:
-        print("workflows:")
-        for w in active:
-            attained = f"{100 * w.slo_met / w.completed:5.1f}%" if w.completed else "    -"
-            print(f"  {w.workflow:<28} submitted {w.submitted:>6} completed {w.completed:>6} SLO met {attained} "
-                  f"rejected {w.rejected:>5} failed {w.failed:>4} latency-mode {w.latency_mode:>5} (SLO {w.slo_s:.2f} s)")
-    print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.settings.items())))
-    if stats.plan:
-        print("scheduler plan: targets " + ", ".join(f"{m}={n}" for m, n in sorted(stats.plan.get("targets", {}).items())))
-        for line in stats.plan.get("in_progress", []):
-            print(f"  in progress: {line}")
-        for line in stats.plan.get("decisions", [])[-10:]:
-            print(f"  {line}")
-    print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
+    from clients.status_view import status_lines
+
+    print("\n".join(status_lines(stats)))
     return 0
 
 
@@ -270,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", **broker_addr)
     s.set_defaults(func=cmd_status)
+    admin_cli.add_parsers(sub, broker_addr)
 
     u = sub.add_parser("up", help="a whole local cluster in the foreground")
     u.add_argument("-w", "--workflow", action="append", help="workflow to serve (repeatable)")

@@ -142,6 +142,7 @@ class SchedulerController:
             self._apply(action, now)
         self.client.configure(plan={
             "targets": {t.model: t.target for t in plan.targets},
+            "bounds": {t.model: list(settings.scaling.bounds(t.model)) for t in plan.targets},  # in effect
             "replicas": snapshot.replicas(),
             "in_progress": sorted(f"{c.kind} {c.model} ({c.key})" for c in self.changes),
             "decisions": list(self.decisions),
