@@ -83,9 +83,10 @@ function polyline(points, tmin, tmax, vmax, colour) {
 }
 
 function chart(title, series, unit) {
-  // series: [[name, [[t, v], ...]], ...]
+  // series: [[name, [[t, v], ...]], ...]; the ones that stayed at zero are left out
+  series = series.filter(([, pts]) => pts.some((p) => p[1] > 0));
   const all = series.flatMap(([, pts]) => pts);
-  if (all.length < 2) return `<div class="chart"><b>${esc(title)}</b><p class="muted">collecting samples…</p></div>`;
+  if (all.length < 2) return `<div class="chart"><b>${esc(title)}</b><p class="muted">nothing yet in the last minutes</p></div>`;
   const tmin = Math.min(...all.map((p) => p[0])), tmax = Math.max(...all.map((p) => p[0]));
   const vmax = Math.max(1e-9, ...all.map((p) => p[1]));
   const lines = series.map(([, pts], i) => polyline(pts, tmin, tmax, vmax, CHART_COLOURS[i % CHART_COLOURS.length]));
@@ -127,7 +128,8 @@ function renderModels(s) {
 
 function renderWorkflows(s) {
   const paused = new Set(s.paused_workflows || []);
-  const rows = s.workflows.map((w) => {
+  const workflows = s.workflows.slice().sort((a, b) => b.submitted - a.submitted || a.workflow.localeCompare(b.workflow));
+  const rows = workflows.map((w) => {
     const isPaused = paused.has(w.workflow) || w.paused;
     const action = isPaused ? button("Resume", "resume", w.workflow) : button("Pause", "pause", w.workflow, "danger");
     const attained = w.completed ? w.slo_met / w.completed : null;
