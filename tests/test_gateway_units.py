@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
 from broker import protocol as p
-from clients.errors import RequestFailed, RequestRejected, Timeout
+from clients.errors import Cancelled, RequestFailed, RequestRejected, Timeout
 from clients.gateway.auth import Sessions, required_role
 from clients.gateway.bodies import ImagesRequest, parse_images, parse_run
 from clients.gateway.errors import ApiError, from_client_error
 from clients.gateway.keys import KeyFileError, KeyRing, bearer_token, fingerprint
 from clients.gateway.observe import History
+from clients.gateway.runs import Run, RunStore
 
 ADMIN, USER = "adm-0123456789abcdef0123", "usr-fedcba9876543210fedc"
 
@@ -141,3 +144,80 @@ def test_history_keeps_a_sliding_window_of_compact_samples():
     samples = history.to_json()
     assert [s["t"] for s in samples] == [18.0, 20.0, 22.0, 24.0, 26.0, 28.0]
     assert samples[-1]["models"] == {"m": [3, 1.5, 2]} and samples[-1]["workflows"] == {"wf": [28, 28, 0, 0]}
+
+
+class _FakeJob:
+    """Stands in for AsyncJob: accepted unless its workflow is "refused"; no progress."""
+
+    def __init__(self, workflow: str, request_id: str, params: dict):
+        self.workflow, self.request_id, self.params, self.cancelled = workflow, request_id, params, False
+        self.outcome = asyncio.Event()
+
+    async def wait_accepted(self, timeout):
+        if self.workflow == "refused":
+            raise RequestRejected(self.request_id, "invalid_param", "steps: too many", "params.steps")
+
+    async def progress(self):
+        await self.outcome.wait()
+        return
+        yield  # an async generator with nothing to report
+
+    async def result(self):
+        raise Cancelled(self.request_id, "cancelled", "cancelled")
+
+    def cancel(self):
+        self.cancelled = True
+        self.outcome.set()
+
+
+class _FakeClient:
+    submit_timeout_s = 1.0
+
+    def __init__(self):
+        self.jobs: list[_FakeJob] = []
+
+    async def submit(self, workflow, *, request_id, wait_accepted, **params):
+        self.jobs.append(_FakeJob(workflow, request_id, params))
+        return self.jobs[-1]
+
+
+def test_runs_start_all_or_none_within_the_keys_quota_and_free_it_when_they_end():
+    async def scenario():
+        client = _FakeClient()
+        store = RunStore(client, max_runs_per_key=3, keep_finished_runs=10, keep_finished_s=60)
+        with pytest.raises(ApiError) as err:  # one refusal: the accepted sibling is cancelled, nothing is kept
+            await store.start("k1", [("wf", {"prompt": "a"}), ("refused", {"prompt": "b"})])
+        assert (err.value.status, err.value.field) == (400, "params.steps")
+        assert client.jobs[0].cancelled and not store.runs and store.in_flight["k1"] == 0
+        runs = await store.start("k1", [("wf", {"prompt": "a"})] * 3)
+        with pytest.raises(ApiError) as err:
+            await store.start("k1", [("wf", {})])
+        assert err.value.status == 429 and err.value.headers() == {"Retry-After": "1"}
+        assert len(await store.start("k2", [("wf", {})])) == 1  # quotas are per key
+        store.cancel(runs[0])
+        await store.wait(runs[0], 5)
+        assert runs[0].state == "cancelled" and store.in_flight["k1"] == 2
+        assert len(await store.start("k1", [("wf", {})])) == 1
+        await store.close()
+        assert not client.jobs[1].cancelled  # refused: there is nothing to cancel
+        assert all(job.cancelled for job in client.jobs[2:])  # closing cancels what still runs
+
+    asyncio.run(scenario())
+
+
+def test_finished_runs_are_forgotten_after_a_while_or_beyond_a_count():
+    store = RunStore(None, max_runs_per_key=1, keep_finished_runs=2, keep_finished_s=10)
+    now = time.time()  # get() prunes by the wall clock too
+    for i, ended in enumerate((now - 4, now - 3, now - 2, now - 1)):
+        store.runs[str(i)] = Run(str(i), "wf", "k", ended, state="succeeded", ended=ended)
+        store.finished[str(i)] = ended
+    store.prune(now)
+    assert sorted(store.runs) == ["2", "3"]  # the newest two
+    store.prune(now + 8.5)
+    assert sorted(store.runs) == ["3"]  # and none older than 10 s
+    with pytest.raises(ApiError) as err:
+        store.get("2", "k")
+    assert (err.value.status, err.value.field) == (404, "id")
+    with pytest.raises(ApiError):
+        store.get("3", "someone else")
+    assert store.get("3", "someone else", admin=True).id == "3"

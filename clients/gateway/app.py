@@ -142,6 +142,7 @@ async def _sample(gw: Gateway) -> None:
     """The console's history: the broker's figures every history_interval_s."""
     while True:
         try:
+            gw.store.prune(time.time())
             gw.history.add(await ask_broker(gw, gw.client.stats()), time.time())
         except ApiError:
             pass  # broker away: a gap in the history, broker_up says 0

@@ -92,7 +92,7 @@ class RunStore:
         self._followers: set[asyncio.Task] = set()
 
     def get(self, run_id: str, owner: str, admin: bool = False) -> Run:
-        self._prune(time.time())
+        self.prune(time.time())
         run = self.runs.get(run_id)
         if run is None or (run.owner != owner and not admin):  # someone else's run is no business of this key
             raise ApiError(404, "not_found", f"no run {run_id!r} (finished runs are kept "
@@ -101,7 +101,7 @@ class RunStore:
 
     async def start(self, owner: str, requests: list[tuple[str, dict]]) -> list[Run]:
         """Submit every (workflow, params) as one run, all or none: a refusal cancels the rest."""
-        self._prune(time.time())
+        self.prune(time.time())
         if self.in_flight[owner] + len(requests) > self.max_runs_per_key:
             raise QuotaExceeded(self.max_runs_per_key, self.in_flight[owner], len(requests))
         self.in_flight[owner] += len(requests)
@@ -111,6 +111,7 @@ class RunStore:
         refusal = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if refusal is None:
             for run in runs:
+                log.info("run_submitted", request_id=run.id, workflow=run.workflow, key_fingerprint=owner)
                 self.runs[run.id] = run
                 follower = asyncio.create_task(self._follow(run))
                 self._followers.add(follower)
@@ -192,7 +193,8 @@ class RunStore:
             except asyncio.TimeoutError:
                 raise TimeoutError(run.id) from None
 
-    def _prune(self, now: float) -> None:
+    def prune(self, now: float) -> None:
+        """Forget finished runs beyond keep_finished_runs or older than keep_finished_s."""
         while self.finished:
             run_id, ended = next(iter(self.finished.items()))
             if len(self.finished) <= self.keep_finished_runs and now - ended <= self.keep_finished_s:
@@ -201,6 +203,9 @@ class RunStore:
             self.runs.pop(run_id, None)
 
     async def close(self) -> None:
+        """Cancel what is still running (nobody would collect it), stop following."""
+        for run in self.runs.values():
+            self.cancel(run)
         for follower in list(self._followers):
             follower.cancel()
         await asyncio.gather(*self._followers, return_exceptions=True)
