@@ -42,7 +42,7 @@ class AgentConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
-    actor_log_format: str = "console"
+    actor_log_format: str = ""  # of the actors it starts; empty: the agent's own (and its level)
     log_format: str = "console"
     log_level: str = "info"
 
@@ -141,7 +141,8 @@ class NodeAgent:
             options["device_lock"] = str((self.run_dir / "locks" / f"{msg.device.replace(':', '-')}.lock").resolve())
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
                "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
-               "--max-batch-rows", str(msg.max_batch_rows), "--log-format", self.config.actor_log_format]
+               "--max-batch-rows", str(msg.max_batch_rows),
+               "--log-format", self.config.actor_log_format or self.config.log_format, "--log-level", self.config.log_level]
         for path in self.config.catalog:
             cmd += ["--catalog", str(path)]
         for key, value in options.items():
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from broker.config import add_common_arguments, load_config
-    from broker.logs import configure_logging
+    from broker.logs import bind_process_fields, configure_logging
 
     parser = argparse.ArgumentParser(prog="lego agent", description="Run the node agent of this host.")
     parser.add_argument("--broker", dest="broker_backend", help="broker backend address (env LEGO_BROKER_BACKEND)")
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(AgentConfig, "agent", args.config, {k: v for k, v in vars(args).items() if k != "config"})
     configure_logging(config.log_format, config.log_level, process="agent")
     agent = NodeAgent(config)
+    bind_process_fields(agent_id=agent.agent_id)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     agent.run()

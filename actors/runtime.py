@@ -89,6 +89,8 @@ class ActorRuntime:
         self.host = config.host or socketlib.gethostname()
         self.actor_id = config.actor_id or f"{config.model}@{self.host}:{os.getpid()}"
         self.backend = create_backend(config.backend, spec, config.device, config.options)
+        if hasattr(self.backend, "attach_catalog"):  # e.g. a ControlNet reads its base model's scheduler there
+            self.backend.attach_catalog(catalog)
         if self.backend.tensor_kind == "torch" or "torch" in sys.modules:
             import torch
 
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from broker.config import add_common_arguments, load_config, parse_options
-    from broker.logs import configure_logging
+    from broker.logs import bind_process_fields, configure_logging
 
     parser = argparse.ArgumentParser(prog="lego actor", description="Run one model actor (one model, one device).")
     parser.add_argument("--model", required=True)
@@ -566,4 +568,6 @@ def main(argv: list[str] | None = None) -> None:
     cli["options"] = parse_options(args.option) or None
     config = load_config(ActorConfig, "actor", args.config, cli)
     configure_logging(config.log_format, config.log_level, process=f"actor:{config.model}")
+    if config.actor_id:  # every line of this process concerns this actor
+        bind_process_fields(actor_id=config.actor_id)
     run_actor(config)

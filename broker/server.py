@@ -25,6 +25,7 @@ import zmq
 
 from broker import protocol as p
 from broker.core import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Send
+from broker.logs import message_ids
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
 from broker.workflows import load_catalog
@@ -171,7 +172,8 @@ class BrokerServer:
         try:
             return fn(*args)
         except Exception as exc:
-            log.exception("handler_failed", handler=getattr(fn, "__name__", "?"))
+            about = next((message_ids(a) for a in args if isinstance(a, p.Message)), {})
+            log.exception("handler_failed", handler=getattr(fn, "__name__", "?"), **about)
             if reply_to is None:
                 return []
             return [Send(reply_to[0], reply_to[1], p.Error(code=ErrorCode.INTERNAL.value, message=f"broker error: {exc}"))]
@@ -182,7 +184,8 @@ class BrokerServer:
             try:
                 self.sockets[send.socket].send_multipart(frames, copy=False)
             except zmq.ZMQError as exc:  # a vanished peer must not stop the broker
-                log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc))
+                log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc),
+                            **message_ids(send.msg))
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, time.monotonic()))
 

@@ -107,30 +107,47 @@ def _cluster_spec(args):
     )
 
 
+def _up_reporter(args):
+    """How `lego up` tells its operator things on stderr: sentences on a console, or
+    events when its logs are JSON (so every line of its stderr parses as JSON)."""
+    from broker.logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level, process="up")
+    if args.log_format != "json":
+        return lambda event, text, **fields: print(text, file=sys.stderr)
+    import structlog
+
+    log = structlog.get_logger("lego.up")
+    return lambda event, text, **fields: log.info(event, **fields)
+
+
 def cmd_up(args) -> int:
     from clients import Client, LegoError
     from clients.local import LocalCluster
 
     try:
+        say = _up_reporter(args)
         cluster = LocalCluster(_cluster_spec(args))
-    except LegoError as exc:
+    except (LegoError, ValueError) as exc:
         print(f"lego up: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         cluster.start()
-        print(f"local cluster up: clients connect to {cluster.frontend} (logs in {cluster.run_dir}/logs)", file=sys.stderr)
+        say("cluster_up", f"local cluster up: clients connect to {cluster.frontend} (logs in {cluster.run_dir}/logs)",
+            frontend=cluster.frontend, logs=f"{cluster.run_dir}/logs")
         if args.generate:
             with Client(cluster.frontend) as client:
                 job = client.submit(cluster.spec.workflows[0], prompt=args.generate, **_params(args))
-                _print_progress(job)
+                if args.log_format != "json":  # a progress bar is for a console
+                    _print_progress(job)
                 result = job.result(timeout=args.timeout)
             path = result.save_png(args.output)
             print(f"wrote {path} ({result.image.shape[1]}x{result.image.shape[0]}, seed {result.params.get('seed')}, "
                   f"{result.latency_s:.2f}s through the micro-served cluster)")
             return 0
-        print("Ctrl-C stops everything this command started.", file=sys.stderr)
+        say("serving", "Ctrl-C stops everything this command started.")
         # Ctrl-C as an event, not a KeyboardInterrupt that could land anywhere in this loop
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         while not stop.is_set():  # short waits, so a signal is handled promptly
@@ -139,7 +156,7 @@ def cmd_up(args) -> int:
     except KeyboardInterrupt:
         return 0
     except LegoError as exc:
-        print(f"lego up: {exc}", file=sys.stderr)
+        say("up_failed", f"lego up: {exc}", error=str(exc))
         return 1
     finally:
         cluster.stop()
@@ -276,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--height", type=int)
     u.add_argument("--param", action="append", metavar="KEY=VALUE")
     u.add_argument("--timeout", type=float, default=600.0)
-    u.add_argument("--log-format", default="console", choices=("console", "json"))
+    u.add_argument("--log-format", default="console", choices=("console", "json"),
+                   help="of this command's stderr and every process it starts")
     u.add_argument("--log-level", default="info")
     u.set_defaults(func=cmd_up)
 

@@ -197,9 +197,10 @@ class SchedulerController:
                 raise TypeError(f"unknown action {action!r}")
         except LegoError as exc:
             line = f"FAILED {action}: {exc}"
-            log.warning("scheduler_action_failed", action=str(action), error=str(exc))
+            log.warning("scheduler_action_failed", action=str(action), error=str(exc), model=action.model,
+                        actor_id=getattr(action, "actor_id", None))
         else:
-            log.info("scheduler_decision", decision=line)
+            log.info("scheduler_decision", decision=line, model=action.model, actor_id=getattr(action, "actor_id", None))
         self.decisions.append(f"{self._stamp(now)} {line}")
 
     def run(self) -> None:
