@@ -18,9 +18,7 @@ import base64
 import http.client
 import json
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,40 +26,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from clients.client import Client
-from clients.local import LocalCluster, LocalClusterSpec, free_port
+from clients.gateway.process import GatewayProcess
+from clients.local import LocalCluster, LocalClusterSpec
 
 WORKFLOW = "flux-schnell-txt2img"
 
 
-class GatewayProcess:
-    def __init__(self, broker: str, run_dir: Path):
-        self.key = secrets.token_urlsafe(24)
-        keys = run_dir / "bench-keys.txt"
-        keys.write_text(f"user {self.key} bench\n")
-        self.port = free_port()
-        self.log = open(run_dir / "gateway.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "clients.gateway", "--broker", broker, "--keys", str(keys),
-                                      "--listen", f"127.0.0.1:{self.port}", "--max-runs-per-key", "1000",
-                                      "--log-level", "warning"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the gateway did not start: see {run_dir / 'gateway.log'}") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+def start_gateway(broker: str, run_dir: Path) -> tuple[GatewayProcess, str]:
+    """A gateway with one user key (returned) and room for every caller's runs."""
+    key = secrets.token_urlsafe(24)
+    (run_dir / "bench-keys.txt").write_text(f"user {key} bench\n")
+    gateway = GatewayProcess(broker, run_dir / "bench-keys.txt", run_dir / "gateway.log", "--max-runs-per-key", "1000",
+                             "--log-level", "warning")
+    return gateway, key
 
 
 def python_path(client: Client):
@@ -70,7 +47,7 @@ def python_path(client: Client):
     return lambda: run
 
 
-def http_path(gateway: GatewayProcess):
+def http_path(gateway: GatewayProcess, key: str):
     def make():
         conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=120)  # one per caller, kept alive
 
@@ -79,7 +56,7 @@ def http_path(gateway: GatewayProcess):
                     "size": f"{params['width']}x{params['height']}",
                     **{k: v for k, v in params.items() if k not in ("width", "height")}}
             conn.request("POST", "/v1/images/generations", body=json.dumps(body),
-                         headers={"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"})
+                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
             response = conn.getresponse()
             payload = response.read()
             if response.status != 200:
@@ -89,11 +66,11 @@ def http_path(gateway: GatewayProcess):
     return make
 
 
-def openai_path(gateway: GatewayProcess):
+def openai_path(gateway: GatewayProcess, key: str):
     import openai
 
     def make():
-        client = openai.OpenAI(api_key=gateway.key, base_url=f"http://127.0.0.1:{gateway.port}/v1", max_retries=0)
+        client = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{gateway.port}/v1", max_retries=0)
 
         def run(params: dict) -> None:
             extra = {k: v for k, v in params.items() if k not in ("width", "height", "prompt")}
@@ -159,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = LocalClusterSpec(workflows=[WORKFLOW], replicas={"Flux1Schnell": 2}, options={"time_scale": args.time_scale},
                                 run_dir=tmp, log_level="warning")
         with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
-            gateway = GatewayProcess(cluster.frontend, Path(tmp))
+            gateway, key = start_gateway(cluster.frontend, Path(tmp))
             try:
-                paths = {"python client": python_path(client), "gateway (http.client)": http_path(gateway)}
+                paths = {"python client": python_path(client), "gateway (http.client)": http_path(gateway, key)}
                 if not args.no_openai:
                     try:
-                        paths["gateway (openai package)"] = openai_path(gateway)
+                        paths["gateway (openai package)"] = openai_path(gateway, key)
                     except ImportError:
                         print("openai is not installed: its path is left out", file=sys.stderr)
                 measure(paths, sizes[0], 4 * len(levels), 1, args.steps)  # warm-up: connections, first batches

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from clients.local import free_port
+from clients.gateway.process import GatewayProcess
 
 
 def write_keys(path: Path) -> dict[str, str]:
@@ -26,41 +21,14 @@ def write_keys(path: Path) -> dict[str, str]:
     return keys
 
 
-class Gateway:
-    """`python -m clients.gateway` as a process on a free port; its log in `log_path`."""
+class Gateway(GatewayProcess):
+    """A gateway process that logs at debug level (the key-leak test reads every line)."""
 
     def __init__(self, broker: str, keys_file: Path, log_path: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "clients.gateway", "--broker", broker, "--listen", f"127.0.0.1:{self.port}",
-                 "--keys", str(keys_file), "--log-level", "debug", *args],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if request(self, "GET", "/healthz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the gateway did not start; log:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        super().__init__(broker, keys_file, log_path, "--log-level", "debug", *args)
 
     def log(self) -> str:
         return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def request(gateway: Gateway, method: str, path: str, body=None, *, key: str | None = None,
