@@ -15,14 +15,19 @@ def table(headers: list[str], rows: list[list], indent: str = "  ") -> list[str]
     """Columns as wide as their widest cell; numbers right-aligned, text left-aligned."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] in (None, "-") for r in rows)
-               for i in range(len(headers))]
+    numeric = [bool(rows) and all(_numeric(r[i]) for r in rows) for i in range(len(headers))]
 
     def line(values: list[str]) -> str:
         parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
         return (indent + "  ".join(parts)).rstrip()
 
     return [line(headers), *(line(r) for r in cells)]
+
+
+def _numeric(value) -> bool:
+    """A number, a percentage or nothing ("-"): right-aligned."""
+    return isinstance(value, (int, float)) or value in (None, "-") or (
+        isinstance(value, str) and value.endswith("%") and value[:-1].replace(".", "", 1).isdigit())
 
 
 def _cell(value) -> str:
@@ -60,7 +65,7 @@ def model_lines(stats: p.Stats, rates: dict[str, float] | None = None) -> list[s
     rows = []
     for m in stats.models:
         row = [m.model, m.queue_depth, m.actors, targets.get(m.model, "-"), bounds_label(stats, m.model),
-               m.pending_s, m.ready_s, m.arrival_rate, m.tasks_done]
+               float(m.pending_s), float(m.ready_s), float(m.arrival_rate), m.tasks_done]
         if rates is not None:
             row.append(rates.get(m.model, 0.0))
         rows.append(row)
