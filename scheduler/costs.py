@@ -10,6 +10,10 @@ Two costs per node: `latency_s`, the node run alone (batch of its own rows), and
 `throughput_s`, its share of a full batch (per-row time at the model's largest
 profiled batch, times its rows): the cheapest the node can ever be, which is what a
 lower bound needs.
+
+Costs are pure functions of their arguments, so node and request costs are memoised:
+the broker prices every node of every request at arrival, the same few shapes over and
+over (and the simulator does so millions of times).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from broker.workflows import Catalog, NodePlan, WorkflowSpec, unroll
 THROUGHPUT_BATCH = 8  # the largest batch every profile measures
 BATCH_MIN_GAIN = 0.1  # doubling a batch must save this share of the time per row
 MAX_BATCH_ROWS = 64
+# What a request's cost depends on besides its workflow (unroll: steps, shape, img2img
+# strength, whether it decodes); prompts, seeds and guidance change no cost.
+REQUEST_COST_PARAMS = ("steps", "height", "width", "strength", "output")
+MEMO_ENTRIES = 4096  # per memo; beyond it starts afresh (clients may vary params without end)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class CostModel:
     def __init__(self, catalog: Catalog, profiles: dict[str, Profile] | None = None):
         self.catalog = catalog
         self.profiles = profiles if profiles is not None else _load_profiles(catalog)
+        self._nodes: dict[tuple, float] = {}
+        self._requests: dict[tuple, RequestCost | None] = {}
 
     def profile(self, model: str) -> Profile | None:
         return self.profiles.get(model)
@@ -46,6 +56,13 @@ class CostModel:
 
     def node_s(self, model: str, kind: str, rows: int, shape: tuple[int, int], batch_rows: int = 0) -> float:
         """Seconds of one node of `rows` rows; in a batch of `batch_rows` rows, its share."""
+        key = (model, kind, rows, tuple(shape), batch_rows)
+        seconds = self._nodes.get(key)
+        if seconds is None:
+            seconds = _remember(self._nodes, key, self._node_s(model, kind, rows, shape, batch_rows))
+        return seconds
+
+    def _node_s(self, model: str, kind: str, rows: int, shape: tuple[int, int], batch_rows: int) -> float:
         profile = self.profiles.get(model)
         if profile is None or rows <= 0:
             return 0.0
@@ -67,6 +84,16 @@ class CostModel:
         return alone, min(alone, full)
 
     def request(self, workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> RequestCost | None:
+        """The request's costs (None: a model without a profile). Memoised for this
+        catalog's own workflows; the result is shared: read it, never change it."""
+        if self.catalog.workflows.get(workflow.name) is not workflow:  # a spec from elsewhere: no key covers it
+            return self._request(workflow, params, cfg_split)
+        key = (workflow.name, cfg_split, *(params.get(k) for k in REQUEST_COST_PARAMS))
+        if key in self._requests:
+            return self._requests[key]
+        return _remember(self._requests, key, self._request(workflow, params, cfg_split))
+
+    def _request(self, workflow: WorkflowSpec, params: dict, cfg_split: bool) -> RequestCost | None:
         if not self.knows(workflow):
             return None
         plans = unroll(workflow, params, cfg_split=cfg_split)
@@ -114,6 +141,13 @@ class CostModel:
     def resident_bytes(self, model: str) -> int:
         profile = self.profiles.get(model)
         return profile.resident_bytes if profile else 0
+
+
+def _remember(memo: dict, key: tuple, value):
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def _load_profiles(catalog: Catalog) -> dict[str, Profile]:

@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 
 from broker.workflows import Catalog, load_catalog, unroll, validate_params
-from clients.loadgen import PAPER_TENANTS, Arrival, gamma_arrivals, summarize, trace_arrivals
+from clients.loadgen import (
+    PAPER_TENANTS,
+    Arrival,
+    gamma_arrivals,
+    scale_arrivals,
+    summarize,
+    trace_arrivals,
+)
 from clients.systems import (
     BASELINES,
     PAPER_WORKFLOWS,
@@ -49,6 +56,7 @@ from clients.systems import (
     static_split_system,
 )
 from scheduler.costs import CostModel
+from scheduler.sim_timing import MEASURED, Overheads
 from scheduler.simulator import PROCESS_START_S, simulate
 
 # The workflow mix of the paper's traces (tenants A/B/C: 45% / 31.5% / 23.5% of requests).
@@ -161,10 +169,18 @@ def _replicate(arrivals: list[Arrival], factor: float) -> list[Arrival]:
 
 def run_matrix(systems: list[SystemSpec], loads, catalog: Catalog, gpus: int, hosts: int, time_scale: float = 1.0,
                progress=None, **options) -> list[dict]:
+    """Every (load, system), each a fresh simulation. With `time_scale` s != 1 the cluster
+    runs as `lego bench cluster`'s emulated one does: profile times x s and the arrivals
+    compressed alike, so only the runtime's overheads (real seconds) change in weight;
+    latencies and goodput come back in the trace's own time."""
     results = []
     for label, arrivals, window in loads:
         for system in systems:
-            outcomes, stats = simulate(system, arrivals, catalog, gpus, hosts, time_scale, **options)
+            outcomes, stats = simulate(system, scale_arrivals(arrivals, time_scale), catalog, gpus, hosts, time_scale,
+                                       **options)
+            for outcome in outcomes:  # back in the trace's time
+                if outcome.latency_s is not None:
+                    outcome.latency_s /= time_scale
             summary = summarize(outcomes, window) if outcomes else {}
             stats = {k: v for k, v in stats.items() if k not in ("timeline", "decisions")}
             results.append({"system": system.name, "load": label, "requests": len(arrivals), "window_s": window,
@@ -172,6 +188,31 @@ def run_matrix(systems: list[SystemSpec], loads, catalog: Catalog, gpus: int, ho
             if progress:
                 progress(results[-1])
     return results
+
+
+OVERHEAD_FLAGS = (  # (flag, Overheads field, what it is)
+    ("--task-overhead-ms", "task_s", "per dispatched batch: the broker's hop and the actor's Python"),
+    ("--row-overhead-ms", "row_s", "per task of a batch beyond its first"),
+    ("--request-overhead-ms", "request_s", "per request: submit and the result back to the client"),
+    ("--fetch-overhead-ms", "fetch_s", "per fetch, beside its bytes (with --fetch-gbps)"),
+)
+
+
+def overheads_of(args) -> Overheads:
+    """The runtime overheads the flags ask for (milliseconds and GB/s on the command line)."""
+    values = {field: getattr(args, flag[2:].replace("-", "_")) / 1e3 for flag, field, _ in OVERHEAD_FLAGS}
+    for flag, field, _ in OVERHEAD_FLAGS:
+        if values[field] < 0:
+            raise ValueError(f"{flag}: expected milliseconds >= 0, got {values[field] * 1e3:g}")
+    if args.fetch_gbps < 0:
+        raise ValueError(f"--fetch-gbps: expected >= 0, got {args.fetch_gbps:g}")
+    return Overheads(**values, fetch_bytes_per_s=args.fetch_gbps * 1e9 if args.fetch_gbps else None)
+
+
+def describe(o: Overheads) -> str:
+    fetch = f"{o.fetch_s * 1e3:g} ms + {o.fetch_bytes_per_s / 1e9:g} GB/s" if o.fetch_bytes_per_s else "H800 table"
+    return (f"task {o.task_s * 1e3:g} ms, row {o.row_s * 1e3:g} ms, request {o.request_s * 1e3:g} ms, "
+            f"fetch {fetch}")
 
 
 def _fmt(x, spec: str = ".2f") -> str:
@@ -205,18 +246,31 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, help="default 8 (paper), 16 (sharing)")
     parser.add_argument("--hosts", type=int, help="default: one per 8 GPUs")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    parser.add_argument("--time-scale", type=float, default=1.0, help="profile times x this")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="profile times x this, arrivals compressed alike (as `lego bench cluster` runs them); "
+                             "the runtime's overheads stay real seconds; the table is in the trace's time")
     parser.add_argument("--load-time-scale", type=float, help="profile load times x this (default: --time-scale)")
     parser.add_argument("--process-start-s", type=float, default=PROCESS_START_S)
     parser.add_argument("--timeout-s", type=float, default=600.0, help="client timeout of a request")
     parser.add_argument("--device-model", choices=("fifo", "shared"), default="shared",
                         help="shared: actors on one GPU time-slice it (the emulated backend's default); "
                              "fifo: one batch at a time per GPU (its device_sharing=fifo)")
+    for flag, field, what in OVERHEAD_FLAGS:
+        parser.add_argument(flag, type=float, default=getattr(MEASURED, field) * 1e3,
+                            help=f"{what} (ms; default: measured on the emulated runtime)")
+    parser.add_argument("--fetch-gbps", type=float,
+                        default=MEASURED.fetch_bytes_per_s / 1e9 if MEASURED.fetch_bytes_per_s else 0.0,
+                        help="fetch bandwidth, GB/s (default: the emulated data plane's, measured; "
+                             "0: the artifact's H800 fetch times)")
     parser.add_argument("--baselines", default=str(DATA / "baselines"),
                         help="the artifact's placement files (used on 8 GPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every result (summaries and run statistics) to this file")
     args = parser.parse_args(argv)
+    try:
+        overheads = overheads_of(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     sharing = args.setting == "sharing"
     if not args.traces and not args.rates:
         parser.error("give --traces DIR|FILE and/or --rates R1,R2,...")
@@ -245,10 +299,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     results = run_matrix(systems, loads, catalog, args.gpus, hosts, args.time_scale, progress,
                          gpu_memory_gib=args.gpu_memory_gib, load_time_scale=args.load_time_scale,
                          process_start_s=args.process_start_s, timeout_s=args.timeout_s, seed=args.seed,
-                         workflows=workflows, device_model=args.device_model)
+                         workflows=workflows, device_model=args.device_model, overheads=overheads)
     wall = time.perf_counter() - started
     print(f"### Simulated, {args.setting} setting: {args.gpus} GPUs on {hosts} host(s), time_scale {args.time_scale:g}, "
-          f"device model {args.device_model}\n")
+          f"device model {args.device_model}, overheads: {describe(overheads)}\n")
     print(table(results))
     print(f"\nsimulated {len(results)} run(s) in {wall:.1f} s of wall time")
     if args.json:

@@ -9,7 +9,9 @@ speaks the same protocol messages to the broker core and times work the same way
   hosted workflow) as the real agent does, refuses what does not fit, and names
   actors `MODEL@HOST/DEVICE#SPAWN_ID` as the real agent does.
 - An actor runs one batch at a time in arrival order (the runtime's compute thread):
-  it first fetches the inputs it does not hold (`fetch_s`), then waits for its GPU.
+  it first pays the runtime's per-batch overhead (the dispatch hop and its own
+  Python, `Overheads.batch_s`) and fetches the inputs it does not hold
+  (`Overheads.transfer_s`), then waits for its GPU, which is free meanwhile.
 - A GPU time-slices the batches of the actors on it, each at 1/n speed, as processes
   sharing a real GPU do and as the emulated backend does by default
   (`actors/backends/emulated_gpu.py`); `device_model="fifo"` instead computes one
@@ -25,7 +27,8 @@ speaks the same protocol messages to the broker core and times work the same way
 - A spawned actor says hello after `process_start_s` plus its load time; a stopped
   one says DISCONNECT at once and its agent reports it exited.
 
-Data transfers cost the artifact's measured fetch times (`scheduler.sim_timing`).
+Data transfers cost the artifact's measured fetch times or the emulated data plane's
+measured bandwidth (`scheduler.sim_timing.Overheads`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from broker import protocol as p
 from broker.workflows import PIPELINE_PREFIX
-from scheduler.sim_timing import CPU_BYTES, fetch_s
+from scheduler.sim_timing import CPU_BYTES
 
 if TYPE_CHECKING:  # the simulator imports this module
     from scheduler.simulator import Simulation
@@ -172,12 +175,13 @@ class SimActor:
             return
         batch = self.queue.popleft()
         self.busy, self.started_at = True, self.sim.now
-        seconds, seen = 0.0, set()
+        overheads = self.sim.overheads
+        seconds, seen = overheads.batch_s(len(batch.tasks)), set()  # the hop and the actor's Python: GPU free
         for task in batch.tasks:
             for ref in task.inputs:
                 if ref.holder != self.actor_id and ref.tensor_id not in seen:
                     seen.add(ref.tensor_id)
-                    seconds += fetch_s(ref.nbytes, ref.host == self.host)
+                    seconds += overheads.transfer_s(ref.nbytes, ref.host == self.host)
         if seconds > 0:
             self.sim.at(self.sim.now + seconds, self.device.submit, self, batch)
         else:

@@ -1,5 +1,5 @@
 """The simulator's control side: the scheduler controller in virtual time, its admin
-client answered by the broker core, and the hot-path helpers a simulation needs.
+client answered by the broker core, and the helpers a simulation needs.
 
 - `VirtualController` is `scheduler.controller.SchedulerController` (its settle,
   busy-ratio and apply logic, its config and PlanSettings) with one step taken at a
@@ -7,8 +7,6 @@ client answered by the broker core, and the hot-path helpers a simulation needs.
   path (AdminSpawn/AdminStop/AdminConfigure -> ADMIN_REPLY).
 - `scheduler_config` turns a SystemSpec's `scheduler_args` (the flags of `lego
   scheduler`) into its SchedulerConfig, with the same coercion as the process.
-- `CachedCosts` memoises the profile cost model, which the broker consults for every
-  node of every request.
 - `quiet_logs` silences the core's and the controller's per-request log lines.
 """
 
@@ -22,10 +20,9 @@ from typing import TYPE_CHECKING
 
 from broker import protocol as p
 from broker.config import load_config
-from broker.workflows import Catalog, WorkflowSpec
+from broker.workflows import Catalog
 from clients.errors import LegoError
 from scheduler.controller import SchedulerConfig, SchedulerController
-from scheduler.costs import CostModel, RequestCost
 
 if TYPE_CHECKING:  # the simulator imports this module
     from scheduler.simulator import Simulation
@@ -101,29 +98,6 @@ class VirtualController(SchedulerController):
 
     def _stamp(self, now: float) -> str:
         return f"{now:.3f}s"  # virtual time, not the wall's
-
-
-class CachedCosts(CostModel):
-    """The profile cost model with its pure per-node and per-request costs memoised: the
-    broker prices every node of every request at arrival, the same few shapes over and over."""
-
-    def __init__(self, costs: CostModel):
-        super().__init__(costs.catalog, costs.profiles)
-        self._nodes: dict[tuple, float] = {}
-        self._requests: dict[tuple, RequestCost | None] = {}
-
-    def node_s(self, model: str, kind: str, rows: int, shape: tuple[int, int], batch_rows: int = 0) -> float:
-        key = (model, kind, rows, tuple(shape), batch_rows)
-        seconds = self._nodes.get(key)
-        if seconds is None:
-            seconds = self._nodes[key] = super().node_s(model, kind, rows, shape, batch_rows)
-        return seconds
-
-    def request(self, workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> RequestCost | None:
-        key = (workflow.name, cfg_split, *(params.get(k) for k in ("steps", "height", "width", "strength", "output")))
-        if key not in self._requests:
-            self._requests[key] = super().request(workflow, params, cfg_split)
-        return self._requests[key]
 
 
 class _Silent:

@@ -1,6 +1,6 @@
 """What simulated work costs in virtual time: batch, request and load times from the
-measured profiles (cached), output sizes as the emulated backend makes them, and
-data fetches between actors.
+measured profiles (cached), output sizes as the emulated backend makes them, data
+fetches between actors, and the runtime's own overheads (`Overheads`).
 
 Fetches cost what the DiFlow artifact measured on H800s for that many bytes
 (`profiles-h800/overhead_data_1n2g.csv`: between two GPUs of one host;
@@ -12,6 +12,7 @@ holds itself cost nothing.
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 from actors.profiles import PROFILE_MODE
 from broker import protocol as p
@@ -38,6 +39,62 @@ def fetch_s(nbytes: int, same_host: bool) -> float:
     i = bisect.bisect_left(_SIZES, nbytes)
     (x0, y0), (x1, y1) = table[min(i, len(table) - 1) - 1], table[min(i, len(table) - 1)]
     return y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """What the runtime costs beyond the GPU's time, in real seconds (not scaled by
+    time_scale: it is the broker's, the actors' and the client's, not the device's).
+
+    - `task_s`: per dispatched batch, on its task's path: the broker's dispatch hop
+      (TASK out, DONE back, the broker's Python on both) and the actor's per-call
+      Python (decode, resolve inputs, pack the result). The actor is busy for the
+      broker meanwhile; its GPU is free. A monolith pays it once per request.
+    - `row_s`: per task of a batch beyond the first (the codec's and the core's
+      per-task Python in a batched hop).
+    - `request_s`: per completed request: SUBMIT from the client and the RESULT (the
+      image's frames through the broker) back to it.
+    - `fetch_s` + nbytes / `fetch_bytes_per_s`: per input fetched from a peer, when
+      `fetch_bytes_per_s` is set (the emulated data plane: shared memory or frames on
+      loopback); None keeps the artifact's H800 measurements (`fetch_s()`).
+
+    Defaults (`MEASURED`) come from the emulated runtime on the development VM; see
+    `scheduler/sim_calibrate.py` and docs/benchmarks.md ("Simulator vs emulated, with
+    per-task overhead") for how they were measured. `NONE` is the ideal runtime.
+    """
+
+    task_s: float = 0.0
+    row_s: float = 0.0
+    request_s: float = 0.0
+    fetch_s: float = 0.0
+    fetch_bytes_per_s: float | None = None
+
+    def __post_init__(self):
+        for name in ("task_s", "row_s", "request_s", "fetch_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"overheads.{name}: expected seconds >= 0, got {value!r}")
+        if self.fetch_bytes_per_s is not None and not self.fetch_bytes_per_s > 0:
+            raise ValueError(f"overheads.fetch_bytes_per_s: expected > 0 or None, got {self.fetch_bytes_per_s!r}")
+
+    def batch_s(self, tasks: int) -> float:
+        """The runtime's time around one batch of `tasks` tasks."""
+        return self.task_s + self.row_s * max(0, tasks - 1)
+
+    def transfer_s(self, nbytes: int, same_host: bool) -> float:
+        """One fetch of `nbytes` from a peer."""
+        if self.fetch_bytes_per_s is None:
+            return fetch_s(nbytes, same_host)
+        return self.fetch_s + nbytes / self.fetch_bytes_per_s
+
+
+NO_OVERHEADS = Overheads()
+# The emulated runtime on the 2-core development VM (2026-11-27, `python -m
+# scheduler.sim_calibrate`, medians of repeated runs): per batch 3.9 ms at idle and
+# 10.5 ms under a burst of 8 requests on 8 GPUs (the CPU shared by the fetches' copies,
+# the actors' Python and the broker), the load that overload brings, so the default;
+# 14 ms per request (submit, the 3 MB image back); shared-memory fetches at 1.42 GB/s.
+MEASURED = Overheads(task_s=0.0105, request_s=0.014, fetch_s=0.0001, fetch_bytes_per_s=1.42e9)
 
 
 class Timing:

@@ -14,8 +14,15 @@ the clock are replaced, so hundreds of GPUs and hours of trace take minutes.
   workflow stats); a request not ended `timeout_s` after submission is cancelled and
   counted a timeout.
 - Heartbeats: the broker's heartbeat interval is set beyond any run (no liveness
-  expiry, no pings); actors send one heartbeat with their telemetry (busy time)
-  right before each scheduler round, which is what the scheduler's busy ratios read.
+  expiry, no pings); actors send a heartbeat with their telemetry (busy time) every
+  `heartbeat_interval_s` (the emulated cluster's 1 s), which is what the scheduler's
+  busy ratios read.
+- Telemetry: the scheduler plans on the newest snapshot the broker published, as the
+  controller process does (`lego scheduler --telemetry`), not on the broker's state
+  at the instant of its round: a snapshot every `telemetry_interval_s`, or
+  `telemetry_min_gap_s` after a change (the broker server's rule, `BrokerConfig`);
+  the core's tick (drained actors stopped) runs every `heartbeat_interval_s / 4`, as
+  the server's loop runs it.
 - Start-up: the system's initial placement joins at time 0, warm (loaded before the
   trace starts, as a benchmark waits for it). Later spawns (the scheduler's) go
   AdminSpawn -> SPAWN_ACTOR -> agent, and join after `process_start_s` plus the
@@ -25,7 +32,11 @@ the clock are replaced, so hundreds of GPUs and hours of trace take minutes.
   backend's device lock (`device_model="shared"`: time-slicing instead); monoliths
   are spawned with max_batch_rows 1, so one takes one request at a time as a
   pipeline behind a per-GPU queue does. Data fetches cost the artifact's measured
-  fetch times by size (`scheduler.sim_timing`).
+  fetch times by size, or the emulated data plane's measured bandwidth.
+- The runtime's own costs (`scheduler.sim_timing.Overheads`, real seconds, not scaled
+  by time_scale): per dispatched batch (the broker's hop, the actor's Python: the
+  actor is busy, its GPU free), per task of a batch, per completed request (submit,
+  the image back to the client). Defaults: `MEASURED`, from the emulated runtime.
 - Broker and scheduler log calls are silenced while a simulation runs.
 
 A Simulation runs once. `lego bench simulate` (`scheduler.sim_bench`) runs every
@@ -45,19 +56,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 from broker import protocol as p
 from broker.core import BrokerCore, BrokerSettings
+from broker.server import BrokerConfig
 from broker.state import BACKEND
 from broker.workflows import Catalog, load_catalog
 from clients.loadgen import Arrival, Outcome, _end, default_params, slo_from_stats
 from clients.systems import SystemSpec
 from scheduler.sim_cluster import SimCluster
-from scheduler.sim_control import (
-    CachedCosts,
-    VirtualController,
-    _AdminClient,
-    quiet_logs,
-    scheduler_config,
-)
-from scheduler.sim_timing import Timing
+from scheduler.sim_control import VirtualController, _AdminClient, quiet_logs, scheduler_config
+from scheduler.sim_timing import MEASURED, Overheads, Timing
 
 CLIENT = b"sim-client"  # the frontend identity of every simulated client request
 HEARTBEAT_OFF_S = 1e9  # the broker's heartbeat interval in a simulation: never expires, never pings
@@ -76,14 +82,26 @@ class Simulation:
                  gpu_memory_gib: float = 80.0, time_scale: float = 1.0, load_time_scale: float | None = None,
                  process_start_s: float = PROCESS_START_S, max_batch_rows: int = 8, credits: int = 2,
                  timeout_s: float = 600.0, seed: int = 0, params_for: Callable[[Arrival], dict] = default_params,
-                 workflows: Sequence[str] = (), device_model: str = "shared", drain_s: float = 0.0):
+                 workflows: Sequence[str] = (), device_model: str = "shared", drain_s: float = 0.0,
+                 overheads: Overheads = MEASURED, heartbeat_interval_s: float = BrokerConfig.heartbeat_interval_s,
+                 telemetry_interval_s: float = BrokerConfig.telemetry_interval_s,
+                 telemetry_min_gap_s: float = BrokerConfig.telemetry_min_gap_s):
         self.system, self.catalog = system, catalog or load_catalog()
+        self.overheads = overheads
+        for name, value in (("heartbeat_interval_s", heartbeat_interval_s), ("telemetry_interval_s", telemetry_interval_s),
+                            ("telemetry_min_gap_s", telemetry_min_gap_s)):
+            if not value > 0:
+                raise ValueError(f"{name}: expected seconds > 0, got {value!r}")
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.telemetry_interval_s, self.telemetry_min_gap_s = telemetry_interval_s, telemetry_min_gap_s
+        self.published: p.Stats | None = None  # the newest telemetry snapshot the broker published
+        self.published_at = float("-inf")
         self.gpus, self.time_scale, self.timeout_s = gpus, time_scale, timeout_s
         self.workflows, self.drain_s = list(workflows), drain_s
         self.process_start_s, self.max_batch_rows, self.credits, self.params_for = process_start_s, max_batch_rows, credits, params_for
         settings = BrokerSettings(heartbeat_interval_s=HEARTBEAT_OFF_S, heartbeat_misses=1, cost_scale=time_scale)
         self.core = BrokerCore(self.catalog, settings, broker_id="sim", seed=seed)
-        self.costs = self.core.load.costs = CachedCosts(self.core.load.costs)
+        self.costs = self.core.load.costs  # memoised (scheduler.costs): priced per node of every request
         self.timing = Timing(self.catalog, self.costs, time_scale, time_scale if load_time_scale is None else load_time_scale)
         self.now, self.events, self.loads = 0.0, 0, 0
         self.pids = itertools.count(1000)
@@ -125,14 +143,18 @@ class Simulation:
             return
         if kind not in (p.Result, p.Rejected, p.Failed):
             return  # errors about requests that already ended (a cancel crossing its result)
-        outcome = self.pending.pop(msg.request_id, None)
-        if outcome is None:
+        if kind is p.Result:  # the image on its way to the client: request_s later
+            self.at(self.now + self.overheads.request_s, self._result, msg)
             return
-        if kind is p.Result:
+        outcome = self.pending.pop(msg.request_id, None)
+        if outcome is not None:
+            _end(outcome, self.now, "rejected" if kind is p.Rejected else "failed", msg.code, msg.message)
+
+    def _result(self, msg: p.Result) -> None:
+        outcome = self.pending.pop(msg.request_id, None)
+        if outcome is not None:  # (a client timeout may have ended it meanwhile)
             outcome.server_latency_s = msg.latency_s
             _end(outcome, self.now, "ok")
-        else:
-            _end(outcome, self.now, "rejected" if kind is p.Rejected else "failed", msg.code, msg.message)
 
     # ------------------------------------------------------------------ phases
 
@@ -163,14 +185,33 @@ class Simulation:
                 config.workflows = self.workflows or sorted({a.workflow for a in self.arrivals})
             self.controller = VirtualController(config, admin, self.catalog, self.costs)
             self.controller.configure_broker()
+            self.at(0.0, self._heartbeats)
+            self.at(0.0, self._tick)
+            self.at(0.0, self._publish)
             self.at(0.0, self._round, config.interval_s)
 
-    def _round(self, interval_s: float) -> None:
-        """One scheduler round: telemetry heartbeats, the core's tick, snapshot -> plan -> act."""
+    def _heartbeats(self) -> None:
         for actor in self.cluster.actors():
             actor.heartbeat()
+        self.at(self.now + self.heartbeat_interval_s, self._heartbeats)
+
+    def _tick(self) -> None:
         self._route(self.core.on_tick(self.now))
-        stats = self.core.snapshot(self.now)
+        self.at(self.now + self.heartbeat_interval_s / 4, self._tick)
+
+    def _publish(self) -> None:
+        """The broker server's publisher (`broker.server.BrokerServer._publish`), looked at
+        every telemetry_min_gap_s."""
+        since = self.now - self.published_at
+        changed = self.core.telemetry_changed and since >= self.telemetry_min_gap_s - 1e-9
+        if changed or since >= self.telemetry_interval_s - 1e-9:
+            self.core.telemetry_changed = False
+            self.published_at, self.published = self.now, self.core.snapshot(self.now)
+        self.at(self.now + self.telemetry_min_gap_s, self._publish)
+
+    def _round(self, interval_s: float) -> None:
+        """One scheduler round: the newest published snapshot -> plan -> act."""
+        stats = self.published or self.core.snapshot(self.now)
         self.controller.step_at(stats, self.now)
         replicas = {m.model: m.actors for m in stats.models if m.actors}
         if not self.timeline or self.timeline[-1][1] != replicas:
@@ -259,5 +300,7 @@ def simulate(system: SystemSpec, arrivals: Iterable[Arrival], catalog: Catalog |
     (PROCESS_START_S), max_batch_rows (8), credits (2), timeout_s (600), seed (0),
     params_for (loadgen.default_params), workflows (the scheduler's; default: those of the
     arrivals), device_model ("fifo": the emulated device lock; "shared": time-slicing),
-    drain_s (go on this long after the last request ended: the scheduler scaling down)."""
+    drain_s (go on this long after the last request ended: the scheduler scaling down),
+    overheads (sim_timing.MEASURED; NO_OVERHEADS: the profiles' times alone),
+    heartbeat_interval_s, telemetry_interval_s, telemetry_min_gap_s (the broker's)."""
     return Simulation(system, catalog, gpus=gpus, hosts=hosts, time_scale=time_scale, **options).run(arrivals)

@@ -7,6 +7,7 @@ processes (tests/test_scheduler_cluster.py, the benchmark's systems).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -19,8 +20,8 @@ from clients.systems import PAPER_WORKFLOWS, SystemSpec
 from scheduler.costs import CostModel
 from scheduler.sim_bench import PAPER_MIX, cluster_systems
 from scheduler.sim_cluster import SimDevice
-from scheduler.sim_control import CachedCosts, scheduler_config
-from scheduler.sim_timing import fetch_s
+from scheduler.sim_control import scheduler_config
+from scheduler.sim_timing import MEASURED, NO_OVERHEADS, Overheads, fetch_s
 from scheduler.simulator import Simulation, simulate
 
 WORKFLOWS = list(PAPER_WORKFLOWS.values())
@@ -44,6 +45,7 @@ def _request_cost(catalog, workflow: str):
 
 
 def _one(system, catalog, workflow=WORKFLOWS[0], **options):
+    options.setdefault("overheads", NO_OVERHEADS)  # the profiles' times alone, unless a test asks
     outcomes, stats = simulate(system, [Arrival(0.0, workflow, 0)], catalog, 8, **options)
     (outcome,) = outcomes
     assert outcome.status == "ok", outcome
@@ -236,14 +238,23 @@ def test_fetch_costs_follow_the_measured_table():
     assert fetch_s(2**30, False) > fetch_s(2**28, False)
 
 
-def test_cached_costs_match_the_cost_model(catalog):
+def test_the_cost_models_memo_returns_what_it_would_compute(catalog):
     costs = CostModel(catalog)
-    cached = CachedCosts(costs)
     for workflow in WORKFLOWS:
         spec = catalog.workflows[workflow]
         params = validate_params(spec, {"prompt": "x", "seed": 1})
-        assert cached.request(spec, params) == costs.request(spec, params)
-        assert cached.request(spec, params, cfg_split=True) == costs.request(spec, params, cfg_split=True)
+        for cfg_split in (False, True):
+            first = costs.request(spec, params, cfg_split)
+            assert costs.request(spec, {**params, "prompt": "other", "seed": 2}, cfg_split) is first  # memoised
+            assert first == CostModel(catalog)._request(spec, params, cfg_split)
+        fewer = costs.request(spec, {**params, "steps": 2})
+        assert fewer.work_s < costs.request(spec, params).work_s  # steps are part of the key
+    # a spec that is not the catalog's own (same name, other models) is priced, not looked up
+    spec = catalog.workflows[WORKFLOWS[1]]
+    impostor = dataclasses.replace(spec, controlnets=[])
+    params = validate_params(spec, {"prompt": "x"})
+    assert costs.request(impostor, params).work_s < costs.request(spec, params).work_s
+    assert costs.node_s(BASE, "denoise", 2, [1024, 1024]) == costs.node_s(BASE, "denoise", 2, (1024, 1024)) > 0
 
 
 def test_cli_runs_every_system_and_writes_json(tmp_path, capsys):
@@ -281,7 +292,112 @@ def test_cli_runs_the_sharing_setting(capsys):
 
 
 def test_simulation_object_exposes_the_core(catalog, systems):
-    sim = Simulation(systems["basic"], catalog, gpus=8)
+    sim = Simulation(systems["basic"], catalog, gpus=8, overheads=NO_OVERHEADS)
     outcomes, stats = sim.run([Arrival(0.5, WORKFLOWS[2], 0)])
     assert outcomes[0].latency_s == pytest.approx(_request_cost(catalog, WORKFLOWS[2]).work_s)
     assert sim.core.counters["requests_completed"] == 1 and stats["sim_s"] == pytest.approx(0.5 + outcomes[0].latency_s, abs=1e-3)
+
+
+# ---------------------------------------------------------------- the runtime's overheads
+
+def _longest_path_in_nodes(catalog, workflow: str, cfg_split: bool) -> int:
+    from broker.workflows import unroll
+
+    spec = catalog.workflows[workflow]
+    depth: dict[str, int] = {}
+    for plan in unroll(spec, validate_params(spec, {"prompt": "x"}), cfg_split=cfg_split):  # producers first
+        depth[plan.key] = 1 + max((depth[i] for i in plan.inputs), default=0)
+    return max(depth.values())
+
+
+def test_a_monolith_pays_the_task_and_request_overheads_once_per_request(catalog, systems):
+    overheads = Overheads(task_s=0.05, request_s=0.02)
+    plain, _ = _one(systems["basic"], catalog)
+    paid, _ = _one(systems["basic"], catalog, overheads=overheads)
+    # one task, one result: ignoring either would give the plain time, counting one twice more
+    assert paid.latency_s - plain.latency_s == pytest.approx(0.05 + 0.02, abs=1e-9)
+
+
+def test_micro_serving_pays_the_task_overhead_on_every_batch_of_its_critical_path(catalog, systems):
+    task_s = 0.01
+    plain, _ = _one(systems["lego"], catalog)
+    paid, stats = _one(systems["lego"], catalog, overheads=Overheads(task_s=task_s))
+    assert stats["workflows"][WORKFLOWS[0]]["latency_mode"] == 1  # split CFG, as without overheads
+    # encode, then each step's branches (in parallel) and their combine, then decode: 10 batches
+    batches = _longest_path_in_nodes(catalog, WORKFLOWS[0], cfg_split=True)
+    assert batches == 10
+    assert paid.latency_s - plain.latency_s == pytest.approx(batches * task_s, abs=1e-9)
+    # the overheads are the runtime's, not the GPU's: time_scale does not shrink them
+    fast_plain, _ = _one(systems["lego"], catalog, time_scale=0.5)
+    fast_paid, _ = _one(systems["lego"], catalog, time_scale=0.5, overheads=Overheads(task_s=task_s))
+    assert fast_paid.latency_s - fast_plain.latency_s == pytest.approx(batches * task_s, abs=1e-9)
+
+
+def test_the_request_overhead_delays_results_not_rejections(catalog, systems):
+    outcomes, _ = simulate(systems["lego"], burst_arrivals(64, WORKFLOWS), catalog, 8,
+                           overheads=Overheads(request_s=0.5))
+    rejected = [o for o in outcomes if o.status == "rejected"]
+    assert rejected and all(o.finished_at == 0.0 for o in rejected)  # refused at once, at arrival
+    assert min(o.latency_s for o in outcomes if o.status == "ok") > 0.5 + 1.15  # split solo latency + 0.5
+
+
+def test_fetches_cost_the_h800_table_or_a_measured_bandwidth():
+    assert Overheads().transfer_s(16 * 2**20, True) == fetch_s(16 * 2**20, True)
+    measured = Overheads(fetch_s=1e-4, fetch_bytes_per_s=1e9)
+    assert measured.transfer_s(10**6, True) == pytest.approx(1e-4 + 1e-3)
+    assert measured.transfer_s(10**6, False) == measured.transfer_s(10**6, True)
+    assert measured.batch_s(3) == 0.0 and Overheads(task_s=0.002, row_s=0.001).batch_s(3) == pytest.approx(0.004)
+    for bad in ({"task_s": -1.0}, {"request_s": "1"}, {"fetch_bytes_per_s": 0.0}):
+        with pytest.raises(ValueError, match=f"overheads.{next(iter(bad))}"):
+            Overheads(**bad)
+    assert MEASURED.task_s > 0 and MEASURED.request_s > 0 and MEASURED.fetch_bytes_per_s  # the defaults
+
+
+def test_cli_time_scale_compresses_the_arrivals_and_reports_trace_time(capsys):
+    from scheduler.sim_bench import cli_main
+
+    printed = []
+
+    def p50(*flags):
+        assert cli_main(["--systems", "basic", "--rates", "0.2", "--duration-s", "30", *flags]) == 0
+        printed.append(capsys.readouterr().out)
+        row = next(line for line in printed[-1].splitlines() if line.startswith("| poisson"))
+        return float(row.split("|")[5])
+
+    none = ("--task-overhead-ms", "0", "--request-overhead-ms", "0", "--fetch-gbps", "0")
+    # without overheads a faster cluster under compressed arrivals is the same run, in other units
+    assert p50(*none) == p50(*none, "--time-scale", "0.5")
+    assert 2.0 <= p50(*none) <= 2.11  # the workflows' solo latencies: no queueing at this rate
+    # overheads are real seconds: at time_scale 0.5 they weigh double in the trace's time
+    paid = ("--task-overhead-ms", "20", "--request-overhead-ms", "30", "--fetch-gbps", "0")
+    assert p50(*paid, "--time-scale", "0.5") - p50(*none) == pytest.approx(0.1, abs=0.011)
+    assert "overheads: task 20 ms, row 0 ms, request 30 ms, fetch H800 table" in printed[-2]
+    with pytest.raises(SystemExit):
+        cli_main(["--rates", "1", "--task-overhead-ms", "-1"])
+    assert "--task-overhead-ms: expected milliseconds >= 0" in capsys.readouterr().err
+
+
+def test_the_scheduler_plans_on_published_telemetry(catalog):
+    # as the scale-up test above: a burst on 2 base replicas; the scheduler sees the burst
+    # only once the broker has published it, so a slower publisher delays its first spawn
+    ts = 0.5
+    placement = [(BASE, "emu:0", "emulated"), (BASE, "emu:1", "emulated")]
+    placement += [(m, f"emu:{i}", "emulated") for i, m in enumerate(SMALL)]
+    args = ["--admission", "false", "--interval-s", "0.25", "--up-cooldown-s", "0.5", "--queue-wait-s", str(0.5 * ts),
+            "--sustain-s", str(1.0 * ts), "--horizon-s", str(4.0 * ts)]
+    system = SystemSpec("lego-2", "micro", tuple(placement), scheduler=True, cfg_split="auto", drop_late=False,
+                        scheduler_args=tuple(args))
+
+    def first_spawn(**telemetry):
+        sim = Simulation(system, catalog, gpus=8, time_scale=ts, load_time_scale=0.0, process_start_s=1.0,
+                         overheads=NO_OVERHEADS, **telemetry)
+        _, stats = sim.run(burst_arrivals(24, WORKFLOWS[:1], at_s=0.3))
+        assert sim.published is not None and sim.published.time <= sim.now
+        return next(float(line.split("s ", 1)[0]) for line in stats["decisions"] if " start " in line)
+
+    prompt = first_spawn()
+    late = first_spawn(telemetry_interval_s=2.0, telemetry_min_gap_s=2.0)
+    # the burst arrives at 0.3 s: seen in the 2 s snapshot, sustained in the 4 s one
+    assert late >= 2.0 > prompt
+    with pytest.raises(ValueError, match="telemetry_min_gap_s"):
+        Simulation(system, catalog, gpus=8, telemetry_min_gap_s=0.0)
