@@ -54,11 +54,16 @@ def request(gateway: Gateway, method: str, path: str, body=None, *, key: str | N
     return response.status, answer, payload
 
 
-def sse_events(gateway: Gateway, path: str, key: str, timeout: float = 60) -> list[tuple[str, dict]]:
-    """Every (event, data) of a server-sent event stream, until the server ends it."""
+def sse_events(gateway: Gateway, path: str, key: str, timeout: float = 60, last_event_id: int | None = None,
+               stop_after: int | None = None) -> list[tuple[str, dict]]:
+    """Every (event, data) of a server-sent event stream, until the server ends it (or
+    until `stop_after` events, when the connection is dropped mid-stream)."""
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {key}", "Accept": "text/event-stream"})
+        conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         assert response.status == 200, response.read()
         assert response.getheader("Content-Type").startswith("text/event-stream")
@@ -69,6 +74,8 @@ def sse_events(gateway: Gateway, path: str, key: str, timeout: float = 60) -> li
                 kind = line[len("event: "):]
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line[len("data: "):])))
+                if stop_after is not None and len(events) >= stop_after:
+                    break
         return events
     finally:
         conn.close()

@@ -121,10 +121,21 @@ def test_a_run_streams_its_progress_as_server_sent_events_and_keeps_its_result(s
     assert status == 200 and done["state"] == "succeeded" and done["progress"]["done_nodes"] == progress[-1]["total_nodes"]
     png = base64.b64decode(done["result"]["image_png_b64"])
     assert png.startswith(b"\x89PNG") and int.from_bytes(png[16:20], "big") == 128  # IHDR width
-    # Replayed in full to a late subscriber; invisible to another user's key.
+    # Replayed in full to a late subscriber, or from after the last event it saw; invisible to another user's key.
     assert sse_events(gateway, f"/v1/runs/{run['id']}/events", keys["alice"]) == events
+    assert sse_events(gateway, f"/v1/runs/{run['id']}/events", keys["alice"], last_event_id=len(events) - 3) \
+        == events[-2:]
     assert request(gateway, "GET", f"/v1/runs/{run['id']}", key=keys["bob"])[0] == 404
     assert request(gateway, "GET", f"/v1/runs/{run['id']}", key=keys["ops"])[0] == 200
+
+
+def test_a_subscriber_that_leaves_mid_stream_leaves_the_run_and_the_gateway_going(setup):
+    _, gateway, keys = setup
+    _, _, run = request(gateway, "POST", "/v1/runs", {"workflow": WORKFLOW, "params": {"prompt": "x", "steps": 8}},
+                        key=keys["alice"])
+    assert len(sse_events(gateway, f"/v1/runs/{run['id']}/events", keys["alice"], stop_after=1)) == 1
+    assert sse_events(gateway, f"/v1/runs/{run['id']}/events", keys["alice"])[-1][1]["state"] == "succeeded"
+    assert request(gateway, "GET", "/healthz")[0] == 200
 
 
 def test_delete_cancels_a_run_in_flight(setup):

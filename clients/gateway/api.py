@@ -8,11 +8,14 @@ import base64
 import json
 import time
 
+import structlog
 from aiohttp import web
 
 from clients.gateway.bodies import parse_images, parse_run, read_json
 from clients.gateway.errors import ApiError
 from clients.gateway.state import ask_broker, gateway_of
+
+log = structlog.get_logger(__name__)
 
 SSE_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 
@@ -80,18 +83,21 @@ async def run_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    while True:
-        while index < len(run.events):
-            await response.write(_sse(index, run.events[index]))
-            index += 1
-        if run.done:
-            break
-        changed = run.changed
-        try:
-            await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
-        except asyncio.TimeoutError:
-            await response.write(b": keepalive\n\n")
-    await response.write_eof()
+    try:
+        while True:
+            while index < len(run.events):
+                await response.write(_sse(index, run.events[index]))
+                index += 1
+            if run.done:
+                break
+            changed = run.changed
+            try:
+                await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                await response.write(b": keepalive\n\n")
+        await response.write_eof()
+    except ConnectionResetError:  # the subscriber left; the run goes on
+        log.info("events_subscriber_left", request_id=run.id)
     return response
 
 
