@@ -391,7 +391,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             plans = unroll_monolith(workflow, params, pipeline)
         else:
             request.latency_mode = self._split_cfg(workflow)
-            plans = unroll(workflow, params, cfg_split=request.latency_mode)
+            plans = unroll(workflow, params, cfg_split=request.latency_mode, tensors={t.name for t in msg.tensors})
         request.total_steps = sum(1 for plan in plans if plan.kind == "denoise")
         groups: dict[str, list[Node]] = {}
         for plan in plans:
@@ -627,8 +627,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                 inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "",
                                           producer.nbytes, holder.host if holder else ""))
             client_tensors = []
-            if node.kind == "encode_image":  # the client's image rides along, unread
-                for desc in node.request.tensors:
+            if node.kind in ("encode_image", "control_image"):  # the client's image rides along, unread
+                wanted = node.params.get("tensor", "image")  # a control image names its input
+                for desc in (d for d in node.request.tensors if d.name == wanted):
                     payload.append(node.request.frames[desc.frame])
                     client_tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(payload) - 1, desc.where, desc.nbytes))
             specs.append(p.TaskSpec(

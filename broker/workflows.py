@@ -27,6 +27,7 @@ MODEL_KINDS = ("text_encoder", "denoiser", "vae", "controlnet")
 INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SAMPLERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m")
 OUTPUTS = ("image", "latents")
+CONTROL_PREPROCESSORS = ("none", "canny")
 MAX_SEED = 2**63 - 1
 
 
@@ -167,7 +168,31 @@ def pipeline_name(workflows: list[str]) -> str:
 # ------------------------------------------------------------------- catalog files
 
 
-def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False, distilled: bool = False) -> dict[str, InputSpec]:
+def control_suffixes(count: int) -> list[str]:
+    """Input-name suffixes of a workflow's ControlNets: none for one net, `_1`..`_N` for several."""
+    return [""] if count == 1 else [f"_{i}" for i in range(1, count + 1)]
+
+
+def _control_inputs(controlnets: tuple[str, ...]) -> list[InputSpec]:
+    inputs = []
+    for net, s in zip(controlnets, control_suffixes(len(controlnets))):
+        inputs += [
+            InputSpec(f"control_image{s}", "image", required=True,
+                      description=f"{net}'s control image: uint8 [height, width, 3], sent as a tensor"),
+            InputSpec(f"control_preprocess{s}", "str", default="none", choices=CONTROL_PREPROCESSORS,
+                      description="none: the image is already a control map; canny: edges computed on the CPU"),
+            InputSpec(f"control_scale{s}", "float", default=1.0, min=0.0, max=2.0,
+                      description="controlnet_conditioning_scale: the residuals are multiplied by it"),
+            InputSpec(f"control_start{s}", "float", default=0.0, min=0.0, max=1.0,
+                      description="control_guidance_start: share of the steps before the net starts"),
+            InputSpec(f"control_end{s}", "float", default=1.0, min=0.0, max=1.0,
+                      description="control_guidance_end: share of the steps after which it stops"),
+        ]
+    return inputs
+
+
+def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False, distilled: bool = False,
+                     controlnets: tuple[str, ...] = ()) -> dict[str, InputSpec]:
     multiple = 2 * vae_scale  # Flux packs 2x2 latent patches; UNets need /8 at least
     inputs = [
         InputSpec("prompt", "str", required=True, max_length=8192, description="what to draw"),
@@ -195,10 +220,11 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False, distilled
             InputSpec("strength", "float", default=0.75, min=0.0, max=1.0,
                       description="how far to move from the image: steps x strength are run"),
         ]
+    inputs += _control_inputs(controlnets)
     return {i.name: i for i in inputs}
 
 
-_INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description"}
+_INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description", "required"}
 _MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder",
                  "family", "config"}
 _WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs", "controlnets", "slo_s",
@@ -254,7 +280,7 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
     if distilled and cfg:
         raise CatalogError(f"workflows.{name}.distilled_guidance", "cannot be combined with cfg = true: "
                            "`guidance` would name two scales")
-    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img, distilled)
+    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img, distilled, controlnets)
     for input_name, override in raw.get("inputs", {}).items():
         if input_name not in inputs:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}", "not an input of this workflow")
@@ -264,6 +290,8 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
         if bad:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}.{sorted(bad)[0]}", "cannot be overridden")
         spec = inputs[input_name]
+        if not isinstance(override.get("required", False), bool):
+            raise CatalogError(f"workflows.{name}.inputs.{input_name}.required", "must be true or false")
         merged = {**spec.__dict__, **override}
         if merged.get("choices") is not None:
             merged["choices"] = tuple(merged["choices"])
@@ -362,6 +390,10 @@ def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | N
         raise ParamError("prompt", "must not be empty")
     if workflow.img2img and img2img_runs(workflow.family, out["steps"], out["strength"]) < 1:
         raise ParamError("strength", f"steps x strength must be >= 1 (got {out['steps']} x {out['strength']})")
+    for s in control_suffixes(len(workflow.controlnets)) if workflow.controlnets else ():
+        if out[f"control_start{s}"] >= out[f"control_end{s}"]:
+            raise ParamError(f"control_end{s}", f"must be greater than control_start{s} "
+                             f"(got {out[f'control_start{s}']} .. {out[f'control_end{s}']})")
     return out
 
 
@@ -373,18 +405,26 @@ def img2img_runs(family: str, steps: int, strength: float) -> int:
 
 
 def check_image(workflow: WorkflowSpec, params: dict, tensors: list) -> None:
-    """An img2img request carries exactly its `image`: uint8 [height, width, 3]."""
-    names = [t.name for t in tensors]
-    if not workflow.img2img:
-        if tensors:
-            raise ParamError(f"tensors.{names[0]}", f"workflow {workflow.name!r} takes no tensor inputs")
-        return
-    if names != ["image"]:
-        raise ParamError("image", f"is required as the one tensor input (got {names or 'none'})")
-    (image,) = tensors
-    expected = [params["height"], params["width"], 3]
-    if image.dtype != "uint8" or list(image.shape) != expected:
-        raise ParamError("image", f"must be uint8 {expected} (height, width, RGB), got {image.dtype} {list(image.shape)}")
+    """The request's tensors are exactly image inputs of the workflow (each at most once,
+    every required one present), each uint8 [height, width, 3] at the request's size."""
+    images = {name: spec for name, spec in workflow.inputs.items() if spec.type == "image"}
+    seen = set()
+    for tensor in tensors:
+        if tensor.name not in images:
+            if not images:
+                raise ParamError(f"tensors.{tensor.name}", f"workflow {workflow.name!r} takes no tensor inputs")
+            raise ParamError(f"tensors.{tensor.name}", f"is not an image input of workflow {workflow.name!r} "
+                             f"(image inputs: {sorted(images)})")
+        if tensor.name in seen:
+            raise ParamError(tensor.name, "is sent twice")
+        seen.add(tensor.name)
+        expected = [params["height"], params["width"], 3]
+        if tensor.dtype != "uint8" or list(tensor.shape) != expected:
+            raise ParamError(tensor.name, f"must be uint8 {expected} (height, width, RGB), "
+                             f"got {tensor.dtype} {list(tensor.shape)}")
+    for name, spec in images.items():
+        if spec.required and name not in seen:
+            raise ParamError(name, "is required, as a tensor input")
 
 
 # ---------------------------------------------------------------- unrolling
@@ -399,12 +439,20 @@ def unroll_monolith(workflow: WorkflowSpec, params: dict, pipeline: str) -> list
     return [node]
 
 
-def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> list[NodePlan]:
+def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensors=None) -> list[NodePlan]:
     """The request's DAG, producers before consumers. `params` must be validated.
 
     `cfg_split` (CFG workflows): each step becomes two branch nodes, the unconditional
     and the conditional model call (one row each, meant for two actors), and a
     `denoise` node that combines them (guidance and the sampler update).
+
+    ControlNets: a `control_image` node per net prepares its control image (on the
+    net's actors: canny on the CPU, scaling, the CFG rows), then a `control` node per
+    step in the net's [control_start, control_end) range, on the latent the step starts
+    from; the step sums their residuals in the workflow's net order, as diffusers'
+    MultiControlNetModel does. Outside its range a net has no node at all: the pipeline
+    runs it with scale 0, which adds exact zeros. `tensors`: the names of the request's
+    tensor inputs (None: the required ones), since an optional control image may be absent.
     """
     steps = params["steps"]
     shape = (params["height"], params["width"])
@@ -419,6 +467,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
             prompt_params["negative_prompt"] = params["negative_prompt"]
         nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], 0))
     previous = [n.key for n in nodes]
+    controls = _control_plans(workflow, params, rows, shape, tensors)
+    nodes += [image for _, _, image, _ in controls if image is not None]
     if workflow.img2img:
         image_params = {"seed": params["seed"]}
         nodes.append(NodePlan("encode_image", "encode_image", workflow.vae, 1, shape, image_params, [], 0))
@@ -434,11 +484,15 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
         if workflow.img2img:
             step_params["begin_index"] = first_step
         key = f"denoise/{k}"
-        controls = []
-        for net in workflow.controlnets:  # on the latent this step starts from
-            controls.append(f"control/{net}/{k}")
-            nodes.append(NodePlan(controls[-1], "control", net, rows, shape, dict(step_params), previous, 0, step=k))
-        previous = previous + controls
+        residuals = []
+        for net, (start, end), image, scale in controls:  # on the latent this step starts from
+            if k / runs < start or (k + 1) / runs > end:  # the pipeline's controlnet_keep = 0
+                continue
+            residuals.append(f"control/{net}/{k}")
+            control_params = {**step_params, "scale": scale, "denoiser": workflow.denoiser}
+            nodes.append(NodePlan(residuals[-1], "control", net, rows, shape, control_params,
+                                  previous + ([image.key] if image else []), 0, step=k))
+        previous = previous + residuals
         if cfg_split and workflow.cfg:
             branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional
             for b, branch in enumerate(branches):
@@ -454,6 +508,20 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False) -> lis
         nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))
     _set_path_lengths(nodes)
     return nodes
+
+
+def _control_plans(workflow: WorkflowSpec, params: dict, rows: int, shape: tuple[int, int], tensors) -> list[tuple]:
+    """Per ControlNet: (net, (start, end), its control_image node or None, scale)."""
+    plans = []
+    for net, s in zip(workflow.controlnets, control_suffixes(len(workflow.controlnets))):
+        name = f"control_image{s}"
+        present = workflow.inputs[name].required if tensors is None else name in tensors
+        image = None
+        if present:
+            image = NodePlan(f"control_image/{net}", "control_image", net, rows, shape,
+                             {"tensor": name, "preprocess": params[f"control_preprocess{s}"]}, [], 0)
+        plans.append((net, (params[f"control_start{s}"], params[f"control_end{s}"]), image, params[f"control_scale{s}"]))
+    return plans
 
 
 def _set_path_lengths(nodes: list[NodePlan]) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from actors.backends import controlnet
 from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
@@ -133,6 +134,8 @@ class DiffusersBackend:
         self.tokenizer = None
         self.scheduler_config = None
         self.peak_bytes = 0
+        self.catalog = None  # the actor's catalog: a ControlNet reads its base model's scheduler there
+        self._base_schedulers: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -182,7 +185,8 @@ class DiffusersBackend:
         return cls.from_single_file(str(checkpoint), config=config, subfolder=sub, torch_dtype=self.dtype), config
 
     def load(self) -> None:
-        loaders = {"text_encoder": self._load_text_encoder, "denoiser": self._load_denoiser, "vae": self._load_vae}
+        loaders = {"text_encoder": self._load_text_encoder, "denoiser": self._load_denoiser, "vae": self._load_vae,
+                   "controlnet": self._load_controlnet}
         if self.model.kind not in loaders:
             raise ValueError(f"models.{self.model.name}.kind: {self.model.kind!r} has no diffusers loader")
         loaders[self.model.kind]()
@@ -225,6 +229,31 @@ class DiffusersBackend:
             # The SDXL pipelines run a half-precision VAE in float32 (`upcast_vae`): so do we.
             self.component.to(torch.float32)
 
+    def _load_controlnet(self) -> None:
+        cls = controlnet.controlnet_class(self.model.family)
+        self.component, _ = self._from_source(cls, self.model.subfolder or "controlnet")
+
+    def attach_catalog(self, catalog) -> None:
+        """The actor's catalog (the runtime hands it over): a ControlNet steps with the
+        scheduler config of the base model its task names."""
+        self.catalog = catalog
+
+    def _base_scheduler(self, denoiser: str) -> dict:
+        """The scheduler config of base model `denoiser` (a ControlNet prepares each step as
+        that model does); read once per base model."""
+        if denoiser not in self._base_schedulers:
+            spec = self.catalog.models.get(denoiser) if self.catalog is not None else None
+            if spec is None or spec.kind != "denoiser":
+                raise ValueError(f"params.denoiser: {denoiser!r} is not a denoiser of this actor's catalog")
+            base = DiffusersBackend(spec, "cpu", {})
+            sub = spec.subfolder or ("transformer" if spec.family in (SD3, FLUX) else "unet")
+            checkpoint = base._checkpoint()
+            folder = base._source() if checkpoint is None else base._single_file_config(checkpoint, sub)
+            from diffusers import DDIMScheduler
+
+            self._base_schedulers[denoiser] = DDIMScheduler.load_config(folder, subfolder=_sibling(sub, "scheduler"))
+        return self._base_schedulers[denoiser]
+
     def memory_bytes(self) -> int:
         if self.component is None:
             return 0
@@ -235,10 +264,12 @@ class DiffusersBackend:
     @torch.no_grad()
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         fusable = self.model.family != FLUX  # Flux's pipeline calls its model one row at a time
-        if self.batching == "fused" and fusable and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):
+        plain = not any(controlnet.is_control(b) for task_inputs in inputs for b in task_inputs)
+        if self.batching == "fused" and fusable and plain and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):
             return self._denoise_fused(tasks, inputs)
         run = {"encode": self._encode, "denoise": self._denoise, "decode": self._decode,
-               "encode_image": self._encode_image, "denoise_branch": self._branch}
+               "encode_image": self._encode_image, "denoise_branch": self._branch,
+               "control_image": self._control_image, "control": self._control}
         outputs = []
         for task, task_inputs in zip(tasks, inputs, strict=True):
             if task.kind not in run:
@@ -307,14 +338,47 @@ class DiffusersBackend:
             # CFG split: the two branches' model outputs were computed by branch tasks
             # (maybe on other actors); only guidance and the sampler update remain.
             uncond, cond, *previous = inputs
-            step = self._prepare_step(task, previous)
+            step = self._prepare_step(task, [b for b in previous if not controlnet.is_control(b)])
             return self._finish_step(task, step, torch.cat([uncond["noise"], cond["noise"]]))
-        step = self._prepare_step(task, inputs)
-        noise = self._model(step.model_input, step.t, step.embeds, step.added)
+        controls = [b for b in inputs if controlnet.is_control(b)]
+        step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)])
+        noise = self._model(step.model_input, step.t, step.embeds, step.added, controlnet.summed_residuals(controls))
         return self._finish_step(task, step, noise)
 
-    def _model(self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None) -> torch.Tensor:
-        """The base model's forward, as the family's pipeline calls it."""
+    def _control_image(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        """A ControlNet's conditioning image for one request (see actors/backends/controlnet.py)."""
+        (client,) = inputs
+        name = task.params["tensor"]
+        if name not in client:
+            raise ValueError(f"{name}: the request carries no such tensor")
+        image = controlnet.prepare_control_image(client[name], task.params["preprocess"], task.rows, self.dtype,
+                                                 self.device)
+        return {"control/image": image}
+
+    def _control(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
+        """One ControlNet forward for one step: the step prepared as its base model prepares
+        it (same scheduler, same latents), then the net on the control image."""
+        images = [b for b in inputs if "control/image" in b]
+        if not images:
+            raise ValueError(f"{task.node}: no control image: the request must send the workflow's control_image input")
+        self.scheduler_config = self._base_scheduler(task.params["denoiser"])
+        step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)])
+        image = images[0]["control/image"].to(self.device)
+        kwargs = {}
+        if step.added is not None and "time_ids" in step.added:  # SDXL: the same added conditioning
+            kwargs["added_cond_kwargs"] = step.added
+        down, mid = self.component(step.model_input, step.t, encoder_hidden_states=step.embeds, controlnet_cond=image,
+                                   conditioning_scale=float(task.params["scale"]), guess_mode=False, return_dict=False,
+                                   **kwargs)
+        return controlnet.residual_bundle(tuple(down), mid)
+
+    def _model(self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None,
+               residuals: dict | None = None) -> torch.Tensor:
+        """The base model's forward, as the family's pipeline calls it (with the summed
+        ControlNet residuals of the step, if any)."""
+        if residuals and self.model.family in (SD3, FLUX):
+            raise ValueError(f"{self.model.name}: ControlNet residuals for family {self.model.family!r} "
+                             "are not served yet")
         if self.model.family == FLUX:
             # FluxPipeline runs true CFG as two batch-1 calls (positive, negative), so one
             # call per row here gives the same bits; rows stay in [negative; positive] order.
@@ -329,7 +393,8 @@ class DiffusersBackend:
             timestep = t.expand(model_input.shape[0]) if t.dim() == 0 else t
             return self.component(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
                                   pooled_projections=added["pooled_projections"], return_dict=False)[0]
-        return self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+        return self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
+                              **(residuals or {}))[0]
 
     def _branch(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """One CFG branch of a step: the model call on row `branch` (0 uncond, 1 cond) alone.
@@ -338,9 +403,11 @@ class DiffusersBackend:
         difference is measured in tests/test_diffusers.py.
         """
         b = task.params["branch"]
-        step = self._prepare_step(task, inputs)  # rows == 1: the scaled latents, once
+        controls = [x for x in inputs if controlnet.is_control(x)]
+        step = self._prepare_step(task, [x for x in inputs if not controlnet.is_control(x)])  # rows == 1: once
         added = None if step.added is None else {k: v[b: b + 1] if k in ROW_KEYS else v for k, v in step.added.items()}
-        noise = self._model(step.model_input, step.t, step.embeds[b: b + 1], added)
+        residuals = controlnet.summed_residuals(controls, slice(b, b + 1))
+        noise = self._model(step.model_input, step.t, step.embeds[b: b + 1], added, residuals)
         return {"noise": noise}
 
     def _denoise_fused(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:

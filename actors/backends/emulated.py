@@ -108,6 +108,9 @@ class EmulatedBackend:
             source = read_digest(next(iter(inputs[0].values())))  # the latent (or, at step 0, embeddings)
             digest = _digest(source, task.params["step"], task.params["branch"])
             return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest)}
+        if task.kind == "control_image":  # the prepared control image: a digest of the client's
+            digest = _digest(m.name, *(read_digest(t) for b in inputs for t in b.values()))
+            return {"control/image": _stamped(m.dtype, (task.rows, 3, height // 8, width // 8), digest)}
         if task.kind == "control":  # residuals for this step, from the latent it starts from
             digest = _digest(m.name, read_digest(next(iter(inputs[0].values()))), task.params["step"])
             return {"residuals": _stamped(m.dtype, (task.rows, 16, height // 8, width // 8), digest)}

@@ -288,14 +288,54 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
     text += _family_catalog(f"{size}-sd15", "sd15", root / "sd15", {"clip": "text_encoder"}, info, STANDARD_WORKFLOWS)
     text += _single_file_catalog(f"{size}-sd15", root / "sd15", info)
     if size == "tiny":
+        text += _controlnet_catalog("tiny-sd15", "sd15", root / "sd15", info, ["tiny-sd15-clip"])
+        sdxl = build_sdxl(root / "sdxl")
         text += _family_catalog("tiny-sdxl", "sdxl", root / "sdxl",
-                                {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, build_sdxl(root / "sdxl"),
-                                STANDARD_WORKFLOWS)
+                                {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, sdxl, STANDARD_WORKFLOWS)
+        text += _controlnet_catalog("tiny-sdxl", "sdxl", root / "sdxl", sdxl, ["tiny-sdxl-clip-l", "tiny-sdxl-clip-g"])
         text += _sd3_catalog(root / "sd3")
         text += _flux_catalog(root)
     catalog = root / "catalog.toml"
     catalog.write_text(text)  # last: a catalog file means a complete build
     return catalog
+
+
+CONTROLNETS = ("controlnet-a", "controlnet-b")  # two nets per family: multi-ControlNet is tested too
+
+
+def build_controlnets(folder: Path, seed: int = 0) -> None:
+    """ControlNets shaped after the folder's UNet (`ControlNetModel.from_unet`), written to
+    `controlnet-a/` and `controlnet-b/`. Their zero-initialised convolutions (what makes a
+    fresh ControlNet a no-op) get random weights, so that a residual lost or added twice
+    changes the image."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    # one stride-2 stage: the control image (pixels) meets the latent at the VAE's factor 2
+    for index, name in enumerate(CONTROLNETS):
+        torch.manual_seed(seed + 100 + index)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        zeroed = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for module in zeroed:
+                module.weight.normal_(0.0, 0.5)
+                module.bias.normal_(0.0, 0.1)
+        net.save_pretrained(folder / name)
+
+
+def _controlnet_catalog(prefix: str, family: str, folder: Path, info: dict, encoders: list[str]) -> str:
+    """The folder's two ControlNets and workflows over them: one net with and without CFG,
+    and both nets at once (multi-ControlNet)."""
+    build_controlnets(folder)
+    text = "".join(_model(f"{prefix}-{name}", "controlnet", family, folder, name,
+                          f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n") for name in CONTROLNETS)
+    nets = [f"{prefix}-{name}" for name in CONTROLNETS]
+    base = (encoders, f"{prefix}-unet", f"{prefix}-vae")
+    text += _workflow(f"{prefix}-control", *base, True, False, info, f'controlnets = ["{nets[0]}"]\n')
+    text += _workflow(f"{prefix}-control-nocfg", *base, False, False, info, f'controlnets = ["{nets[1]}"]\n')
+    return text + _workflow(f"{prefix}-multicontrol", *base, True, False, info,
+                            f'controlnets = ["{nets[0]}", "{nets[1]}"]\n')
 
 
 def _single_file_catalog(prefix: str, folder: Path, info: dict) -> str:
