@@ -83,11 +83,13 @@ def test_a_batch_of_bad_requests_each_names_its_field_and_a_good_one_then_succee
         (images, {**good, "response_format": "url"}, None, 400, "response_format"),
         (images, {**good, "no_such_input": 1}, None, 400, "no_such_input"),
         (images, {**good, "padding": "x" * 5000}, None, 413, "body"),
+        (images, {**good, "request_id": "mine"}, None, 400, "request_id"),
         ("/v1/runs", {"workflow": WORKFLOW, "params": {"prompt": "x", "guidance": "high"}}, None, 400, "params.guidance"),
         ("/v1/runs", {"workflow": WORKFLOW, "params": "prompt=x"}, None, 400, "params"),
         ("/v1/runs", {"workflow": 3}, None, 400, "workflow"),
         ("/v1/runs", {"workflow": "no-such-workflow", "params": {"prompt": "x"}}, None, 400, "workflow"),
         ("/v1/runs", {"workflow": WORKFLOW, "params": {}}, None, 400, "params.prompt"),
+        ("/v1/runs", {"workflow": WORKFLOW, "params": {"prompt": "x", "progress": False}}, None, 400, "params.progress"),
     ]
     for path, body, headers, status, field in bad:
         raw = body if isinstance(body, bytes) else None

@@ -26,6 +26,8 @@ from clients.results import JobResult, encode_png
 log = structlog.get_logger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# AsyncClient.submit's own keywords: as workflow parameters they would collide with them.
+RESERVED_PARAMS = ("workflow", "request_id", "progress", "wait_accepted")
 
 
 @dataclass
@@ -102,6 +104,10 @@ class RunStore:
     async def start(self, owner: str, requests: list[tuple[str, dict]]) -> list[Run]:
         """Submit every (workflow, params) as one run, all or none: a refusal cancels the rest."""
         self.prune(time.time())
+        for _, params in requests:
+            for name in RESERVED_PARAMS:
+                if name in params:
+                    raise ApiError(400, "invalid_param", f"{name}: is not a workflow input", f"params.{name}")
         if self.in_flight[owner] + len(requests) > self.max_runs_per_key:
             raise QuotaExceeded(self.max_runs_per_key, self.in_flight[owner], len(requests))
         self.in_flight[owner] += len(requests)
@@ -117,7 +123,7 @@ class RunStore:
                 self._followers.add(follower)
                 follower.add_done_callback(self._followers.discard)
             return runs
-        self.in_flight[owner] -= len(requests)
+        self._release(owner, len(requests))
         for run in runs:
             if run.accepted:
                 run.job.cancel()  # accepted, but its siblings were not: the whole call fails
@@ -167,15 +173,18 @@ class RunStore:
 
     def _end(self, run: Run, state: str, error: dict | None) -> None:
         run.state, run.error, run.ended = state, error, time.time()
-        self.in_flight[run.owner] -= 1
-        if self.in_flight[run.owner] <= 0:
-            del self.in_flight[run.owner]
+        self._release(run.owner, 1)
         self.finished[run.id] = run.ended
         log.info("run_ended", request_id=run.id, workflow=run.workflow, state=state,
                  code=error["code"] if error else None)
         run.record("end", {"state": state, "error": error})
         if self.on_end is not None:
             self.on_end(run)
+
+    def _release(self, owner: str, count: int) -> None:
+        self.in_flight[owner] -= count
+        if self.in_flight[owner] <= 0:
+            del self.in_flight[owner]  # no zero rows in the console
 
     def cancel(self, run: Run) -> None:
         if not run.done and run.job is not None:
