@@ -118,8 +118,9 @@ def status_lines(stats: p.Stats) -> list[str]:
         lines.append("paused workflows: " + ", ".join(stats.paused_workflows))
     if outcomes := outcome_lines(stats):
         lines += ["recent rejections and failures (newest first):", *outcomes]
-    if stats.plan:
-        lines += ["scheduler decisions (newest first):", *plan_lines(stats)]
+    if stats.plan:  # scripts/ wait for this line's start
+        targets = ", ".join(f"{m}={n}" for m, n in sorted(stats.plan.get("targets", {}).items()))
+        lines += [f"scheduler plan: targets {targets} (decisions newest first)", *plan_lines(stats)]
     lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.settings.items())))
     lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
     return lines

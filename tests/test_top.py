@@ -68,6 +68,7 @@ def test_status_lines_show_drained_stopping_paused_bounds_refusals_and_decisions
     assert "1..4" in text and "1..4*" not in text
     assert "2.0s ago  rejected bad-steps" in text and "invalid_param (params.steps)" in text
     # newest decision first
+    assert "scheduler plan: targets den=2" in text
     assert text.index("10:00:01 start den") < text.index("10:00:00 start den")
     assert "in progress: spawn den (s-1)" in text
     assert text.startswith("models:") and "counters:" in text
