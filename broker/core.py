@@ -45,6 +45,7 @@ from broker.workflows import (
     check_image,
     unroll,
     unroll_monolith,
+    task_adapters,
     validate_params,
 )
 from scheduler import rules
@@ -91,6 +92,10 @@ class BrokerSettings:
     # Tasks at least this long (profile seconds, before cost_scale) go only to actors with
     # nothing in flight; shorter ones may queue a second batch at a busy actor.
     prefetch_below_s: float = 0.05
+    # Send a task with LoRA adapters to an actor that has that adapter set applied
+    # already, when one is free: switching costs the actor a weight update (and a disk
+    # read when the adapter is not in its host cache).
+    adapter_affinity: bool = True
 
     def __post_init__(self) -> None:
         if self.affinity not in ("prefer", "avoid"):
@@ -154,7 +159,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         self.counters = dict.fromkeys(
             ("requests_submitted", "requests_completed", "requests_failed", "requests_rejected",
              "requests_cancelled", "requests_restarted", "tasks_dispatched", "tasks_done",
-             "tasks_requeued", "stale_results", "actors_lost", "protocol_errors"), 0)
+             "tasks_requeued", "stale_results", "actors_lost", "protocol_errors", "adapter_switches"), 0)
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
         self._spawn_ids = itertools.count(1)
@@ -355,7 +360,7 @@ class BrokerCore(RecoveryMixin, AdminMixin):
         if len(self.requests) >= self.settings.max_requests_in_flight:
             return reject(ErrorCode.OVERLOADED, f"{len(self.requests)} requests in flight")
         try:
-            params = validate_params(workflow, msg.params, self.rng)
+            params = validate_params(workflow, msg.params, self.rng, self.catalog.adapters)
             check_image(workflow, params, msg.tensors)
         except ParamError as exc:
             return reject(ErrorCode.INVALID_PARAM, str(exc), f"params.{exc.field}")
@@ -549,6 +554,9 @@ class BrokerCore(RecoveryMixin, AdminMixin):
             # a task beside another actor's batch runs time-sliced, at a fraction of its speed.
             idle = [a for a in candidates if not a.in_flight]
             pool = [a for a in idle if self._device_free(a)] or idle or candidates
+            adapters = task_adapters(head.kind, head.params)
+            if adapters and self.settings.adapter_affinity:  # no switch beats a nearby input
+                pool = [a for a in pool if a.adapters == adapters] or pool
             for actor in pool:
                 if actor.actor_id in holders:
                     return actor
@@ -639,6 +647,11 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                 output_id=node.output_id, return_output=node.return_output, tensors=client_tensors,
             ))
         actor.credits -= 1
+        adapters = task_adapters(batch[0].kind, batch[0].params)  # one set per batch (batch_key)
+        if adapters is not None and adapters != actor.adapters:
+            actor.adapters = adapters  # the actor switches before it runs this batch
+            actor.adapter_switches += 1
+            self.counters["adapter_switches"] += 1
         actor.in_flight[batch_id] = [(node, node.attempt) for node in batch]
         rows = sum(n.rows for n in batch)
         mixed = len(workflows) > 1

@@ -10,6 +10,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from broker.workflows import task_adapters
+
 WAITING, READY, RUNNING, DONE = "waiting", "ready", "running", "done"
 FRONTEND, BACKEND = "frontend", "backend"  # the broker's two sockets, as named in Send
 
@@ -62,7 +64,8 @@ class Node:
         a monolith serving several workflows never mixes them in one call)."""
         if self.kind == "pipeline":
             return (self.kind, self.shape, self.request.workflow)
-        return (self.kind, self.shape)
+        # Only tasks with the same LoRA adapters and weights share a model call.
+        return (self.kind, self.shape, task_adapters(self.kind, self.params))
 
 
 @dataclass(eq=False)
@@ -108,6 +111,8 @@ class ActorState:
     mixed_workflow_batches: int = 0
     max_batch_rows_seen: int = 0
     telemetry: object = None
+    adapters: tuple = ()  # the LoRA set its last adapted batch ran with: applied there now
+    adapter_switches: int = 0
     last_workflow: str = ""  # of its last task (a multi-workflow monolith has it loaded)
     draining: bool = False  # no new work (an operator's drain, or on its way out)
     stopping: bool = False  # draining to stop: its agent stops it once it holds nothing

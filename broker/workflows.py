@@ -29,6 +29,11 @@ SAMPLERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m")
 OUTPUTS = ("image", "latents")
 CONTROL_PREPROCESSORS = ("none", "canny")
 MAX_SEED = 2**63 - 1
+MAX_ADAPTERS = 8  # LoRA adapters in one request
+ADAPTER_WEIGHT = (-2.0, 2.0)  # the range a request's adapter weight must lie in
+# Task kinds whose model call applies the request's LoRA adapters (text encoders and the
+# base model; a split step's combine runs no model, ControlNets and VAEs take none).
+ADAPTED_KINDS = ("encode", "denoise", "denoise_branch")
 
 
 class CatalogError(ValueError):
@@ -67,6 +72,19 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter of the registry: a local `.safetensors` file or a folder holding one
+    (diffusers' `save_lora_weights` layout: `unet.`/`transformer.` and text-encoder keys)."""
+
+    name: str
+    base: str  # the denoiser model it was trained for; requests of its workflows may name it
+    source: str = ""
+    description: str = ""
+    # emulated backend: seconds to read it from disk into host memory, at H800 scale
+    load_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class InputSpec:
     name: str
     type: str
@@ -98,6 +116,7 @@ class WorkflowSpec:
     # the denoiser embeds the guidance scale (guidance-distilled, FLUX.1-dev): a `guidance`
     # input without CFG, handed to every denoise step as `distilled_guidance`
     distilled_guidance: bool = False
+    lora: bool = False  # requests may name LoRA adapters of the denoiser (input `loras`)
 
     @property
     def models(self) -> list[str]:
@@ -127,6 +146,7 @@ class NodePlan:
 class Catalog:
     models: dict[str, ModelSpec] = field(default_factory=dict)
     workflows: dict[str, WorkflowSpec] = field(default_factory=dict)
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)
 
     def workflow(self, name: str) -> WorkflowSpec:
         return self.workflows[name]
@@ -192,7 +212,7 @@ def _control_inputs(controlnets: tuple[str, ...]) -> list[InputSpec]:
 
 
 def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False, distilled: bool = False,
-                     controlnets: tuple[str, ...] = ()) -> dict[str, InputSpec]:
+                     controlnets: tuple[str, ...] = (), lora: bool = False) -> dict[str, InputSpec]:
     multiple = 2 * vae_scale  # Flux packs 2x2 latent patches; UNets need /8 at least
     inputs = [
         InputSpec("prompt", "str", required=True, max_length=8192, description="what to draw"),
@@ -221,6 +241,11 @@ def _standard_inputs(cfg: bool, vae_scale: int, img2img: bool = False, distilled
                       description="how far to move from the image: steps x strength are run"),
         ]
     inputs += _control_inputs(controlnets)
+    if lora:
+        inputs.append(InputSpec("loras", "adapters", default=None,
+                                description=f"LoRA adapters to apply: a list of up to {MAX_ADAPTERS} "
+                                            f"{{name, weight}} (weight in [{ADAPTER_WEIGHT[0]}, {ADAPTER_WEIGHT[1]}], "
+                                            "default 1.0), applied in this order"))
     return {i.name: i for i in inputs}
 
 
@@ -228,7 +253,8 @@ _INPUT_OVERRIDABLE = {"default", "min", "max", "choices", "description", "requir
 _MODEL_FIELDS = {"kind", "profile", "dtype", "seq_len", "embed_dim", "latent_channels", "vae_scale", "source", "subfolder",
                  "family", "config"}
 _WORKFLOW_FIELDS = {"description", "text_encoders", "denoiser", "vae", "cfg", "img2img", "inputs", "controlnets", "slo_s",
-                    "distilled_guidance"}
+                    "distilled_guidance", "lora"}
+_ADAPTER_FIELDS = {"base", "source", "description", "load_s"}
 
 
 def _parse_model(name: str, raw: dict) -> ModelSpec:
@@ -280,7 +306,10 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
     if distilled and cfg:
         raise CatalogError(f"workflows.{name}.distilled_guidance", "cannot be combined with cfg = true: "
                            "`guidance` would name two scales")
-    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img, distilled, controlnets)
+    lora = raw.get("lora", False)
+    if not isinstance(lora, bool):
+        raise CatalogError(f"workflows.{name}.lora", f"must be true or false, got {lora!r}")
+    inputs = _standard_inputs(cfg, models[raw["denoiser"]].vae_scale, img2img, distilled, controlnets, lora)
     for input_name, override in raw.get("inputs", {}).items():
         if input_name not in inputs:
             raise CatalogError(f"workflows.{name}.inputs.{input_name}", "not an input of this workflow")
@@ -302,7 +331,7 @@ def _parse_workflow(name: str, raw: dict, models: dict[str, ModelSpec]) -> Workf
             except ParamError as exc:
                 raise CatalogError(f"workflows.{name}.inputs.{input_name}.default", exc.message) from None
     return WorkflowSpec(name, raw.get("description", ""), encoders, raw["denoiser"], raw["vae"], cfg, inputs, img2img,
-                        models[raw["denoiser"]].family, controlnets, float(slo_s), distilled)
+                        models[raw["denoiser"]].family, controlnets, float(slo_s), distilled, lora)
 
 
 def _model_list(workflow: str, raw: dict, role: str, kind: str, models: dict[str, ModelSpec]) -> tuple[str, ...]:
@@ -317,13 +346,35 @@ def _model_list(workflow: str, raw: dict, role: str, kind: str, models: dict[str
     return tuple(names)
 
 
+def _parse_adapter(name: str, raw: dict, models: dict[str, ModelSpec]) -> AdapterSpec:
+    where = f"adapters.{name}"
+    if not isinstance(raw, dict):
+        raise CatalogError(where, "must be a table of adapter settings")
+    unknown = set(raw) - _ADAPTER_FIELDS
+    if unknown:
+        raise CatalogError(f"{where}.{sorted(unknown)[0]}", "unknown field")
+    base = raw.get("base")
+    if base not in models or models[base].kind != "denoiser":
+        raise CatalogError(f"{where}.base", f"{base!r} is not a declared denoiser model")
+    for key in ("source", "description"):
+        if not isinstance(raw.get(key, ""), str):
+            raise CatalogError(f"{where}.{key}", "must be a string")
+    load_s = raw.get("load_s", 0.0)
+    if isinstance(load_s, bool) or not isinstance(load_s, (int, float)) or load_s < 0:
+        raise CatalogError(f"{where}.load_s", f"must be a number of seconds >= 0, got {load_s!r}")
+    return AdapterSpec(name, base, raw.get("source", ""), raw.get("description", ""), float(load_s))
+
+
 def parse_catalog(doc: dict, base: Catalog | None = None) -> Catalog:
     """Merge a parsed catalog document over `base` (same-named entries are replaced)."""
-    catalog = Catalog(dict(base.models) if base else {}, dict(base.workflows) if base else {})
+    catalog = Catalog(dict(base.models) if base else {}, dict(base.workflows) if base else {},
+                      dict(base.adapters) if base else {})
     for name, raw in doc.get("models", {}).items():
         catalog.models[name] = _parse_model(name, raw)
     for name, raw in doc.get("workflows", {}).items():
         catalog.workflows[name] = _parse_workflow(name, raw, catalog.models)
+    for name, raw in doc.get("adapters", {}).items():
+        catalog.adapters[name] = _parse_adapter(name, raw, catalog.models)
     return catalog
 
 
@@ -365,8 +416,48 @@ def _check_value(spec: InputSpec, value: Any) -> Any:
     return value
 
 
-def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | None = None) -> dict:
-    """The complete parameter set (defaults filled in) or ParamError naming the field."""
+def check_adapters(value: Any, workflow: WorkflowSpec, registry: dict[str, AdapterSpec]) -> list[list]:
+    """A request's `loras` as [[name, weight], ...] in its order, or ParamError naming the
+    entry at fault. Each must be a registered adapter of the workflow's denoiser."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ParamError("loras", f"must be a list of {{name, weight}} maps, got {type(value).__name__}")
+    if len(value) > MAX_ADAPTERS:
+        raise ParamError("loras", f"at most {MAX_ADAPTERS} adapters per request, got {len(value)}")
+    out, seen = [], set()
+    for i, entry in enumerate(value):
+        where = f"loras[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"name", "weight"}:
+            raise ParamError(where, "must be a map with `name` and optionally `weight`")
+        name, weight = entry.get("name"), entry.get("weight", 1.0)
+        adapter = registry.get(name) if isinstance(name, str) else None
+        if adapter is None or adapter.base != workflow.denoiser:
+            known = sorted(a.name for a in registry.values() if a.base == workflow.denoiser)
+            raise ParamError(f"{where}.name", f"unknown adapter {name!r} for {workflow.denoiser} (known: {known})")
+        if name in seen:
+            raise ParamError(f"{where}.name", f"adapter {name!r} is named twice")
+        seen.add(name)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ParamError(f"{where}.weight", f"must be a number, got {weight!r}")
+        if not ADAPTER_WEIGHT[0] <= weight <= ADAPTER_WEIGHT[1]:
+            raise ParamError(f"{where}.weight", f"must be in [{ADAPTER_WEIGHT[0]}, {ADAPTER_WEIGHT[1]}], got {weight}")
+        out.append([name, float(weight)])
+    return out
+
+
+def task_adapters(kind: str, params: dict) -> tuple | None:
+    """The LoRA adapter set a task's model call runs with, as ((name, weight), ...):
+    () for none; None for a task that calls no adapted model (it changes no actor's set)."""
+    if kind not in ADAPTED_KINDS or params.get("split"):
+        return None
+    return tuple((name, weight) for name, weight in params.get("adapters", ()))
+
+
+def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | None = None,
+                    adapters: dict[str, AdapterSpec] | None = None) -> dict:
+    """The complete parameter set (defaults filled in) or ParamError naming the field.
+    `adapters`: the catalog's LoRA registry, which a `loras` input is checked against."""
     if not isinstance(params, dict):
         raise ParamError("params", "must be a map of input name to value")
     for name in params:
@@ -378,6 +469,9 @@ def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | N
             if name in params:
                 raise ParamError(name, "must be sent as a tensor, not as a parameter")
             continue  # checked against the request's tensors by check_image
+        if spec.type == "adapters":
+            out[name] = check_adapters(params.get(name), workflow, adapters or {})
+            continue
         if name in params and params[name] is not None:
             out[name] = _check_value(spec, params[name])
         elif spec.required:
@@ -465,6 +559,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
         prompt_params = {"prompt": params["prompt"]}
         if workflow.cfg:
             prompt_params["negative_prompt"] = params["negative_prompt"]
+        if params.get("loras"):  # text-encoder LoRA, where the adapter has one
+            prompt_params["adapters"] = params["loras"]
         nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], 0))
     previous = [n.key for n in nodes]
     controls = _control_plans(workflow, params, rows, shape, tensors)
@@ -483,6 +579,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
             step_params["distilled_guidance"] = params["guidance"]
         if workflow.img2img:
             step_params["begin_index"] = first_step
+        if params.get("loras"):
+            step_params["adapters"] = params["loras"]
         key = f"denoise/{k}"
         residuals = []
         for net, (start, end), image, scale in controls:  # on the latent this step starts from
@@ -490,6 +588,7 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
                 continue
             residuals.append(f"control/{net}/{k}")
             control_params = {**step_params, "scale": scale, "denoiser": workflow.denoiser}
+            control_params.pop("adapters", None)  # the base model's LoRA, not the net's
             nodes.append(NodePlan(residuals[-1], "control", net, rows, shape, control_params,
                                   previous + ([image.key] if image else []), 0, step=k))
         previous = previous + residuals
