@@ -94,7 +94,9 @@ NO_OVERHEADS = Overheads()
 # 10.5 ms under a burst of 8 requests on 8 GPUs (the CPU shared by the fetches' copies,
 # the actors' Python and the broker), the load that overload brings, so the default;
 # 14 ms per request (submit, the 3 MB image back); shared-memory fetches at 1.42 GB/s.
-MEASURED = Overheads(task_s=0.0105, request_s=0.014, fetch_s=0.0001, fetch_bytes_per_s=1.42e9)
+# Per extra task of a batch: the broker core and codec's 34 us (`lego bench overhead`,
+# 29,000 tasks/s at batch 49).
+MEASURED = Overheads(task_s=0.0105, row_s=0.000034, request_s=0.014, fetch_s=0.0001, fetch_bytes_per_s=1.42e9)
 
 
 class Timing:

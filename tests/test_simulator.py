@@ -364,12 +364,12 @@ def test_cli_time_scale_compresses_the_arrivals_and_reports_trace_time(capsys):
         row = next(line for line in printed[-1].splitlines() if line.startswith("| poisson"))
         return float(row.split("|")[5])
 
-    none = ("--task-overhead-ms", "0", "--request-overhead-ms", "0", "--fetch-gbps", "0")
+    none = ("--task-overhead-ms", "0", "--row-overhead-ms", "0", "--request-overhead-ms", "0", "--fetch-gbps", "0")
     # without overheads a faster cluster under compressed arrivals is the same run, in other units
     assert p50(*none) == p50(*none, "--time-scale", "0.5")
     assert 2.0 <= p50(*none) <= 2.11  # the workflows' solo latencies: no queueing at this rate
     # overheads are real seconds: at time_scale 0.5 they weigh double in the trace's time
-    paid = ("--task-overhead-ms", "20", "--request-overhead-ms", "30", "--fetch-gbps", "0")
+    paid = ("--task-overhead-ms", "20", "--row-overhead-ms", "0", "--request-overhead-ms", "30", "--fetch-gbps", "0")
     assert p50(*paid, "--time-scale", "0.5") - p50(*none) == pytest.approx(0.1, abs=0.011)
     assert "overheads: task 20 ms, row 0 ms, request 30 ms, fetch H800 table" in printed[-2]
     with pytest.raises(SystemExit):
