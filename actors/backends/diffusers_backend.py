@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from actors.backends import controlnet
+from actors.backends import controlnet, lora
 from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
@@ -135,6 +135,8 @@ class DiffusersBackend:
         self.scheduler_config = None
         self.peak_bytes = 0
         self.catalog = None  # the actor's catalog: a ControlNet reads its base model's scheduler there
+        self.options = options
+        self.adapters: lora.DiffusersAdapters | None = None  # made at the first task with LoRA
         self._base_schedulers: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ loading
@@ -261,8 +263,24 @@ class DiffusersBackend:
 
     # ------------------------------------------------------------------ execution
 
+    def _apply_adapters(self, tasks: list[TaskSpec]) -> None:
+        """Switch the component to the batch's LoRA set (between batches, never inside one)."""
+        target = lora.batch_adapters(tasks)
+        if target is None or (not target and self.adapters is None):
+            return  # no adapted call, or no adapter ever applied here: the plain model
+        if self.adapters is None:
+            if self.model.kind not in ("denoiser", "text_encoder"):
+                raise ValueError(f"loras: {self.model.name} is a {self.model.kind}; adapters apply to base models "
+                                 "and text encoders")
+            registry = self.catalog.adapters if self.catalog is not None else {}
+            prefix = "unet" if self.model.kind == "denoiser" else (self.model.subfolder or "text_encoder")
+            self.adapters = lora.DiffusersAdapters(self.component, self.model.family, self.model.kind, prefix, registry,
+                                                   self.options)
+        self.adapters.apply(target)
+
     @torch.no_grad()
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
+        self._apply_adapters(tasks)
         fusable = self.model.family != FLUX  # Flux's pipeline calls its model one row at a time
         plain = not any(controlnet.is_control(b) for task_inputs in inputs for b in task_inputs)
         if self.batching == "fused" and fusable and plain and len(tasks) > 1 and all(t.kind == "denoise" for t in tasks):

@@ -15,6 +15,14 @@ import time
 import numpy as np
 
 from actors.backends.emulated_gpu import EmulatedGpu
+from actors.backends.lora import (
+    ADAPTER_HOST_BYTES,
+    DEFAULT_HOST_CACHE_BYTES,
+    DEFAULT_RESIDENT,
+    AdapterSwitchCosts,
+    Residency,
+    batch_adapters,
+)
 from actors.profiles import PROFILE_MODE, load_profile
 from actors.store import Bundle, RawTensor, raw_zeros
 from broker.protocol.messages import TaskSpec
@@ -78,6 +86,13 @@ class EmulatedBackend:
         self.peak_bytes = self.profile.resident_bytes
         # Actors on one emulated GPU share it as on a real one (emulated_gpu.py).
         self.gpu = EmulatedGpu(options.get("device_lock", ""), options.get("device_sharing", "shared"))
+        self.switch_costs = AdapterSwitchCosts.from_options(options)
+        self.residency = Residency(int(options.get("lora_host_bytes", DEFAULT_HOST_CACHE_BYTES)),
+                                   int(options.get("lora_resident", DEFAULT_RESIDENT)))
+        self.registry: dict = {}  # the catalog's adapters (attach_catalog)
+
+    def attach_catalog(self, catalog) -> None:
+        self.registry = catalog.adapters
 
     def memory_bytes(self) -> int:
         return self.profile.resident_bytes
@@ -92,11 +107,24 @@ class EmulatedBackend:
         height, width = tasks[0].shape
         mode = PROFILE_MODE[tasks[0].kind]
         duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale if rows else 0.0
+        duration += self._switch_s(tasks) * self.time_scale
         if rows:
             self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
         outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs, strict=True)]
         self.gpu.compute(duration - (time.perf_counter() - started))  # building outputs took some already
         return outputs
+
+    def _switch_s(self, tasks: list[TaskSpec]) -> float:
+        """H800 seconds of switching to the batch's LoRA set (see AdapterSwitchCosts)."""
+        target = batch_adapters(tasks)
+        if target is None:
+            return 0.0
+        plan = self.residency.plan(target)
+        if not plan.changed:
+            return 0.0
+        sizes = dict.fromkeys(plan.from_disk, ADAPTER_HOST_BYTES)
+        self.residency.commit(plan, sizes)
+        return self.switch_costs.seconds(plan, self.registry)
 
     def _compute(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         m = self.model

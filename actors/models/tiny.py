@@ -289,10 +289,12 @@ def build_all(root: str | Path, size: str = "tiny") -> Path:
     text += _single_file_catalog(f"{size}-sd15", root / "sd15", info)
     if size == "tiny":
         text += _controlnet_catalog("tiny-sd15", "sd15", root / "sd15", info, ["tiny-sd15-clip"])
+        text += _lora_catalog("tiny-sd15", "sd15", root / "sd15", info, ["tiny-sd15-clip"])
         sdxl = build_sdxl(root / "sdxl")
         text += _family_catalog("tiny-sdxl", "sdxl", root / "sdxl",
                                 {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}, sdxl, STANDARD_WORKFLOWS)
         text += _controlnet_catalog("tiny-sdxl", "sdxl", root / "sdxl", sdxl, ["tiny-sdxl-clip-l", "tiny-sdxl-clip-g"])
+        text += _lora_catalog("tiny-sdxl", "sdxl", root / "sdxl", sdxl, ["tiny-sdxl-clip-l", "tiny-sdxl-clip-g"])
         text += _sd3_catalog(root / "sd3")
         text += _flux_catalog(root)
     catalog = root / "catalog.toml"
@@ -336,6 +338,58 @@ def _controlnet_catalog(prefix: str, family: str, folder: Path, info: dict, enco
     text += _workflow(f"{prefix}-control-nocfg", *base, False, False, info, f'controlnets = ["{nets[1]}"]\n')
     return text + _workflow(f"{prefix}-multicontrol", *base, True, False, info,
                             f'controlnets = ["{nets[0]}", "{nets[1]}"]\n')
+
+
+# name -> (rank, LoRA on the text encoders too): three adapters of one base model, with
+# and without text-encoder layers, so that sets of them differ in what they touch.
+LORAS = {"ink": (4, True), "clay": (2, False), "neon": (8, True)}
+
+
+def build_loras(folder: Path, family: str, seed: int = 0) -> dict[str, Path]:
+    """LoRA adapters for the folder's UNet (and text encoders), written as diffusers'
+    `save_lora_weights` writes them (`loras/NAME/pytorch_lora_weights.safetensors`).
+    peft initialises lora_B to zeros (a no-op adapter): it gets random weights here,
+    large enough that an adapter applied to the wrong request changes its image."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    encoders = {"sd15": [("text_encoder", CLIPTextModel)],
+                "sdxl": [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]}[family]
+    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    paths = {}
+    for index, (name, (rank, with_text)) in enumerate(LORAS.items()):
+        torch.manual_seed(seed + 200 + index)
+        layers = {}
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        layers["unet_lora_layers"] = get_peft_model_state_dict(unet)
+        for sub, cls in encoders if with_text else ():
+            encoder = cls.from_pretrained(folder, subfolder=sub)
+            # peft directly: transformers' own add_adapter wants a newer peft than PyPI has
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
+            layers[f"{sub}_lora_layers"] = get_peft_model_state_dict(encoder)
+        paths[name] = folder / "loras" / name
+        pipeline.save_lora_weights(paths[name], **layers)
+    return paths
+
+
+def _lora_catalog(prefix: str, family: str, folder: Path, info: dict, encoders: list[str]) -> str:
+    """The folder's adapters in the registry, and workflows taking them: LoRA with CFG,
+    and (SD 1.5) LoRA + ControlNet + CFG."""
+    text = ""
+    for name, path in build_loras(folder, family).items():
+        text += f'\n[adapters.{prefix}-{name}]\nbase = "{prefix}-unet"\nsource = "{path}"\n'
+    base = (encoders, f"{prefix}-unet", f"{prefix}-vae")
+    text += _workflow(f"{prefix}-lora", *base, True, False, info, "lora = true\n")
+    if family == "sd15":
+        text += _workflow(f"{prefix}-lora-control", *base, True, False, info,
+                          f'lora = true\ncontrolnets = ["{prefix}-{CONTROLNETS[0]}"]\n')
+    return text
 
 
 def _single_file_catalog(prefix: str, folder: Path, info: dict) -> str:
