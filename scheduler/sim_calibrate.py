@@ -188,7 +188,11 @@ def calibrate(time_scale: float, rounds: int, bursts: tuple[int, ...], repeats: 
         per_batch = _latencies(simulated(system, arrivals, time_scale, _with(base, task_s=unit)))
         per_request = _latencies(simulated(system, arrivals, time_scale, _with(base, request_s=unit)))
         for repeat in range(repeats):
-            outcomes, info = emulated(system, arrivals, time_scale)
+            try:
+                outcomes, info = emulated(system, arrivals, time_scale)
+            except Exception as exc:  # a cluster that would not start (a shared, busy machine): the others count
+                print(f"{name} #{repeat}: no run: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                continue
             latency = _latencies(outcomes)
             rows = []
             for i in idle:

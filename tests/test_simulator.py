@@ -401,3 +401,17 @@ def test_the_scheduler_plans_on_published_telemetry(catalog):
     assert late >= 2.0 > prompt
     with pytest.raises(ValueError, match="telemetry_min_gap_s"):
         Simulation(system, catalog, gpus=8, telemetry_min_gap_s=0.0)
+
+
+def test_calibration_separates_per_batch_from_per_request_overhead():
+    from scheduler.sim_calibrate import fit, probe_arrivals
+
+    # (batches on the path, requests, gap): 14-batch micro-served and 1-batch monolith probes
+    rows = [(b, 1.0, 0.004 * b + 0.013 + noise) for b, noise in ((14, 0.001), (14, -0.001), (1, 0.0005), (1, -0.0005))]
+    task_s, request_s = fit(rows)
+    assert task_s == pytest.approx(0.004, abs=1e-6) and request_s == pytest.approx(0.013, abs=1e-5)
+    with pytest.raises(ValueError, match="do not separate"):
+        fit([(14, 1.0, 0.07), (14, 1.0, 0.07)])  # one kind of probe cannot tell the two apart
+    arrivals, singles = probe_arrivals(2, (8,))
+    assert singles == 6 and len(arrivals) == 14 and len({a.index for a in arrivals}) == 14
+    assert {a.workflow for a in arrivals[:3]} == set(WORKFLOWS) and len({a.at_s for a in arrivals[singles:]}) == 1
