@@ -376,6 +376,7 @@ class ActorRuntime:
             opened = cuda_ipc.open_tensors(shared, index, gpu)  # copies out; IpcUnavailable if it cannot
             rest = unpack_bundle([d for d in descs if d.where != cuda_ipc.WHERE], payload, as_torch)
             self.telemetry.ipc_fetches += 1
+            self.telemetry.ipc_bytes += sum(d.nbytes for d in shared)
             return {d.name: opened[d.name] if d.where == cuda_ipc.WHERE else rest[d.name] for d in descs}
         if shm and descs and all(d.where == "shm" for d in descs):
             if not all(d.handle.startswith(PREFIX) for d in descs):
@@ -385,6 +386,7 @@ class ActorRuntime:
             except (OSError, ValueError) as exc:
                 raise ShmUnavailable(f"{type(exc).__name__}: {exc}") from None
             self.telemetry.shm_fetches += 1
+            self.telemetry.shm_bytes += sum(d.nbytes for d in descs)
             return bundle
         return unpack_bundle(descs, payload, as_torch=as_torch)
 
