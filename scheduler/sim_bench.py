@@ -271,6 +271,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         overheads = overheads_of(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.time_scale > 0:
+        parser.error(f"--time-scale: expected > 0, got {args.time_scale:g}")
     sharing = args.setting == "sharing"
     if not args.traces and not args.rates:
         parser.error("give --traces DIR|FILE and/or --rates R1,R2,...")
