@@ -221,3 +221,20 @@ def test_finished_runs_are_forgotten_after_a_while_or_beyond_a_count():
     with pytest.raises(ApiError):
         store.get("3", "someone else")
     assert store.get("3", "someone else", admin=True).id == "3"
+
+
+def test_a_run_the_broker_never_ends_is_failed_after_run_timeout_s_and_frees_its_slot():
+    async def scenario():
+        client = _FakeClient()
+        store = RunStore(client, max_runs_per_key=1, keep_finished_runs=10, keep_finished_s=60, run_timeout_s=30)
+        (run,) = await store.start("k", [("wf", {})])
+        store.prune(run.created + 29)
+        assert run.state == "queued" and store.in_flight["k"] == 1
+        store.prune(run.created + 31)
+        assert run.state == "failed" and run.error["code"] == "timeout" and client.jobs[0].cancelled
+        assert store.in_flight["k"] == 0
+        await asyncio.sleep(0.01)  # the broker's late "cancelled" reaches the follower: nothing changes
+        assert run.state == "failed" and store.in_flight["k"] == 0
+        await store.close()
+
+    asyncio.run(scenario())

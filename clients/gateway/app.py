@@ -156,7 +156,8 @@ async def _start(app: web.Application) -> None:
     gw.client = AsyncClient(gw.config.broker or None, submit_timeout_s=gw.config.broker_timeout_s,
                             admin_timeout_s=gw.config.broker_timeout_s)
     gw.store = RunStore(gw.client, gw.config.max_runs_per_key, gw.config.keep_finished_runs,
-                        gw.config.keep_finished_s, on_end=lambda run: _on_run_end(gw, run))
+                        gw.config.keep_finished_s, on_end=lambda run: _on_run_end(gw, run),
+                        run_timeout_s=gw.config.run_timeout_s)
     gw.metrics.runs_in_flight.set_function(lambda: sum(gw.store.in_flight.values()))
     app[SAMPLER] = asyncio.create_task(_sample(gw))
     log.info("gateway_started", broker=gw.client.address, listen=gw.config.listen, keys=len(gw.keys))

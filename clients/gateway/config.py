@@ -14,6 +14,7 @@ class GatewayConfig:
     max_runs_per_key: int = 8  # runs in flight per API key; more get 429
     broker_timeout_s: float = 5.0  # no answer to a submit or admin call within this: 503
     image_timeout_s: float = 300.0  # the OpenAI route waits this long for its images, then 504
+    run_timeout_s: float = 3600.0  # a run not ended by then is cancelled and failed: its quota slot comes back
     keep_finished_runs: int = 256  # finished runs kept for GET /v1/runs/{id}, newest first
     keep_finished_s: float = 600.0  # ... and for at most this long after they ended
     history_interval_s: float = 2.0  # the console's throughput history: one sample per interval
@@ -29,7 +30,7 @@ class GatewayConfig:
         for name in ("max_body_bytes", "max_runs_per_key", "keep_finished_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("broker_timeout_s", "image_timeout_s", "keep_finished_s", "history_interval_s",
+        for name in ("broker_timeout_s", "image_timeout_s", "run_timeout_s", "keep_finished_s", "history_interval_s",
                      "history_window_s", "session_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")

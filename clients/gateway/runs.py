@@ -82,8 +82,9 @@ class QuotaExceeded(ApiError):
 
 class RunStore:
     def __init__(self, client, max_runs_per_key: int, keep_finished_runs: int, keep_finished_s: float,
-                 on_end=None):
+                 on_end=None, run_timeout_s: float = 3600.0):
         self.client = client
+        self.run_timeout_s = run_timeout_s
         self.max_runs_per_key = max_runs_per_key
         self.keep_finished_runs = keep_finished_runs
         self.keep_finished_s = keep_finished_s
@@ -172,6 +173,8 @@ class RunStore:
         self._end(run, "succeeded", None)
 
     def _end(self, run: Run, state: str, error: dict | None) -> None:
+        if run.done:
+            return  # timed out here first; the broker's late answer changes nothing
         run.state, run.error, run.ended = state, error, time.time()
         self._release(run.owner, 1)
         self.finished[run.id] = run.ended
@@ -203,7 +206,11 @@ class RunStore:
                 raise TimeoutError(run.id) from None
 
     def prune(self, now: float) -> None:
-        """Forget finished runs beyond keep_finished_runs or older than keep_finished_s."""
+        """Fail runs older than run_timeout_s (a broker that lost them would hold their
+        quota forever); forget finished runs beyond keep_finished_runs or older than keep_finished_s."""
+        for run in [r for r in self.runs.values() if not r.done and now - r.created > self.run_timeout_s]:
+            self.cancel(run)
+            self._end(run, "failed", {"code": "timeout", "message": f"not ended within {self.run_timeout_s:g} s"})
         while self.finished:
             run_id, ended = next(iter(self.finished.items()))
             if len(self.finished) <= self.keep_finished_runs and now - ended <= self.keep_finished_s:

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-runs-per-key", type=int, help="runs in flight per API key; more get 429 (default 8)")
     parser.add_argument("--broker-timeout-s", type=float, help="no answer from the broker within this: 503")
     parser.add_argument("--image-timeout-s", type=float, help="the OpenAI route waits this long for images: 504")
+    parser.add_argument("--run-timeout-s", type=float, help="a run not ended by then is cancelled and failed")
     parser.add_argument("--keep-finished-runs", type=int, help="finished runs kept for GET /v1/runs/{id}")
     parser.add_argument("--keep-finished-s", type=float, help="... for at most this long")
     add_common_arguments(parser)
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lego gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     # access_log=None: our own `http_request` line replaces it (it never carries a key).
-    web.run_app(build_app(config, keys), host=config.host, port=config.port, access_log=None, print=None)
+    try:
+        web.run_app(build_app(config, keys), host=config.host, port=config.port, access_log=None, print=None)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        print(f"lego gateway: listen {config.listen}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
