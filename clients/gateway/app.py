@@ -26,6 +26,7 @@ from clients.metrics import render_metrics
 log = structlog.get_logger(__name__)
 
 SAMPLER = web.AppKey("sampler", asyncio.Task)
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _route_of(request: web.Request) -> str:
@@ -49,7 +50,8 @@ async def observe(request: web.Request, handler):
         elapsed = time.perf_counter() - started
         route = _route_of(request)
         metrics = gateway_of(request).metrics
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        method = request.method if request.method in KNOWN_METHODS else "other"  # labels stay few
+        metrics.http_requests.labels(route, method, str(status)).inc()
         metrics.http_seconds.labels(route).observe(elapsed)
         key = request.get("key")
         log.info("http_request", method=request.method, path=request.path, route=route, status=status,
