@@ -636,8 +636,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                                           producer.nbytes, holder.host if holder else ""))
             client_tensors = []
             if node.kind in ("encode_image", "control_image"):  # the client's image rides along, unread
-                wanted = node.params.get("tensor", "image")  # a control image names its input
-                for desc in (d for d in node.request.tensors if d.name == wanted):
+                wanted = node.params.get("tensors", ["image"])  # control images name their inputs
+                for desc in (d for d in node.request.tensors if d.name in wanted):
                     payload.append(node.request.frames[desc.frame])
                     client_tensors.append(p.TensorDesc(desc.name, desc.dtype, desc.shape, len(payload) - 1, desc.where, desc.nbytes))
             specs.append(p.TaskSpec(

@@ -563,8 +563,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
             prompt_params["adapters"] = params["loras"]
         nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], 0))
     previous = [n.key for n in nodes]
-    controls = _control_plans(workflow, params, rows, shape, tensors)
-    nodes += [image for _, _, image, _ in controls if image is not None]
+    image_nodes, controls = _control_plans(workflow, params, rows, shape, tensors)
+    nodes += image_nodes
     if workflow.img2img:
         image_params = {"seed": params["seed"]}
         nodes.append(NodePlan("encode_image", "encode_image", workflow.vae, 1, shape, image_params, [], 0))
@@ -583,14 +583,16 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
             step_params["adapters"] = params["loras"]
         key = f"denoise/{k}"
         residuals = []
-        for net, (start, end), image, scale in controls:  # on the latent this step starts from
+        for net, (start, end), image, scale, index in controls:  # on the latent this step starts from
             if k / runs < start or (k + 1) / runs > end:  # the pipeline's controlnet_keep = 0
                 continue
             residuals.append(f"control/{net}/{k}")
-            control_params = {**step_params, "scale": scale, "denoiser": workflow.denoiser}
+            # `lead`: the workflow's first net, whose config the SD3 pipeline applies to all of its nets
+            control_params = {**step_params, "scale": scale, "denoiser": workflow.denoiser, "vae": workflow.vae,
+                              "index": index, "lead": workflow.controlnets[0]}
             control_params.pop("adapters", None)  # the base model's LoRA, not the net's
             nodes.append(NodePlan(residuals[-1], "control", net, rows, shape, control_params,
-                                  previous + ([image.key] if image else []), 0, step=k))
+                                  previous + ([image] if image else []), 0, step=k))
         previous = previous + residuals
         if cfg_split and workflow.cfg:
             branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional
@@ -609,18 +611,39 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
     return nodes
 
 
-def _control_plans(workflow: WorkflowSpec, params: dict, rows: int, shape: tuple[int, int], tensors) -> list[tuple]:
-    """Per ControlNet: (net, (start, end), its control_image node or None, scale)."""
-    plans = []
+LATENT_CONTROL_FAMILIES = ("sd3", "flux")  # their ControlNets take the control image VAE-encoded
+
+
+def _control_plans(workflow: WorkflowSpec, params: dict, rows: int, shape: tuple[int, int],
+                   tensors) -> tuple[list[NodePlan], list[tuple]]:
+    """The control-image nodes, and per ControlNet (net, (start, end), the key of the node
+    holding its image or None, scale, the image's index in that node's output).
+
+    SD 1.5 / SDXL nets take pixels: one node per net on the net's own actors. SD3 and Flux
+    nets take the image VAE-encoded: one node on the workflow's VAE encodes every net's
+    image in net order from one generator seeded with the request's seed (the pipelines
+    draw those samples one after another: SD3 from torch's global generator, Flux from
+    the request's own, which then draws the initial latents)."""
+    nets, images = [], []
+    latent = workflow.family in LATENT_CONTROL_FAMILIES
     for net, s in zip(workflow.controlnets, control_suffixes(len(workflow.controlnets))):
         name = f"control_image{s}"
         present = workflow.inputs[name].required if tensors is None else name in tensors
-        image = None
+        key, index = None, 0
+        if present and latent:
+            key, index = "control_images", len(images)
+        elif present:
+            key = f"control_image/{net}"
         if present:
-            image = NodePlan(f"control_image/{net}", "control_image", net, rows, shape,
-                             {"tensor": name, "preprocess": params[f"control_preprocess{s}"]}, [], 0)
-        plans.append((net, (params[f"control_start{s}"], params[f"control_end{s}"]), image, params[f"control_scale{s}"]))
-    return plans
+            images.append((net, key, name, params[f"control_preprocess{s}"]))
+        nets.append((net, (params[f"control_start{s}"], params[f"control_end{s}"]), key, params[f"control_scale{s}"],
+                     index))
+    if latent and images:
+        node_params = {"tensors": [name for _, _, name, _ in images],
+                       "preprocess": [pre for _, _, _, pre in images], "seed": params["seed"]}
+        return [NodePlan("control_images", "control_image", workflow.vae, rows, shape, node_params, [], 0)], nets
+    return [NodePlan(key, "control_image", net, rows, shape, {"tensors": [name], "preprocess": [pre]}, [], 0)
+            for net, key, name, pre in images], nets
 
 
 def _set_path_lengths(nodes: list[NodePlan]) -> None:

@@ -20,7 +20,10 @@ from broker import protocol as p  # noqa: E402
 from broker.workflows import ParamError, check_image, unroll, validate_params  # noqa: E402
 from tests.test_diffusers import EXTRA, FOLDER, NEGATIVE, PROMPT, SIZE, one_torch_thread, tiny  # noqa: E402,F401
 
-PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline",
+             "sd3": "StableDiffusion3ControlNetPipeline"}
+NETS = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel"}
+FAMILIES = ["sd15", "sdxl", "sd3"]
 
 
 def control_image(seed: int, size: int) -> np.ndarray:
@@ -42,7 +45,7 @@ def run_in_process(catalog, workflow, params: dict, tensors: dict[str, np.ndarra
                           list(plan.shape), plan.params, [], plan.key)
         inputs = [outputs[k] for k in plan.inputs]
         if plan.kind == "control_image":
-            inputs = [{plan.params["tensor"]: torch.from_numpy(tensors[plan.params["tensor"]])}]
+            inputs = [{name: torch.from_numpy(tensors[name]) for name in plan.params["tensors"]}]
         (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
     return outputs
 
@@ -51,12 +54,16 @@ def control_pipeline(root, family: str, nets: list[str], images: list[np.ndarray
     from PIL import Image
 
     folder = root / FOLDER[family]
-    models = [diffusers.ControlNetModel.from_pretrained(folder / net) for net in nets]
+    models = [getattr(diffusers, NETS[family]).from_pretrained(folder / net) for net in nets]
     pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(
         folder, controlnet=models[0] if len(models) == 1 else models, **EXTRA[family])
+    # SD3's pipeline draws the control image's VAE sample from torch's global generator;
+    # the served request draws it from a generator seeded with its seed: seed both alike.
+    torch.manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     pil = [Image.fromarray(image) for image in images]
-    out = pipe(PROMPT, image=pil[0] if len(pil) == 1 else pil, negative_prompt=NEGATIVE if cfg else None,
+    image_arg = "control_image" if family == "sd3" else "image"  # what each pipeline calls it
+    out = pipe(PROMPT, **{image_arg: pil[0] if len(pil) == 1 else pil}, negative_prompt=NEGATIVE if cfg else None,
                num_inference_steps=4, guidance_scale=7.5 if cfg else 1.0, height=SIZE[family], width=SIZE[family],
                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call).images
     return (out[0] * 255).round().astype("uint8")
@@ -69,7 +76,7 @@ def params_for(cfg: bool, seed: int, **extra) -> dict:
     return params
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
 def test_controlnet_nodes_reproduce_the_pipeline_exactly(tiny, family, cfg):
     root, _, catalog = tiny
@@ -84,7 +91,7 @@ def test_controlnet_nodes_reproduce_the_pipeline_exactly(tiny, family, cfg):
     assert not np.array_equal(plain["decode"]["image"].numpy(), expected)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_multi_controlnet_with_scales_and_ranges_reproduces_the_pipeline(tiny, family):
     root, _, catalog = tiny
     workflow = catalog.workflow(f"tiny-{family}-multicontrol")

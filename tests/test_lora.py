@@ -42,7 +42,7 @@ class Backends:
                               list(plan.shape), plan.params, [], plan.key)
             inputs = [outputs[k] for k in plan.inputs]
             if plan.kind == "control_image":
-                inputs = [{plan.params["tensor"]: torch.from_numpy(tensors[plan.params["tensor"]])}]
+                inputs = [{name: torch.from_numpy(tensors[name]) for name in plan.params["tensors"]}]
             (outputs[plan.key],) = backend.run([task], [inputs])
         return outputs["decode"]["image"].numpy()
 

@@ -38,7 +38,7 @@ def is_control(bundle: Bundle) -> bool:
 def controlnet_class(family: str) -> Any:
     import diffusers
 
-    classes = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel"}
+    classes = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel"}
     if family not in classes:
         raise ValueError(f"family: ControlNets of family {family!r} are not served by the diffusers backend yet "
                          f"(served: {sorted(classes)})")
@@ -123,10 +123,21 @@ def residual_bundle(down: tuple[torch.Tensor, ...], mid: torch.Tensor) -> Bundle
 
 
 def summed_residuals(bundles: list[Bundle], rows: slice | None = None) -> dict:
-    """The UNet's residual arguments from the nets' bundles, summed in their order
-    (MultiControlNetModel: first net's, then `+` each next one's); `rows` picks CFG rows."""
+    """The base model's residual arguments from the nets' bundles, summed in their order
+    (Multi*ControlNetModel: first net's, then `+` each next one's); `rows` picks CFG rows.
+    UNets take down and mid residuals; SD3's MMDiT one sample per ControlNet block."""
     if not bundles:
         return {}
+    if "control/block/0" in bundles[0]:
+        blocks = None
+        for bundle in bundles:
+            samples = [bundle[f"control/block/{i}"] for i in range(sum(1 for k in bundle if k.startswith("control/block/")))]
+            samples = [s[rows] for s in samples] if rows is not None else samples
+            if blocks is not None and len(samples) != len(blocks):
+                raise ValueError(f"control: the nets of one step give {len(blocks)} and {len(samples)} block samples: "
+                                 "they do not fit the same base model")
+            blocks = samples if blocks is None else [a + b for a, b in zip(blocks, samples, strict=True)]
+        return {"block_controlnet_hidden_states": blocks}
     down, mid = None, None
     for bundle in bundles:
         count = sum(1 for key in bundle if key.startswith("control/down/"))

@@ -137,7 +137,7 @@ class DiffusersBackend:
         self.catalog = None  # the actor's catalog: a ControlNet reads its base model's scheduler there
         self.options = options
         self.adapters: lora.DiffusersAdapters | None = None  # made at the first task with LoRA
-        self._base_schedulers: dict[str, dict] = {}
+        self._base_configs: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -243,7 +243,7 @@ class DiffusersBackend:
     def _base_scheduler(self, denoiser: str) -> dict:
         """The scheduler config of base model `denoiser` (a ControlNet prepares each step as
         that model does); read once per base model."""
-        if denoiser not in self._base_schedulers:
+        if denoiser not in self._base_configs:
             spec = self.catalog.models.get(denoiser) if self.catalog is not None else None
             if spec is None or spec.kind != "denoiser":
                 raise ValueError(f"params.denoiser: {denoiser!r} is not a denoiser of this actor's catalog")
@@ -253,8 +253,8 @@ class DiffusersBackend:
             folder = base._source() if checkpoint is None else base._single_file_config(checkpoint, sub)
             from diffusers import DDIMScheduler
 
-            self._base_schedulers[denoiser] = DDIMScheduler.load_config(folder, subfolder=_sibling(sub, "scheduler"))
-        return self._base_schedulers[denoiser]
+            self._base_configs[denoiser] = DDIMScheduler.load_config(folder, subfolder=_sibling(sub, "scheduler"))
+        return self._base_configs[denoiser]
 
     def memory_bytes(self) -> int:
         if self.component is None:
@@ -364,23 +364,36 @@ class DiffusersBackend:
         return self._finish_step(task, step, noise)
 
     def _control_image(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
-        """A ControlNet's conditioning image for one request (see actors/backends/controlnet.py)."""
+        """Control images for one request (see actors/backends/controlnet.py): on a
+        ControlNet actor, one net's image in pixels; on a VAE actor (SD3, Flux), every
+        net's image encoded, in net order, from one generator seeded with the request's seed."""
         (client,) = inputs
-        name = task.params["tensor"]
-        if name not in client:
-            raise ValueError(f"{name}: the request carries no such tensor")
-        image = controlnet.prepare_control_image(client[name], task.params["preprocess"], task.rows, self.dtype,
-                                                 self.device)
-        return {"control/image": image}
+        names, preprocess = task.params["tensors"], task.params["preprocess"]
+        missing = [name for name in names if name not in client]
+        if missing:
+            raise ValueError(f"{missing[0]}: the request carries no such tensor")
+        if self.model.kind != "vae":
+            image = controlnet.prepare_control_image(client[names[0]], preprocess[0], task.rows, self.dtype, self.device)
+            return {"control/image": image}
+        generator = torch.Generator(device="cpu").manual_seed(task.params["seed"])
+        out = {}
+        for i, (name, pre) in enumerate(zip(names, preprocess, strict=True)):
+            pixels = controlnet.prepare_control_image(client[name], pre, task.rows, self.dtype, self.device)
+            # VaeImageProcessor.preprocess normalises to [-1, 1] for these pipelines
+            out[f"control/image/{i}"] = self.component.encode(2.0 * pixels - 1.0).latent_dist.sample(generator)
+        out["control/generator"] = generator.get_state()  # Flux draws its initial latents after these
+        return out
 
     def _control(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """One ControlNet forward for one step: the step prepared as its base model prepares
         it (same scheduler, same latents), then the net on the control image."""
-        images = [b for b in inputs if "control/image" in b]
+        images = [b for b in inputs if "control/image" in b or "control/generator" in b]
         if not images:
             raise ValueError(f"{task.node}: no control image: the request must send the workflow's control_image input")
         self.scheduler_config = self._base_scheduler(task.params["denoiser"])
         step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)])
+        if self.model.family == SD3:
+            return self._control_sd3(task, step, images[0])
         image = images[0]["control/image"].to(self.device)
         kwargs = {}
         if step.added is not None and "time_ids" in step.added:  # SDXL: the same added conditioning
@@ -390,11 +403,51 @@ class DiffusersBackend:
                                    **kwargs)
         return controlnet.residual_bundle(tuple(down), mid)
 
+    def _control_sd3(self, task: TaskSpec, step: _Step, images: Bundle) -> Bundle:
+        """StableDiffusion3ControlNetPipeline's net call: the VAE-encoded image shifted and
+        scaled (no shift for nets that zero the pooled projection, as InstantX's do), the
+        prompt's sequence unless the net has no joint attention (SD3.5's official nets)."""
+        vae = self._config_of(task.params["vae"], "vae")
+        config = self.component.config
+        # StableDiffusion3ControlNetPipeline takes the shift and the pooled projection rule of
+        # its first net for every net (SD3MultiControlNetModel's nets[0].config)
+        lead = task.params.get("lead", self.model.name)
+        zero_pooled = (config if lead == self.model.name else self._config_of(lead, "controlnet"))[
+            "force_zeros_for_pooled_projection"]
+        shift = 0 if zero_pooled else vae["shift_factor"]
+        cond = (images[f"control/image/{task.params['index']}"].to(self.device) - shift) * vae["scaling_factor"]
+        pooled = step.added["pooled_projections"]
+        blocks = self.component(
+            hidden_states=step.model_input, timestep=step.t.expand(step.model_input.shape[0]),
+            encoder_hidden_states=step.embeds if config.joint_attention_dim is not None else None,
+            pooled_projections=torch.zeros_like(pooled) if zero_pooled else pooled,
+            joint_attention_kwargs=None, controlnet_cond=cond, conditioning_scale=float(task.params["scale"]),
+            return_dict=False)[0]
+        return {f"control/block/{i}": block for i, block in enumerate(blocks)}
+
+    def _config_of(self, name: str, kind: str) -> dict:
+        """The diffusers config of another model of the catalog (a VAE's shift and scaling
+        factors, the lead ControlNet's rules), read once from its source, never loaded."""
+        key = f"{kind}:{name}"
+        if key not in self._base_configs:
+            spec = self.catalog.models.get(name) if self.catalog is not None else None
+            if spec is None or spec.kind != kind:
+                raise ValueError(f"params: {name!r} is not a {kind} of this actor's catalog")
+            from diffusers import AutoencoderKL
+
+            base = DiffusersBackend(spec, "cpu", {})
+            sub = spec.subfolder or kind
+            checkpoint = base._checkpoint()
+            folder = base._source() if checkpoint is None else base._single_file_config(checkpoint, sub)
+            # load_config reads the folder's config.json whatever model wrote it
+            self._base_configs[key] = dict(AutoencoderKL.load_config(folder, subfolder=sub))
+        return self._base_configs[key]
+
     def _model(self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None,
                residuals: dict | None = None) -> torch.Tensor:
         """The base model's forward, as the family's pipeline calls it (with the summed
         ControlNet residuals of the step, if any)."""
-        if residuals and self.model.family in (SD3, FLUX):
+        if residuals and self.model.family == FLUX:
             raise ValueError(f"{self.model.name}: ControlNet residuals for family {self.model.family!r} "
                              "are not served yet")
         if self.model.family == FLUX:
@@ -410,7 +463,8 @@ class DiffusersBackend:
         if self.model.family == SD3:  # a DiT: per-row timesteps, pooled projections
             timestep = t.expand(model_input.shape[0]) if t.dim() == 0 else t
             return self.component(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
-                                  pooled_projections=added["pooled_projections"], return_dict=False)[0]
+                                  pooled_projections=added["pooled_projections"], return_dict=False,
+                                  **(residuals or {}))[0]
         return self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
                               **(residuals or {}))[0]
 

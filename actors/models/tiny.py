@@ -189,7 +189,8 @@ def build_sd3(folder: Path, seed: int = 0, t5: bool = True) -> dict:
     vocab_size = write_clip_tokenizer(folder / "tokenizer")
     write_clip_tokenizer(folder / "tokenizer_2")
     hidden = 32
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+    # two blocks: the last is context_pre_only and takes no ControlNet sample, the first does
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=2 * hidden)
     config = CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
@@ -326,10 +327,32 @@ def build_controlnets(folder: Path, seed: int = 0) -> None:
         net.save_pretrained(folder / name)
 
 
+def build_sd3_controlnets(folder: Path, seed: int = 0) -> None:
+    """SD3ControlNetModels shaped after the folder's MMDiT: `controlnet-a` zeroes the pooled
+    projection and takes the image latents unshifted (as InstantX's SD3 nets do),
+    `controlnet-b` uses the pooled prompt and the VAE's shift. Their zero-initialised
+    output blocks and image embedding get random weights (see build_controlnets)."""
+    import torch
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    config = SD3Transformer2DModel.load_config(folder, subfolder="transformer")
+    keys = ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
+            "num_attention_heads", "caption_projection_dim", "joint_attention_dim", "pooled_projection_dim",
+            "pos_embed_max_size")
+    for index, name in enumerate(CONTROLNETS):
+        torch.manual_seed(seed + 100 + index)
+        net = SD3ControlNetModel(**{k: config[k] for k in keys}, force_zeros_for_pooled_projection=index == 0)
+        with torch.no_grad():
+            for module in [*net.controlnet_blocks, net.pos_embed_input.proj]:
+                module.weight.normal_(0.0, 0.5)
+                module.bias.normal_(0.0, 0.1)
+        net.save_pretrained(folder / name)
+
+
 def _controlnet_catalog(prefix: str, family: str, folder: Path, info: dict, encoders: list[str]) -> str:
     """The folder's two ControlNets and workflows over them: one net with and without CFG,
     and both nets at once (multi-ControlNet)."""
-    build_controlnets(folder)
+    (build_sd3_controlnets if family == "sd3" else build_controlnets)(folder)
     text = "".join(_model(f"{prefix}-{name}", "controlnet", family, folder, name,
                           f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n") for name in CONTROLNETS)
     nets = [f"{prefix}-{name}" for name in CONTROLNETS]
@@ -414,7 +437,7 @@ def _sd3_catalog(folder: Path) -> str:
     encoders = ["tiny-sd3-clip-l", "tiny-sd3-clip-g", "tiny-sd3-t5"]
     for suffix, cfg, img2img in STANDARD_WORKFLOWS:
         text += _workflow(f"tiny-sd3-t5-{suffix}", encoders, "tiny-sd3-unet", "tiny-sd3-vae", cfg, img2img, info)
-    return text
+    return text + _controlnet_catalog("tiny-sd3", "sd3", folder, info, ["tiny-sd3-clip-l", "tiny-sd3-clip-g"])
 
 
 def _flux_catalog(root: Path) -> str:
