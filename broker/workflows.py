@@ -593,6 +593,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
             control_params.pop("adapters", None)  # the base model's LoRA, not the net's
             nodes.append(NodePlan(residuals[-1], "control", net, rows, shape, control_params,
                                   previous + ([image] if image else []), 0, step=k))
+        if k == 0 and workflow.family == "flux" and image_nodes:
+            residuals.append("control_images")  # Flux draws its initial latents after the images' samples
         previous = previous + residuals
         if cfg_split and workflow.cfg:
             branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional

@@ -21,9 +21,10 @@ from broker.workflows import ParamError, check_image, unroll, validate_params  #
 from tests.test_diffusers import EXTRA, FOLDER, NEGATIVE, PROMPT, SIZE, one_torch_thread, tiny  # noqa: E402,F401
 
 PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline",
-             "sd3": "StableDiffusion3ControlNetPipeline"}
-NETS = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel"}
-FAMILIES = ["sd15", "sdxl", "sd3"]
+             "sd3": "StableDiffusion3ControlNetPipeline", "flux": "FluxControlNetPipeline"}
+NETS = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel",
+        "flux": "FluxControlNetModel"}
+FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
 
 
 def control_image(seed: int, size: int) -> np.ndarray:
@@ -62,9 +63,13 @@ def control_pipeline(root, family: str, nets: list[str], images: list[np.ndarray
     torch.manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     pil = [Image.fromarray(image) for image in images]
-    image_arg = "control_image" if family == "sd3" else "image"  # what each pipeline calls it
+    image_arg = "control_image" if family in ("sd3", "flux") else "image"  # what each pipeline calls it
+    if family == "flux":  # FluxPipeline's CFG is "true CFG" with its own scale
+        call = {"true_cfg_scale": 7.5 if cfg else 1.0, **call}
+    else:
+        call = {"guidance_scale": 7.5 if cfg else 1.0, **call}
     out = pipe(PROMPT, **{image_arg: pil[0] if len(pil) == 1 else pil}, negative_prompt=NEGATIVE if cfg else None,
-               num_inference_steps=4, guidance_scale=7.5 if cfg else 1.0, height=SIZE[family], width=SIZE[family],
+               num_inference_steps=4, height=SIZE[family], width=SIZE[family],
                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call).images
     return (out[0] * 255).round().astype("uint8")
 

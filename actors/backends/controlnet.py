@@ -38,7 +38,8 @@ def is_control(bundle: Bundle) -> bool:
 def controlnet_class(family: str) -> Any:
     import diffusers
 
-    classes = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel"}
+    classes = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel",
+               "flux": "FluxControlNetModel"}
     if family not in classes:
         raise ValueError(f"family: ControlNets of family {family!r} are not served by the diffusers backend yet "
                          f"(served: {sorted(classes)})")
@@ -122,22 +123,28 @@ def residual_bundle(down: tuple[torch.Tensor, ...], mid: torch.Tensor) -> Bundle
     return bundle
 
 
+def _summed(bundles: list[Bundle], prefix: str, rows: slice | None) -> list | None:
+    total = None
+    for bundle in bundles:
+        samples = [bundle[f"{prefix}{i}"] for i in range(sum(1 for k in bundle if k.startswith(prefix)))]
+        # per-row samples (CFG rows) are sliced; Flux's one positive-prompt row serves both
+        samples = [s[rows] if rows is not None and s.shape[0] > 1 else s for s in samples]
+        if total is not None and len(samples) != len(total):
+            raise ValueError(f"control: the nets of one step give {len(total)} and {len(samples)} block samples: "
+                             "they do not fit the same base model")
+        total = samples if total is None else [a + b for a, b in zip(total, samples, strict=True)]
+    return total or None
+
+
 def summed_residuals(bundles: list[Bundle], rows: slice | None = None) -> dict:
     """The base model's residual arguments from the nets' bundles, summed in their order
     (Multi*ControlNetModel: first net's, then `+` each next one's); `rows` picks CFG rows.
-    UNets take down and mid residuals; SD3's MMDiT one sample per ControlNet block."""
+    UNets take down and mid residuals; SD3's and Flux's DiTs one sample per ControlNet
+    block (`blocks`, and Flux's single-stream `singles`), which the backend names."""
     if not bundles:
         return {}
     if "control/block/0" in bundles[0]:
-        blocks = None
-        for bundle in bundles:
-            samples = [bundle[f"control/block/{i}"] for i in range(sum(1 for k in bundle if k.startswith("control/block/")))]
-            samples = [s[rows] for s in samples] if rows is not None else samples
-            if blocks is not None and len(samples) != len(blocks):
-                raise ValueError(f"control: the nets of one step give {len(blocks)} and {len(samples)} block samples: "
-                                 "they do not fit the same base model")
-            blocks = samples if blocks is None else [a + b for a, b in zip(blocks, samples, strict=True)]
-        return {"block_controlnet_hidden_states": blocks}
+        return {"blocks": _summed(bundles, "control/block/", rows), "singles": _summed(bundles, "control/single/", rows)}
     down, mid = None, None
     for bundle in bundles:
         count = sum(1 for key in bundle if key.startswith("control/down/"))

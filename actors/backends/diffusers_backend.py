@@ -356,10 +356,11 @@ class DiffusersBackend:
             # CFG split: the two branches' model outputs were computed by branch tasks
             # (maybe on other actors); only guidance and the sampler update remain.
             uncond, cond, *previous = inputs
-            step = self._prepare_step(task, [b for b in previous if not controlnet.is_control(b)])
+            step = self._prepare_step(task, [b for b in previous if not controlnet.is_control(b)],
+                                      self._start_state(previous))
             return self._finish_step(task, step, torch.cat([uncond["noise"], cond["noise"]]))
-        controls = [b for b in inputs if controlnet.is_control(b)]
-        step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)])
+        controls = [b for b in inputs if controlnet.is_control(b) and "control/generator" not in b]
+        step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)], self._start_state(inputs))
         noise = self._model(step.model_input, step.t, step.embeds, step.added, controlnet.summed_residuals(controls))
         return self._finish_step(task, step, noise)
 
@@ -376,9 +377,10 @@ class DiffusersBackend:
             image = controlnet.prepare_control_image(client[names[0]], preprocess[0], task.rows, self.dtype, self.device)
             return {"control/image": image}
         generator = torch.Generator(device="cpu").manual_seed(task.params["seed"])
+        rows = 1 if self.model.family == FLUX else task.rows  # Flux's net sees the positive prompt only
         out = {}
         for i, (name, pre) in enumerate(zip(names, preprocess, strict=True)):
-            pixels = controlnet.prepare_control_image(client[name], pre, task.rows, self.dtype, self.device)
+            pixels = controlnet.prepare_control_image(client[name], pre, rows, self.dtype, self.device)
             # VaeImageProcessor.preprocess normalises to [-1, 1] for these pipelines
             out[f"control/image/{i}"] = self.component.encode(2.0 * pixels - 1.0).latent_dist.sample(generator)
         out["control/generator"] = generator.get_state()  # Flux draws its initial latents after these
@@ -391,9 +393,11 @@ class DiffusersBackend:
         if not images:
             raise ValueError(f"{task.node}: no control image: the request must send the workflow's control_image input")
         self.scheduler_config = self._base_scheduler(task.params["denoiser"])
-        step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)])
+        step = self._prepare_step(task, [b for b in inputs if not controlnet.is_control(b)], self._start_state(inputs))
         if self.model.family == SD3:
             return self._control_sd3(task, step, images[0])
+        if self.model.family == FLUX:
+            return self._control_flux(task, step, images[0])
         image = images[0]["control/image"].to(self.device)
         kwargs = {}
         if step.added is not None and "time_ids" in step.added:  # SDXL: the same added conditioning
@@ -425,6 +429,35 @@ class DiffusersBackend:
             return_dict=False)[0]
         return {f"control/block/{i}": block for i, block in enumerate(blocks)}
 
+    def _control_flux(self, task: TaskSpec, step: _Step, images: Bundle) -> Bundle:
+        """FluxControlNetPipeline's net call (InstantX-style nets, which take the image
+        VAE-encoded and packed): once per step, on the positive prompt's row; both CFG rows
+        of the transformer take its samples."""
+        if getattr(self.component, "input_hint_block", None) is not None:
+            raise ValueError(f"models.{self.model.name}: Flux ControlNets with an input hint block (pixel input, "
+                             "XLabs style) are not served; InstantX-style nets are")
+        from diffusers import FluxPipeline
+
+        vae = self._config_of(task.params["vae"], "vae")
+        sample = images[f"control/image/{task.params['index']}"].to(self.device)
+        sample = (sample - vae["shift_factor"]) * vae["scaling_factor"]
+        cond = FluxPipeline._pack_latents(sample, 1, sample.shape[1], sample.shape[2], sample.shape[3])
+        r = step.embeds.shape[0] - 1  # [negative; positive]: the positive row
+        timestep = step.t.expand(step.latents.shape[0]).to(step.latents.dtype)
+        blocks, singles = self.component(
+            hidden_states=step.model_input, controlnet_cond=cond, controlnet_mode=None,
+            conditioning_scale=float(task.params["scale"]), timestep=timestep / 1000, guidance=step.added.get("guidance"),
+            pooled_projections=step.added["pooled_projections"][r: r + 1], encoder_hidden_states=step.embeds[r: r + 1],
+            txt_ids=step.added["txt_ids"], img_ids=step.added["img_ids"], joint_attention_kwargs=None, return_dict=False)
+        out = {f"control/block/{i}": block for i, block in enumerate(blocks or ())}
+        out.update({f"control/single/{i}": single for i, single in enumerate(singles or ())})
+        return out
+
+    @staticmethod
+    def _start_state(inputs: list[Bundle]) -> torch.Tensor | None:
+        """The generator state the control images left (Flux draws its latents after them)."""
+        return next((b["control/generator"] for b in inputs if "control/generator" in b), None)
+
     def _config_of(self, name: str, kind: str) -> dict:
         """The diffusers config of another model of the catalog (a VAE's shift and scaling
         factors, the lead ControlNet's rules), read once from its source, never loaded."""
@@ -447,26 +480,28 @@ class DiffusersBackend:
                residuals: dict | None = None) -> torch.Tensor:
         """The base model's forward, as the family's pipeline calls it (with the summed
         ControlNet residuals of the step, if any)."""
-        if residuals and self.model.family == FLUX:
-            raise ValueError(f"{self.model.name}: ControlNet residuals for family {self.model.family!r} "
-                             "are not served yet")
+        residuals = dict(residuals or {})
         if self.model.family == FLUX:
+            extra = {}
+            if residuals:
+                extra = {"controlnet_block_samples": residuals["blocks"],
+                         "controlnet_single_block_samples": residuals["singles"], "controlnet_blocks_repeat": False}
             # FluxPipeline runs true CFG as two batch-1 calls (positive, negative), so one
             # call per row here gives the same bits; rows stay in [negative; positive] order.
             timestep = t.expand(model_input.shape[0]).to(model_input.dtype) / 1000
             rows = [self.component(hidden_states=model_input, timestep=timestep, guidance=added.get("guidance"),
                                    pooled_projections=added["pooled_projections"][r: r + 1],
                                    encoder_hidden_states=embeds[r: r + 1], txt_ids=added["txt_ids"],
-                                   img_ids=added["img_ids"], joint_attention_kwargs={}, return_dict=False)[0]
+                                   img_ids=added["img_ids"], joint_attention_kwargs={}, return_dict=False, **extra)[0]
                     for r in range(embeds.shape[0])]
             return torch.cat(rows)
         if self.model.family == SD3:  # a DiT: per-row timesteps, pooled projections
             timestep = t.expand(model_input.shape[0]) if t.dim() == 0 else t
+            extra = {"block_controlnet_hidden_states": residuals["blocks"]} if residuals else {}
             return self.component(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
-                                  pooled_projections=added["pooled_projections"], return_dict=False,
-                                  **(residuals or {}))[0]
+                                  pooled_projections=added["pooled_projections"], return_dict=False, **extra)[0]
         return self.component(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
-                              **(residuals or {}))[0]
+                              **residuals)[0]
 
     def _branch(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """One CFG branch of a step: the model call on row `branch` (0 uncond, 1 cond) alone.
@@ -475,8 +510,9 @@ class DiffusersBackend:
         difference is measured in tests/test_diffusers.py.
         """
         b = task.params["branch"]
-        controls = [x for x in inputs if controlnet.is_control(x)]
-        step = self._prepare_step(task, [x for x in inputs if not controlnet.is_control(x)])  # rows == 1: once
+        controls = [x for x in inputs if controlnet.is_control(x) and "control/generator" not in x]
+        step = self._prepare_step(task, [x for x in inputs if not controlnet.is_control(x)],
+                                  self._start_state(inputs))  # rows == 1: the scaled latents, once
         added = None if step.added is None else {k: v[b: b + 1] if k in ROW_KEYS else v for k, v in step.added.items()}
         residuals = controlnet.summed_residuals(controls, slice(b, b + 1))
         noise = self._model(step.model_input, step.t, step.embeds[b: b + 1], added, residuals)
@@ -504,8 +540,10 @@ class DiffusersBackend:
             row += rows
         return outputs
 
-    def _prepare_step(self, task: TaskSpec, inputs: list[Bundle]) -> _Step:
-        """Everything up to the model call: scheduler, restored state, scaled model input."""
+    def _prepare_step(self, task: TaskSpec, inputs: list[Bundle], start_state: torch.Tensor | None = None) -> _Step:
+        """Everything up to the model call: scheduler, restored state, scaled model input.
+        `start_state`: where step 0's generator starts instead of the seed (Flux ControlNets:
+        the control images drew from it first)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         params = task.params
@@ -527,7 +565,10 @@ class DiffusersBackend:
             if image is None and self.model.family == FLUX:  # noise, then packed as FluxPipeline does
                 from diffusers import FluxPipeline
 
-                generator.manual_seed(params["seed"])
+                if start_state is not None:
+                    generator.set_state(start_state.contiguous())
+                else:
+                    generator.manual_seed(params["seed"])
                 channels = self.component.config.in_channels // 4
                 latents = randn_tensor((1, channels, lat_h, lat_w), generator=generator, device=self.device, dtype=dtype)
                 latents = FluxPipeline._pack_latents(latents, 1, channels, lat_h, lat_w)

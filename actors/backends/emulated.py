@@ -146,7 +146,7 @@ class EmulatedBackend:
             if task.params.get("split"):
                 inputs = inputs[2:]  # the branches' outputs; the latent chain is the same as unsplit
             controls = [read_digest(b["residuals"]) for b in inputs if "residuals" in b]
-            inputs = [b for b in inputs if "residuals" not in b]
+            inputs = [b for b in inputs if "residuals" not in b and not any(k.startswith("control/") for k in b)]
             latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
             if task.params.get("first", task.params["step"] == 0):
                 cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}

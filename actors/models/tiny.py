@@ -349,10 +349,31 @@ def build_sd3_controlnets(folder: Path, seed: int = 0) -> None:
         net.save_pretrained(folder / name)
 
 
+def build_flux_controlnets(folder: Path, seed: int = 0) -> None:
+    """InstantX-style FluxControlNetModels (the image goes in VAE-encoded and packed) shaped
+    after the folder's transformer, their zero-initialised layers randomised."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    c = transformer.config
+    for index, name in enumerate(CONTROLNETS):
+        torch.manual_seed(seed + 100 + index)
+        net = FluxControlNetModel.from_transformer(transformer, num_layers=c.num_layers,
+                                                   num_single_layers=c.num_single_layers,
+                                                   attention_head_dim=c.attention_head_dim,
+                                                   num_attention_heads=c.num_attention_heads)
+        with torch.no_grad():
+            for module in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+                module.weight.normal_(0.0, 0.5)
+                module.bias.normal_(0.0, 0.1)
+        net.save_pretrained(folder / name)
+
+
 def _controlnet_catalog(prefix: str, family: str, folder: Path, info: dict, encoders: list[str]) -> str:
     """The folder's two ControlNets and workflows over them: one net with and without CFG,
     and both nets at once (multi-ControlNet)."""
-    (build_sd3_controlnets if family == "sd3" else build_controlnets)(folder)
+    {"sd3": build_sd3_controlnets, "flux": build_flux_controlnets}.get(family, build_controlnets)(folder)
     text = "".join(_model(f"{prefix}-{name}", "controlnet", family, folder, name,
                           f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n") for name in CONTROLNETS)
     nets = [f"{prefix}-{name}" for name in CONTROLNETS]
@@ -446,6 +467,7 @@ def _flux_catalog(root: Path) -> str:
     info = build_flux(root / "flux")
     text = _family_catalog("tiny-flux", "flux", root / "flux", {"clip": "text_encoder", "t5": "text_encoder_2"}, info,
                            STANDARD_WORKFLOWS)
+    text += _controlnet_catalog("tiny-flux", "flux", root / "flux", info, ["tiny-flux-clip", "tiny-flux-t5"])
     build_flux(root / "flux-dev", guidance_embeds=True)  # a complete pipeline folder, for FluxPipeline
     text += _model("tiny-flux-dev-unet", "denoiser", "flux", root / "flux-dev", "transformer",
                    f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
