@@ -494,6 +494,7 @@ class ActorRuntime:
         t.shm_segments = self.exporter.count()
         t.ipc_pins = self.ipc.count()
         t.ipc_fallbacks = self._ipc_fetch_fallbacks + self.ipc.failures
+        t.adapter_switch_s = round(float(getattr(self.backend, "adapter_switch_s", 0.0)), 6)
         return t
 
     # ------------------------------------------------------------------ heartbeat thread

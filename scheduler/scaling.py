@@ -61,9 +61,16 @@ class Target:
     reason: str
 
 
+MAX_SWITCH_SHARE = 0.8  # cap on the LoRA switching share counted (keeps the scale-up finite)
+
+
 def demand_devices(load: ModelLoad, settings: ScalingSettings) -> float:
+    """Devices the model needs: its work rate and pending work over the horizon, at the
+    target utilisation, grown by the share of actor time that LoRA switches take (work
+    that the profile-priced figures leave out)."""
     rate_s = load.arrival_rate * load.work_per_request_s
-    return (rate_s + load.pending_s / settings.horizon_s) / settings.target_utilization
+    switching = 1.0 - min(load.switch_share, MAX_SWITCH_SHARE)
+    return (rate_s + load.pending_s / settings.horizon_s) / settings.target_utilization / switching
 
 
 def is_bottleneck(load: ModelLoad, replicas: int, settings: ScalingSettings) -> bool:

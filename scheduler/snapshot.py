@@ -23,6 +23,9 @@ class ModelLoad:
     min_slack_s: float | None = None  # least time to deadline among requests queued here
     service_s: float = 0.0  # recent mean dispatch-to-done time of one task
     oldest_wait_s: float = 0.0  # the longest a ready task has waited in its queue
+    # Share of its actors' busy time spent switching LoRA adapter sets (0 without LoRA):
+    # work the profiles do not count, so demand is scaled up by it.
+    switch_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,25 @@ class Snapshot:
         return [d for d in self.devices if d.kind != "cpu"]
 
 
+def switch_share(actors: list, model: str) -> float:
+    """Of the model's actors' busy time (since they started), the share spent switching
+    LoRA adapter sets, from their heartbeat telemetry."""
+    busy = switching = 0.0
+    for actor in actors:
+        if actor.model == model and actor.telemetry is not None:
+            busy += actor.telemetry.busy_s
+            switching += actor.telemetry.adapter_switch_s
+    return min(switching / busy, 1.0) if busy > 0 else 0.0
+
+
 def from_stats(stats: p.Stats, busy_ratios: dict[str, float] | None = None) -> Snapshot:
     """The broker's Stats message as a Snapshot; `busy_ratios` from the controller's
     own differencing of actor busy time between two polls."""
     busy_ratios = busy_ratios or {}
     models = {
         m.model: ModelLoad(m.model, m.queue_depth, m.ready_s, m.pending_s, m.arrival_rate,
-                           m.work_per_request_s, m.min_slack_s, m.service_s, m.oldest_wait_s)
+                           m.work_per_request_s, m.min_slack_s, m.service_s, m.oldest_wait_s,
+                           switch_share(stats.actors, m.model))
         for m in stats.models
     }
     actors = tuple(

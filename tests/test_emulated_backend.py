@@ -49,3 +49,25 @@ def test_execution_time_follows_the_profile():
     elapsed = time.perf_counter() - started
     # H800 profile: CLIP 3 ms + T5 24 ms + one step 224 ms x (512/1024)^2 + VAE 253 ms x 1/4 ~ 146 ms
     assert 0.13 <= elapsed <= 0.6
+
+
+def test_lora_switches_cost_emulated_time_by_tier_and_are_reported():
+    """Disk read + inject on first use, inject only from host memory after an eviction,
+    scales only when every adapter is resident; nothing when the set does not change."""
+    catalog = load_catalog()
+    backend = create_backend("emulated", catalog.models["StableDiffusion3"], "cpu",
+                             {"time_scale": 0.0, "lora_resident": 1})
+    backend.attach_catalog(catalog)
+
+    def step(adapters):
+        return p.TaskSpec("t", "r", 0, "denoise/1", "denoise", "StableDiffusion3", "sd3-lora-cfg", 2, [1024, 1024],
+                          {"step": 1, "steps": 4, "seed": 1, "adapters": adapters}, [], "o")
+
+    costs = backend.switch_costs
+    assert backend._switch_s([step([["a", 1.0]])]) == costs.disk_s + costs.inject_s + costs.activate_s
+    assert backend._switch_s([step([["a", 1.0]])]) == 0.0  # the same set: no switch
+    assert backend._switch_s([step([["a", 0.5]])]) == costs.activate_s  # new weight, resident adapter
+    assert backend._switch_s([step([["b", 1.0]])]) == costs.disk_s + costs.inject_s + costs.activate_s
+    assert backend._switch_s([step([["a", 0.5]])]) == costs.inject_s + costs.activate_s  # evicted, still in host memory
+    assert backend._switch_s([step([])]) == costs.activate_s  # back to the plain model
+    assert backend.residency.switches == 5

@@ -77,6 +77,7 @@ def test_requests_switching_adapter_sets_on_one_set_of_actors_each_equal_their_p
     assert np.array_equal(images[0], images[3])  # back to a set: the same image (nothing left over)
     # the effects are large: every set differs (the two orders of one set may round alike)
     assert len({images[i].tobytes() for i in (0, 1, 2, 5)}) == 4
+    assert backends.backends[f"tiny-{family}-unet"].adapter_switch_s > 0  # reported in the actor's telemetry
     unet = backends.backends[f"tiny-{family}-unet"].adapters
     assert unet.residency.switches == 6 and unet.residency.active == (("tiny-" + family + "-ink", 1.3),)
 

@@ -152,6 +152,26 @@ def test_demand_is_rate_times_work_plus_backlog_over_horizon_over_utilization():
     assert demand_devices(load, s) == pytest.approx((2.0 * 0.5 + 8.0 / 4.0) / 0.5)
 
 
+def test_lora_switching_time_counts_as_work_in_the_demand():
+    from broker import protocol as p
+    from scheduler.snapshot import switch_share
+
+    s = ScalingSettings(horizon_s=4.0, target_utilization=0.5)
+    plain = ModelLoad("M", arrival_rate=2.0, work_per_request_s=0.5, pending_s=8.0)
+    switching = ModelLoad("M", arrival_rate=2.0, work_per_request_s=0.5, pending_s=8.0, switch_share=0.25)
+    assert demand_devices(switching, s) == pytest.approx(demand_devices(plain, s) / 0.75)
+    capped = ModelLoad("M", arrival_rate=2.0, work_per_request_s=0.5, switch_share=1.0)
+    assert math.isfinite(demand_devices(capped, s))
+
+    def actor(actor_id, model, busy_s, switch_s):
+        telemetry = p.ActorTelemetry(busy_s=busy_s, adapter_switch_s=switch_s)
+        return p.ActorStats(actor_id, model, "h", "cuda:0", "busy", 1, 1, 1, 1, 0, 1, 0, telemetry)
+
+    actors = [actor("a", "M", 10.0, 1.0), actor("b", "M", 30.0, 9.0), actor("c", "N", 5.0, 0.0)]
+    assert switch_share(actors, "M") == pytest.approx(10.0 / 40.0)  # time-weighted over the pool
+    assert switch_share(actors, "N") == 0.0 and switch_share(actors, "X") == 0.0
+
+
 def test_up_cooldown_spaces_two_scale_ups():
     s = ScalingSettings(horizon_s=1.0, target_utilization=1.0, up_cooldown_s=1.0, sustain_s=0.0)
     hot = {"M": ModelLoad("M", 10, 5.0, 3.0)}

@@ -37,6 +37,7 @@ row with its own timestep, for throughput; the difference is measured in the tes
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ class DiffusersBackend:
         self.catalog = None  # the actor's catalog: a ControlNet reads its base model's scheduler there
         self.options = options
         self.adapters: lora.DiffusersAdapters | None = None  # made at the first task with LoRA
+        self.adapter_switch_s = 0.0  # seconds spent switching LoRA sets (telemetry)
         self._base_configs: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ loading
@@ -276,7 +278,9 @@ class DiffusersBackend:
             prefix = "unet" if self.model.kind == "denoiser" else (self.model.subfolder or "text_encoder")
             self.adapters = lora.DiffusersAdapters(self.component, self.model.family, self.model.kind, prefix, registry,
                                                    self.options)
+        started = time.perf_counter()
         self.adapters.apply(target)
+        self.adapter_switch_s += time.perf_counter() - started
 
     @torch.no_grad()
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:

@@ -90,6 +90,7 @@ class EmulatedBackend:
         self.residency = Residency(int(options.get("lora_host_bytes", DEFAULT_HOST_CACHE_BYTES)),
                                    int(options.get("lora_resident", DEFAULT_RESIDENT)))
         self.registry: dict = {}  # the catalog's adapters (attach_catalog)
+        self.adapter_switch_s = 0.0  # emulated seconds spent switching LoRA sets (telemetry)
 
     def attach_catalog(self, catalog) -> None:
         self.registry = catalog.adapters
@@ -107,7 +108,9 @@ class EmulatedBackend:
         height, width = tasks[0].shape
         mode = PROFILE_MODE[tasks[0].kind]
         duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale if rows else 0.0
-        duration += self._switch_s(tasks) * self.time_scale
+        switch_s = self._switch_s(tasks) * self.time_scale
+        self.adapter_switch_s += switch_s
+        duration += switch_s
         if rows:
             self.peak_bytes = max(self.peak_bytes, self.profile.peak_bytes(mode, rows, height, width))
         outputs = [self._compute(task, task_inputs) for task, task_inputs in zip(tasks, inputs, strict=True)]

@@ -208,6 +208,7 @@ class ActorTelemetry(Struct):
     stored_tensors: int = 0
     stored_bytes: int = 0
     memory_used_bytes: int = 0
+    adapter_switch_s: float = 0.0  # of `busy_s`, the time spent switching LoRA adapter sets
 
 
 @struct
