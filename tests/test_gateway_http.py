@@ -313,6 +313,13 @@ def test_no_key_ever_reaches_the_logs(setup, tmp_path):
     time.sleep(0.2)
     logs = gateway.log() + "".join(p.read_text(errors="replace") for p in (cluster.run_dir / "logs").glob("*.log"))
     assert re.search(r"http_request .*key=alice", logs) and re.search(r"console_login .*key=ops", logs)  # names only
+    # Each request's lines share its http_id, answered as X-Request-Id; its run's lines carry it too.
+    _, headers, run = request(gateway, "POST", "/v1/runs", {"workflow": WORKFLOW, "params": {"prompt": "x", "steps": 1}},
+                              key=keys["alice"])
+    sse_events(gateway, f"/v1/runs/{run['id']}/events", keys["alice"])
+    time.sleep(0.2)
+    lines = [line for line in gateway.log().splitlines() if f"http_id={headers['X-Request-Id']}" in line]
+    assert [re.search(r"\] (\w+)", line).group(1) for line in lines] == ["run_submitted", "http_request", "run_ended"]
     for secret in [*keys.values(), wrong]:
         assert secret not in logs
         assert secret[4:20] not in logs  # not even a piece of it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 
 import structlog
 from aiohttp import web
@@ -36,26 +37,32 @@ def _route_of(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler):
-    """One log line and the HTTP metrics per request, whatever became of it."""
+    """One log line and the HTTP metrics per request, whatever became of it. An `http_id`
+    is bound for every line logged on the request's behalf (its runs' lines included:
+    their tasks inherit the context) and answered as X-Request-Id."""
     started = time.perf_counter()
     status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
-        route = _route_of(request)
-        metrics = gateway_of(request).metrics
-        method = request.method if request.method in KNOWN_METHODS else "other"  # labels stay few
-        metrics.http_requests.labels(route, method, str(status)).inc()
-        metrics.http_seconds.labels(route).observe(elapsed)
-        key = request.get("key")
-        log.info("http_request", method=request.method, path=request.path, route=route, status=status,
-                 duration_ms=round(elapsed * 1000, 2), key=key.name if key else None)
+    http_id = uuid.uuid4().hex[:16]
+    with structlog.contextvars.bound_contextvars(http_id=http_id):
+        try:
+            response = await handler(request)
+            status = response.status
+            if not response.prepared:  # an event stream has sent its headers already
+                response.headers["X-Request-Id"] = http_id
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_of(request)
+            metrics = gateway_of(request).metrics
+            method = request.method if request.method in KNOWN_METHODS else "other"  # labels stay few
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_seconds.labels(route).observe(elapsed)
+            key = request.get("key")
+            log.info("http_request", method=request.method, path=request.path, route=route, status=status,
+                     duration_ms=round(elapsed * 1000, 2), key=key.name if key else None)
 
 
 def _slug(text: str) -> str:
