@@ -233,6 +233,12 @@ def cmd_bench_scheduler(args) -> int:
     return 0
 
 
+def cmd_bench_lora(args) -> int:
+    from clients.bench_lora import run_cli
+
+    return run_cli(args, "lego bench lora " + " ".join(sys.argv[3:]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--json", action="store_true")
     sb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
     sb.set_defaults(func=cmd_bench_scheduler)
+    lb = bsub.add_parser("lora", help="LoRA adapter affinity on vs off: many tenants' adapters over SD3 (emulated H800s)")
+    lb.add_argument("--gpus", type=int, help="emulated H800s, one SD3 actor on each (default 4)")
+    lb.add_argument("--rates", help="offered requests/s (H800 time), comma-separated (default 2.6,1.2)")
+    lb.add_argument("--residencies", help="lora_resident variants, comma-separated (default 8,2)")
+    lb.add_argument("--adapters", type=int, help="registered adapters (default 32)")
+    lb.add_argument("--window-s", type=float, help="arrival window, H800 seconds (default 60)")
+    lb.add_argument("--time-scale", type=float, help="emulated times and arrival gaps x this (default 0.25)")
+    lb.add_argument("--quick", action="store_true", help="CI check: 2 GPUs, a few seconds of arrivals")
+    lb.add_argument("--json", action="store_true")
+    lb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
+    lb.set_defaults(func=cmd_bench_lora)
     o = bsub.add_parser("overhead", help="broker dispatch throughput and hop latency with no-op actors")
     o.add_argument("--actors", type=int, default=2)
     o.add_argument("--max-batch-rows", type=int, default=64)
