@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker_addr = {"help": "broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)"}
 
     for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor"),
-                            ("scheduler", "run the scheduler actor (replicas, placement, admission, parallel groups)")):
+                            ("scheduler", "run the scheduler actor (replicas, placement, admission, parallel groups)"),
+                            ("gateway", "run the HTTP gateway (OpenAI images API, runs API, admin console, /metrics)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -370,12 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("broker", "agent", "actor", "scheduler"):  # process entry points parse their own flags
+    if argv and argv[0] in ("broker", "agent", "actor", "scheduler", "gateway"):  # process entry points parse their own flags
         from actors.agent import main as agent_main
         from actors.runtime import main as actor_main
         from broker.server import main as broker_main
         from scheduler.controller import main as scheduler_main
 
+        if argv[0] == "gateway":  # imported only here: aiohttp is the gateway's alone
+            from clients.gateway.server import main as gateway_main
+
+            gateway_main(argv[1:])
+            return
         mains = {"broker": broker_main, "agent": agent_main, "actor": actor_main, "scheduler": scheduler_main}
         mains[argv[0]](argv[1:])
         return

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["broker", "actors", "scheduler", "clients"]
-SUBCOMMANDS = ["broker", "agent", "actor", "up", "generate", "workflows", "status", "models", "bench"]
+SUBCOMMANDS = ["broker", "agent", "actor", "up", "generate", "workflows", "status", "models", "bench", "gateway"]
 LEGO = Path(sys.executable).parent / "lego"
 
 
