@@ -43,9 +43,9 @@ from broker.workflows import (
     ParamError,
     WorkflowSpec,
     check_image,
+    task_adapters,
     unroll,
     unroll_monolith,
-    task_adapters,
     validate_params,
 )
 from scheduler import rules

@@ -195,7 +195,7 @@ def control_suffixes(count: int) -> list[str]:
 
 def _control_inputs(controlnets: tuple[str, ...]) -> list[InputSpec]:
     inputs = []
-    for net, s in zip(controlnets, control_suffixes(len(controlnets))):
+    for net, s in zip(controlnets, control_suffixes(len(controlnets)), strict=True):
         inputs += [
             InputSpec(f"control_image{s}", "image", required=True,
                       description=f"{net}'s control image: uint8 [height, width, 3], sent as a tensor"),
@@ -628,7 +628,7 @@ def _control_plans(workflow: WorkflowSpec, params: dict, rows: int, shape: tuple
     the request's own, which then draws the initial latents)."""
     nets, images = [], []
     latent = workflow.family in LATENT_CONTROL_FAMILIES
-    for net, s in zip(workflow.controlnets, control_suffixes(len(workflow.controlnets))):
+    for net, s in zip(workflow.controlnets, control_suffixes(len(workflow.controlnets)), strict=True):
         name = f"control_image{s}"
         present = workflow.inputs[name].required if tensors is None else name in tensors
         key, index = None, 0

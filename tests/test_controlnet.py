@@ -18,13 +18,26 @@ from actors.backends.controlnet import canny_edges  # noqa: E402
 from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.workflows import ParamError, check_image, unroll, validate_params  # noqa: E402
-from tests.test_diffusers import EXTRA, FOLDER, NEGATIVE, PROMPT, SIZE, one_torch_thread, tiny  # noqa: E402,F401
+from tests.test_diffusers import (  # noqa: E402,F401
+    EXTRA,
+    FOLDER,
+    NEGATIVE,
+    PROMPT,
+    SIZE,
+    one_torch_thread,
+    tiny_models,
+)
 
 PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline",
              "sd3": "StableDiffusion3ControlNetPipeline", "flux": "FluxControlNetPipeline"}
 NETS = {"sd15": "ControlNetModel", "sdxl": "ControlNetModel", "sd3": "SD3ControlNetModel",
         "flux": "FluxControlNetModel"}
 FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_models(tmp_path_factory)
 
 
 def control_image(seed: int, size: int) -> np.ndarray:

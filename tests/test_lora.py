@@ -17,7 +17,21 @@ from actors.backends.lora import Residency  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.workflows import unroll, validate_params  # noqa: E402
 from tests.test_controlnet import control_image, control_pipeline  # noqa: E402
-from tests.test_diffusers import EXTRA, FOLDER, NEGATIVE, PIPELINES, PROMPT, SIZE, one_torch_thread, tiny  # noqa: E402,F401
+from tests.test_diffusers import (  # noqa: E402,F401
+    EXTRA,
+    FOLDER,
+    NEGATIVE,
+    PIPELINES,
+    PROMPT,
+    SIZE,
+    one_torch_thread,
+    tiny_models,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_models(tmp_path_factory)
 
 
 class Backends:

@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from broker import protocol as p
-from broker.core import BrokerCore, BrokerSettings
-from broker.workflows import CatalogError, ParamError, parse_catalog, task_adapters, unroll, validate_params
+from broker.core import BrokerCore
+from broker.workflows import (
+    CatalogError,
+    ParamError,
+    parse_catalog,
+    task_adapters,
+    unroll,
+    validate_params,
+)
 from tests.broker_helpers import (
     CATALOG_DOC,
     CLIENT,
