@@ -42,7 +42,7 @@ from clients.loadgen import (
     scale_arrivals,
 )
 from clients.local import LocalCluster, LocalClusterSpec
-from clients.systems import lego_system
+from clients.systems import SystemSpec, lego_system
 
 WORKFLOW = "sd3-lora-cfg"
 BASE = "StableDiffusion3"
@@ -58,7 +58,7 @@ class LoraBenchSettings:
     gpus: int = 4  # one SD3 replica on each; encoders and VAE spread over them
     # offered requests per emulated H800 second, headline first: one that saturates the
     # SD3 pool, one that leaves actors idle at times (where affinity has a choice)
-    rates: tuple[float, ...] = (2.6, 1.2)
+    rates: tuple[float, ...] = (2.6, 1.0)
     window_s: float = 60.0  # of arrivals, emulated H800 seconds
     steps: int = 28
     time_scale: float = 0.25
@@ -177,27 +177,25 @@ def compare(runs: dict[str, dict]) -> dict:
 # ---------------------------------------------------------------- runs on a cluster
 
 
+def placement_of(catalog, gpus: int) -> list[tuple[str, str, str]]:
+    return list(lego_system(catalog, [WORKFLOW], gpus).placement)
+
+
 def cluster_spec(s: LoraBenchSettings, resident: int, catalog: Path, run_dir: str) -> LocalClusterSpec:
     """One SD3 actor per GPU, one of each encoder and the VAE spread over them (as the
     cluster benchmark places micro-serving); no scheduler, so the pool stays fixed."""
     options = {"time_scale": s.time_scale, "load_time_scale": s.time_scale, "lora_resident": resident}
-    placement = list(lego_system(load_catalog([catalog]), [WORKFLOW], s.gpus).placement)
+    placement = placement_of(load_catalog([catalog]), s.gpus)
     return LocalClusterSpec(workflows=[WORKFLOW], emulate_gpus=s.gpus, options=options, placement=placement,
                             max_batch_rows=8, catalog=[str(catalog)], run_dir=run_dir, log_level=s.log_level,
                             heartbeat_interval_s=1.0)
 
 
 def _switch_counts(client: Client) -> dict:
-    """Switches so far: total (the broker's counter) and, where the broker reports them
-    per actor, the denoiser's and the text encoders'; denoise batches dispatched."""
+    """Switches so far (the broker's counter: every model of the set) and denoise batches."""
     stats = client.stats()
-    out = {"total": stats.counters.get("adapter_switches", 0),
-           "denoise_batches": sum(m.batches for m in stats.models if m.model == BASE)}
-    per_actor = [(a.model, getattr(a, "adapter_switches", None)) for a in stats.actors]
-    if per_actor and all(n is not None for _, n in per_actor):
-        out["denoiser"] = sum(n for model, n in per_actor if model == BASE)
-        out["encoders"] = sum(n for model, n in per_actor if model in ENCODERS)
-    return out
+    return {"total": stats.counters.get("adapter_switches", 0),
+            "denoise_batches": sum(m.batches for m in stats.models if m.model == BASE)}
 
 
 def run_once(s: LoraBenchSettings, affinity: bool, resident: int, arrivals: list[Arrival], params_for,
@@ -217,11 +215,37 @@ def run_once(s: LoraBenchSettings, affinity: bool, resident: int, arrivals: list
     result["adapter_switches"] = switches["total"]
     result["switches_per_request"] = round(switches["total"] / done, 3)
     result["denoise_batches"] = switches["denoise_batches"]
-    if "denoiser" in switches:
-        result["denoiser_switches_per_request"] = round(switches["denoiser"] / done, 3)
-        result["encoder_switches_per_request"] = round(switches["encoders"] / done, 3)
-        result["denoise_batches_switched"] = round(switches["denoiser"] / max(1, switches["denoise_batches"]), 3)
     return result
+
+
+def simulated_switches(s: LoraBenchSettings, affinity: bool, arrivals: list[Arrival], params_for,
+                       catalog: Path) -> dict:
+    """The same arrivals (unscaled) through the simulator: the real broker core in virtual
+    time, same placement, actors that take the profiles' time and pay no switch costs.
+    Its per-actor counts split the switches by model, which the cluster's Stats do not."""
+    from broker import protocol as p
+    from scheduler.sim_control import quiet_logs
+    from scheduler.simulator import Simulation
+
+    catalog_doc = load_catalog([catalog])
+    system = SystemSpec("lora-affinity", "micro", tuple(placement_of(catalog_doc, s.gpus)), drop_late=False)
+    sim = Simulation(system, catalog_doc, gpus=s.gpus, params_for=params_for, device_model="fifo")
+    with quiet_logs():
+        sim.frontend(b"bench", p.AdminConfigure({"adapter_affinity": affinity}, None))
+    if not any(isinstance(r, p.AdminReply) and r.ok for r in sim.replies):
+        raise RuntimeError(f"the simulated broker refused adapter_affinity={affinity}: {sim.replies}")
+    outcomes, _ = sim.run(arrivals)
+    done = max(1, sum(o.status == "ok" for o in outcomes))
+    counts: dict[str, list[int]] = {}
+    for actor in sim.core.actors.values():
+        switches_batches = counts.setdefault(actor.model, [0, 0])
+        switches_batches[0] += actor.adapter_switches
+        switches_batches[1] += actor.batches
+    denoiser = counts.get(BASE, [0, 0])
+    encoders = sum(counts.get(model, [0, 0])[0] for model in ENCODERS)
+    return {"denoiser_switches_per_request": round(denoiser[0] / done, 3),
+            "encoder_switches_per_request": round(encoders / done, 3),
+            "denoise_batches_switched": round(denoiser[0] / max(1, denoiser[1]), 3)}
 
 
 def run_variant(s: LoraBenchSettings, rate: float, resident: int, names: list[str], catalog: Path, root: Path) -> dict:
@@ -237,7 +261,9 @@ def run_variant(s: LoraBenchSettings, rate: float, resident: int, names: list[st
         print(f"  {rate:g} req/s, lora_resident={resident}, affinity {label}: {runs[label]['completed']} done, "
               f"{runs[label]['switches_per_request']} switches/request, "
               f"{runs[label]['throughput_h800_per_s']} req/s (H800)", flush=True)
-    return {"rate_per_s": rate, "lora_resident": resident, "requests": len(arrivals),
+    simulated = {label: simulated_switches(s, affinity, arrivals, params_for, catalog)
+                 for label, affinity in (("on", True), ("off", False))}
+    return {"rate_per_s": rate, "lora_resident": resident, "requests": len(arrivals), "simulated": simulated,
             "distinct_sets": len(set(sets)),
             "top_set_share": round(Counter(sets).most_common(1)[0][1] / len(sets), 3) if sets else 0.0,
             "arrival_order_changes_per_request": round(consecutive_changes(sets) / max(1, len(sets)), 3),
@@ -275,21 +301,19 @@ def _fmt(x, pattern: str = "{}") -> str:
 
 
 def lora_table(result: dict) -> str:
-    runs = [(v, label, r) for v in result["variants"] for label, r in v["runs"].items()]
-    split = any("denoiser_switches_per_request" in r for _, _, r in runs)
     head = ["offered req/s (H800)", "lora_resident", "affinity", "completed", "req/s (wall)", "req/s (H800)",
-            "p50 (H800 s)", "p99 (H800 s)", "switches / request"]
-    if split:
-        head += ["denoiser switches / request", "text-encoder switches / request", "denoise batches that switched"]
+            "p50 (H800 s)", "p99 (H800 s)", "switches / request", "sim: denoiser switches / request",
+            "sim: text-encoder switches / request", "sim: denoise batches that switched"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for v, label, r in runs:
-        row = [f"{v['rate_per_s']:g}", str(v["lora_resident"]), label, f"{r['completed']}/{r['requests']}",
-               f"{r['throughput_wall_per_s']:.3f}", f"{r['throughput_h800_per_s']:.3f}",
-               _fmt(r["p50_latency_h800_s"]), _fmt(r["p99_latency_h800_s"]), f"{r['switches_per_request']:.2f}"]
-        if split:
-            row += [_fmt(r.get("denoiser_switches_per_request")), _fmt(r.get("encoder_switches_per_request")),
-                    _fmt(r.get("denoise_batches_switched"), "{:.1%}")]
-        lines.append("| " + " | ".join(row) + " |")
+    for v in result["variants"]:
+        for label, r in v["runs"].items():
+            sim = v["simulated"][label]
+            row = [f"{v['rate_per_s']:g}", str(v["lora_resident"]), label, f"{r['completed']}/{r['requests']}",
+                   f"{r['throughput_wall_per_s']:.3f}", f"{r['throughput_h800_per_s']:.3f}",
+                   _fmt(r["p50_latency_h800_s"]), _fmt(r["p99_latency_h800_s"]), f"{r['switches_per_request']:.2f}",
+                   f"{sim['denoiser_switches_per_request']:.2f}", f"{sim['encoder_switches_per_request']:.2f}",
+                   f"{sim['denoise_batches_switched']:.1%}"]
+            lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| offered req/s (H800) | lora_resident | throughput on / off | switches per request on / off | "
                   "p99 on / off |", "| --- | --- | --- | --- | --- |"]
     for v in result["variants"]:
@@ -314,8 +338,10 @@ def describe_setup(result: dict) -> str:
             f"profile measures adapters): disk read {costs['disk']} s, inject {costs['inject']} s per adapter, "
             f"activate {costs['activate']} s (H800 seconds), host cache 4 GiB of 150 MiB adapters; lora_resident "
             f"adapters stay injected per actor. A switch is counted for every adapted model call (the SD3 denoiser "
-            f"and its three text encoders) whose set differs from its actor's current one. Throughput: completions "
-            f"from {STEADY_FROM:.0%} of the arrival window to its end.")
+            f"and its three text encoders) whose set differs from its actor's current one; the cluster's Stats count "
+            f"them in total only, so the `sim:` columns split them by model from the same arrivals run through the "
+            f"simulator (the same broker core in virtual time, same placement, no switch costs). Throughput: "
+            f"completions from {STEADY_FROM:.0%} of the arrival window to its end.")
 
 
 def reading(result: dict) -> str:

@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_bench_scheduler)
     lb = bsub.add_parser("lora", help="LoRA adapter affinity on vs off: many tenants' adapters over SD3 (emulated H800s)")
     lb.add_argument("--gpus", type=int, help="emulated H800s, one SD3 actor on each (default 4)")
-    lb.add_argument("--rates", help="offered requests/s (H800 time), comma-separated (default 2.6,1.2)")
+    lb.add_argument("--rates", help="offered requests/s (H800 time), comma-separated (default 2.6,1.0)")
     lb.add_argument("--residencies", help="lora_resident variants, comma-separated (default 8,2)")
     lb.add_argument("--adapters", type=int, help="registered adapters (default 32)")
     lb.add_argument("--window-s", type=float, help="arrival window, H800 seconds (default 60)")

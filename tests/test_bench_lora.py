@@ -88,6 +88,11 @@ def test_quick_mode_runs_both_settings_over_the_same_arrivals(quick, tmp_path):
         assert run["denoise_batches"] >= run["completed"]  # 28 steps each, at most 4 requests a batch
         assert abs(run["throughput_h800_per_s"] - run["throughput_wall_per_s"] * quick["time_scale"]) < 1e-2
     assert set(variant["ratios"]) == {"throughput_ratio", "switches_ratio", "p99_ratio"}
+    for label in ("on", "off"):  # the same arrivals in the simulator, split by model
+        sim = variant["simulated"][label]
+        assert sim["encoder_switches_per_request"] > 0 and 0 < sim["denoise_batches_switched"] < 1
+        # every distinct set is applied to some denoiser at least once (they start plain)
+        assert sim["denoiser_switches_per_request"] >= variant["distinct_sets"] / variant["requests"] - 1e-3
     assert quick["switch_costs_assumed_s"] == {"disk": 0.25, "inject": 0.06, "activate": 0.002}
     table = lora_table(quick)
     assert "| 0.5 | 2 | on |" in table and "| 0.5 | 2 | off |" in table and "switches per request on / off" in table
@@ -104,3 +109,7 @@ def test_quick_mode_runs_both_settings_over_the_same_arrivals(quick, tmp_path):
 def test_affinity_cuts_switches_per_request(quick):
     (variant,) = quick["variants"]
     assert variant["runs"]["on"]["switches_per_request"] < variant["runs"]["off"]["switches_per_request"]
+    # the simulator replays the same arrivals through the same broker core, without the
+    # emulated cluster's timing noise: a chance gap above cannot pass this one
+    simulated = variant["simulated"]
+    assert simulated["on"]["denoiser_switches_per_request"] < simulated["off"]["denoiser_switches_per_request"]
