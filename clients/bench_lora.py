@@ -21,6 +21,7 @@ processes) and talks to them through the Client library only.
 from __future__ import annotations
 
 import datetime
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -260,7 +261,7 @@ def run_variant(s: LoraBenchSettings, rate: float, resident: int, names: list[st
                                run_dir)
         print(f"  {rate:g} req/s, lora_resident={resident}, affinity {label}: {runs[label]['completed']} done, "
               f"{runs[label]['switches_per_request']} switches/request, "
-              f"{runs[label]['throughput_h800_per_s']} req/s (H800)", flush=True)
+              f"{runs[label]['throughput_h800_per_s']} req/s (H800)", file=sys.stderr, flush=True)
     simulated = {label: simulated_switches(s, affinity, arrivals, params_for, catalog)
                  for label, affinity in (("on", True), ("off", False))}
     return {"rate_per_s": rate, "lora_resident": resident, "requests": len(arrivals), "simulated": simulated,
@@ -344,16 +345,33 @@ def describe_setup(result: dict) -> str:
             f"completions from {STEADY_FROM:.0%} of the arrival window to its end.")
 
 
+def _saturated(v: dict) -> bool:
+    """Whether the pool fell behind the offered load (else throughput is the offered rate)."""
+    return v["runs"]["off"]["throughput_h800_per_s"] < 0.9 * v["rate_per_s"]
+
+
 def reading(result: dict) -> str:
-    """The result in words, from its numbers."""
-    lines = []
-    for v in result["variants"]:
-        on, off, ratio = v["runs"]["on"], v["runs"]["off"], v["ratios"]
-        lines.append(f"- {v['rate_per_s']:g} req/s offered, lora_resident={v['lora_resident']}: affinity on "
-                     f"{on['switches_per_request']:.2f} switches per request vs {off['switches_per_request']:.2f} off "
-                     f"(x{_fmt(ratio['switches_ratio'])}), throughput x{_fmt(ratio['throughput_ratio'])}, "
-                     f"p99 x{_fmt(ratio['p99_ratio'])}.")
-    return "\n".join(lines)
+    """The result in three lines, from its numbers: the headline variant (the first), where
+    the switches are (the simulator's split, per rate), what residency costs."""
+    head = result["variants"][0]
+    on, off, ratio = head["runs"]["on"], head["runs"]["off"], head["ratios"]
+    load = "saturated" if _saturated(head) else "not saturated: throughput is the offered rate"
+    lines = [f"Headline, {head['rate_per_s']:g} req/s offered ({load}), lora_resident={head['lora_resident']}: "
+             f"{on['switches_per_request']:.2f} switches per request with affinity, {off['switches_per_request']:.2f} "
+             f"without (x{_fmt(ratio['switches_ratio'])}); throughput x{_fmt(ratio['throughput_ratio'])}, p99 "
+             f"x{_fmt(ratio['p99_ratio'])}."]
+    by_rate = {v["rate_per_s"]: v["simulated"] for v in result["variants"]}
+    split = "; ".join(f"{rate:g} req/s: denoiser {sim['on']['denoiser_switches_per_request']:.2f} with vs "
+                      f"{sim['off']['denoiser_switches_per_request']:.2f} without, text encoders "
+                      f"{sim['on']['encoder_switches_per_request']:.2f} vs {sim['off']['encoder_switches_per_request']:.2f}"
+                      for rate, sim in by_rate.items())
+    lines.append(f"Per request, split by model (simulator, same arrivals): {split}.")
+    same_rate = [v for v in result["variants"] if v["rate_per_s"] == head["rate_per_s"]]
+    if len(same_rate) > 1:
+        costs = ", ".join(f"lora_resident={v['lora_resident']} {v['runs']['off']['throughput_h800_per_s']:.3f}"
+                          for v in same_rate)
+        lines.append(f"Residency at {head['rate_per_s']:g} req/s, throughput without affinity (req/s, H800): {costs}.")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def record(result: dict, path: str, command: str, notes: str = "") -> None:
