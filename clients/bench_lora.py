@@ -411,7 +411,7 @@ def run_cli(args, command: str) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
-        print(f"lego bench lora: {exc}")
+        print(f"lego bench lora: {exc}", file=sys.stderr)
         return 2
     result = run_lora_bench(settings)
     print(json.dumps(result, indent=2) if args.json else f"{lora_table(result)}\n\n{reading(result)}")
