@@ -59,6 +59,8 @@ class BrokerConfig:
     drop_late: bool = False  # fail requests whose SLO deadline passed instead of running them
     drop_hopeless: bool = False  # ...or can no longer be met (remaining critical path)
     batch_by_profile: bool = True  # cap batches at the rows the profile says still pay
+    adapter_affinity: bool = True  # LoRA: send a set where it is applied; an actor runs its own set's tasks first
+    adapter_bypass_s: float = 2.5  # ...when they are at most this much (profile seconds) younger than the head
     send_hwm: int = 100_000
     log_format: str = "console"
     log_level: str = "info"
@@ -80,6 +82,8 @@ class BrokerConfig:
             drop_late=self.drop_late,
             drop_hopeless=self.drop_hopeless,
             batch_by_profile=self.batch_by_profile,
+            adapter_affinity=self.adapter_affinity,
+            adapter_bypass_s=self.adapter_bypass_s,
         )
 
 
@@ -243,10 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-late", choices=("on", "off"))
     parser.add_argument("--drop-hopeless", choices=("on", "off"))
     parser.add_argument("--batch-by-profile", choices=("on", "off"))
+    parser.add_argument("--adapter-affinity", choices=("on", "off"))
+    parser.add_argument("--adapter-bypass-s", type=float)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config"}
-    for flag in ("admission", "drop_late", "drop_hopeless", "batch_by_profile"):
+    for flag in ("admission", "drop_late", "drop_hopeless", "batch_by_profile", "adapter_affinity"):
         if cli.get(flag) is not None:
             cli[flag] = cli[flag] == "on"
     config = load_config(BrokerConfig, "broker", args.config, cli)

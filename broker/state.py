@@ -170,6 +170,15 @@ class ReadyQueue:
                 best = heap[0]
         return best[4] if best else None
 
+    def head_with(self, wanted) -> Node | None:
+        """The first live task among the heaps whose batch key `wanted` accepts."""
+        best = None
+        for key in [k for k in self.heaps if wanted(k)]:
+            heap = self._clean(key)
+            if heap and (best is None or heap[0] < best):
+                best = heap[0]
+        return best[4] if best else None
+
     def take_batch(self, first: Node, max_rows: int) -> list[Node]:
         """`first` (the head) plus compatible tasks in queue order, up to `max_rows` rows."""
         heap = self._clean(first.batch_key)

@@ -45,7 +45,8 @@ def snapshot(core: BrokerCore, now: float) -> p.Stats:
     actor_stats = [
         p.ActorStats(a.actor_id, a.model, a.host, a.device, _actor_state(a), a.credits,
                      sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
-                     a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend, a.stopping)
+                     a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend, a.stopping,
+                     a.adapter_switches)
         for a in actors
     ]
     agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in core.agents.values()]

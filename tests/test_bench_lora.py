@@ -103,9 +103,6 @@ def test_quick_mode_runs_both_settings_over_the_same_arrivals(quick, tmp_path):
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(strict=True, reason="broker/core.py's adapter affinity filters only the idle actors on a free GPU, "
-                                       "and under load only one actor is free: on 2 GPUs it never changes a decision "
-                                       "(docs/benchmarks.md, LoRA adapter affinity)")
 def test_affinity_cuts_switches_per_request(quick):
     (variant,) = quick["variants"]
     assert variant["runs"]["on"]["switches_per_request"] < variant["runs"]["off"]["switches_per_request"]

@@ -135,6 +135,40 @@ def test_affinity_sends_a_set_to_the_actor_that_has_it_and_switches_are_counted(
     assert placed[False][2] == placed[True][2]
 
 
+def test_affinity_outranks_the_free_gpu_preference():
+    """The actor with the set shares its GPU with a busy encoder; another idle actor has
+    a GPU to itself: the set wins (a switch costs more than sharing for a few ms)."""
+    core = make_core()
+    sends = hello(core, "den-1", "den", credits=1)
+    core.actors["den-1"].adapters = (("clay", 1.0),)
+    core.actors["den-1"].device = "gpu-1"
+    sends += hello(core, "den-2", "den", credits=1)
+    core.actors["den-2"].device = "gpu-2"
+    sends += hello(core, "enc-b-1", "enc-b", credits=1)
+    core.actors["enc-b-1"].device = "gpu-1"
+    core.actors["enc-b-1"].in_flight[99] = []  # busy on den-1's GPU
+    core.actors_by_device = {}
+    for actor in core.actors.values():
+        core.actors_by_device.setdefault((actor.host, actor.device), []).append(actor)
+    sends += _first_steps(core, [("r1", [{"name": "clay"}])])
+    assert batches(sends, "den-1") and not batches(sends, "den-2")
+
+
+def test_an_actor_takes_a_task_of_its_own_set_before_a_slightly_older_head():
+    for bypass_s, expected in ((2.5, "r2"), (0.0, "r1")):
+        core = make_core(adapter_bypass_s=bypass_s)
+        sends = hello(core, "den-1", "den", credits=0)
+        core.actors["den-1"].adapters = (("clay", 1.0),)
+        sends += submit(core, "r1", "styled", loras=[{"name": "ink"}], now=0.0)
+        sends += submit(core, "r2", "styled", loras=[{"name": "clay"}], now=1.0)
+        encoded = hello(core, "enc-a-1", "enc-a", max_batch_rows=64)
+        while encoded:
+            encoded = [s for b in batches(encoded, "enc-a-1") for s in done(core, "enc-a-1", b)]
+        sends = core.on_backend(b"den-1", p.Credit(1), [], 2.0)  # the actor frees up: r1's step is the head
+        (batch,) = batches(sends, "den-1")
+        assert [t.request_id for t in batch.tasks] == [expected], bypass_s
+
+
 def test_a_request_without_adapters_takes_the_set_off_an_actor():
     core = make_core()
     sends = hello(core, "den-1", "den", credits=1)

@@ -58,9 +58,8 @@ class Residency:
         plan.from_disk = [n for n in names if n not in self.host]
         plan.inject = [n for n in names if n not in self.resident]
         room = self.max_resident - len(self.resident)
-        if len(names) > self.max_resident:
-            raise ValueError(f"loras: {len(names)} adapters in one request, but this actor keeps at most "
-                             f"{self.max_resident} resident (options.lora_resident)")
+        # A set larger than the actor keeps resident still runs: every other adapter goes,
+        # and the set stays over the bound until a later switch evicts down to it.
         victims = [n for n in self.resident if n not in names]
         plan.evict = victims[:max(0, len(plan.inject) - room)]
         return plan

@@ -264,6 +264,7 @@ class ActorStats(Struct):
     # state "draining" means no new work: by an operator's drain (kept alive, can be
     # undrained) or on its way out (`stopping`: its agent stops it once it holds nothing).
     stopping: bool = False
+    adapter_switches: int = 0  # LoRA adapter-set switches the broker sent it into
 
 
 @struct
