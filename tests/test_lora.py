@@ -68,7 +68,8 @@ def lora_pipeline(root, family: str, adapters: list[tuple[str, float]], seed: in
         pipe.load_lora_weights(root / FOLDER[family] / "loras" / name, adapter_name=f"tiny-{family}-{name}")
     if adapters:
         pipe.set_adapters([f"tiny-{family}-{n}" for n, _ in adapters], [w for _, w in adapters])
-    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, height=SIZE[family],
+    guidance = {"true_cfg_scale": 7.5} if family == "flux" else {"guidance_scale": 7.5}  # Flux: true CFG
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, height=SIZE[family], **guidance,
                width=SIZE[family], generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
     return (out[0] * 255).round().astype("uint8")
 
@@ -78,7 +79,7 @@ def params_for(family: str, adapters: list[tuple[str, float]], seed: int) -> dic
             "loras": [{"name": f"tiny-{family}-{n}", "weight": w} for n, w in adapters]}
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_requests_switching_adapter_sets_on_one_set_of_actors_each_equal_their_pipeline(tiny, family):
     root, _, catalog = tiny
     backends = Backends(catalog)

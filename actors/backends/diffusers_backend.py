@@ -275,7 +275,8 @@ class DiffusersBackend:
                 raise ValueError(f"loras: {self.model.name} is a {self.model.kind}; adapters apply to base models "
                                  "and text encoders")
             registry = self.catalog.adapters if self.catalog is not None else {}
-            prefix = "unet" if self.model.kind == "denoiser" else (self.model.subfolder or "text_encoder")
+            prefix = lora.DENOISER_PREFIX.get(self.model.family, "unet") if self.model.kind == "denoiser" else (
+                self.model.subfolder or "text_encoder")
             self.adapters = lora.DiffusersAdapters(self.component, self.model.family, self.model.kind, prefix, registry,
                                                    self.options)
         started = time.perf_counter()

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOADER_MIXINS = {"sd15": "StableDiffusionLoraLoaderMixin", "sdxl": "StableDiffusionXLLoraLoaderMixin"}
+LOADER_MIXINS = {"sd15": "StableDiffusionLoraLoaderMixin", "sdxl": "StableDiffusionXLLoraLoaderMixin",
+                 "sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin"}
+DENOISER_PREFIX = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 DEFAULT_HOST_CACHE_BYTES = 4 << 30
 DEFAULT_RESIDENT = 8  # adapters injected in one model at a time
 
@@ -154,6 +156,7 @@ class DiffusersAdapters:
                              f"(served: {sorted(LOADER_MIXINS)})")
         self.mixin = getattr(diffusers.loaders, LOADER_MIXINS[family])
         self.component, self.role, self.prefix, self.registry = component, role, prefix, registry
+        self.family = family
         self.residency = Residency(int(options.get("lora_host_bytes", DEFAULT_HOST_CACHE_BYTES)),
                                    int(options.get("lora_resident", DEFAULT_RESIDENT)))
         self._host: dict[str, tuple] = {}  # name -> (state dict, network alphas, metadata)
@@ -164,8 +167,16 @@ class DiffusersAdapters:
         if spec is None or not spec.source:
             raise ValueError(f"loras: adapter {name!r} has no source in this actor's catalog")
         folder, weight_name = adapter_file(spec.source, name)
-        state, alphas, metadata = self.mixin.lora_state_dict(folder, weight_name=weight_name, use_safetensors=True,
-                                                             return_lora_metadata=True)
+        kwargs = {"weight_name": weight_name, "use_safetensors": True, "return_lora_metadata": True}
+        if self.family == "sd3":  # its reader returns no network alphas
+            (state, metadata), alphas = self.mixin.lora_state_dict(folder, **kwargs), None
+        elif self.family == "flux":
+            state, alphas, metadata = self.mixin.lora_state_dict(folder, return_alphas=True, **kwargs)
+            if any("lora" not in key for key in state):
+                raise ValueError(f"adapters.{name}.source: Flux control LoRAs (norm layers, expanded inputs) "
+                                 "are not served; plain LoRA adapters are")
+        else:
+            state, alphas, metadata = self.mixin.lora_state_dict(folder, **kwargs)
         self._host[name] = (state, alphas, metadata)
         return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -174,7 +185,11 @@ class DiffusersAdapters:
         ours = any(key.startswith(f"{self.prefix}.") for key in state)
         if not ours:
             return  # e.g. an adapter without text-encoder layers: this component runs without it
-        if self.role == "denoiser":
+        if self.role == "denoiser" and self.family == "sd3":
+            self.mixin.load_lora_into_transformer(state, self.component, adapter_name=name, metadata=metadata)
+        elif self.role == "denoiser" and self.family == "flux":
+            self.mixin.load_lora_into_transformer(state, alphas, self.component, adapter_name=name, metadata=metadata)
+        elif self.role == "denoiser":
             self.mixin.load_lora_into_unet(state, alphas, self.component, adapter_name=name, metadata=metadata)
         else:
             self.mixin.load_lora_into_text_encoder(state, alphas, self.component, prefix=self.prefix,

@@ -394,23 +394,29 @@ def build_loras(folder: Path, family: str, seed: int = 0) -> dict[str, Path]:
     `save_lora_weights` writes them (`loras/NAME/pytorch_lora_weights.safetensors`).
     peft initialises lora_B to zeros (a no-op adapter): it gets random weights here,
     large enough that an adapter applied to the wrong request changes its image."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     encoders = {"sd15": [("text_encoder", CLIPTextModel)],
-                "sdxl": [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]}[family]
-    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+                "sdxl": [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)],
+                "sd3": [("text_encoder", CLIPTextModelWithProjection), ("text_encoder_2", CLIPTextModelWithProjection)],
+                "flux": [("text_encoder", CLIPTextModel)]}[family]  # Flux's T5 takes no LoRA in diffusers
+    pipeline, denoiser, denoiser_sub = {
+        "sd15": ("StableDiffusionPipeline", "UNet2DConditionModel", "unet"),
+        "sdxl": ("StableDiffusionXLPipeline", "UNet2DConditionModel", "unet"),
+        "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "transformer"),
+        "flux": ("FluxPipeline", "FluxTransformer2DModel", "transformer")}[family]
     paths = {}
     for index, (name, (rank, with_text)) in enumerate(LORAS.items()):
         torch.manual_seed(seed + 200 + index)
         layers = {}
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        layers["unet_lora_layers"] = get_peft_model_state_dict(unet)
+        model = getattr(diffusers, denoiser).from_pretrained(folder, subfolder=denoiser_sub)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        layers[f"{denoiser_sub}_lora_layers"] = get_peft_model_state_dict(model)
         for sub, cls in encoders if with_text else ():
             encoder = cls.from_pretrained(folder, subfolder=sub)
             # peft directly: transformers' own add_adapter wants a newer peft than PyPI has
@@ -418,7 +424,7 @@ def build_loras(folder: Path, family: str, seed: int = 0) -> dict[str, Path]:
                                                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
             layers[f"{sub}_lora_layers"] = get_peft_model_state_dict(encoder)
         paths[name] = folder / "loras" / name
-        pipeline.save_lora_weights(paths[name], **layers)
+        getattr(diffusers, pipeline).save_lora_weights(paths[name], **layers)
     return paths
 
 
@@ -458,6 +464,7 @@ def _sd3_catalog(folder: Path) -> str:
     encoders = ["tiny-sd3-clip-l", "tiny-sd3-clip-g", "tiny-sd3-t5"]
     for suffix, cfg, img2img in STANDARD_WORKFLOWS:
         text += _workflow(f"tiny-sd3-t5-{suffix}", encoders, "tiny-sd3-unet", "tiny-sd3-vae", cfg, img2img, info)
+    text += _lora_catalog("tiny-sd3", "sd3", folder, info, ["tiny-sd3-clip-l", "tiny-sd3-clip-g"])
     return text + _controlnet_catalog("tiny-sd3", "sd3", folder, info, ["tiny-sd3-clip-l", "tiny-sd3-clip-g"])
 
 
@@ -468,6 +475,7 @@ def _flux_catalog(root: Path) -> str:
     text = _family_catalog("tiny-flux", "flux", root / "flux", {"clip": "text_encoder", "t5": "text_encoder_2"}, info,
                            STANDARD_WORKFLOWS)
     text += _controlnet_catalog("tiny-flux", "flux", root / "flux", info, ["tiny-flux-clip", "tiny-flux-t5"])
+    text += _lora_catalog("tiny-flux", "flux", root / "flux", info, ["tiny-flux-clip", "tiny-flux-t5"])
     build_flux(root / "flux-dev", guidance_embeds=True)  # a complete pipeline folder, for FluxPipeline
     text += _model("tiny-flux-dev-unet", "denoiser", "flux", root / "flux-dev", "transformer",
                    f"latent_channels = 4\nvae_scale = {info['vae_scale']}\n")
