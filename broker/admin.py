@@ -21,7 +21,8 @@ log = structlog.get_logger("broker.core")
 
 MAX_REPLICAS = 4096
 CONFIGURABLE = {"admission": bool, "admission_bound": str, "slo_multiple": (int, float), "cfg_split": str, "serving": str, "drop_late": bool,
-                "drop_hopeless": bool, "adapter_affinity": bool, "adapter_bypass_s": (int, float)}
+                "drop_hopeless": bool, "adapter_affinity": bool, "adapter_bypass_s": (int, float),
+                "admission_overhead_s": (int, float)}
 
 
 class AdminMixin:

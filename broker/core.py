@@ -74,6 +74,10 @@ class BrokerSettings:
     # of its solo latency from the profiles; workflows without profiles are not checked.
     admission: bool = False
     admission_bound: str = "max"  # "max" (the paper's lower bound) | "sum" (queue, then solo): rules.admission
+    # Real seconds the runtime adds to a request beyond its profile times (dispatch hops,
+    # fetches, actor Python, result): added to the solo latency admission estimates. The
+    # profiles time model calls alone; a request that just fits its SLO on paper misses it.
+    admission_overhead_s: float = 0.0
     slo_multiple: float = 2.0
     cost_scale: float = 1.0  # profile times x this (an emulated cluster's time_scale)
     # "micro": requests are unrolled into node tasks; "monolith": each request is one
@@ -123,6 +127,8 @@ class BrokerSettings:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_misses >= 1")
         if not isinstance(self.adapter_affinity, bool):
             raise ValueError(f"adapter_affinity: expected true or false, got {self.adapter_affinity!r}")
+        if not (isinstance(self.admission_overhead_s, (int, float)) and self.admission_overhead_s >= 0):
+            raise ValueError(f"admission_overhead_s: expected seconds >= 0, got {self.admission_overhead_s!r}")
         if not (isinstance(self.adapter_bypass_s, (int, float)) and self.adapter_bypass_s >= 0):
             raise ValueError(f"adapter_bypass_s: expected a number of seconds >= 0, got {self.adapter_bypass_s!r}")
 
@@ -386,8 +392,8 @@ class BrokerCore(RecoveryMixin, AdminMixin):
                 devices = max(1, len(devices))
             else:
                 queued, devices = self.load.queued_min_s, self._device_count()
-            decision = rules.admission(self.load.solo_s(workflow, params) or 0.0, queued, devices, slo,
-                                       self.settings.admission_bound)
+            solo = (self.load.solo_s(workflow, params) or 0.0) + self.settings.admission_overhead_s
+            decision = rules.admission(solo, queued, devices, slo, self.settings.admission_bound)
             if not decision.admit:
                 self.load.stats(workflow.name).rejected += 1
                 # When the queue sets the bound: once it has drained by that much, it fits.

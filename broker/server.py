@@ -53,6 +53,7 @@ class BrokerConfig:
     cfg_split: str = "never"  # "always": CFG branches as separate tasks, for two actors; "auto": by load
     admission: bool = False  # refuse requests that cannot meet their SLO (the scheduler turns it on)
     admission_bound: str = "max"  # max (the paper's lower bound) | sum (queue, then solo latency)
+    admission_overhead_s: float = 0.0  # runtime seconds per request added to the solo latency at admission
     slo_multiple: float = 2.0  # SLO = this x the solo latency, where a workflow sets no slo_s
     cost_scale: float = 1.0  # profile times x this: the emulated actors' time_scale
     serving: str = "micro"  # or "monolith": each request one task on a pipeline/WORKFLOW actor (baselines)
@@ -76,6 +77,7 @@ class BrokerConfig:
             cfg_split=self.cfg_split,
             admission=self.admission,
             admission_bound=self.admission_bound,
+            admission_overhead_s=self.admission_overhead_s,
             slo_multiple=self.slo_multiple,
             cost_scale=self.cost_scale,
             serving=self.serving,
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
     parser.add_argument("--admission", choices=("on", "off"))
     parser.add_argument("--admission-bound", choices=("max", "sum"))
+    parser.add_argument("--admission-overhead-s", type=float)
     parser.add_argument("--slo-multiple", type=float)
     parser.add_argument("--cost-scale", type=float)
     parser.add_argument("--serving", choices=("micro", "monolith"))

@@ -116,7 +116,10 @@ def lego_system(catalog: Catalog, workflows: list[str], gpus: int, time_scale: f
               ("--up-cooldown-s", 1.0), ("--down-cooldown-s", 10.0)]
     # Admission estimates queue-then-solo ("sum"): the paper's lower bound ("max") admits
     # requests that queueing then makes miss (the simulator's finding; docs/benchmarks.md).
-    args = ["--admission", "true", "--admission-bound", "sum", "--cfg-split", "auto",
+    # The runtime's own time per request (about 10 batches x 10.5 ms + 14 ms, measured on
+    # the dev VM: docs/benchmarks.md) counts at admission: without it a request that fits
+    # its SLO on paper is admitted and then misses (simulated x6: 66.9% -> 76.4%).
+    args = ["--admission", "true", "--admission-bound", "sum", "--cfg-split", "auto", "--admission-overhead-s", "0.12",
             "--interval-s", str(max(0.1, 0.5 * time_scale))]
     args += [arg for flag, value in scaled for arg in (flag, f"{value * time_scale:g}")]
     if pin_base:

@@ -45,6 +45,7 @@ class SchedulerConfig:
     max_batch_rows: int = 8
     admission: bool = True
     admission_bound: str = "max"  # the broker's: max (the paper's lower bound) | sum (queue, then solo)
+    admission_overhead_s: float = 0.0  # the broker's: runtime seconds per request beyond the profiles
     slo_multiple: float = 2.0
     cfg_split: str = "auto"
     horizon_s: float = 4.0
@@ -125,6 +126,7 @@ class SchedulerController:
     def configure_broker(self) -> None:
         c = self.config
         self.client.configure({"admission": c.admission, "admission_bound": c.admission_bound,
+                               "admission_overhead_s": c.admission_overhead_s,
                                "slo_multiple": c.slo_multiple, "cfg_split": c.cfg_split})
 
     def step(self, stats: p.Stats | None = None, now: float | None = None) -> list:
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-rows", type=int)
     parser.add_argument("--admission", type=lambda s: s.lower() in ("1", "true", "on", "yes"))
     parser.add_argument("--admission-bound", choices=("max", "sum"))
+    parser.add_argument("--admission-overhead-s", type=float)
     parser.add_argument("--slo-multiple", type=float)
     parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
     parser.add_argument("--horizon-s", type=float)

@@ -151,6 +151,26 @@ def test_admission_rejects_exactly_when_queued_work_per_device_exceeds_the_slack
     assert of(submit(core, "after-cancel", CFG), p.Accepted)
 
 
+def test_the_runtime_overhead_counts_at_admission():
+    """With the sum bound a request is refused once queue wait + solo + overhead exceeds
+    its SLO: the overhead moves the first refusal earlier by exactly what it takes."""
+    first_refused = {}
+    for overhead in (0.0, 1.0):
+        core = flux_core(admission=True, admission_bound="sum", admission_overhead_s=overhead)
+        agent_with(core, 1)
+        slo, solo = core.load.default_slo(core.catalog.workflows[CFG], core.settings.slo_multiple)
+        for i in range(60):
+            queued = core.load.queued_min_s
+            admitted = bool(of(submit(core, f"r{i}", CFG), p.Accepted))
+            assert admitted is (queued + solo + overhead <= slo), (overhead, i)
+            if not admitted:
+                first_refused[overhead] = i
+                break
+    assert first_refused[1.0] < first_refused[0.0]
+    with pytest.raises(ValueError, match="admission_overhead_s"):
+        flux_core(admission_overhead_s=-1.0)
+
+
 def test_without_admission_nothing_is_rejected():
     core = flux_core(admission=False)
     agent_with(core, 1)
