@@ -14,7 +14,7 @@ from __future__ import annotations
 from broker import protocol as p
 from broker.protocol.errors import ErrorCode
 from broker.state import BACKEND, DONE, RUNNING, WAITING, ActorState, Node
-from broker.workflows import PIPELINE_PREFIX, task_adapters
+from broker.workflows import PIPELINE_PREFIX
 
 
 class DispatchMixin:
@@ -37,7 +37,7 @@ class DispatchMixin:
             # Idle actors on a GPU nobody else is computing on, then idle ones, then any:
             # a task beside another actor's batch runs time-sliced, at a fraction of its speed.
             idle = [a for a in candidates if not a.in_flight]
-            adapters = task_adapters(head.kind, head.params)
+            adapters = head.adapters
             if adapters and self.settings.adapter_affinity:
                 # Before the free-GPU preference: a switch costs a weight update, sharing the
                 # GPU with an encoder's call a few milliseconds.
@@ -56,10 +56,10 @@ class DispatchMixin:
         an actor frees up alone, so which task it takes is what decides the switches."""
         if not self.settings.adapter_affinity or not actor.adapters:
             return head
-        wanted = task_adapters(head.kind, head.params)
+        wanted = head.adapters
         if wanted is None or wanted == actor.adapters:
             return head
-        mine = queue.head_with(lambda key: len(key) > 2 and key[2] == actor.adapters)
+        mine = queue.head_with(lambda key: key[2] == actor.adapters)
         limit = self.settings.adapter_bypass_s * self.settings.cost_scale
         if mine is not None and mine.request.submitted_at - head.request.submitted_at <= limit:
             return mine
@@ -150,7 +150,7 @@ class DispatchMixin:
                 output_id=node.output_id, return_output=node.return_output, tensors=client_tensors,
             ))
         actor.credits -= 1
-        adapters = task_adapters(batch[0].kind, batch[0].params)  # one set per batch (batch_key)
+        adapters = batch[0].adapters  # one set per batch (batch_key)
         if adapters is not None and adapters != actor.adapters:
             actor.adapters = adapters  # the actor switches before it runs this batch
             actor.adapter_switches += 1

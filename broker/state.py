@@ -23,7 +23,7 @@ class Node:
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
         "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo", "siblings",
-        "cost_s", "min_cost_s", "tail_s", "ready_at",
+        "cost_s", "min_cost_s", "tail_s", "ready_at", "adapters", "batch_key",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -57,15 +57,13 @@ class Node:
         self.min_cost_s = 0.0  # its share of a full batch: the least it can cost
         self.tail_s = 0.0  # profile time of the longest path from it to the output, itself included
         self.ready_at = 0.0  # when it last became ready (its queue wait starts there)
-
-    @property
-    def batch_key(self) -> tuple:
-        """Tasks batch together only when this matches (model is implied by the queue;
-        a monolith serving several workflows never mixes them in one call)."""
-        if self.kind == "pipeline":
-            return (self.kind, self.shape, self.request.workflow)
-        # Only tasks with the same LoRA adapters and weights share a model call.
-        return (self.kind, self.shape, task_adapters(self.kind, self.params))
+        # The LoRA set its model call runs with (None: no adapted call), fixed with its params.
+        self.adapters = task_adapters(self.kind, self.params)
+        # Tasks batch together only when this matches (model is implied by the queue; a
+        # monolith serving several workflows never mixes them in one call; only tasks with
+        # the same LoRA adapters and weights share a model call).
+        last = request.workflow if self.kind == "pipeline" else self.adapters
+        self.batch_key = (self.kind, self.shape, last)
 
 
 @dataclass(eq=False)

@@ -484,7 +484,7 @@ def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | N
         raise ParamError("prompt", "must not be empty")
     if workflow.img2img and img2img_runs(workflow.family, out["steps"], out["strength"]) < 1:
         raise ParamError("strength", f"steps x strength must be >= 1 (got {out['steps']} x {out['strength']})")
-    for s in control_suffixes(len(workflow.controlnets)) if workflow.controlnets else ():
+    for s in control_suffixes(len(workflow.controlnets)):
         if out[f"control_start{s}"] >= out[f"control_end{s}"]:
             raise ParamError(f"control_end{s}", f"must be greater than control_start{s} "
                              f"(got {out[f'control_start{s}']} .. {out[f'control_end{s}']})")

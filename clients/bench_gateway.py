@@ -27,6 +27,7 @@ from pathlib import Path
 
 from clients.client import Client
 from clients.gateway.process import GatewayProcess
+from clients.loadgen import percentile
 from clients.local import LocalCluster, LocalClusterSpec
 
 WORKFLOW = "flux-schnell-txt2img"
@@ -107,10 +108,6 @@ def measure(paths: dict, size: int, requests: int, concurrency: int, steps: int)
     return {name: (samples, walls[name]) for name, samples in times.items()}
 
 
-def p90(samples: list[float]) -> float:
-    return sorted(samples)[max(0, int(round(0.9 * len(samples))) - 1)]
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| size | callers | path | images | median ms | p90 ms | added (median) ms | images/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         for name, (samples, wall) in results.items():
                             median = statistics.median(samples)
                             rows.append({"size": size, "concurrency": concurrency, "path": name, "images": len(samples),
-                                         "median_ms": 1000 * median, "p90_ms": 1000 * p90(samples),
+                                         "median_ms": 1000 * median, "p90_ms": 1000 * percentile(samples, 90),
                                          "added_ms": None if name == "python client" else 1000 * (median - base),
                                          "rate": len(samples) / wall})
             finally:

@@ -78,25 +78,27 @@ class Snapshot:
         return [d for d in self.devices if d.kind != "cpu"]
 
 
-def switch_share(actors: list, model: str) -> float:
-    """Of the model's actors' busy time (since they started), the share spent switching
-    LoRA adapter sets, from their heartbeat telemetry."""
-    busy = switching = 0.0
+def switch_shares(actors: list) -> dict[str, float]:
+    """Per model, of its actors' busy time (since they started), the share spent switching
+    LoRA adapter sets, from their heartbeat telemetry (one pass over the actors)."""
+    busy: dict[str, float] = {}
+    switching: dict[str, float] = {}
     for actor in actors:
-        if actor.model == model and actor.telemetry is not None:
-            busy += actor.telemetry.busy_s
-            switching += actor.telemetry.adapter_switch_s
-    return min(switching / busy, 1.0) if busy > 0 else 0.0
+        if actor.telemetry is not None:
+            busy[actor.model] = busy.get(actor.model, 0.0) + actor.telemetry.busy_s
+            switching[actor.model] = switching.get(actor.model, 0.0) + actor.telemetry.adapter_switch_s
+    return {m: min(switching[m] / b, 1.0) for m, b in busy.items() if b > 0}
 
 
 def from_stats(stats: p.Stats, busy_ratios: dict[str, float] | None = None) -> Snapshot:
     """The broker's Stats message as a Snapshot; `busy_ratios` from the controller's
     own differencing of actor busy time between two polls."""
     busy_ratios = busy_ratios or {}
+    shares = switch_shares(stats.actors)
     models = {
         m.model: ModelLoad(m.model, m.queue_depth, m.ready_s, m.pending_s, m.arrival_rate,
                            m.work_per_request_s, m.min_slack_s, m.service_s, m.oldest_wait_s,
-                           switch_share(stats.actors, m.model))
+                           shares.get(m.model, 0.0))
         for m in stats.models
     }
     actors = tuple(

@@ -154,7 +154,7 @@ def test_demand_is_rate_times_work_plus_backlog_over_horizon_over_utilization():
 
 def test_lora_switching_time_counts_as_work_in_the_demand():
     from broker import protocol as p
-    from scheduler.snapshot import switch_share
+    from scheduler.snapshot import switch_shares
 
     s = ScalingSettings(horizon_s=4.0, target_utilization=0.5)
     plain = ModelLoad("M", arrival_rate=2.0, work_per_request_s=0.5, pending_s=8.0)
@@ -168,8 +168,9 @@ def test_lora_switching_time_counts_as_work_in_the_demand():
         return p.ActorStats(actor_id, model, "h", "cuda:0", "busy", 1, 1, 1, 1, 0, 1, 0, telemetry)
 
     actors = [actor("a", "M", 10.0, 1.0), actor("b", "M", 30.0, 9.0), actor("c", "N", 5.0, 0.0)]
-    assert switch_share(actors, "M") == pytest.approx(10.0 / 40.0)  # time-weighted over the pool
-    assert switch_share(actors, "N") == 0.0 and switch_share(actors, "X") == 0.0
+    shares = switch_shares(actors)
+    assert shares["M"] == pytest.approx(10.0 / 40.0)  # time-weighted over the pool
+    assert shares["N"] == 0.0 and "X" not in shares
 
 
 def test_up_cooldown_spaces_two_scale_ups():

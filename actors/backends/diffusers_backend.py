@@ -46,7 +46,7 @@ import torch
 
 from actors.backends import controlnet, lora
 from actors.backends.diffusers_control import ControlTasksMixin
-from actors.backends.families import FLUX, SD3, SDXL, sibling_folder
+from actors.backends.families import FLUX, SD3, SDXL, denoiser_folder, sibling_folder
 from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 from broker.workflows import ModelSpec
@@ -212,9 +212,8 @@ class DiffusersBackend(ControlTasksMixin):
             UNet2DConditionModel,
         )
 
-        cls, default = {SD3: (SD3Transformer2DModel, "transformer"), FLUX: (FluxTransformer2DModel, "transformer")}.get(
-            self.model.family, (UNet2DConditionModel, "unet"))
-        sub = self.model.subfolder or default
+        cls = {SD3: SD3Transformer2DModel, FLUX: FluxTransformer2DModel}.get(self.model.family, UNet2DConditionModel)
+        sub = self.model.subfolder or denoiser_folder(self.model.family)
         self.component, configs = self._from_source(cls, sub)
         # Any scheduler class reads the config file; the sampler picks the class per step.
         self.scheduler_config = DDIMScheduler.load_config(configs, subfolder=sibling_folder(sub, "scheduler"))
@@ -249,7 +248,7 @@ class DiffusersBackend(ControlTasksMixin):
                 raise ValueError(f"loras: {self.model.name} is a {self.model.kind}; adapters apply to base models "
                                  "and text encoders")
             registry = self.catalog.adapters if self.catalog is not None else {}
-            prefix = lora.DENOISER_PREFIX.get(self.model.family, "unet") if self.model.kind == "denoiser" else (
+            prefix = denoiser_folder(self.model.family) if self.model.kind == "denoiser" else (
                 self.model.subfolder or "text_encoder")
             self.adapters = lora.DiffusersAdapters(self.component, self.model.family, self.model.kind, prefix, registry,
                                                    self.options)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from actors.backends import controlnet
-from actors.backends.families import FLUX, SD3, sibling_folder
+from actors.backends.families import FLUX, SD3, denoiser_folder, sibling_folder
 from actors.store import Bundle
 from broker.protocol.messages import TaskSpec
 
@@ -32,17 +32,23 @@ class ControlTasksMixin:
         """The scheduler config of base model `denoiser` (a ControlNet prepares each step as
         that model does); read once per base model."""
         if denoiser not in self._base_configs:
-            spec = self.catalog.models.get(denoiser) if self.catalog is not None else None
-            if spec is None or spec.kind != "denoiser":
-                raise ValueError(f"params.denoiser: {denoiser!r} is not a denoiser of this actor's catalog")
-            base = type(self)(spec, "cpu", {})
-            sub = spec.subfolder or ("transformer" if spec.family in (SD3, FLUX) else "unet")
-            checkpoint = base._checkpoint()
-            folder = base._source() if checkpoint is None else base._single_file_config(checkpoint, sub)
             from diffusers import DDIMScheduler
 
+            folder, sub = self._catalog_folder(denoiser, "denoiser")
             self._base_configs[denoiser] = DDIMScheduler.load_config(folder, subfolder=sibling_folder(sub, "scheduler"))
         return self._base_configs[denoiser]
+
+    def _catalog_folder(self, name: str, kind: str) -> tuple[str, str]:
+        """(folder or hub id, subfolder) holding the configs of model `name` of the actor's
+        catalog, resolved as that model's own backend would (a single-file source reads its
+        configs from its `config` folder)."""
+        spec = self.catalog.models.get(name) if self.catalog is not None else None
+        if spec is None or spec.kind != kind:
+            raise ValueError(f"params: {name!r} is not a {kind} of this actor's catalog")
+        other = type(self)(spec, "cpu", {})  # nothing loaded: only its source resolution
+        sub = spec.subfolder or (denoiser_folder(spec.family) if kind == "denoiser" else kind)
+        checkpoint = other._checkpoint()
+        return (other._source() if checkpoint is None else other._single_file_config(checkpoint, sub)), sub
 
     def _control_image(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         """Control images for one request (see actors/backends/controlnet.py): on a
@@ -143,15 +149,9 @@ class ControlTasksMixin:
         factors, the lead ControlNet's rules), read once from its source, never loaded."""
         key = f"{kind}:{name}"
         if key not in self._base_configs:
-            spec = self.catalog.models.get(name) if self.catalog is not None else None
-            if spec is None or spec.kind != kind:
-                raise ValueError(f"params: {name!r} is not a {kind} of this actor's catalog")
             from diffusers import AutoencoderKL
 
-            base = type(self)(spec, "cpu", {})
-            sub = spec.subfolder or kind
-            checkpoint = base._checkpoint()
-            folder = base._source() if checkpoint is None else base._single_file_config(checkpoint, sub)
+            folder, sub = self._catalog_folder(name, kind)
             # load_config reads the folder's config.json whatever model wrote it
             self._base_configs[key] = dict(AutoencoderKL.load_config(folder, subfolder=sub))
         return self._base_configs[key]

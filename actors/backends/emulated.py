@@ -15,14 +15,7 @@ import time
 import numpy as np
 
 from actors.backends.emulated_gpu import EmulatedGpu
-from actors.backends.lora import (
-    ADAPTER_HOST_BYTES,
-    DEFAULT_HOST_CACHE_BYTES,
-    DEFAULT_RESIDENT,
-    AdapterSwitchCosts,
-    Residency,
-    batch_adapters,
-)
+from actors.backends.lora import ADAPTER_HOST_BYTES, AdapterSwitchCosts, Residency, batch_adapters
 from actors.profiles import PROFILE_MODE, load_profile
 from actors.store import Bundle, RawTensor, raw_zeros
 from broker.protocol.messages import TaskSpec
@@ -87,8 +80,7 @@ class EmulatedBackend:
         # Actors on one emulated GPU share it as on a real one (emulated_gpu.py).
         self.gpu = EmulatedGpu(options.get("device_lock", ""), options.get("device_sharing", "shared"))
         self.switch_costs = AdapterSwitchCosts.from_options(options)
-        self.residency = Residency(int(options.get("lora_host_bytes", DEFAULT_HOST_CACHE_BYTES)),
-                                   int(options.get("lora_resident", DEFAULT_RESIDENT)))
+        self.residency = Residency.from_options(options)
         self.registry: dict = {}  # the catalog's adapters (attach_catalog)
         self.adapter_switch_s = 0.0  # emulated seconds spent switching LoRA sets (telemetry)
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.workflows import task_adapters
+
 LOADER_MIXINS = {"sd15": "StableDiffusionLoraLoaderMixin", "sdxl": "StableDiffusionXLLoraLoaderMixin",
                  "sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin"}
-DENOISER_PREFIX = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 DEFAULT_HOST_CACHE_BYTES = 4 << 30
 DEFAULT_RESIDENT = 8  # adapters injected in one model at a time
 
@@ -53,6 +54,12 @@ class Residency:
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recent first
         self.active: tuple = ()
         self.switches = 0
+
+    @classmethod
+    def from_options(cls, options: dict) -> Residency:
+        """The actor's bounds from its options (`lora_host_bytes`, `lora_resident`)."""
+        return cls(int(options.get("lora_host_bytes", DEFAULT_HOST_CACHE_BYTES)),
+                   int(options.get("lora_resident", DEFAULT_RESIDENT)))
 
     def plan(self, target: tuple) -> SwitchPlan:
         names = [name for name, _ in target]
@@ -93,8 +100,6 @@ class Residency:
 
 def batch_adapters(tasks: list) -> tuple | None:
     """The one LoRA set a batch runs with (None: no adapted model call in it)."""
-    from broker.workflows import task_adapters
-
     sets = {task_adapters(task.kind, task.params) for task in tasks} - {None}
     if len(sets) > 1:
         raise ValueError(f"a batch mixes LoRA adapter sets {sorted(sets)}: the broker batches by set")
@@ -157,8 +162,7 @@ class DiffusersAdapters:
         self.mixin = getattr(diffusers.loaders, LOADER_MIXINS[family])
         self.component, self.role, self.prefix, self.registry = component, role, prefix, registry
         self.family = family
-        self.residency = Residency(int(options.get("lora_host_bytes", DEFAULT_HOST_CACHE_BYTES)),
-                                   int(options.get("lora_resident", DEFAULT_RESIDENT)))
+        self.residency = Residency.from_options(options)
         self._host: dict[str, tuple] = {}  # name -> (state dict, network alphas, metadata)
         self.present: set[str] = set()  # injected adapters that have layers for this component
 
