@@ -25,7 +25,11 @@ import structlog
 import zmq
 
 from broker import protocol as p
-from broker.workflows import load_catalog
+from broker.catalog import load_catalog
+from broker.config import add_common_arguments, load_config
+from broker.costs.model import CostModel
+from broker.costs.profiles import load_profile
+from broker.logs import bind_process_fields, configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -101,13 +105,11 @@ class NodeAgent:
     def _memory_needed(self, model: str, backend: str, options: dict) -> int:
         spec = self.catalog.model(model)
         if backend == "monolith":  # its largest hosted workflow, every model its own copy
-            from scheduler.costs import CostModel
 
             costs = CostModel(self.catalog)
             return max(sum(costs.resident_bytes(m) for m in wf.models) for wf in spec.workflows)
         if backend != "emulated":
             return 0  # real backends report what they hold once loaded
-        from actors.profiles import load_profile
 
         return load_profile(options.get("profile") or spec.profile or spec.name).resident_bytes
 
@@ -270,9 +272,6 @@ class NodeAgent:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-
-    from broker.config import add_common_arguments, load_config
-    from broker.logs import bind_process_fields, configure_logging
 
     parser = argparse.ArgumentParser(prog="lego agent", description="Run the node agent of this host.")
     parser.add_argument("--broker", dest="broker_backend", help="broker backend address (env LEGO_BROKER_BACKEND)")

@@ -41,8 +41,10 @@ from actors.cuda_ipc import IpcExporter, IpcUnavailable
 from actors.shm import PREFIX, ShmExporter, ShmUnavailable, attach_bundle
 from actors.store import Bundle, TensorStore, bundle_nbytes, pack_bundle, unpack_bundle
 from broker import protocol as p
+from broker.catalog import load_catalog
+from broker.config import add_common_arguments, load_config, parse_options
+from broker.logs import bind_process_fields, configure_logging
 from broker.protocol.errors import ErrorCode
-from broker.workflows import load_catalog
 
 log = structlog.get_logger(__name__)
 
@@ -548,9 +550,6 @@ def run_actor(config: ActorConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-
-    from broker.config import add_common_arguments, load_config, parse_options
-    from broker.logs import bind_process_fields, configure_logging
 
     parser = argparse.ArgumentParser(prog="lego actor", description="Run one model actor (one model, one device).")
     parser.add_argument("--model", required=True)

@@ -24,11 +24,11 @@ import structlog
 import zmq
 
 from broker import protocol as p
-from broker.core import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Send
+from broker.catalog import load_catalog
+from broker.core.machine import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Send
 from broker.logs import message_ids
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
-from broker.workflows import load_catalog
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ import zmq
 
 from broker import protocol as p
 from broker.protocol.constants import DEFAULT_LIMITS
-from broker.protocol.tensors import check_payload
+from broker.protocol.tensors import ITEMSIZE, check_payload, raw_desc
 from clients.errors import Cancelled, LegoError, RequestFailed, RequestRejected
 from clients.results import JobResult
 
@@ -77,8 +77,6 @@ def split_tensor_params(params: dict) -> tuple[dict, list[p.TensorDesc], list]:
     """Parameters that are arrays (an img2img `image`) travel as tensor frames, not msgpack."""
     import numpy as np
 
-    from broker.protocol.tensors import raw_desc
-
     plain, descs, frames = {}, [], []
     for name, value in params.items():
         if isinstance(value, np.ndarray):
@@ -93,8 +91,6 @@ def split_tensor_params(params: dict) -> tuple[dict, list[p.TensorDesc], list]:
 def _row_major(raw: bytes, desc: p.TensorDesc) -> bytes:
     """Bytes in another dense layout (TensorDesc.strides) rearranged row-major."""
     import numpy as np
-
-    from broker.protocol.tensors import ITEMSIZE
 
     itemsize = ITEMSIZE[desc.dtype]
     elements = np.frombuffer(raw, dtype=np.dtype(f"V{itemsize}"))  # any dtype, bf16 too

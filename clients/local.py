@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.profiles import load_profile
-from broker.workflows import load_catalog
+from broker.catalog import load_catalog
+from broker.costs.profiles import load_profile
 from clients.client import Client
 from clients.errors import LegoError, Timeout
 

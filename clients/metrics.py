@@ -3,7 +3,7 @@
 Pure: a snapshot in, the exposition's bytes out, through a collector registered in a
 registry of its own (prometheus_client's global registry is never touched), so the
 gateway's `/metrics` (or any exporter) renders whatever snapshot it last fetched.
-Counters and histograms come from the broker's cumulative meters (`broker.metering`),
+Counters and histograms come from the broker's cumulative meters (`broker.core.metering`),
 so they only grow while the broker lives; gauges are the snapshot's current values.
 """
 

@@ -1,7 +1,7 @@
 """The scheduler actor (`lego scheduler`): polls telemetry, plans, acts.
 
-Runs in its own process as a client of the broker (one `Client`, whose IO thread
-owns its socket) and, when the broker publishes telemetry, a subscriber of it (a SUB
+Runs in its own process as a peer of the broker (one `BrokerLink`: a DEALER that the
+controller's thread owns) and, when the broker publishes telemetry, a subscriber of it (a SUB
 socket owned by the main thread; without one it polls GetStats). Every `interval_s`
 it takes the newest telemetry snapshot, runs one pure planning round (`scheduler.plan.plan_round`), and applies the actions:
 spawns through the broker's node agents, drain-then-stop of surplus or converted
@@ -13,6 +13,7 @@ set at the broker (`lego admin scale`) override the --model-min/--model-max flag
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import signal
@@ -21,10 +22,14 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
+import zmq
 
 from broker import protocol as p
-from broker.workflows import load_catalog
-from scheduler.costs import CostModel
+from broker.catalog import load_catalog
+from broker.config import add_common_arguments, load_config, parse_options
+from broker.costs.model import CostModel
+from broker.logs import configure_logging
+from scheduler.link import BrokerLink, LinkError
 from scheduler.placement import Spawn, Stop
 from scheduler.plan import PlanSettings, plan_round, served_models
 from scheduler.scaling import ScalingMemory, ScalingSettings
@@ -95,9 +100,6 @@ class Change:
 
 class SchedulerController:
     def __init__(self, config: SchedulerConfig, client=None):
-        from broker.config import parse_options
-        from clients import Client
-
         self.config = config
         self.catalog = load_catalog(config.catalog)
         for name in config.workflows:
@@ -116,7 +118,7 @@ class SchedulerController:
                             per_model_min=per_model_min, per_model_max=per_model_max),
             int(config.headroom_gib * 1024**3), tuple(config.workflows))
         self.options = parse_options(config.actor_options)
-        self.client = client or Client(config.broker)
+        self.client = client or BrokerLink(config.broker)
         self.memory = ScalingMemory()
         self.changes: list[Change] = []
         self.decisions: collections.deque = collections.deque(maxlen=50)
@@ -183,8 +185,6 @@ class SchedulerController:
         self.changes = kept
 
     def _apply(self, action, now: float) -> None:
-        from clients import LegoError
-
         try:
             if isinstance(action, Spawn):
                 reply = self.client.spawn(action.model, action.device, self.config.backend, host=action.host,
@@ -197,7 +197,7 @@ class SchedulerController:
                 line = f"stop {action.actor_id}: {action.reason}"
             else:
                 raise TypeError(f"unknown action {action!r}")
-        except LegoError as exc:
+        except LinkError as exc:
             line = f"FAILED {action}: {exc}"
             log.warning("scheduler_action_failed", action=str(action), error=str(exc), model=action.model,
                         actor_id=getattr(action, "actor_id", None))
@@ -206,8 +206,6 @@ class SchedulerController:
         self.decisions.append(f"{self._stamp(now)} {line}")
 
     def run(self) -> None:
-        from clients import LegoError
-
         models = served_models(self.catalog, self.settings.workflows)
         log.info("scheduler_started", broker=self.config.broker, telemetry=self.config.telemetry or None,
                  models=models, interval_s=self.config.interval_s)
@@ -223,7 +221,7 @@ class SchedulerController:
                     # A snapshot older than a few rounds means the publisher is gone: poll.
                     stats = subscriber.latest(max_age_s=3 * self.config.interval_s) if subscriber else None
                     self.step(stats)
-                except LegoError as exc:  # broker unreachable or restarting: try again next round
+                except LinkError as exc:  # broker unreachable or restarting: try again next round
                     configured = False
                     log.warning("scheduler_round_failed", error=str(exc))
                 self.stopping.wait(max(0.0, self.config.interval_s - (time.monotonic() - started)))
@@ -240,8 +238,6 @@ class TelemetrySubscriber:
     """The broker's published snapshots; keeps only the newest (they supersede each other)."""
 
     def __init__(self, address: str):
-        import zmq
-
         self._zmq = zmq
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.SUB)
@@ -275,11 +271,6 @@ class TelemetrySubscriber:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from broker.config import add_common_arguments, load_config
-    from broker.logs import configure_logging
-
     parser = argparse.ArgumentParser(prog="lego scheduler", description="Run the scheduler actor.")
     parser.add_argument("--broker", help="broker frontend address (env LEGO_BROKER)")
     parser.add_argument("--telemetry", help="the broker's telemetry PUB address (default: poll the broker)")

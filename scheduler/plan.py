@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from broker.workflows import Catalog
-from scheduler.costs import CostModel
+from broker.catalog import Catalog
+from broker.costs.model import CostModel
 from scheduler.placement import Spawn, Stop, conversion_victim, device_key, place, scale_down_victim
 from scheduler.scaling import ScalingMemory, ScalingSettings, Target, scale_targets
 from scheduler.snapshot import Snapshot

@@ -2,7 +2,7 @@
 
 Pure data, built from the broker's telemetry message (`from_stats`) by the
 scheduler controller, or directly by tests and the simulator. Times are seconds;
-work is device-seconds from the profile cost model (`scheduler.costs`).
+work is device-seconds from the profile cost model (`broker.costs.model`).
 """
 
 from __future__ import annotations

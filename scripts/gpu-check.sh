@@ -7,7 +7,7 @@
 #   here, CPU:    bash scripts/gpu-check.sh --dry-run   # same code, tiny sizes, no IPC
 #
 # Stages: the CUDA IPC tests (tests/test_cuda_ipc.py -m gpu: two processes, 1,000
-# transfers, a SIGKILLed consumer, every layout and dtype), then clients/gpu_check.py:
+# transfers, a SIGKILLed consumer, every layout and dtype), then clients/bench/gpu_check.py:
 # IPC vs shared memory vs frames at 128 KiB / 4 MiB / 64 MiB, and full-size SDXL (fp16)
 # and SD3 (bf16) served by one actor per component on the GPU against the diffusers
 # pipeline (identical images, per-step overhead). One table is printed and written to
@@ -82,7 +82,7 @@ else
   [ "$tests_status" = 0 ] || status=1
 fi
 
-timeout -k 10 330 "$py" -m clients.gpu_check run --out "$out_dir" "${run_args[@]}" "${record[@]}" --note "$note"
+timeout -k 10 330 "$py" -m clients.bench.gpu_check run --out "$out_dir" "${run_args[@]}" "${record[@]}" --note "$note"
 check_status=$?
 [ "$check_status" = 124 ] && echo "gpu-check: the driver ran past its 330 s limit" >&2
 [ "$check_status" = 0 ] || status=1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from broker import protocol as p
-from broker.metering import RECENT_OUTCOMES
+from broker.core.metering import RECENT_OUTCOMES
 from scheduler.controller import SchedulerConfig, SchedulerController, with_operator_bounds
 from scheduler.scaling import ScalingSettings
 from tests.broker_helpers import (
@@ -153,8 +153,8 @@ class PlanRecorder:
 
 
 def test_the_scheduler_controller_targets_an_operator_minimum_above_its_flags():
-    from broker.core import BrokerCore
-    from broker.workflows import load_catalog
+    from broker.core.machine import BrokerCore
+    from broker.catalog import load_catalog
 
     core = BrokerCore(load_catalog([]), broker_id="b")
     for model in ("CLIP_Flux", "T5_Flux", "Flux1Schnell", "Flux1VAE"):

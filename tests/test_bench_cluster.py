@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from broker.workflows import load_catalog
-from clients.bench_cluster import (
+from broker.catalog import load_catalog
+from clients.bench.cluster import (
     DATA,
     BenchSettings,
     attainment_chart,
@@ -16,7 +16,7 @@ from clients.bench_cluster import (
     cluster_table,
     run_cluster_bench,
 )
-from clients.systems import (
+from clients.bench.systems import (
     PAPER_WORKFLOWS,
     baseline_system,
     lego_system,
@@ -83,7 +83,7 @@ def test_the_paper_systems_are_the_four():
 
 
 def test_latent_resolution_profiles_price_image_pixels():
-    from actors.profiles import load_profile
+    from broker.costs.profiles import load_profile
 
     # measured at 128 x 128 latents = 1024 px images; a 1024 px step costs the measured time
     sd3 = load_profile("StableDiffusion3")

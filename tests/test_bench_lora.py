@@ -9,8 +9,8 @@ import argparse
 import pytest
 import tomllib
 
-from broker.workflows import load_catalog, parse_catalog, validate_params
-from clients.bench_lora import (
+from broker.catalog import load_catalog, parse_catalog, validate_params
+from clients.bench.lora import (
     BASE,
     QUICK,
     WORKFLOW,
@@ -27,7 +27,7 @@ from clients.bench_lora import (
     settings_from_args,
     zipf_weights,
 )
-from clients.loadgen import Arrival
+from clients.bench.loadgen import Arrival
 
 
 def test_the_adapter_catalog_registers_every_adapter_for_sd3():

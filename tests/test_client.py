@@ -19,7 +19,7 @@ import pytest
 from actors.runtime import ActorConfig, ActorRuntime
 from broker import protocol as p
 from broker.server import BrokerConfig, BrokerServer
-from broker.workflows import load_catalog
+from broker.catalog import load_catalog
 from clients import (
     AsyncClient,
     AsyncJob,

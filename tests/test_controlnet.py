@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from actors.backends.controlnet import canny_edges  # noqa: E402
 from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from broker import protocol as p  # noqa: E402
-from broker.workflows import ParamError, check_image, unroll, validate_params  # noqa: E402
+from broker.catalog import ParamError, check_image, unroll, validate_params  # noqa: E402
 from tests.test_diffusers import (  # noqa: E402,F401
     EXTRA,
     FOLDER,

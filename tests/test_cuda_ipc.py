@@ -27,7 +27,7 @@ from actors import cuda_ipc  # noqa: E402
 from actors.cuda_ipc import IpcExporter, IpcUnavailable, Share  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.protocol import PROTOCOL_TAG  # noqa: E402
-from clients.gpu_check import LAYOUT_BUNDLE, Consumer, PeerProcess, compare_bundle, make_tensor  # noqa: E402
+from clients.bench.gpu_check import LAYOUT_BUNDLE, Consumer, PeerProcess, compare_bundle, make_tensor  # noqa: E402
 
 EVENT = bytes(range(64))
 HANDLE = b"\x01\x00" + bytes(range(255, 191, -1))  # version, type, 64 raw bytes (zeros and high bytes too)
@@ -454,7 +454,7 @@ def test_gpu_a_sigkilled_consumer_pins_nothing_after_free(gpu_pair):
     peer, _ = gpu_pair
     baseline = peer.stats()["allocated"]
     peer.put("t", [{"name": "latents", "dtype": "float32", "shape": [16, 1024, 1024], "seed": 3}])  # 64 MiB
-    holder = subprocess.Popen([sys.executable, "-m", "clients.gpu_check", "hold", "--address", peer.address,
+    holder = subprocess.Popen([sys.executable, "-m", "clients.bench.gpu_check", "hold", "--address", peer.address,
                                "--tensor-id", "t", "--device", DEVICE], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

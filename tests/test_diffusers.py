@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from actors.models.tiny import build_all  # noqa: E402
 from broker import protocol as p  # noqa: E402
-from broker.workflows import load_catalog, unroll, validate_params  # noqa: E402
+from broker.catalog import load_catalog, unroll, validate_params  # noqa: E402
 from clients import Client  # noqa: E402
 from clients.local import LocalCluster, LocalClusterSpec  # noqa: E402
 

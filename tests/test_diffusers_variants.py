@@ -41,7 +41,7 @@ def tiny(tmp_path_factory):
 def flux_dev_request(workflow, guidance: float | None) -> tuple[dict, dict]:
     """Request params and extra denoise-step params for a distilled guidance scale.
 
-    With the catalog flag `distilled_guidance` (broker/workflows.py), the workflow's `guidance`
+    With the catalog flag `distilled_guidance` (broker/catalog/), the workflow's `guidance`
     input reaches the steps as `distilled_guidance`; before the broker reads that flag the
     tiny catalog leaves it out, and the value is put on the steps here, as the broker would."""
     params = request_params(False, "default", seed=5)

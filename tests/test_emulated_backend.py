@@ -6,7 +6,7 @@ import numpy as np
 
 from actors.backends import create_backend
 from broker import protocol as p
-from broker.workflows import load_catalog, unroll, validate_params
+from broker.catalog import load_catalog, unroll, validate_params
 
 
 def run_request(workflow_name: str, params: dict, cfg_split: bool = False, time_scale: float = 0.0) -> dict:

@@ -1,4 +1,4 @@
-"""`python -m clients.bench_gateway` runs end to end and prints its table (a small run)."""
+"""`python -m clients.bench.gateway` runs end to end and prints its table (a small run)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from clients import bench_gateway
+from clients.bench import gateway as bench_gateway
 
 
 @pytest.mark.cluster

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from broker.workflows import load_catalog, unroll, validate_params
+from broker.catalog import load_catalog, unroll, validate_params
 from clients import Client
 from clients.local import LocalCluster, LocalClusterSpec
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.workflows import load_catalog
+from broker.catalog import load_catalog
 from clients import Client
 from clients.errors import Timeout
 from clients.local import free_port

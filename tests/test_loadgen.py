@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clients.errors import LegoError, RequestFailed, RequestRejected, Timeout
-from clients.loadgen import (
+from clients.bench.loadgen import (
     PAPER_TENANTS,
     Arrival,
     Outcome,

@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from actors.backends.lora import Residency  # noqa: E402
 from broker import protocol as p  # noqa: E402
-from broker.workflows import unroll, validate_params  # noqa: E402
+from broker.catalog import unroll, validate_params  # noqa: E402
 from tests.test_controlnet import control_image, control_pipeline  # noqa: E402
 from tests.test_diffusers import (  # noqa: E402,F401
     EXTRA,

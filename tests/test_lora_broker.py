@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from broker import protocol as p
-from broker.core import BrokerCore
-from broker.workflows import (
+from broker.core.machine import BrokerCore
+from broker.catalog import (
     CatalogError,
     ParamError,
     parse_catalog,

@@ -59,7 +59,7 @@ def test_package_data_is_installed(tmp_path):
     code = (
         "from importlib import resources\n"
         "print(len(resources.files('broker').joinpath('catalog/builtin.toml').read_text()))\n"
-        "print(sorted(p.name for p in resources.files('actors').joinpath('profiles').iterdir()"
+        "print(sorted(p.name for p in resources.files('broker.costs').joinpath('h800').iterdir()"
         " if p.name.endswith('.json'))[:1])\n"
     )
     proc = _python(code, cwd=tmp_path)
@@ -98,7 +98,7 @@ def test_emulated_backend_does_not_import_torch(tmp_path):
         "import sys\n"
         "import actors.backends.emulated\n"
         "from actors.backends import create_backend\n"
-        "from broker.workflows import load_catalog\n"
+        "from broker.catalog import load_catalog\n"
         "backend = create_backend('emulated', load_catalog().models['Flux1Schnell'], 'cpu', {'time_scale': 0})\n"
         "backend.load()\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
@@ -127,7 +127,7 @@ def test_lego_workflows_offline_does_not_import_torch(tmp_path):
     # the same command through the console script's entry point, in one interpreter
     code = (
         "import io, sys, contextlib\n"
-        "from clients.cli import main\n"
+        "from clients.cli.commands import main\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    try:\n"

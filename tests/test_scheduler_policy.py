@@ -15,9 +15,9 @@ from functools import cache
 
 import pytest
 
-from broker.workflows import load_catalog, parse_catalog, unroll, validate_params
-from scheduler import rules
-from scheduler.costs import CostModel
+from broker.catalog import load_catalog, parse_catalog, unroll, validate_params
+from broker.core import rules
+from broker.costs.model import CostModel
 from scheduler.placement import Spawn, Stop, conversion_victim, place, scale_down_victim
 from scheduler.plan import PlanSettings, neighbours_of, plan_round, served_models
 from scheduler.scaling import (

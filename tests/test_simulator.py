@@ -14,15 +14,15 @@ from collections import Counter
 
 import pytest
 
-from broker.workflows import load_catalog, validate_params
-from clients.loadgen import Arrival, burst_arrivals, poisson_arrivals, summarize
-from clients.systems import PAPER_WORKFLOWS, SystemSpec
-from scheduler.costs import CostModel
-from scheduler.sim_bench import PAPER_MIX, cluster_systems
-from scheduler.sim_cluster import SimDevice
-from scheduler.sim_control import scheduler_config
-from scheduler.sim_timing import MEASURED, NO_OVERHEADS, Overheads, fetch_s
-from scheduler.simulator import Simulation, simulate
+from broker.catalog import load_catalog, validate_params
+from clients.bench.loadgen import Arrival, burst_arrivals, poisson_arrivals, summarize
+from clients.bench.systems import PAPER_WORKFLOWS, SystemSpec
+from broker.costs.model import CostModel
+from clients.bench.sim.bench import PAPER_MIX, cluster_systems
+from clients.bench.sim.cluster import SimDevice
+from clients.bench.sim.control import scheduler_config
+from clients.bench.sim.timing import MEASURED, NO_OVERHEADS, Overheads, fetch_s
+from clients.bench.sim.simulator import Simulation, simulate
 
 WORKFLOWS = list(PAPER_WORKFLOWS.values())
 BASE = "Flux1Schnell"
@@ -258,7 +258,7 @@ def test_the_cost_models_memo_returns_what_it_would_compute(catalog):
 
 
 def test_cli_runs_every_system_and_writes_json(tmp_path, capsys):
-    from scheduler.simulator import cli_main
+    from clients.bench.sim.bench import cli_main
 
     out = tmp_path / "sim.json"
     assert cli_main(["--systems", "lego,basic", "--rates", "2,3", "--duration-s", "10", "--json", str(out)]) == 0
@@ -271,7 +271,7 @@ def test_cli_runs_every_system_and_writes_json(tmp_path, capsys):
 
 
 def test_cli_replays_trace_files(tmp_path, capsys):
-    from scheduler.sim_bench import cli_main
+    from clients.bench.sim.bench import cli_main
 
     trace = tmp_path / "generated_trace_n3_rs2.0_st50000_t300_seed666.txt"
     trace.write_text("A 0.5\nB 0\nC 1.0\nA 0.25\n")
@@ -284,7 +284,7 @@ def test_cli_replays_trace_files(tmp_path, capsys):
 
 
 def test_cli_runs_the_sharing_setting(capsys):
-    from scheduler.sim_bench import cli_main
+    from clients.bench.sim.bench import cli_main
 
     assert cli_main(["--setting", "sharing", "--systems", "lego,shepherd", "--rates", "0.5", "--duration-s", "20"]) == 0
     printed = capsys.readouterr().out
@@ -301,7 +301,7 @@ def test_simulation_object_exposes_the_core(catalog, systems):
 # ---------------------------------------------------------------- the runtime's overheads
 
 def _longest_path_in_nodes(catalog, workflow: str, cfg_split: bool) -> int:
-    from broker.workflows import unroll
+    from broker.catalog import unroll
 
     spec = catalog.workflows[workflow]
     depth: dict[str, int] = {}
@@ -354,7 +354,7 @@ def test_fetches_cost_the_h800_table_or_a_measured_bandwidth():
 
 
 def test_cli_time_scale_compresses_the_arrivals_and_reports_trace_time(capsys):
-    from scheduler.sim_bench import cli_main
+    from clients.bench.sim.bench import cli_main
 
     printed = []
 
@@ -404,7 +404,7 @@ def test_the_scheduler_plans_on_published_telemetry(catalog):
 
 
 def test_calibration_separates_per_batch_from_per_request_overhead():
-    from scheduler.sim_calibrate import fit, probe_arrivals
+    from clients.bench.sim.calibrate import fit, probe_arrivals
 
     # (batches on the path, requests, gap): 14-batch micro-served and 1-batch monolith probes
     rows = [(b, 1.0, 0.004 * b + 0.013 + noise) for b, noise in ((14, 0.001), (14, -0.001), (1, 0.0005), (1, -0.0005))]

@@ -22,7 +22,7 @@ import pytest
 from broker import protocol as p
 from broker.server import BrokerConfig, BrokerServer
 from clients.local import free_port
-from clients.status_view import (
+from clients.cli.status_view import (
     actor_lines,
     bounds_label,
     status_lines,
@@ -30,7 +30,7 @@ from clients.status_view import (
     task_rates,
     top_lines,
 )
-from clients.top import run_top
+from clients.cli.top import run_top
 from tests.broker_helpers import CLIENT, hello_agent, make_core, run, standard_actors, submit
 
 LEGO = str(Path(sys.executable).parent / "lego")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from broker.workflows import (
+from broker.catalog import (
     MAX_SEED,
     MODEL_KINDS,
     CatalogError,

@@ -48,8 +48,8 @@ from actors.backends import controlnet, lora
 from actors.backends.diffusers_control import ControlTasksMixin
 from actors.backends.families import FLUX, SD3, SDXL, denoiser_folder, sibling_folder
 from actors.store import Bundle
+from broker.catalog import ModelSpec
 from broker.protocol.messages import TaskSpec
-from broker.workflows import ModelSpec
 
 ROW_KEYS = ("text_embeds", "time_ids", "pooled_projections")  # added conditioning with one row per CFG branch
 T5_FLUX_SEQUENCE = 512  # FluxPipeline's max_sequence_length

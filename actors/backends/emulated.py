@@ -16,15 +16,15 @@ import numpy as np
 
 from actors.backends.emulated_gpu import EmulatedGpu
 from actors.backends.lora import ADAPTER_HOST_BYTES, AdapterSwitchCosts, Residency, batch_adapters
-from actors.profiles import PROFILE_MODE, load_profile
 from actors.store import Bundle, RawTensor, raw_zeros
+from broker.catalog import ModelSpec
+from broker.costs.profiles import PROFILE_MODE, load_profile
 from broker.protocol.messages import TaskSpec
-from broker.workflows import ModelSpec
 
 DIGEST_BYTES = 16
 
 
-def _digest(*parts: bytes | str | int) -> bytes:
+def content_digest(*parts: bytes | str | int) -> bytes:
     h = hashlib.blake2b(digest_size=DIGEST_BYTES)
     for part in parts:
         h.update(part if isinstance(part, (bytes, bytearray, memoryview)) else str(part).encode())
@@ -125,17 +125,17 @@ class EmulatedBackend:
         m = self.model
         height, width = task.shape
         if task.kind == "encode":
-            digest = _digest(m.name, task.params.get("prompt", ""), task.params.get("negative_prompt", ""))
+            digest = content_digest(m.name, task.params.get("prompt", ""), task.params.get("negative_prompt", ""))
             return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest)}
         if task.kind == "denoise_branch":  # one CFG branch's model output
             source = read_digest(next(iter(inputs[0].values())))  # the latent (or, at step 0, embeddings)
-            digest = _digest(source, task.params["step"], task.params["branch"])
+            digest = content_digest(source, task.params["step"], task.params["branch"])
             return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest)}
         if task.kind == "control_image":  # the prepared control image: a digest of the client's
-            digest = _digest(m.name, *(read_digest(t) for b in inputs for t in b.values()))
+            digest = content_digest(m.name, *(read_digest(t) for b in inputs for t in b.values()))
             return {"control/image": _stamped(m.dtype, (task.rows, 3, height // 8, width // 8), digest)}
         if task.kind == "control":  # residuals for this step, from the latent it starts from
-            digest = _digest(m.name, read_digest(next(iter(inputs[0].values()))), task.params["step"])
+            digest = content_digest(m.name, read_digest(next(iter(inputs[0].values()))), task.params["step"])
             return {"residuals": _stamped(m.dtype, (task.rows, 16, height // 8, width // 8), digest)}
         if task.kind == "denoise":
             if task.params.get("split"):
@@ -145,11 +145,11 @@ class EmulatedBackend:
             latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
             if task.params.get("first", task.params["step"] == 0):
                 cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}
-                digest = _digest(task.params["seed"], *(read_digest(t) for t in cond.values()), *controls)
+                digest = content_digest(task.params["seed"], *(read_digest(t) for t in cond.values()), *controls)
             else:
                 (previous,) = inputs
                 cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
-                digest = _digest(read_digest(previous["latents"]), task.params["step"], *controls)
+                digest = content_digest(read_digest(previous["latents"]), task.params["step"], *controls)
             # conditioning travels with the latent, by reference (no copy)
             return {"latents": _stamped(m.dtype, latent_shape, digest), **cond}
         if task.kind == "decode":

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.workflows import task_adapters
+from broker.catalog import task_adapters
 
 LOADER_MIXINS = {"sd15": "StableDiffusionLoraLoaderMixin", "sdxl": "StableDiffusionXLLoraLoaderMixin",
                  "sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin"}

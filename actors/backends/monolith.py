@@ -21,12 +21,12 @@ from __future__ import annotations
 import collections
 import time
 
-from actors.backends.emulated import _digest, render_image
+from actors.backends.emulated import content_digest, render_image
 from actors.backends.emulated_gpu import EmulatedGpu
 from actors.store import Bundle, RawTensor
+from broker.catalog import PipelineSpec, WorkflowSpec
+from broker.costs.model import CostModel
 from broker.protocol.messages import TaskSpec
-from broker.workflows import PipelineSpec, WorkflowSpec
-from scheduler.costs import CostModel
 
 
 class MonolithBackend:
@@ -85,6 +85,6 @@ class MonolithBackend:
         cost = self.costs.request(workflow, task.params)  # every node in order, CFG as batch 2
         self.gpu.compute(cost.work_s * self.time_scale - (time.perf_counter() - started))
         height, width = task.shape
-        digest = _digest(workflow.name, task.params.get("prompt", ""), task.params.get("seed", 0))
+        digest = content_digest(workflow.name, task.params.get("prompt", ""), task.params.get("seed", 0))
         image = render_image(digest, height, width)
         return {"image": RawTensor("uint8", image.shape, image)}

@@ -1,6 +1,6 @@
 """Full-size SDXL and SD3 components from their published configs, with random weights.
 
-Runs in whichever process builds them (the GPU check, `clients/gpu_check.py`); no
+Runs in whichever process builds them (the GPU check, `clients/bench/gpu_check.py`); no
 sockets. Nothing is downloaded: the architecture settings below are the values of
 the published `config.json` files (stabilityai/stable-diffusion-xl-base-1.0 and
 stabilityai/stable-diffusion-3-medium-diffusers), the weights are random and are

@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.catalog import WorkflowSpec
+
 SIZES = ("tiny", "mid")
 
 
@@ -445,7 +447,7 @@ def _lora_catalog(prefix: str, family: str, folder: Path, info: dict, encoders: 
 def _single_file_catalog(prefix: str, folder: Path, info: dict) -> str:
     """The UNet and VAE again, loaded from one original-format checkpoint in the folder
     (`from_single_file`; their configs are read from the folder beside it)."""
-    from actors.models.single_file import write_sd_checkpoint
+    from actors.models.single_file import write_sd_checkpoint  # imports torch: only when asked
 
     checkpoint = write_sd_checkpoint(folder, folder / "sd15.safetensors")
     text = _model(f"{prefix}-file-unet", "denoiser", "sd15", checkpoint, "unet",
@@ -487,10 +489,8 @@ def _flux_catalog(root: Path) -> str:
 
 
 def _broker_reads(workflow_field: str) -> bool:
-    """Whether broker/workflows.py knows this workflow field: an unknown one fails the catalog."""
+    """Whether broker/catalog/ knows this workflow field: an unknown one fails the catalog."""
     import dataclasses
-
-    from broker.workflows import WorkflowSpec
 
     return any(f.name == workflow_field for f in dataclasses.fields(WorkflowSpec))
 

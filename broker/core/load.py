@@ -1,0 +1,121 @@
+"""Load accounting in the broker: what live requests cost, how fast they arrive, SLOs.
+
+Pure state with no IO, owned by `broker.core.machine`. Costs come from the profile cost model
+(`broker.costs.model`, times `cost_scale`, which matches an emulated cluster's
+`time_scale`); workflows whose models have no profile get no cost, no derived SLO
+and no admission check. The one running total kept incrementally is the queued work
+per model that admission reads on every arrival (device-seconds, full-batch costs: a
+lower bound); everything else is summed when a snapshot is taken.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from broker import protocol as p
+from broker.catalog import Catalog, NodePlan, WorkflowSpec
+from broker.costs.model import CostModel, RequestCost
+
+RATE_WINDOW_S = 5.0  # arrival rates and per-request work are averaged over about this long
+SERVICE_WEIGHT = 0.1  # weight of the newest task in the per-model service time average
+
+
+@dataclass
+class Rate:
+    """Events per second, exponentially weighted over RATE_WINDOW_S."""
+
+    value: float = 0.0
+    at: float = 0.0
+
+    def add(self, now: float) -> None:
+        self.value = self.read(now) + 1.0 / RATE_WINDOW_S
+        self.at = now
+
+    def read(self, now: float) -> float:
+        return self.value * math.exp(-max(0.0, now - self.at) / RATE_WINDOW_S)
+
+
+class LoadTracker:
+    def __init__(self, catalog: Catalog, cost_scale: float = 1.0):
+        self.catalog = catalog
+        self.costs = CostModel(catalog)
+        self.cost_scale = cost_scale
+        self.queued_by_model: dict[str, float] = {}  # full-batch device-seconds of every unfinished node
+        self.rates: dict[str, Rate] = {}  # workflow -> arrivals
+        self.model_work: dict[str, float] = {}  # model -> device-seconds per request (averaged)
+        self.service_s: dict[str, float] = {}
+        self.workflow_stats: dict[str, p.WorkflowStats] = {}
+        self._solo_cache: dict[tuple, float | None] = {}
+        self._batch_cache: dict[tuple, int | None] = {}
+
+    # ---------------------------------------------------------------- per request
+
+    def solo_s(self, workflow: WorkflowSpec, params: dict) -> float | None:
+        """Latency alone on an idle cluster as a monolith runs it (cached per shape)."""
+        key = (workflow.name, params.get("steps"), params.get("height"), params.get("width"), params.get("strength"))
+        if key not in self._solo_cache:
+            solo = self.costs.solo_s(workflow, params)
+            self._solo_cache[key] = None if solo is None else solo * self.cost_scale
+        return self._solo_cache[key]
+
+    def slo_s(self, workflow: WorkflowSpec, params: dict, multiple: float) -> float | None:
+        if workflow.slo_s > 0:
+            return workflow.slo_s
+        solo = self.solo_s(workflow, params)
+        return None if solo is None else multiple * solo
+
+    def stats(self, workflow: str) -> p.WorkflowStats:
+        stats = self.workflow_stats.get(workflow)
+        if stats is None:
+            stats = self.workflow_stats[workflow] = p.WorkflowStats(workflow)
+        return stats
+
+    def plan_costs(self, plan: NodePlan) -> tuple[float, float]:
+        alone, full = self.costs.plan_costs(plan)
+        return alone * self.cost_scale, full * self.cost_scale
+
+    def accepted(self, workflow: WorkflowSpec, cost: RequestCost | None, now: float) -> None:
+        self.rates.setdefault(workflow.name, Rate()).add(now)
+        if cost is None:
+            return
+        for model, seconds in cost.by_model.items():
+            old = self.model_work.get(model)
+            seconds *= self.cost_scale
+            self.model_work[model] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def request_cost(self, plans: list[NodePlan], workflow: WorkflowSpec) -> RequestCost | None:
+        return self.costs.plans(plans) if self.costs.knows(workflow) else None
+
+    def batch_rows(self, model: str, kind: str, shape: tuple[int, int]) -> int | None:
+        """Rows worth batching for one model call (cached; None: no profile)."""
+        key = (model, kind, shape)
+        if key not in self._batch_cache:
+            self._batch_cache[key] = self.costs.batch_rows(model, kind, shape)
+        return self._batch_cache[key]
+
+    @property
+    def queued_min_s(self) -> float:
+        """Unfinished work of every model (what the paper's admission bound reads)."""
+        return sum(self.queued_by_model.values())
+
+    def queue(self, model: str, seconds: float) -> None:
+        """Unfinished work changed by `seconds` (negative: done or dropped)."""
+        self.queued_by_model[model] = self.queued_by_model.get(model, 0.0) + seconds
+
+    def task_served(self, model: str, seconds: float) -> None:
+        old = self.service_s.get(model)
+        self.service_s[model] = seconds if old is None else (1 - SERVICE_WEIGHT) * old + SERVICE_WEIGHT * seconds
+
+    # ---------------------------------------------------------------- per model
+
+    def arrival_rate(self, model: str, now: float) -> float:
+        return sum(rate.read(now) for name, rate in self.rates.items()
+                   if name in self.catalog.workflows and model in self.catalog.workflows[name].models)
+
+    def default_slo(self, workflow: WorkflowSpec, multiple: float) -> tuple[float, float]:
+        """(slo_s, solo_s) of a request with default parameters, 0 where unknown."""
+        params = {name: spec.default for name, spec in workflow.inputs.items()}
+        solo = self.solo_s(workflow, params)
+        slo = self.slo_s(workflow, params, multiple)
+        return slo or 0.0, solo or 0.0

@@ -1,0 +1,676 @@
+"""The GPU check: CUDA IPC and full-size models on a lent GPU machine, in one short run.
+
+`python -m clients.bench.gpu_check run [--dry-run] [--record] [--out DIR]` (what
+scripts/gpu-check.sh runs). Processes and sockets: this driver's main thread owns a
+client DEALER to the broker it starts and the fetch DEALERs of a consumer actor
+runtime (`Consumer`); it starts, as processes of its own, a producer peer
+(`python -m clients.bench.gpu_check peer`: an actor runtime whose data thread owns its data
+ROUTER and whose main thread takes commands as JSON lines on stdin), a consumer that
+maps a tensor and holds it until killed (`... hold`, for the tests), a broker, and
+one diffusers actor per model; it stops each by its pid, never by name.
+
+Stages, each under a hard time budget (SIGALRM), each reported even when it fails:
+- transfers: one fp16 tensor of 128 KiB, 4 MiB and 64 MiB fetched from the producer
+  process into this one, ending on this process's GPU, by CUDA IPC, shared memory and
+  frames (medians of fresh bundles: every fetch pays its export);
+- sdxl, sd3: full-size components (actors/models/fullsize.py, random weights, fp16
+  and bf16) built on the GPU, one actor per component on the same GPU, so every hop is
+  a CUDA IPC fetch; the micro-served image must equal the diffusers pipeline's; the
+  served and in-process times at 4 and 20 steps give the per-step overhead (the slope)
+  and the per-request overhead (the rest).
+
+`--dry-run` runs the same code on the CPU with shrunken components at 64 px and no
+IPC, so a machine without a GPU catches what would break on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from actors import cuda_ipc
+from actors.backends import register_backend
+from actors.models import fullsize
+from actors.runtime import ActorConfig, ActorRuntime
+from actors.store import bundle_nbytes
+from broker import protocol as p
+from broker.logs import configure_logging
+from clients.bench import records
+from clients.client import Client
+from clients.local import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_MODEL = "Flux1Schnell"  # any catalog model: the echo backend never runs it
+ECHO_BACKEND = "tensor-echo"
+PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk", "blurry"  # SDXL zeroes an empty negative prompt
+KIB, MIB = 1024, 1024 * 1024
+TRANSFER_SIZES = (128 * KIB, 4 * MIB, 64 * MIB)
+TRANSPORTS = ("ipc", "shm", "frames")
+
+
+class TensorBackend:
+    """A torch backend that computes nothing (returns its first input): lets an actor
+    runtime hold and move torch tensors for data-plane tools and tests."""
+
+    tensor_kind = "torch"
+
+    def __init__(self, model: Any, device: str, options: dict):
+        self.device = device
+
+    def load(self) -> None:
+        return None
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def run(self, tasks: list, inputs: list[list[dict]]) -> list[dict]:
+        return [dict(task_inputs[0]) if task_inputs else {} for task_inputs in inputs]
+
+
+def register_echo_backend() -> None:
+    register_backend(ECHO_BACKEND, "clients.bench.gpu_check:TensorBackend")
+
+
+# ------------------------------------------------------------------ tensors of every layout
+
+
+def make_tensor(spec: dict, device: str) -> Any:
+    """A deterministic tensor from a spec {name, dtype, shape, seed, layout[, device]}:
+    the producer makes it, the consumer makes it again to compare."""
+    import torch
+
+    device = spec.get("device") or device
+    dtype = getattr(torch, spec["dtype"])
+    generator = torch.Generator(device=device).manual_seed(spec["seed"])
+
+    def rand(shape: list[int]) -> Any:
+        if dtype.is_floating_point:
+            return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        return torch.randint(0, 120, shape, generator=generator, device=device, dtype=dtype)
+
+    shape = list(spec["shape"])
+    layout = spec.get("layout", "contiguous")
+    if layout == "contiguous":
+        return rand(shape)
+    if layout == "channels_last":  # dense, not row-major: what a VAE encoder hands a UNet
+        return rand(shape).contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # dense, permuted
+        return rand(shape[:-2] + [shape[-1], shape[-2]]).transpose(-1, -2)
+    if layout == "strided":  # not dense: every other element of a wider storage
+        return rand(shape[:-1] + [2 * shape[-1]])[..., ::2]
+    if layout == "offset":  # dense, but starting inside its storage
+        return rand([shape[0] + 1, *shape[1:]])[1:]
+    raise ValueError(f"layout: unknown layout {layout!r}")
+
+
+# A bundle like a denoise step's output, every layout and dtype that travels.
+LAYOUT_BUNDLE = [
+    {"name": "latents", "dtype": "float32", "shape": [1, 4, 32, 32], "seed": 1, "layout": "channels_last"},
+    {"name": "cond/embeds", "dtype": "bfloat16", "shape": [2, 77, 64], "seed": 2, "layout": "transposed"},
+    {"name": "cond/pooled", "dtype": "float16", "shape": [2, 48], "seed": 3, "layout": "strided"},
+    {"name": "cond/time_ids", "dtype": "float32", "shape": [2, 6], "seed": 4, "layout": "offset"},
+    {"name": "state/lower_order_nums", "dtype": "int64", "shape": [1], "seed": 5},
+    {"name": "state/generator", "dtype": "uint8", "shape": [5056], "seed": 6, "device": "cpu"},
+]
+
+
+def dense(tensor: Any) -> bool:
+    """Non-overlapping and dense: its layout survives a copy."""
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+    return tensor.permute(order).is_contiguous()
+
+
+def compare_bundle(got: dict, specs: list[dict], device: str) -> list[str]:
+    """What differs between a fetched bundle and the specs it was made from ([] if nothing)."""
+    problems = []
+    for spec in specs:
+        want = make_tensor(spec, device)
+        value = got.get(spec["name"])
+        if value is None:
+            problems.append(f"{spec['name']}: missing")
+            continue
+        value_on = value.to(want.device)
+        if value.dtype != want.dtype or list(value.shape) != list(want.shape) or not bool((value_on == want).all()):
+            problems.append(f"{spec['name']}: values differ")
+        elif dense(want) and value.stride() != want.stride():
+            problems.append(f"{spec['name']}: layout {value.stride()} instead of {want.stride()}")
+    return problems
+
+
+# ------------------------------------------------------------------ producer peer process
+
+
+def peer_main(device: str) -> int:
+    """Producer: an actor runtime serving FETCH from its data thread; this main thread
+    plays its compute thread, taking JSON-line commands on stdin (put, free, stats, quit)."""
+    import torch
+
+    configure_logging("console", "warning", process="gpu-check-peer")
+    register_echo_backend()
+    runtime = ActorRuntime(ActorConfig(model=PEER_MODEL, backend=ECHO_BACKEND, device=device))
+    runtime.start_data_plane()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.init()
+
+    def reply(value: dict) -> None:
+        sys.stdout.write(json.dumps(value) + "\n")
+        sys.stdout.flush()
+
+    def put(tensor_id: str, specs: list[dict]) -> int:
+        bundle = {spec["name"]: make_tensor(spec, device) for spec in specs}
+        runtime.store.put(tensor_id, bundle, ready=cuda_ipc.record_ready(bundle))
+        return bundle_nbytes(bundle)
+
+    reply({"address": runtime.data_address, "host": runtime.host, "gpu": cuda_ipc.device_uuid(device)})
+    try:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            op = cmd["op"]
+            if op == "put":
+                # In a function so that no local of this loop keeps the last bundle
+                # alive after its FREE (the GPU run once read that as a leak).
+                reply({"nbytes": put(cmd["id"], cmd["tensors"])})
+            elif op == "free":
+                runtime.free(cmd["ids"])
+                reply({})
+            elif op == "stats":
+                if cuda:
+                    torch.cuda.synchronize()
+                telemetry = runtime.refresh_telemetry()
+                reply({"allocated": torch.cuda.memory_allocated(device) if cuda else 0,
+                       "pins": telemetry.ipc_pins, "segments": telemetry.shm_segments,
+                       "stored": telemetry.stored_tensors, "ipc_fallbacks": telemetry.ipc_fallbacks})
+            elif op == "quit":
+                break
+            else:
+                reply({"error": f"unknown op {op!r}"})
+    finally:
+        runtime.close_data_plane()
+    reply({"bye": True})
+    return 0
+
+
+def hold_main(address: str, tensor_id: str, device: str) -> int:
+    """A consumer that maps a bundle's CUDA IPC handles and never lets go (until killed)."""
+    import torch
+    import zmq
+
+    gpu = cuda_ipc.device_uuid(device)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    sock.send_multipart([b"", *p.encode(p.Fetch(tensor_id, "hold", False, gpu))])
+    if not sock.poll(10_000):
+        print(json.dumps({"error": "no reply"}), flush=True)
+        return 1
+    msg, _ = p.decode(sock.recv_multipart()[1:])
+    shared = [d for d in getattr(msg, "tensors", []) if d.where == cuda_ipc.WHERE]
+    held = [cuda_ipc.open_storage(d, cuda_ipc.device_index(device)) for d in shared]
+    torch.cuda.synchronize()
+    print(json.dumps({"held": len(held)}), flush=True)
+    time.sleep(600)
+    return 0
+
+
+class PeerProcess:
+    """The driver's handle on a producer peer process (main thread only)."""
+
+    def __init__(self, device: str):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "clients.bench.gpu_check", "peer", "--device", device],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        hello = self._read()
+        self.address, self.host, self.gpu = hello["address"], hello["host"], hello["gpu"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the producer peer exited (code {self.proc.wait(5)}); see its stderr above")
+        return json.loads(line)
+
+    def call(self, op: str, **fields: Any) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(f"producer peer: {answer['error']}")
+        return answer
+
+    def put(self, tensor_id: str, specs: list[dict]) -> int:
+        return self.call("put", id=tensor_id, tensors=specs)["nbytes"]
+
+    def free(self, tensor_ids: list[str]) -> None:
+        self.call("free", ids=tensor_ids)
+
+    def stats(self) -> dict:
+        return self.call("stats")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                self.call("quit")
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> PeerProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Consumer:
+    """An actor runtime in this process that fetches from a peer as a task would."""
+
+    def __init__(self, device: str):
+        register_echo_backend()
+        self.device = device
+        self.runtime = ActorRuntime(ActorConfig(model=PEER_MODEL, backend=ECHO_BACKEND, device=device))
+        self.peers: dict = {}
+
+    @property
+    def gpu(self) -> str:
+        return self.runtime.local_gpu()
+
+    def fetch(self, peer: PeerProcess, tensor_id: str, nbytes: int, transport: str = "auto") -> dict:
+        """`auto`: as a task (IPC, shared memory, frames, with fallbacks); else exactly one transport."""
+
+        ref = p.TensorRef(tensor_id, "peer", peer.address, nbytes, peer.host)
+        if transport == "auto":
+            return self.runtime.fetch(ref, self.peers)
+        shm, gpu = {"ipc": (False, self.gpu), "shm": (True, ""), "frames": (False, "")}[transport]
+        return self.runtime.fetch(ref, self.peers, shm=shm, gpu=gpu)
+
+    def close(self) -> None:
+        self.runtime.close_data_plane(self.peers)
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ stage: transfers
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def bench_transfers(device: str, sizes: tuple[int, ...], reps: int, transports: tuple[str, ...]) -> dict:
+    """Fetch latency by transport: put a fresh bundle, time the fetch until the tensor is
+    on this process's device (frames and shared memory land in host memory first),
+    check the first one, free it; the medians over `reps` after one warm-up."""
+    results: dict = {"device": device, "reps": reps, "sizes": {}}
+    with PeerProcess(device) as peer, Consumer(device) as consumer:
+        baseline = peer.stats()["allocated"]
+        for size in sizes:
+            spec = [{"name": "latents", "dtype": "float16", "shape": [size // 2], "seed": size % 1000}]
+            row = results["sizes"][size] = {}
+            for transport in transports:
+                telemetry = consumer.runtime.telemetry
+                before = (telemetry.ipc_fetches, telemetry.shm_fetches)
+                times, problems = [], []
+                try:
+                    for i in range(reps + 1):
+                        tensor_id = f"t{size}-{transport}-{i}"
+                        nbytes = peer.put(tensor_id, spec)
+                        started = time.perf_counter()
+                        bundle = consumer.fetch(peer, tensor_id, nbytes, transport)
+                        value = bundle["latents"].to(device)
+                        _sync(device)
+                        elapsed = time.perf_counter() - started
+                        if i == 0:
+                            problems = compare_bundle({"latents": value}, spec, device)
+                        else:
+                            times.append(elapsed)
+                        del bundle, value
+                        peer.free([tensor_id])
+                except Exception as exc:  # one transport failing must not hide the others
+                    problems.append(f"{type(exc).__name__}: {exc}")
+                used = (telemetry.ipc_fetches - before[0], telemetry.shm_fetches - before[1])
+                want = {"ipc": used[0], "shm": used[1]}.get(transport)
+                if not problems and want is not None and want != reps + 1:  # the bytes came another way
+                    problems.append(f"{want} of {reps + 1} fetches went by {transport}")
+                row[transport] = {
+                    "median_ms": round(statistics.median(times) * 1000, 3) if times else None,
+                    "min_ms": round(min(times) * 1000, 3) if times else None,
+                    "ipc_fetches": used[0], "shm_fetches": used[1], "problems": problems,
+                }
+        results["leftover"] = {**peer.stats(), "baseline": baseline}
+    return results
+
+
+# ------------------------------------------------------------------ stage: full-size families
+
+
+class MiniCluster:
+    """A broker and one actor per model, all on one device, as processes of this machine."""
+
+    def __init__(self, catalog: Path, models: list[str], device: str, run_dir: Path):
+        self.catalog, self.models, self.device, self.run_dir = catalog, models, device, run_dir
+        self.frontend = f"tcp://127.0.0.1:{free_port()}"
+        self.backend = f"tcp://127.0.0.1:{free_port()}"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with open(self.run_dir / "logs" / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=log,
+                                                    stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    def start(self) -> None:
+        common = ["--catalog", str(self.catalog), "--log-level", "warning"]
+        self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend, *common])
+        for model in self.models:
+            self._start(f"actor-{model}", ["actors", "--model", model, "--broker", self.backend, "--device",
+                                           self.device, "--backend", "diffusers", *common])
+
+    def wait_ready(self, client: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+            with contextlib.suppress(Exception):
+                if len(client.stats(timeout=2.0).actors) >= len(self.models):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"actors did not join within {timeout_s}s")
+            time.sleep(0.2)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.run_dir / "logs" / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self) -> None:
+        """Actors first, then the broker; SIGKILL what outlives a grace period."""
+        for names in ([n for n in self.processes if n != "broker"], ["broker"]):
+            for name in names:
+                if self.processes[name].poll() is None:
+                    self.processes[name].send_signal(signal.SIGTERM)
+            for name in names:
+                try:
+                    self.processes[name].wait(10)
+                except subprocess.TimeoutExpired:
+                    self.processes[name].kill()
+                    self.processes[name].wait()
+
+
+def _pipeline_image(pipe: Any, seed: int, steps: int, size: int) -> Any:
+    import torch
+
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=size,
+               width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    return (out * 255).round().astype("uint8")
+
+
+def check_family(family: str, *, dry: bool, device: str, root: Path, short: int, long: int, rounds: int) -> dict:
+    """Build, serve and compare one family; times served vs in-process at `short` and `long` steps."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    dtype = {"sdxl": "float16", "sd3": "bfloat16"}[family]
+    build = {"sdxl": fullsize.build_sdxl, "sd3": fullsize.build_sd3}[family]
+    started = time.perf_counter()
+    built = build(root / family, size="dry" if dry else "full", dtype=dtype, device=device)
+    prefix = f"check-{family}"
+    catalog = root / f"{family}.toml"
+    catalog.write_text(fullsize.catalog_text(built, prefix))
+    result: dict = {"family": family, "dtype": dtype, "size": built.image, "build_s": round(time.perf_counter() - started, 1)}
+    models = [f"{prefix}-{name}" for name in built.encoders] + [f"{prefix}-denoiser", f"{prefix}-vae"]
+    cluster = MiniCluster(catalog, models, device, root / f"{family}-run")
+    cluster.start()  # the actors load while this process loads the reference pipeline
+    pipe = None
+    try:
+        pipe = getattr(diffusers, fullsize.pipeline_class(family)).from_pretrained(
+            built.folder, torch_dtype=getattr(torch, dtype), **fullsize.pipeline_extra(family)).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        reference = _pipeline_image(pipe, 1, short, built.image)
+        with Client(cluster.frontend) as client:
+            cluster.wait_ready(client, 240)
+            result["ready_s"] = round(time.perf_counter() - started, 1)
+            params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 7.5, "width": built.image,
+                      "height": built.image}
+            served = client.generate(f"{prefix}-txt2img", timeout=120, seed=1, steps=short, **params).image
+            result["identical"] = bool(np.array_equal(served, reference))
+            result["max_abs_diff"] = int(np.abs(served.astype(np.int16) - reference.astype(np.int16)).max())
+            times: dict = {}
+            for steps in (short, long):
+                times[steps] = {"served": [], "pipeline": []}
+                for seed in range(2, 2 + rounds):  # alternate, so drift hits both sides alike
+                    t0 = time.perf_counter()
+                    client.generate(f"{prefix}-txt2img", timeout=120, seed=seed, steps=steps, **params)
+                    times[steps]["served"].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    _pipeline_image(pipe, seed, steps, built.image)
+                    _sync(device)
+                    times[steps]["pipeline"].append(time.perf_counter() - t0)
+            time.sleep(1.5)  # one heartbeat carries the actors' telemetry
+            telemetry = [a.telemetry for a in client.stats().actors if a.telemetry]
+        med = {steps: {side: statistics.median(v) for side, v in t.items()} for steps, t in times.items()}
+        gap = {steps: m["served"] - m["pipeline"] for steps, m in med.items()}
+        per_step = (gap[long] - gap[short]) / (long - short)
+        result.update({
+            "steps": (short, long), "rounds": rounds,
+            "served_s": {s: round(m["served"], 3) for s, m in med.items()},
+            "pipeline_s": {s: round(m["pipeline"], 3) for s, m in med.items()},
+            "per_step_overhead_ms": round(per_step * 1000, 2),
+            "per_request_overhead_ms": round((gap[short] - short * per_step) * 1000, 1),
+            "fetches": sum(t.fetches for t in telemetry), "ipc_fetches": sum(t.ipc_fetches for t in telemetry),
+            "ipc_fallbacks": sum(t.ipc_fallbacks for t in telemetry),
+            "fetch_fallbacks": sum(t.fetch_fallbacks for t in telemetry),
+            "ipc_pins_left": sum(t.ipc_pins for t in telemetry),
+        })
+    except Exception as exc:
+        tails = "\n".join(f"--- {name}\n{cluster.log_tail(name, 8)}" for name in cluster.processes)
+        raise RuntimeError(f"{type(exc).__name__}: {exc}\n{tails}") from None
+    finally:
+        cluster.stop()
+        pipe = None  # before emptying the cache: the next family needs the memory
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        shutil.rmtree(built.folder, ignore_errors=True)  # gigabytes of weights
+    return result
+
+
+# ------------------------------------------------------------------ driver
+
+
+class StageTimeout(Exception):
+    """A stage ran past its time budget."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: int, stage: str):
+    """Interrupt the main thread when `seconds` have passed (the stage's cleanup still runs)."""
+    def expire(signum: int, frame: Any) -> None:
+        raise StageTimeout(f"{stage}: over its budget of {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(max(1, int(seconds)))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def machine(device: str) -> str:
+    import psutil
+    import torch
+
+    text = f"{platform.node()}: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB"
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        text += f", {props.name} ({props.total_memory / 1024**3:.0f} GiB), CUDA {torch.version.cuda}"
+    return text + f", torch {torch.__version__}, CPython {platform.python_version()}"
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB"
+
+
+def table(report: dict) -> str:
+    rows: list[tuple[str, str, str]] = []
+    if report.get("note"):
+        rows.append(("GPU tests (tests/test_cuda_ipc.py -m gpu)", report["note"], "all pass"))
+    transfers = report.get("transfers")
+    if transfers and "error" in transfers:
+        rows.append(("transfers", f"FAILED: {transfers['error'].splitlines()[0][:300]}", ""))
+    elif transfers:
+        for size, by in transfers["sizes"].items():
+            cells = []
+            for transport in TRANSPORTS:
+                r = by.get(transport)
+                if r is None:
+                    cells.append("-")
+                elif r["problems"]:
+                    cells.append("FAILED: " + "; ".join(r["problems"])[:120])
+                else:
+                    cells.append(f"{r['median_ms']}")
+            rows.append((f"fetch of {_size(int(size))} into the consumer's {transfers['device'].split(':')[0].upper()} "
+                         f"memory, {' / '.join(TRANSPORTS)} (ms, median of {transfers['reps']})",
+                         " / ".join(cells), ""))
+        left = transfers["leftover"]
+        rows.append(("producer after every FREE: allocated over baseline (bytes), IPC pins, shm segments",
+                     f"{left['allocated'] - left['baseline']}, {left['pins']}, {left['segments']}", "0, 0, 0"))
+    for family in ("sdxl", "sd3"):
+        r = report.get(family)
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append((f"{family}", f"FAILED: {r['error'].splitlines()[0][:300]}", ""))
+            continue
+        short, long = r["steps"]
+        label = f"{family.upper()} {'shrunken (dry run)' if report['dry_run'] else 'full size'}, {r['dtype']}, {r['size']} px"
+        rows.append((f"{label}: micro-served image == pipeline's ({short} steps)",
+                     "yes" if r["identical"] else f"NO (max diff {r['max_abs_diff']})", "yes"))
+        for steps in (short, long):
+            rows.append((f"{label}, {steps} steps: served / in-process (s, medians of {r['rounds']})",
+                         f"{r['served_s'][steps]} / {r['pipeline_s'][steps]}", ""))
+        rows.append((f"{label}: overhead per step / per request (ms)",
+                     f"{r['per_step_overhead_ms']} / {r['per_request_overhead_ms']}", ""))
+        rows.append((f"{label}: fetches, of them by CUDA IPC; IPC fallbacks; pins left",
+                     f"{r['fetches']}, {r['ipc_fetches']}; {r['ipc_fallbacks']}; {r['ipc_pins_left']}", ""))
+    lines = ["| metric | measured | target |", "| --- | --- | --- |"]
+    return "\n".join([*lines, *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+
+
+def run_check(args: argparse.Namespace) -> int:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Actors run one intra-op thread; the reference pipeline must too (on a CPU the
+    # thread count changes the order of float reductions, hence the low bits).
+    torch.set_num_threads(1)
+    dry = args.dry_run
+    cuda = torch.cuda.is_available() and not dry
+    device = args.device or ("cuda:0" if cuda else "cpu")
+    stages = [s for s in args.stages.split(",") if s]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"date": records.utc_now(),
+                    "machine": machine(device), "device": device, "dry_run": dry, "note": args.note}
+    budgets = {"transfers": 20 if dry else 45, "sdxl": 240 if dry else 150, "sd3": 240 if dry else 120}
+    root = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
+    root.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        started = time.perf_counter()
+        print(f"gpu-check: {stage} (budget {budgets[stage]}s)", file=sys.stderr, flush=True)
+        try:
+            with time_budget(budgets[stage], stage):
+                if stage == "transfers":
+                    transports = TRANSPORTS if device.startswith("cuda") else ("shm", "frames")
+                    report[stage] = bench_transfers(device, TRANSFER_SIZES, 3 if dry else 20, transports)
+                else:
+                    report[stage] = check_family(stage, dry=dry, device=device, root=root, short=2 if dry else 4,
+                                                 long=4 if dry else 20, rounds=1 if dry else 3)
+        except Exception as exc:  # report it and go on: one broken stage must not hide the rest
+            report[stage] = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+            print(f"gpu-check: {stage} failed: {report[stage]['error']}", file=sys.stderr, flush=True)
+        print(f"gpu-check: {stage} took {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    if not args.work:
+        shutil.rmtree(root, ignore_errors=True)
+    text = table(report)
+    print(text)
+    entry = (f"\n### CUDA IPC and full-size models on a GPU ({report['date']})\n\n"
+             f"Machine: {report['machine']}. Command: `bash scripts/gpu-check.sh --record`.\n\n{text}\n")
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu-check.md").write_text(text + "\n")
+    # A lent machine's checkout is thrown away: this file, fetched back, is what to append here.
+    (out / "benchmarks-entry.md").write_text(entry)
+    if args.record:
+        with open(REPO / "docs" / "benchmarks.md", "a") as doc:
+            doc.write(entry)
+    return 0 if _passed(report, stages) else 1
+
+
+def _passed(report: dict, stages: list[str]) -> bool:
+    for stage in stages:
+        r = report.get(stage, {})
+        if "error" in r:
+            return False
+        if stage == "transfers":
+            if any(t["problems"] for by in r["sizes"].values() for t in by.values()):
+                return False
+            left = r["leftover"]
+            if left["allocated"] != left["baseline"] or left["pins"] or left["segments"]:
+                return False
+        elif not r.get("identical") or r.get("ipc_fallbacks") or r.get("ipc_pins_left"):
+            return False
+        elif report["device"].startswith("cuda") and not r.get("ipc_fetches"):
+            return False  # on one GPU every hop between actors must have been an IPC fetch
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clients.bench.gpu_check", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the check and print its table")
+    run.add_argument("--dry-run", action="store_true", help="CPU, shrunken components, no IPC")
+    run.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    run.add_argument("--device", default="", help="default: cuda:0 where CUDA is, else cpu")
+    run.add_argument("--stages", default="transfers,sdxl,sd3")
+    run.add_argument("--out", default=str(REPO / "run" / "gpu-check"), help="where the table and JSON go")
+    run.add_argument("--work", default="", help="where models are built (each removed after its stage; default: a temporary folder)")
+    run.add_argument("--note", default="", help="the GPU tests' outcome, for the table")
+    peer = sub.add_parser("peer", help="(internal) a producer peer taking commands on stdin")
+    peer.add_argument("--device", default="cpu")
+    hold = sub.add_parser("hold", help="(internal) a consumer that maps a bundle and holds it")
+    hold.add_argument("--address", required=True)
+    hold.add_argument("--tensor-id", required=True)
+    hold.add_argument("--device", default="cuda:0")
+    args = parser.parse_args(argv)
+    if args.command == "peer":
+        return peer_main(args.device)
+    if args.command == "hold":
+        return hold_main(args.address, args.tensor_id, args.device)
+    return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""`lego`: the command line. Each subcommand is a thin front for a library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from actors.agent import main as agent_main
+from actors.models.tiny import build_all
+from actors.runtime import main as actor_main
+from broker.catalog import load_catalog
+from broker.config import parse_options
+from broker.logs import configure_logging
+from broker.server import main as broker_main
+from clients import Client, LegoError
+from clients.bench.cluster import (
+    RATES,
+    SHARING_RATES,
+    BenchSettings,
+    attainment_chart,
+    cluster_table,
+    run_cluster_bench,
+)
+from clients.bench.lora import run_cli
+from clients.bench.overhead import run_overhead_bench
+from clients.bench.scheduler import run_scheduler_bench, scheduler_table
+from clients.bench.sim.bench import cli_main
+from clients.cli import admin as admin_cli
+from clients.cli.status_view import status_lines
+from clients.local import LocalCluster, LocalClusterSpec
+from scheduler.controller import main as scheduler_main
+
+
+def _print_progress(job, stream=sys.stderr) -> None:
+    width = 30
+    for event in job.progress():
+        frac = event.done_nodes / max(1, event.total_nodes)
+        bar = "#" * int(frac * width)
+        label = f"step {event.step}/{event.total_steps}" if event.kind == "denoise" else event.node
+        stream.write(f"\r[{bar:<{width}}] {event.done_nodes}/{event.total_nodes} {label:<24}")
+        stream.flush()
+    stream.write("\n")
+
+
+def _params(args) -> dict:
+    params = parse_options(args.param)
+    for key in ("seed", "steps", "width", "height"):
+        if getattr(args, key, None) is not None:
+            params[key] = getattr(args, key)
+    return params
+
+
+def cmd_generate(args) -> int:
+    with Client(args.broker) as client:
+        try:
+            job = client.submit(args.workflow, prompt=args.prompt, **_params(args))
+            if not args.quiet:
+                _print_progress(job)
+            result = job.result(timeout=args.timeout)
+        except LegoError as exc:
+            print(f"lego generate: {exc}", file=sys.stderr)
+            return 1
+    path = result.save_png(args.output)
+    print(f"wrote {path} ({result.image.shape[1]}x{result.image.shape[0]}, seed {result.params.get('seed')}, "
+          f"{result.latency_s:.2f}s)")
+    return 0
+
+
+def cmd_workflows(args) -> int:
+    if args.offline:
+        infos = [{"name": w.name, "description": w.description, "models": w.models,
+                  "inputs": {i.name: i.__dict__ for i in w.inputs.values()}} for w in load_catalog(args.catalog or []).workflows.values()]
+    else:
+        try:
+            with Client(args.broker) as client:
+                infos = [{"name": w.name, "description": w.description, "models": w.models,
+                          "inputs": {i.name: i.to_wire() for i in w.inputs}} for w in client.workflows()]
+        except LegoError as exc:
+            print(f"lego workflows: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(infos, indent=2, default=list))
+        return 0
+    for info in infos:
+        print(f"{info['name']:<28} {info['description']}")
+        print(f"{'':<28} models: {', '.join(info['models'])}")
+        inputs = ", ".join(f"{n}{'*' if i['required'] else '=' + repr(i['default'])}" for n, i in info["inputs"].items())
+        print(f"{'':<28} inputs: {inputs}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    try:
+        with Client(args.broker) as client:
+            stats = client.stats()
+    except LegoError as exc:
+        print(f"lego status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats.to_wire(), indent=2))
+        return 0
+
+    print("\n".join(status_lines(stats)))
+    return 0
+
+
+def _cluster_spec(args):
+    replicas = {k: int(v) for k, v in parse_options(args.replicas).items()}
+    return LocalClusterSpec(
+        workflows=args.workflow or ["flux-schnell-txt2img"], replicas=replicas, backend=args.backend,
+        options=parse_options(args.option), emulate_gpus=args.emulate_gpus, catalog=args.catalog or [],
+        frontend_port=args.port, backend_port=args.port + 1 if args.port else 0, run_dir=args.run_dir,
+        log_format=args.log_format, log_level=args.log_level, scheduler=args.scheduler,
+        scheduler_args=list(args.scheduler_arg), cfg_split=args.cfg_split,
+    )
+
+
+def _up_reporter(args):
+    """How `lego up` tells its operator things on stderr: sentences on a console, or
+    events when its logs are JSON (so every line of its stderr parses as JSON)."""
+
+    configure_logging(args.log_format, args.log_level, process="up")
+    if args.log_format != "json":
+        return lambda event, text, **fields: print(text, file=sys.stderr)
+    import structlog
+
+    log = structlog.get_logger("lego.up")
+    return lambda event, text, **fields: log.info(event, **fields)
+
+
+def cmd_up(args) -> int:
+    try:
+        say = _up_reporter(args)
+        cluster = LocalCluster(_cluster_spec(args))
+    except (LegoError, ValueError) as exc:
+        print(f"lego up: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        cluster.start()
+        say("cluster_up", f"local cluster up: clients connect to {cluster.frontend} (logs in {cluster.run_dir}/logs)",
+            frontend=cluster.frontend, logs=f"{cluster.run_dir}/logs")
+        if args.generate:
+            with Client(cluster.frontend) as client:
+                job = client.submit(cluster.spec.workflows[0], prompt=args.generate, **_params(args))
+                if args.log_format != "json":  # a progress bar is for a console
+                    _print_progress(job)
+                result = job.result(timeout=args.timeout)
+            path = result.save_png(args.output)
+            print(f"wrote {path} ({result.image.shape[1]}x{result.image.shape[0]}, seed {result.params.get('seed')}, "
+                  f"{result.latency_s:.2f}s through the micro-served cluster)")
+            return 0
+        say("serving", "Ctrl-C stops everything this command started.")
+        # Ctrl-C as an event, not a KeyboardInterrupt that could land anywhere in this loop
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        while not stop.is_set():  # short waits, so a signal is handled promptly
+            stop.wait(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except LegoError as exc:
+        say("up_failed", f"lego up: {exc}", error=str(exc))
+        return 1
+    finally:
+        cluster.stop()
+
+
+def cmd_models(args) -> int:
+    catalog = build_all(args.dir, args.size)
+    print(f"wrote {args.size} models and their catalog: {catalog}")
+    print(f"serve them: lego up --backend diffusers --catalog {catalog} -w {args.size}-sd15-txt2img")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    return run_overhead_bench(args)
+
+
+def cmd_bench_cluster(args) -> int:
+    def numbers(text: str, cast) -> tuple:
+        return tuple(cast(x) for x in text.split(",") if x.strip())
+
+    sharing = args.setting == "sharing"
+    rates = numbers(args.rates, float) if args.rates else (SHARING_RATES if sharing else RATES)
+    settings = BenchSettings(setting=args.setting, systems=tuple(s for s in args.systems.split(",") if s), rates=rates,
+                             bursts=numbers(args.bursts, int), gpus=args.gpus or (16 if sharing else 8),
+                             time_scale=args.time_scale, trace_limit_s=args.trace_limit_s)
+    if args.quick:
+        settings.gpus, settings.rates, settings.bursts = 4, (1.0, 4.0), (1, 4)
+        settings.trace_limit_s, settings.time_scale = 6.0, 0.2
+    result = run_cluster_bench(settings)
+    print(json.dumps(result, indent=2, default=str) if args.json else cluster_table(result))
+    chart = attainment_chart(result, f"{args.plot}/slo_attainment_{args.setting}.png") if args.plot else None
+    if args.record:
+        command = "lego bench cluster " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "lego bench cluster"
+        with open(args.record, "a") as out:
+            out.write(f"\n### Micro-serving vs monolithic baselines, {args.setting} setting, emulated ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `{command}`. {result['gpus']} emulated H800s "
+                      f"(profile times x {result['time_scale']:g}, arrivals compressed alike), real processes; "
+                      f"took {result['wall_s']} s.\n\n{cluster_table(result)}\n")
+            if chart:
+                out.write(f"\n![SLO attainment vs rate scale]({chart})\n")
+    return 0
+
+
+def cmd_bench_simulate(args) -> int:
+    return cli_main(args.rest)
+
+
+def cmd_bench_scheduler(args) -> int:
+    result = run_scheduler_bench(args.time_scale, args.rounds, args.burst)
+    print(json.dumps(result, indent=2) if args.json else scheduler_table(result))
+    if args.record:
+        command = f"lego bench scheduler --time-scale {args.time_scale:g} --rounds {args.rounds} --burst {args.burst}"
+        with open(args.record, "a") as out:
+            out.write(f"\n### Scheduler: parallel groups and scaling, emulated ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `{command}`. Emulated H800 GPUs (profile times x "
+                      f"{args.time_scale:g}), real processes.\n\n{scheduler_table(result)}\n")
+    return 0
+
+
+def cmd_bench_lora(args) -> int:
+    return run_cli(args, "lego bench lora " + " ".join(sys.argv[3:]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    broker_addr = {"help": "broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)"}
+
+    for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor"),
+                            ("scheduler", "run the scheduler actor (replicas, placement, admission, parallel groups)"),
+                            ("gateway", "run the HTTP gateway (OpenAI images API, runs API, admin console, /metrics)")):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    g = sub.add_parser("generate", help="generate one image and write it as PNG")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("-w", "--workflow", default="flux-schnell-txt2img")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other workflow input")
+    g.add_argument("--timeout", type=float, default=600.0)
+    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--broker", **broker_addr)
+    g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("workflows", help="list workflows and their inputs")
+    w.add_argument("--json", action="store_true")
+    w.add_argument("--offline", action="store_true", help="read the catalog here instead of asking the broker")
+    w.add_argument("--catalog", action="append")
+    w.add_argument("--broker", **broker_addr)
+    w.set_defaults(func=cmd_workflows)
+
+    s = sub.add_parser("status", help="the broker's telemetry snapshot")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--broker", **broker_addr)
+    s.set_defaults(func=cmd_status)
+    admin_cli.add_parsers(sub, broker_addr)
+
+    u = sub.add_parser("up", help="a whole local cluster in the foreground")
+    u.add_argument("-w", "--workflow", action="append", help="workflow to serve (repeatable)")
+    u.add_argument("--replicas", action="append", metavar="MODEL=N", help="actors for a model (default 1)")
+    u.add_argument("--backend", default="emulated")
+    u.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option, e.g. time_scale=0.5")
+    u.add_argument("--emulate-gpus", type=int, default=2)
+    u.add_argument("--scheduler", action="store_true",
+                   help="run the scheduler actor too (scaling, placement, admission, parallel CFG groups)")
+    u.add_argument("--scheduler-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for lego scheduler (repeatable; e.g. --scheduler-arg=--admission=false)")
+    u.add_argument("--cfg-split", choices=("never", "always", "auto"), default="never",
+                   help="CFG branches as two tasks: never, always, or by load (auto; the scheduler sets auto)")
+    u.add_argument("--catalog", action="append")
+    u.add_argument("--port", type=int, default=5555, help="frontend port (backend is port+1); 0 picks free ports")
+    u.add_argument("--run-dir", default="run/local")
+    u.add_argument("--generate", metavar="PROMPT", help="generate one image, write it, stop the cluster")
+    u.add_argument("-o", "--output", default="out.png")
+    u.add_argument("--seed", type=int)
+    u.add_argument("--steps", type=int)
+    u.add_argument("--width", type=int)
+    u.add_argument("--height", type=int)
+    u.add_argument("--param", action="append", metavar="KEY=VALUE")
+    u.add_argument("--timeout", type=float, default=600.0)
+    u.add_argument("--log-format", default="console", choices=("console", "json"),
+                   help="of this command's stderr and every process it starts")
+    u.add_argument("--log-level", default="info")
+    u.set_defaults(func=cmd_up)
+
+    m = sub.add_parser("models", help="build model components offline")
+    msub = m.add_subparsers(dest="models", required=True)
+    t = msub.add_parser("tiny", help="real diffusers components with random weights, small configs")
+    t.add_argument("dir")
+    t.add_argument("--size", choices=("tiny", "mid"), default="tiny")
+    t.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    cb = bsub.add_parser("cluster", help="micro-serving vs monolithic baselines on an emulated cluster (the paper's setting)")
+    cb.add_argument("--setting", choices=("paper", "sharing"), default="paper",
+                    help="paper: 8 GPUs, 3 Flux workflows, the traces; sharing: 16 GPUs, 6 SD3/SD3.5L/Flux-dev "
+                         "ControlNet workflows, Gamma arrivals (CV 2)")
+    cb.add_argument("--systems", default="lego,basic,shepherd,clockwork", help="comma-separated")
+    cb.add_argument("--rates", help="paper: trace rate scales (default 0.5,1,2,3,4,6,8); sharing: requests/s "
+                                    "(default 0.25,0.5,1,1.5,2,3)")
+    cb.add_argument("--bursts", default="1,2,4,6,8,10,12,16,24,32,48", help="burst sizes, comma-separated ('' for none)")
+    cb.add_argument("--gpus", type=int, help="default 8 (paper), 16 (sharing)")
+    cb.add_argument("--time-scale", type=float, default=0.25, help="emulated times and arrival gaps x this")
+    cb.add_argument("--trace-limit-s", type=float, help="replay only the first seconds of each trace")
+    cb.add_argument("--quick", action="store_true", help="CI check of the harness: 4 GPUs, 6 s of two traces, small bursts")
+    cb.add_argument("--json", action="store_true")
+    cb.add_argument("--plot", metavar="DIR", help="write the SLO-attainment chart (PNG) there")
+    cb.add_argument("--record", metavar="FILE", help="append the tables to FILE (docs/benchmarks.md)")
+    cb.set_defaults(func=cmd_bench_cluster)
+    sim = bsub.add_parser("simulate", help="the same broker and scheduler code in virtual time (hundreds of GPUs)",
+                          add_help=False)
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_bench_simulate)
+    sb = bsub.add_parser("scheduler", help="parallel groups and scaling on 8 emulated H800s (the paper's Flux workflows)")
+    sb.add_argument("--time-scale", type=float, default=0.5, help="emulated times x this")
+    sb.add_argument("--rounds", type=int, default=5, help="idle requests per mode")
+    sb.add_argument("--burst", type=int, default=24)
+    sb.add_argument("--json", action="store_true")
+    sb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
+    sb.set_defaults(func=cmd_bench_scheduler)
+    lb = bsub.add_parser("lora", help="LoRA adapter affinity on vs off: many tenants' adapters over SD3 (emulated H800s)")
+    lb.add_argument("--gpus", type=int, help="emulated H800s, one SD3 actor on each (default 4)")
+    lb.add_argument("--rates", help="offered requests/s (H800 time), comma-separated (default 2.6,1.0)")
+    lb.add_argument("--residencies", help="lora_resident variants, comma-separated (default 8,2)")
+    lb.add_argument("--adapters", type=int, help="registered adapters (default 32)")
+    lb.add_argument("--window-s", type=float, help="arrival window, H800 seconds (default 60)")
+    lb.add_argument("--time-scale", type=float, help="emulated times and arrival gaps x this (default 0.25)")
+    lb.add_argument("--quick", action="store_true", help="CI check: 2 GPUs, a few seconds of arrivals")
+    lb.add_argument("--json", action="store_true")
+    lb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
+    lb.set_defaults(func=cmd_bench_lora)
+    o = bsub.add_parser("overhead", help="broker dispatch throughput and hop latency with no-op actors")
+    o.add_argument("--actors", type=int, default=2)
+    o.add_argument("--max-batch-rows", type=int, default=64)
+    o.add_argument("--requests", type=int, default=400)
+    o.add_argument("--steps", type=int, default=48)
+    o.add_argument("--rate", type=float, default=1000.0, help="offered tasks/s for the latency run")
+    o.add_argument("--latency-seconds", type=float, default=5.0)
+    o.add_argument("--json", action="store_true")
+    o.add_argument("--record", metavar="FILE", help="append the table to this markdown file")
+    o.add_argument("--real", action="store_true",
+                   help="instead: a micro-served mid SD 1.5 image vs the in-process diffusers pipeline")
+    o.add_argument("--models-dir", default="run/models/mid", help="--real: where the mid models are (built if missing)")
+    o.add_argument("--rounds", type=int, default=5, help="--real: images per side")
+    o.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("broker", "agent", "actor", "scheduler", "gateway"):  # process entry points parse their own flags
+
+        if argv[0] == "gateway":  # imported only here: aiohttp is the gateway's alone
+            from clients.gateway.server import main as gateway_main
+
+            gateway_main(argv[1:])
+            return
+        mains = {"broker": broker_main, "agent": agent_main, "actor": actor_main, "scheduler": scheduler_main}
+        mains[argv[0]](argv[1:])
+        return
+    if argv[:2] == ["bench", "simulate"]:  # it parses its own flags (argparse cannot pass them through)
+
+        sys.exit(cli_main(argv[2:]))
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
