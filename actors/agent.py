@@ -24,7 +24,9 @@ from pathlib import Path
 import structlog
 import zmq
 
+from actors.addresses import data_host
 from broker import protocol as p
+from broker import rundir
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config
 from broker.costs.model import CostModel
@@ -43,6 +45,10 @@ class AgentConfig:
     gpu_memory_gib: float = 80.0  # memory of each emulated GPU
     catalog: list[str] = field(default_factory=list)
     run_dir: str = "run"  # logs/ and pids/ of the actors this agent starts
+    # The address its actors serve tensors on, reachable from the other hosts (env
+    # LEGO_DATA_HOST); empty: loopback for a broker on loopback, else this host's end
+    # of the route to the broker.
+    data_host: str = ""
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
@@ -92,9 +98,8 @@ class NodeAgent:
         self.devices = {d.device: d for d in detect_devices(config.emulate_gpus, config.gpu_memory_gib)}
         self.children: dict[str, Child] = {}  # actor_id -> child
         self.run_dir = Path(config.run_dir)
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "locks").mkdir(parents=True, exist_ok=True)
+        self.data_host = data_host(config.broker_backend, config.data_host)
+        rundir.run_dir(self.run_dir, ("logs", "pids", "locks"))
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.stopping = threading.Event()
@@ -143,14 +148,14 @@ class NodeAgent:
             options["device_lock"] = str((self.run_dir / "locks" / f"{msg.device.replace(':', '-')}.lock").resolve())
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
                "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
-               "--max-batch-rows", str(msg.max_batch_rows),
+               "--max-batch-rows", str(msg.max_batch_rows), "--data-bind", f"tcp://{self.data_host}:*",
                "--log-format", self.config.actor_log_format or self.config.log_format, "--log-level", self.config.log_level]
         for path in self.config.catalog:
             cmd += ["--catalog", str(path)]
         for key, value in options.items():
             cmd += ["--option", f"{key}={value}"]
         safe = msg.spawn_id.replace("/", "_")
-        logfile = open(self.run_dir / "logs" / f"actor-{safe}.log", "ab")
+        logfile = rundir.open_private(self.run_dir / "logs" / f"actor-{safe}.log")
         try:
             process = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
@@ -158,7 +163,7 @@ class NodeAgent:
         finally:
             logfile.close()
         pidfile = self.run_dir / "pids" / f"actor-{safe}.pid"
-        pidfile.write_text(f"{process.pid}\n")
+        rundir.write_private(pidfile, f"{process.pid}\n")
         device.free_bytes -= need
         self.children[actor_id] = Child(msg.spawn_id, actor_id, msg.device, need, process, pidfile)
         log.info("actor_started", spawn_id=msg.spawn_id, actor_id=actor_id, pid=process.pid, device=msg.device)
@@ -281,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-gib", type=float)
     parser.add_argument("--catalog", action="append")
     parser.add_argument("--run-dir")
+    parser.add_argument("--data-host", help="the address this host's actors serve tensors on, reachable from other "
+                        "hosts (env LEGO_DATA_HOST; default: loopback for a broker on loopback, else the local end "
+                        "of the route to the broker)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     config = load_config(AgentConfig, "agent", args.config, {k: v for k, v in vars(args).items() if k != "config"})

@@ -36,6 +36,7 @@ import structlog
 import zmq
 
 from actors import cuda_ipc
+from actors.addresses import advertised
 from actors.backends import create_backend
 from actors.cuda_ipc import IpcExporter, IpcUnavailable
 from actors.shm import PREFIX, ShmExporter, ShmUnavailable, attach_bundle
@@ -58,6 +59,8 @@ class ActorConfig:
     catalog: list[str] = field(default_factory=list)
     actor_id: str = ""
     host: str = ""
+    # Where peers fetch this actor's outputs; its node agent passes a routable address
+    # (actors/addresses.py). A wildcard bind is advertised as the route to the broker.
     data_bind: str = "tcp://127.0.0.1:*"
     max_batch_rows: int = 8
     credits: int = 2  # batches the broker may queue here (one running, one waiting)
@@ -117,7 +120,7 @@ class ActorRuntime:
         self._data_sock = self.context.socket(zmq.ROUTER)
         self._data_sock.setsockopt(zmq.LINGER, 0)
         self._data_sock.bind(config.data_bind)
-        self.data_address = self._data_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.data_address = advertised(self._data_sock.getsockopt(zmq.LAST_ENDPOINT).decode(), config.broker_backend)
         self._threads: list[threading.Thread] = []
         # Spawned by a node agent: exit with it rather than outlive it as an orphan.
         self._parent_pid = os.getppid() if os.environ.get("LEGO_EXIT_WITH_PARENT") == "1" else None

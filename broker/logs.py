@@ -47,11 +47,14 @@ def configure_logging(fmt: str = "console", level: str = "info", process: str = 
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Tracebacks never show local variables: a frame's locals may hold an API key, a
+    # prompt or an image (structlog shows them by default).
     if fmt == "json":  # a traceback becomes a structured field, not lines of its own
         renderer = structlog.processors.JSONRenderer()
-        shared_tail = [structlog.processors.dict_tracebacks]
+        shared_tail = [structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False))]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
         shared_tail = []
     structlog.configure(
         processors=[*shared, *shared_tail, renderer],

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker import rundir
 from broker.catalog import load_catalog
 from broker.costs.profiles import load_profile
 from clients.client import Client
@@ -87,15 +88,14 @@ class LocalCluster:
                 raise LegoError(f"workflows: unknown workflow {name!r} (known: {sorted(self.catalog.workflows)})")
 
     def _start(self, name: str, args: list[str]) -> None:
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
-        log = open(self.run_dir / "logs" / f"{name}.log", "ab")
+        rundir.run_dir(self.run_dir)
+        log = rundir.open_private(self.run_dir / "logs" / f"{name}.log")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         try:
             proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             log.close()
-        (self.run_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
+        rundir.write_private(self.run_dir / "pids" / f"{name}.pid", f"{proc.pid}\n")
         self.processes[name] = proc
 
     def _device_kind(self) -> str:

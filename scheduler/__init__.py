@@ -1,6 +1,9 @@
 """The scheduler actor: replicas per model, placement, parallel groups, admission.
 
-Its policies are pure functions of a telemetry snapshot (`broker.protocol.Stats`) and
-act through node agents and the broker. Built in a later issue; the broker already
-exposes the snapshot it will read and the admin spawn path it will drive.
+`controller` is the process (`lego scheduler`, `python -m scheduler.controller`): it
+reads the broker's telemetry (`snapshot`), runs one pure planning round (`plan`, over
+`scaling` and `placement`) and acts through the broker (`link`, its own DEALER) and
+the node agents. The policies are pure functions of a typed snapshot, so the simulator
+(`clients.bench.sim`) runs the same decisions in virtual time. This package reads the
+broker's shared base (protocol, catalog, cost model, config, logs) and nothing else.
 """

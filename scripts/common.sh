@@ -112,6 +112,15 @@ lego_pid() {
   echo "$pid"
 }
 
+# lego_private_dirs RUN_DIR: RUN_DIR (0700 when this makes it) and its logs/ and pids/,
+# always 0700: logs carry prompts, pidfiles say what to signal (broker/rundir.py does
+# the same for the processes Python starts).
+lego_private_dirs() {
+  [ -d "$1" ] || (umask 077 && mkdir -p "$1")
+  mkdir -p "$1/pids" "$1/logs"
+  chmod 700 "$1/pids" "$1/logs"
+}
+
 # lego_spawn RUN_DIR NAME MODULE ARGS...: start `python -m MODULE ARGS` detached
 # (own session, immune to hangups, log in RUN_DIR/logs/NAME.log), the pid in
 # RUN_DIR/pids/NAME.pid. The wrapper writes its own pid, then execs Python, so the
@@ -120,11 +129,12 @@ lego_spawn() {
   local dir=$1 name=$2 module=$3
   shift 3
   local pidfile="$dir/pids/$name.pid" log="$dir/logs/$name.log" waited=0
-  mkdir -p "$dir/pids" "$dir/logs"
+  lego_private_dirs "$dir"
   rm -f "$pidfile"
-  echo "=== $(date '+%F %T') starting $module $*" >>"$log"
+  (umask 077 && echo "=== $(date '+%F %T') starting $module $*" >>"$log")
+  chmod 600 "$log"
   # shellcheck disable=SC2016  # $$ and $0 belong to the wrapper
-  nohup setsid bash -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pidfile" \
+  nohup setsid bash -c 'umask 077 && echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pidfile" \
     env PYTHONUNBUFFERED=1 "$LEGO_VENV/bin/python" -m "$module" "$@" >>"$log" 2>&1 </dev/null &
   while [ ! -s "$pidfile" ]; do
     if [ "$waited" -ge 100 ]; then

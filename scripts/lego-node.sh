@@ -19,6 +19,9 @@
 #                       ($LEGO_RUN_DIR/nodes/$LEGO_NODE_HOST, LEGO_RUN_DIR: $LEGO_ROOT/run)
 #   LEGO_AGENT_ID       (agent@$LEGO_NODE_HOST)
 #   LEGO_EMULATE_GPUS   0: the real GPUs; N: N emulated GPUs of LEGO_GPU_MEMORY_GIB (80) each
+#   LEGO_DATA_HOST      the address this node's actors serve tensors on; other nodes fetch
+#                       from it (read by the agent itself; default: the local end of
+#                       the route to LEGO_HEAD, or 127.0.0.1 when LEGO_HEAD is loopback)
 #   LEGO_AGENT_ARGS     extra `lego agent` flags, e.g. "--catalog models/catalog.toml"
 #   LEGO_VENV           the virtualenv ($LEGO_ROOT/.venv)
 #   LEGO_INSTALL        1: create or update it first, as scripts/test.sh does; 0: use it as it is
@@ -47,7 +50,7 @@ start() {
   trap abort_start EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  mkdir -p "$dir/logs"
+  lego_private_dirs "$dir"
   offset=$(stat -c %s "$log" 2>/dev/null || echo 0)  # only this run's lines count
   lego_spawn "$dir" agent actors.agent --broker "tcp://$LEGO_HEAD:$LEGO_BACKEND_PORT" --host "$LEGO_NODE_HOST" \
     --run-dir "$dir" --emulate-gpus "$LEGO_EMULATE_GPUS" --gpu-memory-gib "$LEGO_GPU_MEMORY_GIB" "${agent_args[@]}"

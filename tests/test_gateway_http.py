@@ -5,6 +5,7 @@ document, and that no key ever reaches a log."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 
@@ -84,6 +85,10 @@ def test_a_batch_of_bad_requests_each_names_its_field_and_a_good_one_then_succee
         (images, {**good, "no_such_input": 1}, None, 400, "no_such_input"),
         (images, {**good, "padding": "x" * 5000}, None, 413, "body"),
         (images, {**good, "request_id": "mine"}, None, 400, "request_id"),
+        # Nesting past the interpreter's recursion limit (once a 500 with a traceback) and past MAX_JSON_DEPTH.
+        (images, b"[" * 2000 + b"]" * 2000, {"Content-Type": "application/json"}, 400, "body"),
+        (images, json.dumps({**good, "extra": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}).encode(),
+         {"Content-Type": "application/json"}, 400, "body"),
         ("/v1/runs", {"workflow": WORKFLOW, "params": {"prompt": "x", "guidance": "high"}}, None, 400, "params.guidance"),
         ("/v1/runs", {"workflow": WORKFLOW, "params": "prompt=x"}, None, 400, "params"),
         ("/v1/runs", {"workflow": 3}, None, 400, "workflow"),
@@ -105,6 +110,7 @@ def test_a_batch_of_bad_requests_each_names_its_field_and_a_good_one_then_succee
     status, _, body = request(gateway, "POST", images, good, key=key)
     assert status == 200, body
     assert base64.b64decode(body["data"][0]["b64_json"]).startswith(b"\x89PNG")
+    assert key not in gateway.log() and "Traceback" not in gateway.log()
 
 
 def test_a_run_streams_its_progress_as_server_sent_events_and_keeps_its_result(setup):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -90,6 +91,19 @@ def _wait_for_actors(frontend: str, models: set[str], timeout_s: float):
 
 @pytest.mark.skipif(not shutil.which("setsid") or not (Path(sys.prefix) / "bin" / "python").exists(),
                     reason="needs setsid and a virtualenv")
+def _assert_private(root: Path) -> None:
+    """Run directories (made by the scripts), their logs/ and pids/ 0700; every log and pidfile 0600."""
+    run_dirs = {p.parent for p in root.rglob("pids")}
+    assert len(run_dirs) == 3  # the head's and the two nodes'
+    for run in run_dirs:
+        for folder in (run, run / "logs", run / "pids"):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    files = [*root.rglob("logs/*.log"), *root.rglob("pids/*.pid")]
+    assert any(f.name.startswith("actor-") for f in files)  # the agents' files are checked too
+    loose = {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files if stat.S_IMODE(f.stat().st_mode) != 0o600}
+    assert not loose, loose
+
+
 def test_cluster_script_starts_serves_and_stops_everything(tmp_path):
     frontend_port, backend_port = free_port(), free_port()
     frontend = f"tcp://127.0.0.1:{frontend_port}"
@@ -127,6 +141,7 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path):
         names = {pidfile.name for pidfile in seen}
         assert {"broker.pid", "scheduler.pid", "agent.pid"} <= names
         assert sum(name.startswith("actor-") for name in names) >= len(models)
+        _assert_private(tmp_path)
 
         result = _cluster(hosts, "stop", env)
         stopped = True

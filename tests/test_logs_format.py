@@ -99,6 +99,28 @@ def test_library_logging_warnings_and_a_crash_are_json_lines_too():
     assert crash["exception"][0]["exc_type"] == "RuntimeError" and crash["exception"][0]["exc_value"] == "boom"
 
 
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_logged_traceback_never_shows_local_variables(fmt):
+    """A frame's locals may hold an API key or a prompt: tracebacks carry none of them."""
+    script = (
+        "import structlog\n"
+        "from broker.logs import configure_logging\n"
+        f"configure_logging({fmt!r}, 'info')\n"
+        "def handler(api_key):\n"
+        "    secret_prompt = 'a-private-prompt'\n"
+        "    raise ValueError('bad body')\n"
+        "try:\n"
+        "    handler('sk-the-callers-key')\n"
+        "except ValueError:\n"
+        "    structlog.get_logger('x').exception('handler_failed')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "handler_failed" in proc.stderr and "bad body" in proc.stderr  # the traceback itself is there
+    assert "sk-the-callers-key" not in proc.stderr and "a-private-prompt" not in proc.stderr
+
+
 @pytest.mark.parametrize("argv", [["broker", "--log-format", "xml"], ["scheduler", "--log-format", "yaml"],
                                   ["agent", "--log-format", "text"], ["actor", "--model", "m", "--log-format", "x"]])
 def test_every_entry_point_refuses_an_unknown_log_format(argv):

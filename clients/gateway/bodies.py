@@ -13,6 +13,9 @@ from aiohttp import web
 from clients.gateway.errors import ApiError
 
 MAX_SEED = 2**63 - 1
+# Deepest nesting a body may have: the deepest real body (a run's params with its LoRA
+# list) is 4; json.loads would recurse up to the interpreter's limit and then raise.
+MAX_JSON_DEPTH = 16
 MAX_IMAGES = 10  # OpenAI's own cap on `n`
 SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # OpenAI fields with no meaning here, accepted (so that clients sending them work) and ignored.
@@ -27,13 +30,30 @@ async def read_json(request: web.Request) -> dict:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "body_too_large", f"the body exceeds {exc.max_size} bytes", "body") from None
+    too_deep = ApiError(400, "body_too_deep", f"the body nests deeper than {MAX_JSON_DEPTH} levels", "body")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}", "body") from None
+    if json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {type(body).__name__}", "body")
     return body
+
+
+def json_depth(value, limit: int) -> int:
+    """How deeply `value` nests (a scalar: 0), counted without recursion and no further than `limit` + 1."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return depth
 
 
 def _str(body: dict, name: str, required: bool = True) -> str | None:
