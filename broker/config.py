@@ -90,6 +90,46 @@ def parse_options(pairs: list[str] | None) -> dict:
     return out
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str = "", flag: bool | str = True,
+            choices: tuple | None = None, live: bool = False, default_factory: Any = dataclasses.MISSING):
+    """A config field that declares a setting once: its default, what it means (`help`),
+    its command-line flag (True: `--name-with-dashes`; a string: that flag; False: file
+    and environment only), the values it takes (`choices`) and whether an operator may
+    change it while the process runs (`live`). `add_flags` and the live tables read it."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "live": live}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def flag_name(f: dataclasses.Field) -> str | None:
+    """The command-line flag of a field declared with `setting` (None: it has none)."""
+    flag = f.metadata.get("flag", False)
+    if flag is True:
+        return "--" + f.name.replace("_", "-")
+    return flag or None
+
+
+def add_flags(parser, cls: type) -> None:
+    """One flag per field of `cls` that declares one (`setting`), in field order; `dest`
+    is the field's name, so `load_config` takes the parsed values as they are. Booleans
+    take on/off (coerced by `load_config`); lists repeat the flag."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = flag_name(f)
+        if flag is None:
+            continue
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"] or None}
+        if hint is bool:
+            kwargs["choices"] = ("on", "off")
+        elif typing.get_origin(hint) is list:
+            kwargs["action"] = "append"
+        elif hint in (int, float):
+            kwargs["type"] = hint
+        if f.metadata["choices"]:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
 def add_common_arguments(parser) -> None:
     """Flags every process takes: config file, logging."""
     parser.add_argument("--config", help="TOML config file (defaults < file < LEGO_* env < flags)")

@@ -12,21 +12,24 @@ with an error and the loop keeps running.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import gc
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 import zmq
 
 from broker import protocol as p
 from broker.catalog import load_catalog
+from broker.config import add_common_arguments, add_flags, load_config, setting
 from broker.core.machine import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Send
-from broker.logs import message_ids
+from broker.logs import configure_logging, message_ids
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
 
@@ -35,58 +38,32 @@ log = structlog.get_logger(__name__)
 DRAIN_BATCH = 512  # messages read from one socket before looking at the other
 
 
-@dataclass
-class BrokerConfig:
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's own fields (the core never reads them): where it listens and publishes."""
+
     # env LEGO_FRONTEND_ADDRESS / LEGO_BACKEND_ADDRESS (LEGO_BACKEND is an actor's backend kind)
-    frontend_address: str = "tcp://127.0.0.1:5555"
-    backend_address: str = "tcp://127.0.0.1:5556"
-    catalog: list[str] = field(default_factory=list)
-    telemetry_address: str = ""  # PUB address for telemetry snapshots; empty: none
-    telemetry_interval_s: float = 0.5
-    telemetry_min_gap_s: float = 0.1
-    heartbeat_interval_s: float = 1.0
-    heartbeat_misses: int = 5
-    max_task_attempts: int = 3
-    max_request_restarts: int = 3
-    max_requests_in_flight: int = 100_000
-    affinity: str = "prefer"  # or "avoid": force steps to migrate (testing the data plane)
-    cfg_split: str = "never"  # "always": CFG branches as separate tasks, for two actors; "auto": by load
-    admission: bool = False  # refuse requests that cannot meet their SLO (the scheduler turns it on)
-    admission_bound: str = "max"  # max (the paper's lower bound) | sum (queue, then solo latency)
-    admission_overhead_s: float = 0.0  # runtime seconds per request added to the solo latency at admission
-    slo_multiple: float = 2.0  # SLO = this x the solo latency, where a workflow sets no slo_s
-    cost_scale: float = 1.0  # profile times x this: the emulated actors' time_scale
-    serving: str = "micro"  # or "monolith": each request one task on a pipeline/WORKFLOW actor (baselines)
-    drop_late: bool = False  # fail requests whose SLO deadline passed instead of running them
-    drop_hopeless: bool = False  # ...or can no longer be met (remaining critical path)
-    batch_by_profile: bool = True  # cap batches at the rows the profile says still pay
-    adapter_affinity: bool = True  # LoRA: send a set where it is applied; an actor runs its own set's tasks first
-    adapter_bypass_s: float = 2.5  # ...when they are at most this much (profile seconds) younger than the head
-    send_hwm: int = 100_000
-    log_format: str = "console"
-    log_level: str = "info"
+    frontend_address: str = setting("tcp://127.0.0.1:5555", flag="--frontend",
+                                    help="client address to bind (default tcp://127.0.0.1:5555)")
+    backend_address: str = setting("tcp://127.0.0.1:5556", flag="--backend",
+                                   help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
+    catalog: list[str] = setting(default_factory=list, help="extra workflow catalog TOML (repeatable)")
+    telemetry_address: str = setting("", flag="--telemetry", help="PUB address for telemetry snapshots (default: none)")
+    telemetry_interval_s: float = setting(0.5, help="seconds between telemetry snapshots")
+    telemetry_min_gap_s: float = setting(0.1, flag=False, help="least seconds between snapshots after a change")
+    send_hwm: int = setting(100_000, flag=False, help="messages queued per peer before a send fails")
+    log_format: str = setting("console", flag=False)  # their flags: broker.config.add_common_arguments
+    log_level: str = setting("info", flag=False)
+
+
+@dataclass(frozen=True)
+class BrokerConfig(BrokerSettings, ServerSettings):
+    """The broker process's one config object: the server's fields, then the core's
+    settings (`broker.core.settings`, each declared once); flags, file keys and LEGO_*
+    variables all come from these fields."""
 
     def settings(self) -> BrokerSettings:
-        return BrokerSettings(
-            heartbeat_interval_s=self.heartbeat_interval_s,
-            heartbeat_misses=self.heartbeat_misses,
-            max_task_attempts=self.max_task_attempts,
-            max_request_restarts=self.max_request_restarts,
-            max_requests_in_flight=self.max_requests_in_flight,
-            affinity=self.affinity,
-            cfg_split=self.cfg_split,
-            admission=self.admission,
-            admission_bound=self.admission_bound,
-            admission_overhead_s=self.admission_overhead_s,
-            slo_multiple=self.slo_multiple,
-            cost_scale=self.cost_scale,
-            serving=self.serving,
-            drop_late=self.drop_late,
-            drop_hopeless=self.drop_hopeless,
-            batch_by_profile=self.batch_by_profile,
-            adapter_affinity=self.adapter_affinity,
-            adapter_bypass_s=self.adapter_bypass_s,
-        )
+        return BrokerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BrokerSettings)})
 
 
 class BrokerServer:
@@ -224,41 +201,18 @@ def run_broker(config: BrokerConfig) -> None:
         log.info("broker_stopped", **server.core.counters)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from broker.config import add_common_arguments, load_config
-    from broker.logs import configure_logging
-
+def build_parser() -> argparse.ArgumentParser:
+    """`lego broker`'s flags: one per field of BrokerConfig that declares one."""
     parser = argparse.ArgumentParser(prog="lego broker", description="Run the broker.")
-    parser.add_argument("--frontend", dest="frontend_address", help="client address to bind (default tcp://127.0.0.1:5555)")
-    parser.add_argument("--backend", dest="backend_address", help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
-    parser.add_argument("--catalog", action="append", help="extra workflow catalog TOML (repeatable)")
-    parser.add_argument("--telemetry", dest="telemetry_address", help="PUB address for telemetry snapshots (default: none)")
-    parser.add_argument("--telemetry-interval-s", type=float)
-    parser.add_argument("--heartbeat-interval-s", type=float)
-    parser.add_argument("--heartbeat-misses", type=int)
-    parser.add_argument("--max-task-attempts", type=int)
-    parser.add_argument("--affinity", choices=("prefer", "avoid"))
-    parser.add_argument("--cfg-split", choices=("never", "always", "auto"))
-    parser.add_argument("--admission", choices=("on", "off"))
-    parser.add_argument("--admission-bound", choices=("max", "sum"))
-    parser.add_argument("--admission-overhead-s", type=float)
-    parser.add_argument("--slo-multiple", type=float)
-    parser.add_argument("--cost-scale", type=float)
-    parser.add_argument("--serving", choices=("micro", "monolith"))
-    parser.add_argument("--drop-late", choices=("on", "off"))
-    parser.add_argument("--drop-hopeless", choices=("on", "off"))
-    parser.add_argument("--batch-by-profile", choices=("on", "off"))
-    parser.add_argument("--adapter-affinity", choices=("on", "off"))
-    parser.add_argument("--adapter-bypass-s", type=float)
+    add_flags(parser, BrokerConfig)
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config"}
-    for flag in ("admission", "drop_late", "drop_hopeless", "batch_by_profile", "adapter_affinity"):
-        if cli.get(flag) is not None:
-            cli[flag] = cli[flag] == "on"
-    config = load_config(BrokerConfig, "broker", args.config, cli)
+    config = load_config(BrokerConfig, "broker", args.config, cli)  # on/off become booleans there
     configure_logging(config.log_format, config.log_level, process="broker")
     run_broker(config)
 

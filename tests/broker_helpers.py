@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 
 from broker import protocol as p
-from broker.core.machine import BrokerCore, BrokerSettings, Send
 from broker.catalog import parse_catalog
+from broker.core.machine import BrokerCore, BrokerSettings, Send
 
 LATER = 10.0  # well past heartbeat_interval_s * heartbeat_misses
 CLIENT = b"client-1"

@@ -153,8 +153,8 @@ class PlanRecorder:
 
 
 def test_the_scheduler_controller_targets_an_operator_minimum_above_its_flags():
-    from broker.core.machine import BrokerCore
     from broker.catalog import load_catalog
+    from broker.core.machine import BrokerCore
 
     core = BrokerCore(load_catalog([]), broker_id="b")
     for model in ("CLIP_Flux", "T5_Flux", "Flux1Schnell", "Flux1VAE"):

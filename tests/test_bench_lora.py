@@ -10,6 +10,7 @@ import pytest
 import tomllib
 
 from broker.catalog import load_catalog, parse_catalog, validate_params
+from clients.bench.loadgen import Arrival
 from clients.bench.lora import (
     BASE,
     QUICK,
@@ -27,7 +28,6 @@ from clients.bench.lora import (
     settings_from_args,
     zipf_weights,
 )
-from clients.bench.loadgen import Arrival
 
 
 def test_the_adapter_catalog_registers_every_adapter_for_sd3():

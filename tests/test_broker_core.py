@@ -34,10 +34,10 @@ from broker_helpers import (  # tests/ is on sys.path
 )
 
 from broker import protocol as p
-from broker.core.machine import BACKEND, FRONTEND, BrokerSettings
-from broker.protocol.errors import ErrorCode
-from broker.core.state import READY, Node, ReadyQueue, Request
 from broker.catalog import parse_catalog, unroll, validate_params
+from broker.core.machine import BACKEND, FRONTEND, BrokerSettings
+from broker.core.state import READY, Node, ReadyQueue, Request
+from broker.protocol.errors import ErrorCode
 
 # ------------------------------------------------------------------ admission
 

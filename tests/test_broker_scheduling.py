@@ -35,11 +35,11 @@ from broker_helpers import (
 )
 
 from broker import protocol as p
-from broker.core.machine import BrokerCore, BrokerSettings
-from broker.core.load import RATE_WINDOW_S
-from broker.protocol.errors import ErrorCode
 from broker.catalog import load_catalog, parse_catalog
+from broker.core.load import RATE_WINDOW_S
+from broker.core.machine import BrokerCore, BrokerSettings
 from broker.costs.model import CostModel
+from broker.protocol.errors import ErrorCode
 from scheduler.plan import PlanSettings, plan_round
 from scheduler.scaling import ScalingMemory
 from scheduler.snapshot import from_stats

@@ -18,8 +18,8 @@ import pytest
 
 from actors.runtime import ActorConfig, ActorRuntime
 from broker import protocol as p
-from broker.server import BrokerConfig, BrokerServer
 from broker.catalog import load_catalog
+from broker.server import BrokerConfig, BrokerServer
 from clients import (
     AsyncClient,
     AsyncJob,

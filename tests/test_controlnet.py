@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from actors.backends.controlnet import canny_edges  # noqa: E402
-from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
+from actors.backends.diffusers import DiffusersBackend  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.catalog import ParamError, check_image, unroll, validate_params  # noqa: E402
 from tests.test_diffusers import (  # noqa: E402,F401
@@ -59,7 +59,7 @@ def run_in_process(catalog, workflow, params: dict, tensors: dict[str, np.ndarra
                           list(plan.shape), plan.params, [], plan.key)
         inputs = [outputs[k] for k in plan.inputs]
         if plan.kind == "control_image":
-            inputs = [{name: torch.from_numpy(tensors[name]) for name in plan.params["tensors"]}]
+            inputs = [{name: torch.from_numpy(tensors[name]) for name in plan.params.tensors}]
         (outputs[plan.key],) = backends[plan.model].run([task], [inputs])
     return outputs
 

@@ -27,7 +27,13 @@ from actors import cuda_ipc  # noqa: E402
 from actors.cuda_ipc import IpcExporter, IpcUnavailable, Share  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.protocol import PROTOCOL_TAG  # noqa: E402
-from clients.bench.gpu_check import LAYOUT_BUNDLE, Consumer, PeerProcess, compare_bundle, make_tensor  # noqa: E402
+from clients.bench.gpu_check import (  # noqa: E402
+    LAYOUT_BUNDLE,
+    Consumer,
+    PeerProcess,
+    compare_bundle,
+    make_tensor,
+)
 
 EVENT = bytes(range(64))
 HANDLE = b"\x01\x00" + bytes(range(255, 191, -1))  # version, type, 64 raw bytes (zeros and high bytes too)

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
+from actors.backends.diffusers import DiffusersBackend  # noqa: E402
 from actors.models.tiny import build_all  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.catalog import load_catalog, unroll, validate_params  # noqa: E402
@@ -119,8 +119,8 @@ def run_in_process(catalog, workflow, params: dict, *, cfg_split: bool = False, 
     client = [{"image": torch.from_numpy(image)}] if image is not None else []
     outputs = {}
     for plan in unroll(workflow, validate_params(workflow, params), cfg_split=cfg_split):
-        if step_params and plan.kind in ("denoise", "denoise_branch"):
-            plan.params.update(step_params)
+        if step_params and plan.kind in ("denoise", "denoise_branch"):  # decoded, as an actor receives them
+            plan.params = type(plan.params).from_wire({**plan.params.to_wire(), **step_params}, "params.")
         task = p.TaskSpec(plan.key, "r", 0, plan.key, plan.kind, plan.model, workflow.name, plan.rows,
                           list(plan.shape), plan.params, [], plan.key)
         inputs = [outputs[k] for k in plan.inputs] or (client if plan.kind == "encode_image" else [])

@@ -27,7 +27,8 @@ from test_diffusers import (  # noqa: E402 (tests/ is on sys.path)
     tiny_models,
 )
 
-from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
+from actors.backends.diffusers import DiffusersBackend  # noqa: E402
+from broker.protocol import ProtocolError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_flux_dev_shares_the_schnell_shaped_encoders_and_vae(tiny):
 def test_a_bad_distilled_guidance_is_refused_naming_the_field(tiny):
     _, _, catalog = tiny
     workflow = catalog.workflow("tiny-flux-dev-txt2img")
-    with pytest.raises(ValueError, match="params.distilled_guidance"):
+    with pytest.raises(ProtocolError, match="params.distilled_guidance"):  # refused by the task's decoder
         run_in_process(catalog, workflow, request_params(False, "default", 1), step_params={"distilled_guidance": "x"})
 
 

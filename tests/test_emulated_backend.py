@@ -61,7 +61,8 @@ def test_lora_switches_cost_emulated_time_by_tier_and_are_reported():
 
     def step(adapters):
         return p.TaskSpec("t", "r", 0, "denoise/1", "denoise", "StableDiffusion3", "sd3-lora-cfg", 2, [1024, 1024],
-                          {"step": 1, "steps": 4, "seed": 1, "adapters": adapters}, [], "o")
+                          p.DenoiseParams(step=1, steps=4, first=False, seed=1, sampler="default", adapters=adapters),
+                          [], "o")
 
     costs = backend.switch_costs
     assert backend._switch_s([step([["a", 1.0]])]) == costs.disk_s + costs.inject_s + costs.activate_s

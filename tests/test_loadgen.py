@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from clients.errors import LegoError, RequestFailed, RequestRejected, Timeout
 from clients.bench.loadgen import (
     PAPER_TENANTS,
     Arrival,
@@ -31,6 +30,7 @@ from clients.bench.loadgen import (
     summarize,
     trace_arrivals,
 )
+from clients.errors import LegoError, RequestFailed, RequestRejected, Timeout
 
 TRACES = Path("/work/shared/data/diflow-ae/traces")
 TRACE_RS1 = TRACES / "generated_trace_n3_rs1.0_st50000_t120_seed666.txt"

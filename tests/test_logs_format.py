@@ -71,6 +71,11 @@ def test_every_process_of_a_cluster_logs_json_lines_carrying_their_ids(tmp_path)
     assert any(r["event"] == "scheduler_started" for r in logs["scheduler.log"])
 
 
+def _python(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
 def test_library_logging_warnings_and_a_crash_are_json_lines_too():
     script = (
         "import logging, warnings\n"
@@ -84,8 +89,7 @@ def test_library_logging_warnings_and_a_crash_are_json_lines_too():
         "warnings.warn('careful now')\n"
         "raise RuntimeError('boom')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = _python(script)
     assert proc.returncode == 1
     assert proc.stdout == ""
     records = json_lines(proc.stderr, "stderr")
@@ -114,8 +118,7 @@ def test_a_logged_traceback_never_shows_local_variables(fmt):
         "except ValueError:\n"
         "    structlog.get_logger('x').exception('handler_failed')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = _python(script)
     assert proc.returncode == 0, proc.stderr
     assert "handler_failed" in proc.stderr and "bad body" in proc.stderr  # the traceback itself is there
     assert "sk-the-callers-key" not in proc.stderr and "a-private-prompt" not in proc.stderr

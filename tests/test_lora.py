@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from actors.backends.diffusers_backend import DiffusersBackend  # noqa: E402
+from actors.backends.diffusers import DiffusersBackend  # noqa: E402
 from actors.backends.lora import Residency  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.catalog import unroll, validate_params  # noqa: E402
@@ -56,7 +56,7 @@ class Backends:
                               list(plan.shape), plan.params, [], plan.key)
             inputs = [outputs[k] for k in plan.inputs]
             if plan.kind == "control_image":
-                inputs = [{name: torch.from_numpy(tensors[name]) for name in plan.params["tensors"]}]
+                inputs = [{name: torch.from_numpy(tensors[name]) for name in plan.params.tensors}]
             (outputs[plan.key],) = backend.run([task], [inputs])
         return outputs["decode"]["image"].numpy()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from broker import protocol as p
-from broker.core.machine import BrokerCore
 from broker.catalog import (
     CatalogError,
     ParamError,
@@ -15,6 +14,7 @@ from broker.catalog import (
     unroll,
     validate_params,
 )
+from broker.core.machine import BrokerCore
 from tests.broker_helpers import (
     CATALOG_DOC,
     CLIENT,

@@ -27,7 +27,7 @@ REF = p.TensorRef(tensor_id="r1/denoise/0@0", holder="den-1", address="tcp://10.
 TASK = p.TaskSpec(
     task_id="r1/denoise/1", request_id="r1", attempt=2, node="denoise/1", kind="denoise",
     model="Flux1Schnell", workflow="flux-schnell-txt2img-cfg", rows=2, shape=[1024, 1024],
-    params={"step": 1, "steps": 4, "seed": 7, "guidance": 7.5}, inputs=[REF],
+    params=p.DenoiseParams(step=1, steps=4, first=False, seed=7, sampler="default", guidance=7.5), inputs=[REF],
     output_id="r1/denoise/1@2", return_output=True,
 )
 DEVICE = p.DeviceInfo(device="cuda:0", kind="cuda", name="H100", memory_bytes=80 * 2**30, free_bytes=70 * 2**30)

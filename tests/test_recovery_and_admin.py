@@ -41,10 +41,10 @@ from broker_helpers import (  # tests/ is on sys.path
 from actors.agent import AgentConfig, NodeAgent
 from broker import protocol as p
 from broker.core.machine import BACKEND, FRONTEND
+from broker.core.state import DONE, RUNNING, WAITING
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
 from broker.server import BrokerConfig, BrokerServer
-from broker.core.state import DONE, RUNNING, WAITING
 from clients import Client, RequestFailed, RequestRejected
 from clients.local import free_port
 

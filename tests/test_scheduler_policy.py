@@ -682,7 +682,7 @@ def test_request_cost_parts_are_consistent():
     assert cost.solo_s <= cost.work_s + 1e-9  # a chain: the critical path is at most all the work
     assert cost.by_model[FLUX] > 0.8 * cost.work_s  # the base model dominates
     plans = unroll(wf, defaults(CFG), cfg_split=True)
-    combines = [pl for pl in plans if pl.params.get("split")]
+    combines = [pl for pl in plans if pl.kind == "denoise" and pl.params.split]
     assert len(combines) == 4
     assert all(costs().plan_costs(pl) == (0.0, 0.0) for pl in combines)
     for pl in plans:

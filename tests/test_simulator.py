@@ -15,14 +15,14 @@ from collections import Counter
 import pytest
 
 from broker.catalog import load_catalog, validate_params
-from clients.bench.loadgen import Arrival, burst_arrivals, poisson_arrivals, summarize
-from clients.bench.systems import PAPER_WORKFLOWS, SystemSpec
 from broker.costs.model import CostModel
+from clients.bench.loadgen import Arrival, burst_arrivals, poisson_arrivals, summarize
 from clients.bench.sim.bench import PAPER_MIX, cluster_systems
 from clients.bench.sim.cluster import SimDevice
 from clients.bench.sim.control import scheduler_config
-from clients.bench.sim.timing import MEASURED, NO_OVERHEADS, Overheads, fetch_s
 from clients.bench.sim.simulator import Simulation, simulate
+from clients.bench.sim.timing import MEASURED, NO_OVERHEADS, Overheads, fetch_s
+from clients.bench.systems import PAPER_WORKFLOWS, SystemSpec
 
 WORKFLOWS = list(PAPER_WORKFLOWS.values())
 BASE = "Flux1Schnell"

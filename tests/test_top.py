@@ -21,7 +21,6 @@ import pytest
 
 from broker import protocol as p
 from broker.server import BrokerConfig, BrokerServer
-from clients.local import free_port
 from clients.cli.status_view import (
     actor_lines,
     bounds_label,
@@ -31,6 +30,7 @@ from clients.cli.status_view import (
     top_lines,
 )
 from clients.cli.top import run_top
+from clients.local import free_port
 from tests.broker_helpers import CLIENT, hello_agent, make_core, run, standard_actors, submit
 
 LEGO = str(Path(sys.executable).parent / "lego")

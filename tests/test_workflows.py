@@ -244,7 +244,7 @@ def test_unroll_one_encode_node_per_text_encoder(schnell):
     assert [n.model for n in encodes] == list(schnell.text_encoders) == ["CLIP_Flux", "T5_Flux"]
     assert [n.key for n in encodes] == ["encode/CLIP_Flux", "encode/T5_Flux"]
     assert all(n.inputs == [] for n in encodes)
-    assert all(n.params == {"prompt": "a red lego brick"} for n in encodes)
+    assert all(n.params.to_wire() == {"prompt": "a red lego brick"} for n in encodes)
 
 
 def test_unroll_one_denoise_node_per_step_chained(schnell):
@@ -256,8 +256,8 @@ def test_unroll_one_denoise_node_per_step_chained(schnell):
     assert denoise[0].inputs == ["encode/CLIP_Flux", "encode/T5_Flux"]
     assert denoise[1].inputs == ["denoise/0"]
     assert denoise[2].inputs == ["denoise/1"]
-    assert denoise[1].params == {"step": 1, "steps": 3, "first": False, "seed": 11, "sampler": "default"}
-    assert denoise[0].params["first"] is True
+    assert denoise[1].params.to_wire() == {"step": 1, "steps": 3, "first": False, "seed": 11, "sampler": "default"}
+    assert denoise[0].params.first is True
 
 
 def test_unroll_decode_is_last_and_returns_output(schnell):
@@ -284,8 +284,8 @@ def test_unroll_rows_without_cfg(schnell):
 def test_unroll_rows_under_cfg(sd15):
     nodes = plan(sd15, steps=2, guidance=3.0, negative_prompt="ugly")
     assert [(n.kind, n.rows) for n in nodes] == [("encode", 2), ("denoise", 2), ("denoise", 2), ("decode", 1)]
-    assert nodes[0].params == {"prompt": "a red lego brick", "negative_prompt": "ugly"}
-    assert nodes[1].params["guidance"] == 3.0
+    assert nodes[0].params.to_wire() == {"prompt": "a red lego brick", "negative_prompt": "ugly"}
+    assert nodes[1].params.guidance == 3.0
 
 
 def test_unroll_shape_is_height_width(sd15):

@@ -23,7 +23,7 @@ _REGISTRY = {
     "emulated": "actors.backends.emulated:EmulatedBackend",
     "noop": "actors.backends.emulated:NoopBackend",
     "monolith": "actors.backends.monolith:MonolithBackend",
-    "diffusers": "actors.backends.diffusers_backend:DiffusersBackend",
+    "diffusers": "actors.backends.diffusers:DiffusersBackend",
 }
 
 

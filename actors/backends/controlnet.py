@@ -8,7 +8,7 @@ A ControlNet actor runs two task kinds:
   does: [0, 1] floats (`VaeImageProcessor` without normalisation), the net's dtype, and
   the image twice for the two CFG rows.
 - `control` (one per step in the net's range): the same step preparation as the base
-  model's (`DiffusersBackend._prepare_step`: scheduler, restored sampler state, scaled
+  model's (`actors/backends/diffusers/step.py`: scheduler, restored sampler state, scaled
   model input; step 0 draws the same initial latents from the request's seed), then the
   net's forward; its residuals, scaled by `control_scale`, go to the step as
   `control/down/{i}` and `control/mid`.

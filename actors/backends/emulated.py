@@ -20,6 +20,7 @@ from actors.store import Bundle, RawTensor, raw_zeros
 from broker.catalog import ModelSpec
 from broker.costs.profiles import PROFILE_MODE, load_profile
 from broker.protocol.messages import TaskSpec
+from broker.protocol.tasks import TaskKind
 
 DIGEST_BYTES = 16
 
@@ -96,7 +97,7 @@ class EmulatedBackend:
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()
         # A split step's combine task makes no model call (its branches did): no time.
-        rows = sum(t.rows for t in tasks if not t.params.get("split"))
+        rows = sum(t.rows for t in tasks if t.params.calls_model)
         height, width = tasks[0].shape
         mode = PROFILE_MODE[tasks[0].kind]
         duration = self.profile.exec_time(mode, rows, height, width) * self.time_scale if rows else 0.0
@@ -124,35 +125,36 @@ class EmulatedBackend:
     def _compute(self, task: TaskSpec, inputs: list[Bundle]) -> Bundle:
         m = self.model
         height, width = task.shape
-        if task.kind == "encode":
-            digest = content_digest(m.name, task.params.get("prompt", ""), task.params.get("negative_prompt", ""))
+        params = task.params
+        if task.kind == TaskKind.ENCODE:
+            digest = content_digest(m.name, params.prompt, params.negative_prompt or "")
             return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest)}
-        if task.kind == "denoise_branch":  # one CFG branch's model output
+        if task.kind == TaskKind.DENOISE_BRANCH:  # one CFG branch's model output
             source = read_digest(next(iter(inputs[0].values())))  # the latent (or, at step 0, embeddings)
-            digest = content_digest(source, task.params["step"], task.params["branch"])
+            digest = content_digest(source, params.step, params.branch)
             return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest)}
-        if task.kind == "control_image":  # the prepared control image: a digest of the client's
+        if task.kind == TaskKind.CONTROL_IMAGE:  # the prepared control image: a digest of the client's
             digest = content_digest(m.name, *(read_digest(t) for b in inputs for t in b.values()))
             return {"control/image": _stamped(m.dtype, (task.rows, 3, height // 8, width // 8), digest)}
-        if task.kind == "control":  # residuals for this step, from the latent it starts from
-            digest = content_digest(m.name, read_digest(next(iter(inputs[0].values()))), task.params["step"])
+        if task.kind == TaskKind.CONTROL:  # residuals for this step, from the latent it starts from
+            digest = content_digest(m.name, read_digest(next(iter(inputs[0].values()))), params.step)
             return {"residuals": _stamped(m.dtype, (task.rows, 16, height // 8, width // 8), digest)}
-        if task.kind == "denoise":
-            if task.params.get("split"):
+        if task.kind == TaskKind.DENOISE:
+            if params.split:
                 inputs = inputs[2:]  # the branches' outputs; the latent chain is the same as unsplit
             controls = [read_digest(b["residuals"]) for b in inputs if "residuals" in b]
             inputs = [b for b in inputs if "residuals" not in b and not any(k.startswith("control/") for k in b)]
             latent_shape = (task.rows, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
-            if task.params.get("first", task.params["step"] == 0):
+            if params.first:
                 cond = {f"cond/{i}": b["embeds"] for i, b in enumerate(inputs)}
-                digest = content_digest(task.params["seed"], *(read_digest(t) for t in cond.values()), *controls)
+                digest = content_digest(params.seed, *(read_digest(t) for t in cond.values()), *controls)
             else:
                 (previous,) = inputs
                 cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
-                digest = content_digest(read_digest(previous["latents"]), task.params["step"], *controls)
+                digest = content_digest(read_digest(previous["latents"]), params.step, *controls)
             # conditioning travels with the latent, by reference (no copy)
             return {"latents": _stamped(m.dtype, latent_shape, digest), **cond}
-        if task.kind == "decode":
+        if task.kind == TaskKind.DECODE:
             (previous,) = inputs
             image = render_image(read_digest(previous["latents"]), height, width)
             return {"image": RawTensor("uint8", image.shape, image)}

@@ -82,9 +82,10 @@ class MonolithBackend:
             raise ValueError(f"workflow: {self.spec.name} does not host {task.workflow!r}")
         self._make_resident(workflow)  # a request for a cold workflow waits for its load
         started = time.perf_counter()
-        cost = self.costs.request(workflow, task.params)  # every node in order, CFG as batch 2
+        request = task.params.request  # the request's own parameters (PipelineParams)
+        cost = self.costs.request(workflow, request)  # every node in order, CFG as batch 2
         self.gpu.compute(cost.work_s * self.time_scale - (time.perf_counter() - started))
         height, width = task.shape
-        digest = content_digest(workflow.name, task.params.get("prompt", ""), task.params.get("seed", 0))
+        digest = content_digest(workflow.name, request.get("prompt", ""), request.get("seed", 0))
         image = render_image(digest, height, width)
         return {"image": RawTensor("uint8", image.shape, image)}

@@ -26,6 +26,7 @@ from broker.catalog.specs import (
     WorkflowSpec,
     control_suffixes,
 )
+from broker.protocol.tasks import TaskParams
 
 
 def check_value(spec: InputSpec, value: Any) -> Any:
@@ -79,12 +80,12 @@ def check_adapters(value: Any, workflow: WorkflowSpec, registry: dict[str, Adapt
     return out
 
 
-def task_adapters(kind: str, params: dict) -> tuple | None:
+def task_adapters(kind: str, params: TaskParams) -> tuple | None:
     """The LoRA adapter set a task's model call runs with, as ((name, weight), ...):
     () for none; None for a task that calls no adapted model (it changes no actor's set)."""
-    if kind not in ADAPTED_KINDS or params.get("split"):
+    if kind not in ADAPTED_KINDS or not params.calls_model:
         return None
-    return tuple((name, weight) for name, weight in params.get("adapters", ()))
+    return tuple((name, weight) for name, weight in params.adapters)
 
 
 def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | None = None,

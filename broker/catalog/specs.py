@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.protocol.tasks import TaskKind, TaskParams
+
 if sys.version_info >= (3, 11):
     pass
 else:  # pragma: no cover - exercised on 3.10 only
@@ -25,7 +27,7 @@ MAX_ADAPTERS = 8  # LoRA adapters in one request
 ADAPTER_WEIGHT = (-2.0, 2.0)  # the range a request's adapter weight must lie in
 # Task kinds whose model call applies the request's LoRA adapters (text encoders and the
 # base model; a split step's combine runs no model, ControlNets and VAEs take none).
-ADAPTED_KINDS = ("encode", "denoise", "denoise_branch")
+ADAPTED_KINDS = (TaskKind.ENCODE, TaskKind.DENOISE, TaskKind.DENOISE_BRANCH)
 
 
 class CatalogError(ValueError):
@@ -120,11 +122,11 @@ class NodePlan:
     """One node of a request's DAG before it becomes a live task."""
 
     key: str
-    kind: str
+    kind: TaskKind
     model: str
     rows: int
     shape: tuple[int, int]
-    params: dict
+    params: TaskParams  # the struct of its kind (broker/protocol/tasks.py), as the task carries it
     inputs: list[str]
     path_len: int
     step: int = -1

@@ -8,22 +8,30 @@ step.
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised on 3.10 only
-    pass
 from broker.catalog.params import img2img_runs
 from broker.catalog.specs import NodePlan, WorkflowSpec, control_suffixes
+from broker.protocol.tasks import (
+    ControlImageParams,
+    ControlParams,
+    DecodeParams,
+    DenoiseBranchParams,
+    DenoiseParams,
+    EncodeImageParams,
+    EncodeParams,
+    PipelineParams,
+    StepParams,
+    TaskKind,
+)
 
 
 def unroll_monolith(workflow: WorkflowSpec, params: dict, pipeline: str) -> list[NodePlan]:
     """The whole request as one node on a monolith (`pipeline`): no sharing, no
     decomposition; the baseline that micro-serving is measured against."""
     shape = (params["height"], params["width"])
-    node = NodePlan("pipeline", "pipeline", pipeline, 1, shape, {**params, "workflow": workflow.name}, [], 1,
-                    return_output=True)
+    node = NodePlan("pipeline", TaskKind.PIPELINE, pipeline, 1, shape, PipelineParams(workflow.name, dict(params)), [],
+                    1, return_output=True)
     return [node]
 
 
@@ -48,61 +56,56 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
     # img2img runs the last steps x strength steps of the schedule, from the noised image
     runs = img2img_runs(workflow.family, steps, params["strength"]) if workflow.img2img else steps
     first_step = steps - runs
+    adapters = params.get("loras") or []  # the request's LoRA set: text encoders' (where it has layers) and the base model's
     nodes = []
     for enc in workflow.text_encoders:
-        prompt_params = {"prompt": params["prompt"]}
-        if workflow.cfg:
-            prompt_params["negative_prompt"] = params["negative_prompt"]
-        if params.get("loras"):  # text-encoder LoRA, where the adapter has one
-            prompt_params["adapters"] = params["loras"]
-        nodes.append(NodePlan(f"encode/{enc}", "encode", enc, rows, shape, prompt_params, [], 0))
+        negative = params["negative_prompt"] if workflow.cfg else None
+        nodes.append(NodePlan(f"encode/{enc}", TaskKind.ENCODE, enc, rows, shape,
+                              EncodeParams(params["prompt"], negative, adapters), [], 0))
     previous = [n.key for n in nodes]
     image_nodes, controls = _control_plans(workflow, params, rows, shape, tensors)
     nodes += image_nodes
     if workflow.img2img:
-        image_params = {"seed": params["seed"]}
-        nodes.append(NodePlan("encode_image", "encode_image", workflow.vae, 1, shape, image_params, [], 0))
+        nodes.append(NodePlan("encode_image", TaskKind.ENCODE_IMAGE, workflow.vae, 1, shape,
+                              EncodeImageParams(params["seed"]), [], 0))
         previous.append("encode_image")
     for k in range(runs):
         # `step` indexes the scheduler's timesteps; `first` marks where the latents start
-        step_params = {"step": first_step + k, "steps": steps, "first": k == 0, "seed": params["seed"],
-                       "sampler": params["sampler"]}
-        if workflow.cfg:
-            step_params["guidance"] = params["guidance"]
-        if workflow.distilled_guidance:
-            step_params["distilled_guidance"] = params["guidance"]
-        if workflow.img2img:
-            step_params["begin_index"] = first_step
-        if params.get("loras"):
-            step_params["adapters"] = params["loras"]
+        step = StepParams(first_step + k, steps, k == 0, params["seed"], params["sampler"],
+                          guidance=params["guidance"] if workflow.cfg else None,
+                          distilled_guidance=params["guidance"] if workflow.distilled_guidance else None,
+                          begin_index=first_step if workflow.img2img else None)
         key = f"denoise/{k}"
         residuals = []
         for net, (start, end), image, scale, index in controls:  # on the latent this step starts from
             if k / runs < start or (k + 1) / runs > end:  # the pipeline's controlnet_keep = 0
                 continue
             residuals.append(f"control/{net}/{k}")
-            # `lead`: the workflow's first net, whose config the SD3 pipeline applies to all of its nets
-            control_params = {**step_params, "scale": scale, "denoiser": workflow.denoiser, "vae": workflow.vae,
-                              "index": index, "lead": workflow.controlnets[0]}
-            control_params.pop("adapters", None)  # the base model's LoRA, not the net's
-            nodes.append(NodePlan(residuals[-1], "control", net, rows, shape, control_params,
+            # `lead`: the workflow's first net, whose config the SD3 pipeline applies to all of its nets;
+            # no adapters: the request's LoRA set is the base model's, not the net's
+            control = ControlParams(**_step_fields(step), scale=scale, denoiser=workflow.denoiser, vae=workflow.vae,
+                                    index=index, lead=workflow.controlnets[0])
+            nodes.append(NodePlan(residuals[-1], TaskKind.CONTROL, net, rows, shape, control,
                                   previous + ([image] if image else []), 0, step=k))
         if k == 0 and workflow.family == "flux" and image_nodes:
             residuals.append("control_images")  # Flux draws its initial latents after the images' samples
         previous = previous + residuals
-        if cfg_split and workflow.cfg:
+        split = cfg_split and workflow.cfg
+        if split:
             branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional
             for b, branch in enumerate(branches):
-                nodes.append(NodePlan(branch, "denoise_branch", workflow.denoiser, 1, shape,
-                                      {**step_params, "branch": b}, previous, 0, step=k, group=f"cfg/{k}"))
-            step_params = {**step_params, "split": True}
+                nodes.append(NodePlan(branch, TaskKind.DENOISE_BRANCH, workflow.denoiser, 1, shape,
+                                      DenoiseBranchParams(**_step_fields(step), adapters=adapters, branch=b), previous, 0,
+                                      step=k, group=f"cfg/{k}"))
             previous = branches + previous
-        nodes.append(NodePlan(key, "denoise", workflow.denoiser, rows, shape, step_params, previous, 0, step=k))
+        nodes.append(NodePlan(key, TaskKind.DENOISE, workflow.denoiser, rows, shape,
+                              DenoiseParams(**_step_fields(step), adapters=adapters, split=split), previous, 0, step=k))
         previous = [key]
     if params.get("output") == "latents":
         nodes[-1].return_output = True  # the last step's latents are the result
     else:
-        nodes.append(NodePlan("decode", "decode", workflow.vae, 1, shape, {}, previous, 1, return_output=True))
+        nodes.append(NodePlan("decode", TaskKind.DECODE, workflow.vae, 1, shape, DecodeParams(), previous, 1,
+                              return_output=True))
     _set_path_lengths(nodes)
     return nodes
 
@@ -135,11 +138,19 @@ def _control_plans(workflow: WorkflowSpec, params: dict, rows: int, shape: tuple
         nets.append((net, (params[f"control_start{s}"], params[f"control_end{s}"]), key, params[f"control_scale{s}"],
                      index))
     if latent and images:
-        node_params = {"tensors": [name for _, _, name, _ in images],
-                       "preprocess": [pre for _, _, _, pre in images], "seed": params["seed"]}
-        return [NodePlan("control_images", "control_image", workflow.vae, rows, shape, node_params, [], 0)], nets
-    return [NodePlan(key, "control_image", net, rows, shape, {"tensors": [name], "preprocess": [pre]}, [], 0)
+        node_params = ControlImageParams([name for _, _, name, _ in images], [pre for _, _, _, pre in images],
+                                         params["seed"])
+        return [NodePlan("control_images", TaskKind.CONTROL_IMAGE, workflow.vae, rows, shape, node_params, [], 0)], nets
+    return [NodePlan(key, TaskKind.CONTROL_IMAGE, net, rows, shape, ControlImageParams([name], [pre]), [], 0)
             for net, key, name, pre in images], nets
+
+
+_STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepParams))
+
+
+def _step_fields(step: StepParams) -> dict:
+    """The step's fields, for the structs of the tasks that make up the step."""
+    return {name: getattr(step, name) for name in _STEP_FIELDS}
 
 
 def _set_path_lengths(nodes: list[NodePlan]) -> None:

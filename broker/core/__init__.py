@@ -1,6 +1,11 @@
 """The broker's sans-IO core: the state machine `broker.server` runs.
 
-`machine` is the core (events in, sends out); its parts keep their own state: the
-request and tensor tables (`state`), pending work (`load`), meters (`metering`), and
-the pure rules it applies at arrival (`rules`). Importing this package loads none of them.
+`machine.BrokerCore` routes each event to a part and returns what the event sends.
+Tables that own state: `actors` (actors and agents), `directory` (requests, DAGs,
+ready queues, tensor holders and reference counts), `load`, `metering`, the
+operator's state in `admin`, and `outbox` (one event's sends). Parts that act on the
+tables they are given: `intake`, `dispatch` (applying the pure `choosers`),
+`results`, `recovery`, `peers`, `admin`. Pure functions: `choosers`, `rules`,
+`telemetry`; `settings` declares every setting once. Importing this package loads
+none of them.
 """

@@ -5,7 +5,9 @@ Pure state with no IO, owned by `broker.core.machine`. Costs come from the profi
 `time_scale`); workflows whose models have no profile get no cost, no derived SLO
 and no admission check. The one running total kept incrementally is the queued work
 per model that admission reads on every arrival (device-seconds, full-batch costs: a
-lower bound); everything else is summed when a snapshot is taken.
+lower bound); everything else is summed when a snapshot is taken. An accepted
+request's plans are priced once (`price`); a shape's solo latency is read from the
+cost model's memo, the one cache of it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 from broker import protocol as p
 from broker.catalog import Catalog, NodePlan, WorkflowSpec
-from broker.costs.model import CostModel, RequestCost
+from broker.costs.model import CostModel, PricedPlans, RequestCost
 
 RATE_WINDOW_S = 5.0  # arrival rates and per-request work are averaged over about this long
 SERVICE_WEIGHT = 0.1  # weight of the newest task in the per-model service time average
@@ -46,24 +48,22 @@ class LoadTracker:
         self.model_work: dict[str, float] = {}  # model -> device-seconds per request (averaged)
         self.service_s: dict[str, float] = {}
         self.workflow_stats: dict[str, p.WorkflowStats] = {}
-        self._solo_cache: dict[tuple, float | None] = {}
         self._batch_cache: dict[tuple, int | None] = {}
 
     # ---------------------------------------------------------------- per request
 
     def solo_s(self, workflow: WorkflowSpec, params: dict) -> float | None:
-        """Latency alone on an idle cluster as a monolith runs it (cached per shape)."""
-        key = (workflow.name, params.get("steps"), params.get("height"), params.get("width"), params.get("strength"))
-        if key not in self._solo_cache:
-            solo = self.costs.solo_s(workflow, params)
-            self._solo_cache[key] = None if solo is None else solo * self.cost_scale
-        return self._solo_cache[key]
+        """Latency alone on an idle cluster as a monolith runs it: one answer per shape,
+        memoised by the cost model (the one cache of it)."""
+        solo = self.costs.solo_s(workflow, params)
+        return None if solo is None else solo * self.cost_scale
 
-    def slo_s(self, workflow: WorkflowSpec, params: dict, multiple: float) -> float | None:
+    @staticmethod
+    def slo_s(workflow: WorkflowSpec, solo_s: float | None, multiple: float) -> float | None:
+        """The workflow's own SLO, else `multiple` x its solo latency (None: unknown)."""
         if workflow.slo_s > 0:
             return workflow.slo_s
-        solo = self.solo_s(workflow, params)
-        return None if solo is None else multiple * solo
+        return None if solo_s is None else multiple * solo_s
 
     def stats(self, workflow: str) -> p.WorkflowStats:
         stats = self.workflow_stats.get(workflow)
@@ -71,9 +71,12 @@ class LoadTracker:
             stats = self.workflow_stats[workflow] = p.WorkflowStats(workflow)
         return stats
 
-    def plan_costs(self, plan: NodePlan) -> tuple[float, float]:
-        alone, full = self.costs.plan_costs(plan)
-        return alone * self.cost_scale, full * self.cost_scale
+    def price(self, plans: list[NodePlan], workflow: WorkflowSpec) -> tuple[list[tuple[float, float]], RequestCost | None]:
+        """An accepted request's plans priced once: each node's (alone, full-batch) seconds
+        scaled, and the request's cost for `accepted` (None: a model has no profile)."""
+        priced: PricedPlans = self.costs.price(plans)
+        nodes = [(alone * self.cost_scale, full * self.cost_scale) for alone, full in priced.nodes]
+        return nodes, priced.request if self.costs.knows(workflow) else None
 
     def accepted(self, workflow: WorkflowSpec, cost: RequestCost | None, now: float) -> None:
         self.rates.setdefault(workflow.name, Rate()).add(now)
@@ -83,9 +86,6 @@ class LoadTracker:
             old = self.model_work.get(model)
             seconds *= self.cost_scale
             self.model_work[model] = seconds if old is None else 0.8 * old + 0.2 * seconds
-
-    def request_cost(self, plans: list[NodePlan], workflow: WorkflowSpec) -> RequestCost | None:
-        return self.costs.plans(plans) if self.costs.knows(workflow) else None
 
     def batch_rows(self, model: str, kind: str, shape: tuple[int, int]) -> int | None:
         """Rows worth batching for one model call (cached; None: no profile)."""
@@ -117,5 +117,5 @@ class LoadTracker:
         """(slo_s, solo_s) of a request with default parameters, 0 where unknown."""
         params = {name: spec.default for name, spec in workflow.inputs.items()}
         solo = self.solo_s(workflow, params)
-        slo = self.slo_s(workflow, params, multiple)
+        slo = self.slo_s(workflow, solo, multiple)
         return slo or 0.0, solo or 0.0

@@ -1,10 +1,11 @@
 """What the broker counts for operators and metrics: part of its sans-IO core's state.
 
-Plain data with no IO, owned by `broker.core.machine` (which feeds it events) and read by
-`broker.core.telemetry` (which puts it in the Stats snapshot). Everything here is
-cumulative since the broker started (counters and fixed-bucket histograms), so that
-a scraper sees counters that only grow, except `recent`: a bounded ring of the
-latest refusals and failures with their reasons, for people.
+Plain data with no IO, in the broker process: the core's parts feed it events and
+`broker.core.telemetry` puts it in the Stats snapshot. Everything here is cumulative
+since the broker started (counters, per-model batching, fixed-bucket histograms), so
+that a scraper sees counters that only grow, except `recent` (a bounded ring of the
+latest refusals and failures with their reasons, for people) and `hop_latency` (the
+latest task latencies, for p50/p99).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import bisect
 from collections import deque
 
 from broker import protocol as p
+from broker.core.state import LatencyWindow
 
 RECENT_OUTCOMES = 200
+COUNTERS = ("requests_submitted", "requests_completed", "requests_failed", "requests_rejected", "requests_cancelled",
+            "requests_restarted", "tasks_dispatched", "tasks_done", "tasks_requeued", "stale_results", "actors_lost",
+            "protocol_errors", "adapter_switches")
 # Upper bounds in seconds. Task times run from a CLIP call (ms) to a full-size base
 # model step (s); requests from a tiny emulated image to a minute-long one.
 TASK_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -38,7 +43,11 @@ def copy_histogram(hist: p.Histogram) -> p.Histogram:
 
 
 class Meters:
-    def __init__(self, recent: int = RECENT_OUTCOMES):
+    def __init__(self, latency_window: int = 20_000, recent: int = RECENT_OUTCOMES):
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.hop_latency = LatencyWindow(latency_window)  # dispatch-to-done of recent tasks
+        self.model_batches: dict[str, list[int]] = {}  # model -> [tasks, batches, mixed-workflow batches]
+        self.model_workflows: dict[str, set[str]] = {}  # model -> workflows whose requests used it
         self.recent: deque[p.OutcomeRecord] = deque(maxlen=recent)
         self.rejections: dict[str, int] = {}  # reason (ErrorCode value) -> requests
         self.failures: dict[str, int] = {}

@@ -1,11 +1,12 @@
-"""Recovery of work from dead actors: part of the broker's sans-IO core.
+"""Recovery of lost work: part of the broker's sans-IO core, in the broker process.
 
-Mixed into `broker.core.machine.BrokerCore` (same state, same `_send`); kept apart so the core
-module stays readable. Rules: a dead actor's in-flight tasks are re-queued with their
-attempt bumped (their late results are then stale and dropped); a request that lost
-an intermediate tensor only that actor held is recomputed from its inputs (seeded, so
-the result is the same); a task lost `max_task_attempts` times, or a request restarted
-more than `max_request_restarts` times, fails with `attempts_exhausted`.
+Rules: a dead actor's in-flight tasks are re-queued with their attempt bumped (their
+late results are then stale and dropped); a request that lost an intermediate tensor
+only that actor held is recomputed from its inputs (seeded, so the result is the
+same); a task lost `max_task_attempts` times, or a request restarted more than
+`max_request_restarts` times, fails with `attempts_exhausted`. `Recovery` owns no
+state: it operates on the actor table and the request directory it is given, and
+dispatches what it made ready.
 """
 
 from __future__ import annotations
@@ -13,28 +14,33 @@ from __future__ import annotations
 import structlog
 
 from broker import protocol as p
-from broker.core.state import BACKEND, DONE, READY, RUNNING, ActorState, Node, Request
+from broker.core.actors import ActorTable
+from broker.core.directory import RequestDirectory
+from broker.core.dispatch import Dispatcher
+from broker.core.metering import Meters
+from broker.core.outbox import Outbox
+from broker.core.settings import BrokerSettings
+from broker.core.state import BACKEND, DONE, RUNNING, ActorState, Node, Request
 from broker.protocol.errors import ErrorCode
 
-log = structlog.get_logger("broker.core.machine")
+log = structlog.get_logger(__name__)
 
 
-class RecoveryMixin:
-    def _lose_actor(self, actor: ActorState, reason: str, now: float) -> None:
+class Recovery:
+    def __init__(self, settings: BrokerSettings, actors: ActorTable, directory: RequestDirectory,
+                 dispatcher: Dispatcher, meters: Meters, out: Outbox):
+        self.settings = settings  # replaced by the core when an operator changes a live setting
+        self.actors, self.directory, self.dispatcher, self.meters, self.out = actors, directory, dispatcher, meters, out
+
+    def lose_actor(self, actor: ActorState, reason: str, now: float) -> None:
         """Re-queue what the actor was running; recompute what only it held."""
-        self.counters["actors_lost"] += 1
-        self.telemetry_changed = True
+        self.meters.counters["actors_lost"] += 1
         log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
                     in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
-        self.actors.pop(actor.actor_id, None)
-        for index, key in ((self.actors_by_model, actor.model), (self.actors_by_device, (actor.host, actor.device))):
-            peers = index.get(key, [])
-            if actor in peers:
-                peers.remove(actor)
-        self.actor_by_identity.pop(actor.identity, None)
-        self._send(BACKEND, actor.identity, p.Disconnect(reason=f"declared dead: {reason}"))
+        self.actors.remove(actor)
+        self.out.send(BACKEND, actor.identity, p.Disconnect(reason=f"declared dead: {reason}"))
         lost_held = {}
-        for request in list(self.requests.values()):
+        for request in list(self.directory.requests.values()):
             for node in request.nodes.values():
                 if node.state == DONE and node.refs_left > 0 and node.actor_id == actor.actor_id:
                     lost_held.setdefault(request.request_id, request)
@@ -46,46 +52,37 @@ class RecoveryMixin:
                     continue
                 if request.request_id in lost_held:
                     continue  # recomputed from scratch below
-                if any(self.actors.get(prod.actor_id) is None for prod in node.inputs):
+                if any(self.actors.holder(prod.actor_id) is None for prod in node.inputs):
                     lost_held[request.request_id] = request
                     continue
-                self._requeue(node, reason)
+                self.requeue(node, reason, now)
                 touched.add(node.model)
         actor.in_flight.clear()
         for request in lost_held.values():
             if not request.finished:
-                self._restart_request(request, reason, now)
-        for model in touched:
-            self._dispatch(model, now)
+                self.restart(request, reason, now)
+        self.dispatcher.dispatch_all(touched, now)
 
-    def _requeue(self, node: Node, reason: str) -> None:
+    def requeue(self, node: Node, reason: str, now: float) -> None:
+        """Run the node again (a new attempt), unless it was lost too often."""
         node.attempt += 1
         node.losses += 1
         if node.losses >= self.settings.max_task_attempts:
-            self._fail_request(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,
-                               f"{node.key} lost {node.losses} times (last: {reason})")
+            self.directory.fail(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,
+                                f"{node.key} lost {node.losses} times (last: {reason})", now)
             return
-        self.counters["tasks_requeued"] += 1
+        self.meters.counters["tasks_requeued"] += 1
         log.info("task_requeued", request_id=node.request.request_id, task_id=node.task_id, attempt=node.attempt)
-        self._make_ready(node)
+        self.directory.make_ready(node, now)
 
-    def _restart_request(self, request: Request, reason: str, now: float) -> None:
+    def restart(self, request: Request, reason: str, now: float) -> None:
         """An intermediate tensor is gone: recompute the request (seeded, so same result)."""
         request.restarts += 1
         if request.restarts > self.settings.max_request_restarts:
-            self._fail_request(request, ErrorCode.ATTEMPTS_EXHAUSTED,
-                               f"intermediate results lost {request.restarts} times (last: {reason})")
+            self.directory.fail(request, ErrorCode.ATTEMPTS_EXHAUSTED,
+                                f"intermediate results lost {request.restarts} times (last: {reason})", now)
             return
-        for node in request.nodes.values():  # what was done is to be done again
-            if node.state == DONE:
-                self.load.queue(node.model, node.min_cost_s)
-        self.counters["requests_restarted"] += 1
+        self.meters.counters["requests_restarted"] += 1
         log.warning("request_restarted", request_id=request.request_id, restarts=request.restarts, reason=reason)
-        for node in request.nodes.values():
-            if node.state == READY:
-                self._queue(node.model).discard(node)
-            elif node.state == DONE and node.refs_left > 0:
-                self._free(node)
-            node.attempt += 1  # results still in flight for the old attempt are dropped
-        request.done_nodes = 0
-        self._start_request(request, now)
+        self.directory.reset(request)
+        self.dispatcher.dispatch_all(self.directory.start(request, now), now)

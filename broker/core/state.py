@@ -1,6 +1,7 @@
 """The broker core's in-memory state: nodes, requests, actors, ready queues.
 
-Plain data with no IO; `broker.core.machine` mutates it in response to events.
+Plain data with no IO, in the broker process; the core's parts (`broker.core.machine`
+lists them) mutate it in response to events.
 """
 
 from __future__ import annotations

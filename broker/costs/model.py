@@ -23,6 +23,7 @@ from functools import cache
 
 from broker.catalog import Catalog, NodePlan, WorkflowSpec, unroll
 from broker.costs.profiles import PROFILE_MODE, Profile, ProfileError, load_profile
+from broker.protocol.tasks import TaskKind
 
 THROUGHPUT_BATCH = 8  # the largest batch every profile measures
 BATCH_MIN_GAIN = 0.1  # doubling a batch must save this share of the time per row
@@ -39,6 +40,12 @@ class RequestCost:
     min_work_s: float  # device-seconds if every node ran in a full batch
     solo_s: float  # critical path on an idle cluster (CFG branches in parallel if split)
     by_model: dict[str, float]  # model -> device-seconds (alone)
+
+
+@dataclass(frozen=True)
+class PricedPlans:
+    nodes: list[tuple[float, float]]  # per plan, in order: (alone, in a full batch) seconds
+    request: RequestCost
 
 
 class CostModel:
@@ -73,11 +80,11 @@ class CostModel:
     def plan_costs(self, plan: NodePlan) -> tuple[float, float]:
         """(alone, in a full batch) seconds of one node; a split step's combine is free;
         a monolith's one node is its whole workflow, run in order (no batching)."""
-        if plan.params.get("split"):
+        if not plan.params.calls_model:
             return 0.0, 0.0
-        if plan.kind == "pipeline":
-            workflow = self.catalog.workflows[plan.params["workflow"]]
-            cost = self.request(workflow, plan.params)
+        if plan.kind == TaskKind.PIPELINE:
+            workflow = self.catalog.workflows[plan.params.workflow]
+            cost = self.request(workflow, plan.params.request)
             return (cost.work_s, cost.work_s) if cost else (0.0, 0.0)
         alone = self.node_s(plan.model, plan.kind, plan.rows, plan.shape)
         full = self.node_s(plan.model, plan.kind, plan.rows, plan.shape, THROUGHPUT_BATCH)
@@ -100,16 +107,22 @@ class CostModel:
         return self.plans(plans)
 
     def plans(self, plans: list[NodePlan]) -> RequestCost:
+        return self.price(plans).request
+
+    def price(self, plans: list[NodePlan]) -> PricedPlans:
+        """Every node's costs and the request's, in one pass over its unrolled plans."""
+        nodes = []
         finish: dict[str, float] = {}
         work = min_work = 0.0
         by_model: dict[str, float] = {}
         for plan in plans:  # producers come first
             alone, full = self.plan_costs(plan)
+            nodes.append((alone, full))
             work += alone
             min_work += full
             by_model[plan.model] = by_model.get(plan.model, 0.0) + alone
             finish[plan.key] = max((finish[i] for i in plan.inputs), default=0.0) + alone
-        return RequestCost(work, min_work, max(finish.values(), default=0.0), by_model)
+        return PricedPlans(nodes, RequestCost(work, min_work, max(finish.values(), default=0.0), by_model))
 
     def solo_s(self, workflow: WorkflowSpec, params: dict) -> float | None:
         """Latency alone on an idle cluster, as a monolith runs it (CFG as one batch-2 call):

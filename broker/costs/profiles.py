@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from broker.protocol.tasks import TaskKind
+
 # The profile mode that times each task kind ("default" is the model's forward call).
 # A ControlNet's `control_image` (preprocessing, once per request) has no profile of its
 # own: it is priced as one forward of the net, an upper bound.
-PROFILE_MODE = {"encode": "default", "denoise": "default", "denoise_branch": "default", "control": "default",
-                "control_image": "default", "decode": "decode_latents", "encode_image": "prepare_image"}
+PROFILE_MODE = {TaskKind.ENCODE: "default", TaskKind.DENOISE: "default", TaskKind.DENOISE_BRANCH: "default",
+                TaskKind.CONTROL: "default", TaskKind.CONTROL_IMAGE: "default", TaskKind.DECODE: "decode_latents",
+                TaskKind.ENCODE_IMAGE: "prepare_image"}
 
 
 # The artifact measured these at the latent resolution (128 x 128 for a 1024 px image,

@@ -11,7 +11,8 @@ from dataclasses import field
 from typing import Any, ClassVar
 
 from broker.protocol.constants import Command
-from broker.protocol.structs import Struct, struct
+from broker.protocol.structs import Struct, by_kind, struct
+from broker.protocol.tasks import TASK_PARAMS, TaskParams
 
 __all__ = [
     "Message",
@@ -132,12 +133,14 @@ class TaskSpec(Struct):
     request_id: str
     attempt: int
     node: str
-    kind: str  # encode | denoise | decode | noop
+    kind: str  # a TaskKind value (broker/protocol/tasks.py): encode, denoise, decode, ...
     model: str
     workflow: str
     rows: int
     shape: list  # [height, width] of the image this task works on
-    params: dict
+    # The kind's params struct (TASK_PARAMS[kind]); on the wire, its map. An unknown kind
+    # is refused at decode, naming `kind`.
+    params: TaskParams = by_kind("kind", TASK_PARAMS)
     inputs: list[TensorRef]
     output_id: str
     return_output: bool = False

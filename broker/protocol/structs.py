@@ -9,6 +9,12 @@ Both conversions run for every task on the hot path, so `@struct` generates them
 straight-line code per class (the way `dataclasses` generates `__init__`) instead of
 looping over field descriptions at run time. Type checks compare exact types: what
 msgpack decodes is always a plain int/float/str/bool/bytes/list/dict.
+
+Three options serve the task parameters (broker/protocol/tasks.py): `omit_defaults`
+leaves a field at its default out of the map (so a map keeps exactly the keys it always
+had); a field declared with `by_kind(discriminator, types)` is decoded as the struct
+that an earlier field's value picks; a class's `check(where)` method, when it has one,
+runs after decoding for what an annotation cannot say (list entries, related fields).
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ class _Field:
     required: bool
     default: Any
     factory: bool  # `default` is a default_factory to call
+    union_by: str | None = None  # a by_kind field: the name of the field whose value picks its struct
+
+
+def by_kind(discriminator: str, types: dict[Any, type]) -> Any:
+    """A field whose struct is `types[value of the field named discriminator]`, which must
+    come before it; an unknown value is refused naming the discriminator."""
+    return dataclasses.field(metadata={"union_by": discriminator, "types": types})
 
 
 def _describe(f: dataclasses.Field, hint: Any) -> _Field:
@@ -54,6 +67,9 @@ def _describe(f: dataclasses.Field, hint: Any) -> _Field:
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory
     nested, is_list = None, False
+    if "union_by" in f.metadata:
+        return _Field(f.name, (dict,), f.metadata["types"], False, optional, required, default, False,
+                      f.metadata["union_by"])
     if isinstance(hint, type) and issubclass(hint, Struct):
         nested, accepted = hint, (dict,)
     elif origin in (list, tuple):
@@ -81,18 +97,30 @@ def _not_a_map(cls_name: str, where: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name} must be a map", where.rstrip(".") or None)
 
 
-def _generate(cls: type, fields: list[_Field]) -> None:
-    ns: dict[str, Any] = {"_bad": _bad, "_missing": _missing, "_not_a_map": _not_a_map, "_M": object(),
-                          "_name": cls.__name__, "_cls": cls}
-    to_items, from_lines = [], []
+def _unknown(cls_name: str, field: str, value: Any, where: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name}.{field} {value!r} is not one this peer knows", where + field)
+
+
+def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
+    ns: dict[str, Any] = {"_bad": _bad, "_missing": _missing, "_not_a_map": _not_a_map, "_unknown": _unknown,
+                          "_M": object(), "_name": cls.__name__, "_cls": cls}
+    to_items, to_lines, from_lines = [], [], []
+    index = {f.name: i for i, f in enumerate(fields)}
     for i, f in enumerate(fields):
         attr = f"self.{f.name}"
         if f.nested is None:
-            to_items.append(f"{f.name!r}: {attr}")
+            value = attr
         elif f.is_list:
-            to_items.append(f"{f.name!r}: (None if {attr} is None else [v.to_wire() for v in {attr}])")
+            value = f"(None if {attr} is None else [v.to_wire() for v in {attr}])"
         else:
-            to_items.append(f"{f.name!r}: (None if {attr} is None else {attr}.to_wire())")
+            value = f"(None if {attr} is None else {attr}.to_wire())"
+        if omit_defaults and not f.required:
+            ns[f"_e{i}"] = f.default() if f.factory else f.default
+            to_lines.append(f"if {attr} != _e{i}: d[{f.name!r}] = {value}")
+        elif omit_defaults:  # key by key, so that the map keeps the fields' order
+            to_lines.append(f"d[{f.name!r}] = {value}")
+        else:
+            to_items.append(f"{f.name!r}: {value}")
 
         ns[f"_t{i}"], ns[f"_n{i}"], ns[f"_d{i}"] = f.accepted, f.nested, f.default
         lines = [f"v = get({f.name!r}, _M)", "if v is _M:"]
@@ -105,7 +133,12 @@ def _generate(cls: type, fields: list[_Field]) -> None:
         check = []
         if f.accepted is not None:
             check.append(f"if v.__class__ not in _t{i}: raise _bad(_name, {f.name!r}, v, where)")
-        if f.nested is not None and f.is_list:
+        if f.union_by is not None:
+            by = index[f.union_by]  # decoded before this field: the dataclass order puts it first
+            check.append(f"c = _n{i}.get(a{by})")
+            check.append(f"if c is None: raise _unknown(_name, {f.union_by!r}, a{by}, where)")
+            check.append(f"v = c.from_wire(v, where + {f.name + '.'!r})")
+        elif f.nested is not None and f.is_list:
             check.append(f"v = [_n{i}.from_wire(x, f'{{where}}{f.name}[{{j}}].') for j, x in enumerate(v)]")
         elif f.nested is not None:
             check.append(f"v = _n{i}.from_wire(v, where + {f.name + '.'!r})")
@@ -116,13 +149,16 @@ def _generate(cls: type, fields: list[_Field]) -> None:
         lines.append(f"a{i} = v")
         from_lines += lines
     args = ", ".join(f"{f.name}=a{i}" for i, f in enumerate(fields))
+    to_wire = "def to_wire(self):\n    d = {" + ", ".join(to_items) + "}\n"
+    to_wire += "".join(f"    {line}\n" for line in to_lines) + "    return d\n\n"
+    checked = hasattr(cls, "check")
     source = (
-        "def to_wire(self):\n    return {" + ", ".join(to_items) + "}\n\n"
-        "def from_wire(cls, data, where=''):\n"
+        to_wire
+        + "def from_wire(cls, data, where=''):\n"
         "    if data.__class__ is not dict:\n        raise _not_a_map(_name, where)\n"
         "    get = data.get\n"
         + "".join(f"    {line}\n" for block in from_lines for line in block.split("\n"))
-        + f"    return cls({args})\n"
+        + (f"    obj = cls({args})\n    obj.check(where)\n    return obj\n" if checked else f"    return cls({args})\n")
     )
     exec(compile(source, f"<wire struct {cls.__name__}>", "exec"), ns)
     cls.to_wire = ns["to_wire"]
@@ -142,10 +178,17 @@ class Struct:
         return cls()
 
 
-def struct(cls):
-    """Make `cls` a slotted dataclass and generate its wire conversion."""
-    cls = dataclasses.dataclass(slots=True)(cls)
-    hints = typing.get_type_hints(cls)
-    fields = [_describe(f, hints[f.name]) for f in dataclasses.fields(cls)]
-    _generate(cls, fields)
-    return cls
+def struct(cls=None, *, omit_defaults: bool = False):
+    """Make `cls` a slotted dataclass and generate its wire conversion.
+
+    `omit_defaults`: a field equal to its default is left out of `to_wire()`'s map (and
+    comes back as that default from `from_wire()`)."""
+
+    def make(cls):
+        cls = dataclasses.dataclass(slots=True)(cls)
+        hints = typing.get_type_hints(cls)
+        fields = [_describe(f, hints[f.name]) for f in dataclasses.fields(cls)]
+        _generate(cls, fields, omit_defaults)
+        return cls
+
+    return make if cls is None else make(cls)

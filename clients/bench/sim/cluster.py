@@ -192,7 +192,7 @@ class SimActor:
             return self.sim.timing.batch_s(self.model, batch.tasks)
         seconds = 0.0
         for task in batch.tasks:  # one request after another, each with its workflow resident
-            seconds += self._make_resident(task.workflow) + self.sim.timing.request_s(task.workflow, task.params)
+            seconds += self._make_resident(task.workflow) + self.sim.timing.request_s(task.workflow, task.params.request)
         return seconds
 
     def _make_resident(self, workflow: str) -> float:

@@ -108,7 +108,9 @@ class _Silent:
 @contextlib.contextmanager
 def quiet_logs():
     """No per-request log lines from the core and the controller while simulating."""
-    modules = [sys.modules[name] for name in ("broker.core.machine", "broker.core.admin", "broker.core.recovery", "scheduler.controller")]
+    names = ("broker.core.machine", "broker.core.intake", "broker.core.directory", "broker.core.results",
+             "broker.core.recovery", "broker.core.peers", "broker.core.admin", "scheduler.controller")
+    modules = [sys.modules[name] for name in names]
     saved = [(module, module.log) for module in modules if hasattr(module, "log")]
     for module, _ in saved:
         module.log = _Silent()

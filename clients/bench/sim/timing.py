@@ -18,6 +18,7 @@ from broker import protocol as p
 from broker.catalog import Catalog
 from broker.costs.model import CostModel
 from broker.costs.profiles import PROFILE_MODE
+from broker.protocol import TaskKind
 
 # (bytes, seconds) of one fetch, from the artifact's measurements (powers of two, 1 KiB..256 MiB)
 _SIZES = [2**k for k in range(10, 29)]
@@ -110,7 +111,7 @@ class Timing:
         self._nbytes: dict[tuple, int] = {}
 
     def batch_s(self, model: str, tasks: list[p.TaskSpec]) -> float:
-        rows = sum(t.rows for t in tasks if not t.params.get("split"))
+        rows = sum(t.rows for t in tasks if t.params.calls_model)
         if not rows:
             return 0.0
         first = tasks[0]
@@ -146,16 +147,16 @@ class Timing:
 
     def _bundle_bytes(self, task: p.TaskSpec) -> int:
         height, width = task.shape
-        if task.kind in ("decode", "pipeline"):
+        if task.kind in (TaskKind.DECODE, TaskKind.PIPELINE):
             return height * width * 3
         m = self.catalog.models[task.model]
         item = ITEM_BYTES.get(m.dtype, 4)
         latent = m.latent_channels * (height // m.vae_scale) * (width // m.vae_scale) * item
-        if task.kind == "encode":
+        if task.kind == TaskKind.ENCODE:
             return task.rows * m.seq_len * m.embed_dim * item
-        if task.kind in ("denoise_branch", "encode_image"):
+        if task.kind in (TaskKind.DENOISE_BRANCH, TaskKind.ENCODE_IMAGE):
             return latent
-        if task.kind == "control":
+        if task.kind == TaskKind.CONTROL:
             return task.rows * 16 * (height // 8) * (width // 8) * item
         workflow = self.catalog.workflows.get(task.workflow)
         cond = 0
