@@ -1,6 +1,8 @@
 """Model actors and the node agent.
 
 `actors.runtime` is the actor process (one per model and device); `actors.backends`
-holds the execution backends (emulated, noop; the diffusers backend plugs in through
-`actors.backends.register_backend`); `actors.agent` is the per-host node agent.
+holds the execution backends (emulated, monolith, noop, and the `diffusers/` package
+of blocks, registered by name); `actors.agent` is the per-host node agent;
+`actors.store`, `actors.shm`, `actors.cuda_ipc` and `actors.addresses` are the data
+plane. Actors read the broker's shared base only (protocol, catalog, costs, config, logs).
 """

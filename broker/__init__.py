@@ -1,7 +1,10 @@
-"""The broker: the control-plane hub of a LegoDiffusion cluster.
+"""The broker: the control-plane hub of a LegoDiffusion cluster, and the shared base
+every process reads.
 
-`broker.protocol` is the wire protocol every process imports; `broker.catalog` the
-workflow catalog and DAG unrolling; `broker.core.machine` the sans-IO broker state machine;
-`broker.server` the thin ZeroMQ shell that runs it. Importing this package loads none
-of them.
+Shared base: `broker.protocol` (the wire protocol, a leaf), `broker.catalog` (workflows,
+parameter checks, DAG unrolling), `broker.costs` (cost model and profiles),
+`broker.config`, `broker.logs`, `broker.rundir`, `broker.auth`. The broker process:
+`broker.core` (the sans-IO state machine and its parts), `broker.journal` (accepted
+requests on disk) and `broker.server` (the ZeroMQ shell that runs them). Importing this
+package loads none of them.
 """

@@ -1,5 +1,7 @@
-"""Client side: the Python client library (sync and asyncio), the `lego` CLI, the
-local-cluster launcher and the benchmark drivers."""
+"""Client side. At this level, the Python client library (sync `Client`, asyncio
+`AsyncClient`); below it, `clients.cli` (the `lego` command and operator views),
+`clients.gateway` (the HTTP gateway), `clients.bench` (load generator, benchmarks,
+simulator) and `clients.local` (a local cluster of processes)."""
 
 from clients.aio import AsyncClient, AsyncJob
 from clients.client import Client, Job

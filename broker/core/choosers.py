@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from broker.core.state import DONE, RUNNING, ActorState, Node, ReadyQueue
+from broker.protocol.tasks import TaskKind
 
 
 def pick_actor(head: Node, candidates: list[ActorState], device_free: Callable[[ActorState], bool],
@@ -26,7 +27,7 @@ def pick_actor(head: Node, candidates: list[ActorState], device_free: Callable[[
     otherwise only ever get new requests). `device_free(actor)`: no other actor on its
     device has work in flight. `affinity="avoid"`: any actor but the holder (forces
     migration, to test the data plane)."""
-    if head.kind == "pipeline":  # a monolith that ran this workflow last has it loaded
+    if head.kind == TaskKind.PIPELINE:  # a monolith that ran this workflow last has it loaded
         return max(candidates, key=lambda a: (a.last_workflow == head.request.workflow, a.credits))
     holders = {producer.actor_id for producer in head.inputs}
     taken = {s.actor_id for s in head.siblings if s.state in (RUNNING, DONE)}

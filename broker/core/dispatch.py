@@ -23,6 +23,7 @@ from broker.core.outbox import Outbox
 from broker.core.settings import BrokerSettings
 from broker.core.state import BACKEND, RUNNING, WAITING, ActorState, Node
 from broker.protocol.errors import ErrorCode
+from broker.protocol.tasks import TaskKind
 
 
 class Dispatcher:
@@ -95,7 +96,7 @@ class Dispatcher:
                 inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "",
                                           producer.nbytes, holder.host if holder else ""))
             client_tensors = []
-            if node.kind in ("encode_image", "control_image"):  # the client's image rides along, unread
+            if node.kind in (TaskKind.ENCODE_IMAGE, TaskKind.CONTROL_IMAGE):  # the client's image rides along, unread
                 wanted = node.params.request_tensors()  # control images name their inputs
                 for desc in (d for d in node.request.tensors if d.name in wanted):
                     payload.append(node.request.frames[desc.frame])

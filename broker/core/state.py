@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from broker.catalog import task_adapters
+from broker.protocol.tasks import TaskKind
 
 WAITING, READY, RUNNING, DONE = "waiting", "ready", "running", "done"
 FRONTEND, BACKEND = "frontend", "backend"  # the broker's two sockets, as named in Send
@@ -63,7 +64,7 @@ class Node:
         # Tasks batch together only when this matches (model is implied by the queue; a
         # monolith serving several workflows never mixes them in one call; only tasks with
         # the same LoRA adapters and weights share a model call).
-        last = request.workflow if self.kind == "pipeline" else self.adapters
+        last = request.workflow if self.kind == TaskKind.PIPELINE else self.adapters
         self.batch_key = (self.kind, self.shape, last)
 
 

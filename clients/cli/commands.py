@@ -14,6 +14,7 @@ from actors.runtime import main as actor_main
 from broker.catalog import load_catalog
 from broker.config import parse_options
 from broker.logs import configure_logging
+from broker.protocol.tasks import TaskKind
 from broker.server import main as broker_main
 from clients import Client, LegoError
 from clients.bench.cluster import (
@@ -39,7 +40,7 @@ def _print_progress(job, stream=sys.stderr) -> None:
     for event in job.progress():
         frac = event.done_nodes / max(1, event.total_nodes)
         bar = "#" * int(frac * width)
-        label = f"step {event.step}/{event.total_steps}" if event.kind == "denoise" else event.node
+        label = f"step {event.step}/{event.total_steps}" if event.kind == TaskKind.DENOISE else event.node
         stream.write(f"\r[{bar:<{width}}] {event.done_nodes}/{event.total_nodes} {label:<24}")
         stream.flush()
     stream.write("\n")
