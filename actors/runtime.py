@@ -45,6 +45,7 @@ from broker import protocol as p
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config, parse_options
 from broker.logs import bind_process_fields, configure_logging
+from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
 
 log = structlog.get_logger(__name__)
@@ -119,6 +120,8 @@ class ActorRuntime:
         self.session_lost: tuple[int, str] | None = None
         self._data_sock = self.context.socket(zmq.ROUTER)
         self._data_sock.setsockopt(zmq.LINGER, 0)
+        # Peers send FETCH requests here, headers only: anything bigger is not a peer.
+        self._data_sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_header_bytes)
         self._data_sock.bind(config.data_bind)
         self.data_address = advertised(self._data_sock.getsockopt(zmq.LAST_ENDPOINT).decode(), config.broker_backend)
         self._threads: list[threading.Thread] = []

@@ -51,7 +51,10 @@ class ServerSettings:
     telemetry_address: str = setting("", flag="--telemetry", help="PUB address for telemetry snapshots (default: none)")
     telemetry_interval_s: float = setting(0.5, help="seconds between telemetry snapshots")
     telemetry_min_gap_s: float = setting(0.1, flag=False, help="least seconds between snapshots after a change")
-    send_hwm: int = setting(100_000, flag=False, help="messages queued per peer before a send fails")
+    send_hwm: int = setting(100_000, flag=False, help="messages queued per actor or agent before it is cut off")
+    # A client's queue holds results (images): fewer messages than a peer's.
+    client_send_hwm: int = setting(10_000, flag=False, help="messages queued per client before it is cut off")
+    cut_off_s: float = setting(60.0, flag=False, help="seconds a peer that stopped reading is ignored")
     log_format: str = setting("console", flag=False)  # their flags: broker.config.add_common_arguments
     log_level: str = setting("info", flag=False)
 
@@ -76,14 +79,18 @@ class BrokerServer:
         self.telemetry: zmq.Socket | None = None
         self._published_at = -1e9
         self.stopped = threading.Event()
+        # (socket, identity) -> until when a peer that stopped reading is ignored.
+        self.cut_off: dict[tuple[str, bytes], float] = {}
 
     def bind(self) -> None:
         for name, address in ((FRONTEND, self.config.frontend_address), (BACKEND, self.config.backend_address)):
             sock = self.context.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+            # Sends never block the loop (NOBLOCK, see _apply): at this many queued
+            # messages a peer that does not read is cut off instead.
+            sock.setsockopt(zmq.SNDHWM, self.config.client_send_hwm if name == FRONTEND else self.config.send_hwm)
             sock.setsockopt(zmq.RCVHWM, self.config.send_hwm)
-            sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_payload_bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_frame_bytes)  # a bigger frame: the peer is dropped
             # Fail a send to an identity with no live connection instead of dropping it:
             # on the backend that is how a reset actor connection is noticed at once.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -127,9 +134,10 @@ class BrokerServer:
         self.core.telemetry_changed = False
         self._published_at = now
         stats = self._guarded(self.core.snapshot, now)
-        if isinstance(stats, p.Stats):
+        frames = self._encoded(stats) if isinstance(stats, p.Stats) else None
+        if frames is not None:
             with contextlib.suppress(zmq.Again):  # no room at a slow subscriber: it gets the next one
-                self.telemetry.send_multipart(p.encode(stats), zmq.NOBLOCK)
+                self.telemetry.send_multipart(frames, zmq.NOBLOCK)
     def _drain(self, name: str, sock: zmq.Socket) -> None:
         handle = self.core.on_frontend if name == FRONTEND else self.core.on_backend
         for _ in range(DRAIN_BATCH):
@@ -139,6 +147,8 @@ class BrokerServer:
                 return
             now = time.monotonic()
             identity = frames[0].bytes
+            if self._is_cut_off(name, identity, now):
+                continue
             if len(frames) < 2 or frames[1].bytes != b"":
                 sends = self.core.on_protocol_error(name, identity, p.ProtocolError(ErrorCode.BAD_FRAMES, "missing empty delimiter frame"))
             else:
@@ -163,14 +173,51 @@ class BrokerServer:
 
     def _apply(self, sends: list[Send]) -> None:
         for send in sends:
-            frames = [send.identity, b"", *p.encode(send.msg, send.payload)]
+            if (send.socket, send.identity) in self.cut_off:
+                self.core.counters["sends_dropped"] += 1
+                continue
+            encoded = self._encoded(send.msg, send.payload)
+            if encoded is None:
+                continue
             try:
-                self.sockets[send.socket].send_multipart(frames, copy=False)
+                self.sockets[send.socket].send_multipart([send.identity, b"", *encoded], zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # its queue is full: it stopped reading; a blocking send would stop us
+                self._cut(send, time.monotonic())
             except zmq.ZMQError as exc:  # a vanished peer must not stop the broker
                 log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc),
                             **message_ids(send.msg))
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, time.monotonic()))
+
+    def _encoded(self, msg: p.Message, payload=()) -> list | None:
+        """A message's frames, or None (logged, counted) if it cannot be encoded: the
+        loop goes on without it."""
+        try:
+            return p.encode(msg, payload)
+        except Exception:
+            self.core.counters["encode_errors"] += 1
+            log.exception("encode_failed", command=msg.COMMAND.name, **message_ids(msg))
+            return None
+
+    def _cut(self, send: Send, now: float) -> None:
+        """A peer whose queue is full is ignored for `cut_off_s`: what we would send it is
+        dropped and what it sends is not read. An actor or agent cut off is lost (its work
+        goes elsewhere); a client's requests run on and end, their answers dropped."""
+        self.cut_off[(send.socket, send.identity)] = now + self.config.cut_off_s
+        self.core.counters["peers_cut_off"] += 1
+        log.warning("peer_cut_off", socket=send.socket, peer=send.identity.hex(), queued=self.config.send_hwm,
+                    cut_off_s=self.config.cut_off_s)
+        if send.socket == BACKEND:
+            self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, now))
+
+    def _is_cut_off(self, socket: str, identity: bytes, now: float) -> bool:
+        until = self.cut_off.get((socket, identity))
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self.cut_off[(socket, identity)]
+        return False
 
     def stop(self) -> None:
         self.stopped.set()
