@@ -25,8 +25,8 @@ import structlog
 import zmq
 
 from actors.addresses import data_host
+from broker import auth, rundir
 from broker import protocol as p
-from broker import rundir
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config
 from broker.costs.model import CostModel
@@ -49,6 +49,10 @@ class AgentConfig:
     # LEGO_DATA_HOST); empty: loopback for a broker on loopback, else this host's end
     # of the route to the broker.
     data_host: str = ""
+    # Keys on: the agent's own key (role agent; env LEGO_KEY_FILE) and the actors' key it
+    # hands to every actor it starts (role actor, the same on every host).
+    key_file: str = ""
+    actor_key_file: str = ""
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
@@ -99,6 +103,11 @@ class NodeAgent:
         self.children: dict[str, Child] = {}  # actor_id -> child
         self.run_dir = Path(config.run_dir)
         self.data_host = data_host(config.broker_backend, config.data_host)
+        if bool(config.key_file) != bool(config.actor_key_file):
+            raise auth.KeyFileError("key_file and actor_key_file: set both (keys on) or neither")
+        self.key = auth.load_key_file(config.key_file) if config.key_file else None
+        if config.actor_key_file:
+            auth.load_key_file(config.actor_key_file)  # a bad actors' key fails here, not in every actor
         rundir.run_dir(self.run_dir, ("logs", "pids", "locks"))
         self.context = context or zmq.Context()
         self._own_context = context is None
@@ -139,6 +148,7 @@ class NodeAgent:
             return refuse(f"device: {msg.device} has {device.free_bytes} bytes free, {msg.model} needs {need}")
         actor_id = f"{msg.model}@{self.host}/{msg.device}#{msg.spawn_id}"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LEGO_EXIT_WITH_PARENT="1")
+        env.pop("LEGO_KEY_FILE", None)  # the agent's own key: an actor gets the actors' key, by flag
         actor_device = msg.device
         if device.kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
@@ -149,6 +159,7 @@ class NodeAgent:
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
                "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
                "--max-batch-rows", str(msg.max_batch_rows), "--data-bind", f"tcp://{self.data_host}:*",
+               *(["--key-file", self.config.actor_key_file] if self.config.actor_key_file else []),
                "--log-format", self.config.actor_log_format or self.config.log_format, "--log-level", self.config.log_level]
         for path in self.config.catalog:
             cmd += ["--catalog", str(path)]
@@ -223,6 +234,8 @@ class NodeAgent:
                 if sock is None:
                     sock = self.context.socket(zmq.DEALER)
                     sock.setsockopt(zmq.LINGER, 0)
+                    if self.key is not None:
+                        self.key.as_client(sock)
                     sock.connect(self.config.broker_backend)
                 if not welcomed and now >= next_hello:
                     sock.send_multipart([b"", *p.encode(self._hello())])
@@ -286,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-gib", type=float)
     parser.add_argument("--catalog", action="append")
     parser.add_argument("--run-dir")
+    parser.add_argument("--key-file", help="keys on: this agent's key file (env LEGO_KEY_FILE)")
+    parser.add_argument("--actor-key-file", help="keys on: the actors' key file, handed to every actor it starts")
     parser.add_argument("--data-host", help="the address this host's actors serve tensors on, reachable from other "
                         "hosts (env LEGO_DATA_HOST; default: loopback for a broker on loopback, else the local end "
                         "of the route to the broker)")
