@@ -27,6 +27,7 @@ import zmq
 from actors.addresses import data_host
 from broker import auth, rundir
 from broker import protocol as p
+from broker.actor_options import check_options
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config
 from broker.costs.model import CostModel
@@ -53,6 +54,7 @@ class AgentConfig:
     # hands to every actor it starts (role actor, the same on every host).
     key_file: str = ""
     actor_key_file: str = ""
+    max_actors_per_device: int = 16  # a spawn beyond this many actors on one device is refused
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
@@ -132,7 +134,10 @@ class NodeAgent:
             log.warning("spawn_refused", spawn_id=msg.spawn_id, model=msg.model, device=msg.device, reason=reason)
             self._outbox.append(p.AgentEvent(msg.spawn_id, "refused", message=reason, devices=list(self.devices.values())))
 
-        options = dict(msg.options or {})
+        try:  # what the broker checked, checked again here: this process runs what it says
+            options = check_options(msg.backend, msg.options)
+        except ValueError as exc:
+            return refuse(str(exc))
         if any(child.spawn_id == msg.spawn_id for child in self.children.values()):
             return refuse(f"spawn_id: {msg.spawn_id} is already running here")
         device = self.devices.get(msg.device)
@@ -140,6 +145,9 @@ class NodeAgent:
             return refuse(f"device: no device {msg.device!r} on {self.host} (has {sorted(self.devices)})")
         if self.catalog.model(msg.model) is None:
             return refuse(f"model: unknown model {msg.model!r}")
+        on_device = sum(1 for child in self.children.values() if child.device == msg.device)
+        if on_device >= self.config.max_actors_per_device:
+            return refuse(f"device: {msg.device} already runs {on_device} actors (max_actors_per_device)")
         try:
             need = self._memory_needed(msg.model, msg.backend, options)
         except Exception as exc:  # a bad option must not take the agent (and its actors) down
@@ -153,7 +161,7 @@ class NodeAgent:
         if device.kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
             actor_device = "cuda:0"
-        if device.kind == "emulated" and "device_lock" not in options:
+        if device.kind == "emulated":  # the agent's own lock file: never a path from the wire
             # Actors on one emulated GPU take turns computing, as kernels on one GPU do.
             options["device_lock"] = str((self.run_dir / "locks" / f"{msg.device.replace(':', '-')}.lock").resolve())
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
