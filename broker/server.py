@@ -91,6 +91,11 @@ class BrokerServer:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None):
         self.config = config
         self.core = BrokerCore(load_catalog(config.catalog), config.settings(), broker_id=f"broker-{uuid.uuid4().hex[:8]}")
+        # Before any socket or context: a journal that cannot be read stops the broker here.
+        self.journal = Journal(config.journal, config.journal_retention_s) if config.journal else None
+        self.core.out.journaling = self.journal is not None
+        self._resumed = False
+        self._prune_at = 0.0
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
@@ -100,11 +105,6 @@ class BrokerServer:
         # (socket, identity) -> until when a peer that stopped reading is ignored.
         self.cut_off: dict[tuple[str, bytes], float] = {}
         self.key: auth.KeyFile | None = None  # keys on: this broker's CurveZMQ identity
-        # Opened first: a journal that cannot be read stops the broker before it binds.
-        self.journal = Journal(config.journal, config.journal_retention_s) if config.journal else None
-        self.core.out.journaling = self.journal is not None
-        self._resumed = False
-        self._prune_at = 0.0
         self.authenticator: auth.RoleAuthenticator | None = None
 
     def bind(self) -> None:

@@ -24,6 +24,7 @@ import pytest
 import zmq
 from broker_helpers import (  # tests/ is on sys.path
     CLIENT,
+    hello,
     image_of,
     make_core,
     standard_actors,
@@ -140,6 +141,33 @@ def test_a_resumed_request_reruns_with_the_same_params_for_the_same_client():
     (result,) = [s for s in sends if not isinstance(s, Record) and isinstance(s.msg, p.Result)]
     assert result.identity == CLIENT and kinds(sends) == ["Result", "journal:finished"]
     assert again.counters["requests_resumed"] == 1
+
+
+def test_a_resumed_img2img_request_sends_its_actors_the_journaled_image():
+    from broker.catalog import load_catalog
+    from broker.core.machine import BrokerCore
+
+    def tasks_with_frames(core, sends):
+        sends += [s for m in ("CLIP_Flux", "T5_Flux", "Flux1Schnell", "Flux1VAE")
+                  for s in hello(core, m, m, max_batch_rows=4)]
+        return [(t.node, repr(t.params), [(d.name, d.shape) for d in t.tensors], [bytes(s.payload[d.frame]) for d in t.tensors])
+                for s in sends if not isinstance(s, Record) and isinstance(s.msg, p.Tasks) for t in s.msg.tasks]
+
+    image = bytes(range(256)) * 48  # uint8 [64, 64, 3]
+    desc = p.TensorDesc("image", "uint8", [64, 64, 3], frame=1, nbytes=len(image))
+    first = BrokerCore(load_catalog([]), seed=1)
+    first.out.journaling = True
+    msg = p.Submit("r1", "flux-schnell-img2img", {"prompt": "p", "width": 64, "height": 64, "strength": 0.5}, True, [desc])
+    sends = first.on_frontend(CLIENT, msg, [b"unused", image], 0.0)
+    (record,) = [s for s in sends if isinstance(s, Record)]
+    assert [(d.frame, bytes(f)) for d, f in record.tensors] == [(0, image)]  # renumbered to its own list
+    reference = tasks_with_frames(first, sends)
+    assert any(frames == [image] for *_, frames in reference)
+
+    again = BrokerCore(load_catalog([]), seed=2)
+    tensors, frames = [d for d, _ in record.tensors], [f for _, f in record.tensors]
+    sends = again.on_resume("r1", CLIENT, record.workflow, record.params, tensors, frames, True, 0.0)
+    assert tasks_with_frames(again, sends) == reference
 
 
 def test_a_resumed_request_this_broker_cannot_run_fails_typed():

@@ -7,6 +7,8 @@ and its own solo latency; in monolith serving the request becomes one task for t
 least loaded `pipeline/...` model hosting its workflow, otherwise a DAG whose CFG
 branches may form a parallel group (`broker.core.rules.parallel_mode`). `Intake` owns
 the parameter generator (seeds); the request enters the directory it is given.
+A client's SUBMIT that repeats one of its requests in flight is that request again
+(ACCEPTED once more), and `resume` re-admits a request a previous broker journaled.
 """
 
 from __future__ import annotations
