@@ -9,29 +9,11 @@ of the interface this host uses to reach the broker (or the operator's choice).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-WILDCARDS = ("0.0.0.0", "*", "::", "")
-
-
-def endpoint_host(endpoint: str) -> str:
-    """`tcp://HOST:PORT` -> HOST (brackets of an IPv6 literal removed)."""
-    host = urlsplit(endpoint).hostname
-    if urlsplit(endpoint).scheme != "tcp" or host is None:
-        raise ValueError(f"expected tcp://HOST:PORT, got {endpoint!r}")
-    return host
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from broker.endpoints import WILDCARDS, endpoint_host, is_ip, is_loopback
 
 
 def route_to(host: str, port: int = 9) -> str:
@@ -52,7 +34,7 @@ def data_host(broker_endpoint: str, configured: str = "", route: Callable[[str],
     if is_loopback(broker):
         return "127.0.0.1"
     try:
-        return route(broker if _is_ip(broker) else socket.gethostbyname(broker))
+        return route(broker if is_ip(broker) else socket.gethostbyname(broker))
     except OSError as exc:
         raise ValueError(f"data_host: no route from this host to the broker's {broker!r} ({exc}); "
                          "set --data-host (env LEGO_DATA_HOST) to an address other hosts reach") from None
@@ -67,11 +49,3 @@ def advertised(bound: str, broker_endpoint: str, route: Callable[[str], str] = r
     port = urlsplit(bound).port
     concrete = data_host(broker_endpoint, route=route)
     return f"tcp://{'[' + concrete + ']' if ':' in concrete else concrete}:{port}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

@@ -25,8 +25,9 @@ import structlog
 import zmq
 
 from actors.addresses import data_host
+from broker import auth, rundir
 from broker import protocol as p
-from broker import rundir
+from broker.actor_options import check_options
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config
 from broker.costs.model import CostModel
@@ -49,6 +50,11 @@ class AgentConfig:
     # LEGO_DATA_HOST); empty: loopback for a broker on loopback, else this host's end
     # of the route to the broker.
     data_host: str = ""
+    # Keys on: the agent's own key (role agent; env LEGO_KEY_FILE) and the actors' key it
+    # hands to every actor it starts (role actor, the same on every host).
+    key_file: str = ""
+    actor_key_file: str = ""
+    max_actors_per_device: int = 16  # a spawn beyond this many actors on one device is refused
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
@@ -99,6 +105,11 @@ class NodeAgent:
         self.children: dict[str, Child] = {}  # actor_id -> child
         self.run_dir = Path(config.run_dir)
         self.data_host = data_host(config.broker_backend, config.data_host)
+        if bool(config.key_file) != bool(config.actor_key_file):
+            raise auth.KeyFileError("key_file and actor_key_file: set both (keys on) or neither")
+        self.key = auth.load_key_file(config.key_file) if config.key_file else None
+        if config.actor_key_file:
+            auth.load_key_file(config.actor_key_file)  # a bad actors' key fails here, not in every actor
         rundir.run_dir(self.run_dir, ("logs", "pids", "locks"))
         self.context = context or zmq.Context()
         self._own_context = context is None
@@ -123,7 +134,10 @@ class NodeAgent:
             log.warning("spawn_refused", spawn_id=msg.spawn_id, model=msg.model, device=msg.device, reason=reason)
             self._outbox.append(p.AgentEvent(msg.spawn_id, "refused", message=reason, devices=list(self.devices.values())))
 
-        options = dict(msg.options or {})
+        try:  # what the broker checked, checked again here: this process runs what it says
+            options = check_options(msg.backend, msg.options)
+        except ValueError as exc:
+            return refuse(str(exc))
         if any(child.spawn_id == msg.spawn_id for child in self.children.values()):
             return refuse(f"spawn_id: {msg.spawn_id} is already running here")
         device = self.devices.get(msg.device)
@@ -131,6 +145,9 @@ class NodeAgent:
             return refuse(f"device: no device {msg.device!r} on {self.host} (has {sorted(self.devices)})")
         if self.catalog.model(msg.model) is None:
             return refuse(f"model: unknown model {msg.model!r}")
+        on_device = sum(1 for child in self.children.values() if child.device == msg.device)
+        if on_device >= self.config.max_actors_per_device:
+            return refuse(f"device: {msg.device} already runs {on_device} actors (max_actors_per_device)")
         try:
             need = self._memory_needed(msg.model, msg.backend, options)
         except Exception as exc:  # a bad option must not take the agent (and its actors) down
@@ -139,16 +156,18 @@ class NodeAgent:
             return refuse(f"device: {msg.device} has {device.free_bytes} bytes free, {msg.model} needs {need}")
         actor_id = f"{msg.model}@{self.host}/{msg.device}#{msg.spawn_id}"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LEGO_EXIT_WITH_PARENT="1")
+        env.pop("LEGO_KEY_FILE", None)  # the agent's own key: an actor gets the actors' key, by flag
         actor_device = msg.device
         if device.kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
             actor_device = "cuda:0"
-        if device.kind == "emulated" and "device_lock" not in options:
+        if device.kind == "emulated":  # the agent's own lock file: never a path from the wire
             # Actors on one emulated GPU take turns computing, as kernels on one GPU do.
             options["device_lock"] = str((self.run_dir / "locks" / f"{msg.device.replace(':', '-')}.lock").resolve())
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
                "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
                "--max-batch-rows", str(msg.max_batch_rows), "--data-bind", f"tcp://{self.data_host}:*",
+               *(["--key-file", self.config.actor_key_file] if self.config.actor_key_file else []),
                "--log-format", self.config.actor_log_format or self.config.log_format, "--log-level", self.config.log_level]
         for path in self.config.catalog:
             cmd += ["--catalog", str(path)]
@@ -223,6 +242,8 @@ class NodeAgent:
                 if sock is None:
                     sock = self.context.socket(zmq.DEALER)
                     sock.setsockopt(zmq.LINGER, 0)
+                    if self.key is not None:
+                        self.key.as_client(sock)
                     sock.connect(self.config.broker_backend)
                 if not welcomed and now >= next_hello:
                     sock.send_multipart([b"", *p.encode(self._hello())])
@@ -286,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-gib", type=float)
     parser.add_argument("--catalog", action="append")
     parser.add_argument("--run-dir")
+    parser.add_argument("--key-file", help="keys on: this agent's key file (env LEGO_KEY_FILE)")
+    parser.add_argument("--actor-key-file", help="keys on: the actors' key file, handed to every actor it starts")
     parser.add_argument("--data-host", help="the address this host's actors serve tensors on, reachable from other "
                         "hosts (env LEGO_DATA_HOST; default: loopback for a broker on loopback, else the local end "
                         "of the route to the broker)")

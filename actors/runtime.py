@@ -41,10 +41,12 @@ from actors.backends import create_backend
 from actors.cuda_ipc import IpcExporter, IpcUnavailable
 from actors.shm import PREFIX, ShmExporter, ShmUnavailable, attach_bundle
 from actors.store import Bundle, TensorStore, bundle_nbytes, pack_bundle, unpack_bundle
+from broker import auth
 from broker import protocol as p
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config, parse_options
 from broker.logs import bind_process_fields, configure_logging
+from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
 
 log = structlog.get_logger(__name__)
@@ -62,6 +64,9 @@ class ActorConfig:
     # Where peers fetch this actor's outputs; its node agent passes a routable address
     # (actors/addresses.py). A wildcard bind is advertised as the route to the broker.
     data_bind: str = "tcp://127.0.0.1:*"
+    # Keys on: this actor's key (role actor; env LEGO_KEY_FILE). Every actor of a cluster
+    # holds the same actor key: peers' data sockets are servers of that key.
+    key_file: str = ""
     max_batch_rows: int = 8
     credits: int = 2  # batches the broker may queue here (one running, one waiting)
     threads: int = 1  # torch intra-op threads; several actors share the host's cores
@@ -117,8 +122,16 @@ class ActorRuntime:
         # (epoch, reason), set by the heartbeat thread when the broker went silent or
         # forgot that session; the compute thread ignores it for an older session.
         self.session_lost: tuple[int, str] | None = None
+        self.key = auth.load_key_file(config.key_file) if config.key_file else None
+        self.authenticator: auth.RoleAuthenticator | None = None
         self._data_sock = self.context.socket(zmq.ROUTER)
+        if self.key is not None:  # only holders of the actors' key may fetch from us
+            self.authenticator = auth.RoleAuthenticator(self.context, {self.key.public: self.key.user_id})
+            self.authenticator.start()
+            self.key.as_server(self._data_sock, auth.DATA)
         self._data_sock.setsockopt(zmq.LINGER, 0)
+        # Peers send FETCH requests here, headers only: anything bigger is not a peer.
+        self._data_sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_header_bytes)
         self._data_sock.bind(config.data_bind)
         self.data_address = advertised(self._data_sock.getsockopt(zmq.LAST_ENDPOINT).decode(), config.broker_backend)
         self._threads: list[threading.Thread] = []
@@ -151,6 +164,7 @@ class ActorRuntime:
             for thread in self._threads:
                 thread.join(timeout=2.0)
             self._data_sock.close(linger=0)
+            self._stop_authenticator()
             self.exporter.close()
             self.ipc.close()
             if self._own_context:
@@ -159,6 +173,16 @@ class ActorRuntime:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        """Keys on: a socket to the broker speaks CurveZMQ as this actor's key."""
+        if self.key is not None:
+            self.key.as_client(sock)
+
+    def _stop_authenticator(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
     # ------------------------------------------------------------------ compute thread
 
@@ -176,6 +200,7 @@ class ActorRuntime:
         # A fixed identity per session: if TCP reconnects underneath, the broker still
         # reaches this session (a random one would change and strand its batches).
         sock.setsockopt(zmq.ROUTING_ID, self.session_id.encode())
+        self._secure(sock)
         sock.connect(self.config.broker_backend)
         log.info("actor_new_session", actor_id=self.actor_id, epoch=self.epoch, reason=reason)
         return sock
@@ -349,6 +374,8 @@ class ActorRuntime:
         if sock is None:
             sock = peers[ref.address] = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.key is not None:
+                self.key.as_client(sock, server_public=self.key.public)  # a peer's data socket: the actors' key
             sock.connect(ref.address)
         sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, request_id, shm, gpu))])
         if not sock.poll(self.config.fetch_timeout_s * 1000):
@@ -421,6 +448,7 @@ class ActorRuntime:
         for sock in (peers or {}).values():
             sock.close(linger=0)
         self._data_sock.close(linger=0)
+        self._stop_authenticator()
         self.exporter.close()
         self.ipc.close()
         self.store.clear()
@@ -521,6 +549,7 @@ class ActorRuntime:
                         sock.close(linger=0)
                     sock = self.context.socket(zmq.DEALER)
                     sock.setsockopt(zmq.LINGER, 0)
+                    self._secure(sock)
                     sock.connect(self.config.broker_backend)
                     beating_epoch, last_heard, last_beat = self.epoch, now, 0.0
                 interval = self.heartbeat_interval_s
@@ -563,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actor-id")
     parser.add_argument("--host")
     parser.add_argument("--data-bind")
+    parser.add_argument("--key-file", help="keys on: the actors' key file (env LEGO_KEY_FILE)")
     parser.add_argument("--max-batch-rows", type=int)
     parser.add_argument("--credits", type=int)
     parser.add_argument("--threads", type=int)

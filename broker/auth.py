@@ -200,3 +200,32 @@ def _quiet_log() -> logging.Logger:
     logger = logging.getLogger("lego.zap")
     logger.setLevel(logging.WARNING)
     return logger
+
+
+def make_cluster_keys(folder: str | Path) -> dict[str, Path]:
+    """A new cluster's keys in `folder` (0700): the broker's, one per role (named after
+    it), and `authorized` listing them. Returns {"broker"/role: key file, "authorized": file}.
+    Hand each process its file; add more clients with `add_key`."""
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_key_file(folder / "broker.key", "admin", "broker")
+    paths: dict[str, Path] = {"broker": folder / "broker.key", "authorized": folder / "authorized"}
+    fd = os.open(paths["authorized"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    for role in ROLES:
+        paths[role] = add_key(folder, role, role)
+    return paths
+
+
+def add_key(folder: str | Path, role: str, name: str) -> Path:
+    """A new key for `role`/`name` in `folder`, authorized at its broker (`broker.key`, `authorized`)."""
+    folder = Path(folder)
+    broker = load_key_file(folder / "broker.key")
+    authorized = folder / "authorized"
+    known = load_authorized(authorized) if authorized.exists() else {}
+    if f"{role}:{name}" in known.values():
+        raise KeyFileError(f"{authorized}: {role} {name} is already listed")
+    key = write_key_file(folder / f"{name}.key", role, name, broker.public)
+    with open(authorized, "a") as f:
+        f.write(f"{role} {name} {key.public.decode()}\n")
+    return folder / f"{name}.key"

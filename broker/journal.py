@@ -18,6 +18,7 @@ broker with `JournalError` naming the file: silently starting empty would lose w
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -77,12 +78,22 @@ class Journal:
         self.path.chmod(0o600)
 
     def accepted(self, entry: Entry) -> None:
-        """Record an accepted request; returns once it is committed."""
+        """Record an accepted request; returns once it is committed. An id whose earlier
+        request has ended (and is not pruned yet) is a new request: it replaces that entry;
+        one still open is refused (ValueError)."""
         tensors = msgpack.packb([[desc, bytes(raw)] for desc, raw in entry.tensors], use_bin_type=True)
-        self._write("INSERT INTO requests (request_id, client, workflow, params, tensors, progress, accepted_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (entry.request_id, entry.client, entry.workflow, msgpack.packb(entry.params, use_bin_type=True),
-                     tensors, int(entry.progress), entry.accepted_at))
+        self._write("BEGIN IMMEDIATE", ())
+        try:
+            self._write("DELETE FROM requests WHERE request_id = ? AND status != 'accepted'", (entry.request_id,))
+            self._write("INSERT INTO requests (request_id, client, workflow, params, tensors, progress, accepted_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (entry.request_id, entry.client, entry.workflow, msgpack.packb(entry.params, use_bin_type=True),
+                         tensors, int(entry.progress), entry.accepted_at))
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.rollback()
+            raise
+        self._write("COMMIT", ())
 
     def ended(self, request_id: str, status: str, now: float | None = None) -> None:
         if status not in ENDED:

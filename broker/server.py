@@ -8,6 +8,12 @@ message, hands it to the core, and sends what the core returns. It never opens t
 payload frames: the final result's frames are forwarded to the client as they
 arrived. A message that breaks the protocol or a handler that raises is answered
 with an error and the loop keeps running.
+
+With `journal` set it also owns the request journal (`broker.journal`, SQLite): it
+writes the core's journal records in their place among the sends (a request is durable
+before its ACCEPTED leaves), re-runs the requests the journal holds unfinished before it
+reads the first message, and prunes ended ones. A journal it cannot read or write stops
+the broker: accepting work it cannot keep would break what a restart relies on.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ from dataclasses import dataclass
 import structlog
 import zmq
 
+from broker import auth
 from broker import protocol as p
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, add_flags, load_config, setting
-from broker.core.machine import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Send
+from broker.core.machine import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Record, Send
+from broker.core.outbox import ACCEPTED
+from broker.endpoints import is_loopback_endpoint
+from broker.journal import Entry, Journal, JournalError
 from broker.logs import configure_logging, message_ids
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.errors import ErrorCode
@@ -36,6 +46,7 @@ from broker.protocol.errors import ErrorCode
 log = structlog.get_logger(__name__)
 
 DRAIN_BATCH = 512  # messages read from one socket before looking at the other
+PRUNE_EVERY_S = 60.0  # ended journal entries are deleted at most this often (one DELETE)
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,19 @@ class ServerSettings:
                                    help="actor/agent address to bind (default tcp://127.0.0.1:5556)")
     catalog: list[str] = setting(default_factory=list, help="extra workflow catalog TOML (repeatable)")
     telemetry_address: str = setting("", flag="--telemetry", help="PUB address for telemetry snapshots (default: none)")
+    # Keys on (both set): every socket speaks CurveZMQ and every command is checked
+    # against its sender's role (broker/auth.py). Keys off: loopback addresses only.
+    key_file: str = setting("", help="the broker's key file (`lego keys new`); with --authorized-keys: keys on")
+    authorized_keys: str = setting("", help="ROLE NAME PUBLIC_KEY per line: who may connect, in which role")
     telemetry_interval_s: float = setting(0.5, help="seconds between telemetry snapshots")
     telemetry_min_gap_s: float = setting(0.1, flag=False, help="least seconds between snapshots after a change")
-    send_hwm: int = setting(100_000, flag=False, help="messages queued per peer before a send fails")
+    send_hwm: int = setting(100_000, flag=False, help="messages queued per actor or agent before it is cut off")
+    # A client's queue holds results (images): fewer messages than a peer's.
+    client_send_hwm: int = setting(10_000, flag=False, help="messages queued per client before it is cut off")
+    cut_off_s: float = setting(60.0, flag=False, help="seconds a peer that stopped reading is ignored")
+    journal: str = setting("", help="request journal file (SQLite): accepted requests survive a broker restart "
+                                    "and are re-run from their seed (default: none)")
+    journal_retention_s: float = setting(3600.0, help="seconds an ended request stays in the journal")
     log_format: str = setting("console", flag=False)  # their flags: broker.config.add_common_arguments
     log_level: str = setting("info", flag=False)
 
@@ -70,20 +91,34 @@ class BrokerServer:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None):
         self.config = config
         self.core = BrokerCore(load_catalog(config.catalog), config.settings(), broker_id=f"broker-{uuid.uuid4().hex[:8]}")
+        # Before any socket or context: a journal that cannot be read stops the broker here.
+        self.journal = Journal(config.journal, config.journal_retention_s) if config.journal else None
+        self.core.out.journaling = self.journal is not None
+        self._resumed = False
+        self._prune_at = 0.0
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.sockets: dict[str, zmq.Socket] = {}
         self.telemetry: zmq.Socket | None = None
         self._published_at = -1e9
         self.stopped = threading.Event()
+        # (socket, identity) -> until when a peer that stopped reading is ignored.
+        self.cut_off: dict[tuple[str, bytes], float] = {}
+        self.key: auth.KeyFile | None = None  # keys on: this broker's CurveZMQ identity
+        self.authenticator: auth.RoleAuthenticator | None = None
 
     def bind(self) -> None:
+        self._secure()
         for name, address in ((FRONTEND, self.config.frontend_address), (BACKEND, self.config.backend_address)):
             sock = self.context.socket(zmq.ROUTER)
+            if self.key is not None:
+                self.key.as_server(sock, name)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+            # Sends never block the loop (NOBLOCK, see _apply): at this many queued
+            # messages a peer that does not read is cut off instead.
+            sock.setsockopt(zmq.SNDHWM, self.config.client_send_hwm if name == FRONTEND else self.config.send_hwm)
             sock.setsockopt(zmq.RCVHWM, self.config.send_hwm)
-            sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_payload_bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_frame_bytes)  # a bigger frame: the peer is dropped
             # Fail a send to an identity with no live connection instead of dropping it:
             # on the backend that is how a reset actor connection is noticed at once.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -91,6 +126,8 @@ class BrokerServer:
             self.sockets[name] = sock
         if self.config.telemetry_address:
             pub = self.context.socket(zmq.PUB)
+            if self.key is not None:
+                self.key.as_server(pub, auth.TELEMETRY)
             pub.setsockopt(zmq.LINGER, 0)
             pub.setsockopt(zmq.SNDHWM, 16)  # a slow subscriber loses old snapshots, never blocks us
             pub.bind(self.config.telemetry_address)
@@ -98,7 +135,48 @@ class BrokerServer:
         log.info("broker_listening", frontend=self.config.frontend_address, backend=self.config.backend_address,
                  telemetry=self.config.telemetry_address or None, workflows=sorted(self.core.catalog.workflows))
 
+    def _secure(self) -> None:
+        """Keys on: load them and start the ZAP handler. Keys off: refuse any address
+        other hosts could reach, naming the settings that turn keys on."""
+        c = self.config
+        if bool(c.key_file) != bool(c.authorized_keys):
+            raise auth.KeyFileError("key_file and authorized_keys: set both (keys on) or neither (loopback only)")
+        if not c.key_file:
+            for name, address in (("frontend", c.frontend_address), ("backend", c.backend_address),
+                                  ("telemetry", c.telemetry_address)):
+                if address and not is_loopback_endpoint(address):
+                    raise auth.KeyFileError(f"{name} address {address} is reachable from other hosts: without keys "
+                                            "the broker binds loopback only; set --key-file and --authorized-keys")
+            return
+        self.key = auth.load_key_file(c.key_file)
+        self.authenticator = auth.RoleAuthenticator(self.context, auth.load_authorized(c.authorized_keys))
+        self.authenticator.start()
+        log.info("broker_keys_on", key=self.key.user_id, authorized=len(self.authenticator.authorized))
+
+    def resume(self) -> int:
+        """Re-run every request the journal holds unfinished, in the order they were
+        accepted (once, before the first message is read); how many."""
+        if self.journal is None or self._resumed:
+            return 0
+        self._resumed = True
+        entries = self.journal.unfinished()
+        now = time.monotonic()
+        for e in entries:
+            try:
+                tensors = [p.TensorDesc.from_wire(desc, "tensors") for desc, _ in e.tensors]
+                sends = self.core.on_resume(e.request_id, e.client, e.workflow, e.params, tensors,
+                                            [raw for _, raw in e.tensors], e.progress, now)
+            except Exception:  # a bad entry must not keep every later restart from starting
+                log.exception("resume_failed", request_id=e.request_id)
+                self.journal.ended(e.request_id, "failed")
+                continue
+            self._apply(sends)
+        if entries:
+            log.info("journal_resumed", requests=len(entries), journal=str(self.journal.path))
+        return len(entries)
+
     def serve_forever(self) -> None:
+        self.resume()
         poller = zmq.Poller()
         by_socket = {}
         for name, sock in self.sockets.items():
@@ -116,6 +194,9 @@ class BrokerServer:
                 self.core.meters.loop_lagged(now - next_tick)
                 self._apply(self._guarded(self.core.on_tick, now))
                 next_tick = now + tick_every_s
+                if self.journal is not None and now >= self._prune_at:
+                    self._prune_at = now + min(PRUNE_EVERY_S, self.config.journal_retention_s)
+                    self.journal.prune()
             if self.telemetry is not None:
                 self._publish(now)
 
@@ -127,9 +208,10 @@ class BrokerServer:
         self.core.telemetry_changed = False
         self._published_at = now
         stats = self._guarded(self.core.snapshot, now)
-        if isinstance(stats, p.Stats):
+        frames = self._encoded(stats) if isinstance(stats, p.Stats) else None
+        if frames is not None:
             with contextlib.suppress(zmq.Again):  # no room at a slow subscriber: it gets the next one
-                self.telemetry.send_multipart(p.encode(stats), zmq.NOBLOCK)
+                self.telemetry.send_multipart(frames, zmq.NOBLOCK)
     def _drain(self, name: str, sock: zmq.Socket) -> None:
         handle = self.core.on_frontend if name == FRONTEND else self.core.on_backend
         for _ in range(DRAIN_BATCH):
@@ -139,6 +221,8 @@ class BrokerServer:
                 return
             now = time.monotonic()
             identity = frames[0].bytes
+            if self._is_cut_off(name, identity, now):
+                continue
             if len(frames) < 2 or frames[1].bytes != b"":
                 sends = self.core.on_protocol_error(name, identity, p.ProtocolError(ErrorCode.BAD_FRAMES, "missing empty delimiter frame"))
             else:
@@ -147,8 +231,20 @@ class BrokerServer:
                 except p.ProtocolError as err:
                     sends = self.core.on_protocol_error(name, identity, err)
                 else:
-                    sends = self._guarded(handle, identity, msg, payload, now, reply_to=(name, identity))
+                    user = frames[0].get("User-Id") if self.key is not None else None
+                    if auth.may_send(name, user, msg.COMMAND):
+                        sends = self._guarded(handle, identity, msg, payload, now, reply_to=(name, identity))
+                    else:
+                        sends = self._forbidden(name, identity, user, msg)
             self._apply(sends)
+
+    def _forbidden(self, name: str, identity: bytes, user: str, msg: p.Message) -> list[Send]:
+        """A command its sender's role may not send: refused, counted, and nothing of it acted on."""
+        self.core.counters["commands_refused"] += 1
+        log.warning("command_refused", socket=name, peer=user, command=msg.COMMAND.name, **message_ids(msg))
+        about = getattr(msg, "call_id", "") or getattr(msg, "request_id", None)
+        return [Send(name, identity, p.Error(code=ErrorCode.FORBIDDEN.value, request_id=about or None,
+                                             message=f"{auth.role_of(user)} keys may not send {msg.COMMAND.name}"))]
 
     def _guarded(self, fn, *args, reply_to: tuple[str, bytes] | None = None) -> list[Send]:
         """A handler that raises is logged and answered; the loop never dies of it."""
@@ -161,21 +257,79 @@ class BrokerServer:
                 return []
             return [Send(reply_to[0], reply_to[1], p.Error(code=ErrorCode.INTERNAL.value, message=f"broker error: {exc}"))]
 
-    def _apply(self, sends: list[Send]) -> None:
+    def _apply(self, sends: list[Send | Record]) -> None:
         for send in sends:
-            frames = [send.identity, b"", *p.encode(send.msg, send.payload)]
+            if isinstance(send, Record):  # durable before anything after it leaves
+                self._journal(send)
+                continue
+            if (send.socket, send.identity) in self.cut_off:
+                self.core.counters["sends_dropped"] += 1
+                continue
+            encoded = self._encoded(send.msg, send.payload)
+            if encoded is None:
+                continue
             try:
-                self.sockets[send.socket].send_multipart(frames, copy=False)
+                self.sockets[send.socket].send_multipart([send.identity, b"", *encoded], zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # its queue is full: it stopped reading; a blocking send would stop us
+                self._cut(send, time.monotonic())
             except zmq.ZMQError as exc:  # a vanished peer must not stop the broker
                 log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc),
                             **message_ids(send.msg))
                 if exc.errno == zmq.EHOSTUNREACH:
                     self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, time.monotonic()))
 
+    def _journal(self, record: Record) -> None:
+        """Write one journal record and return once it is committed. JournalError (disk
+        full, file gone) leaves the loop and stops the broker; what it had accepted is in
+        the journal and re-runs at the next start."""
+        if record.status != ACCEPTED:
+            self.journal.ended(record.request_id, record.status)
+            return
+        tensors = [(desc.to_wire(), frame) for desc, frame in record.tensors]
+        entry = Entry(record.request_id, record.client, record.workflow, record.params, tensors, record.progress,
+                      time.time())
+        try:
+            self.journal.accepted(entry)
+        except ValueError:  # still open in the journal but not in the core: a bug, not a reason to stop
+            log.exception("journal_conflict", request_id=record.request_id)
+
+    def _encoded(self, msg: p.Message, payload=()) -> list | None:
+        """A message's frames, or None (logged, counted) if it cannot be encoded: the
+        loop goes on without it."""
+        try:
+            return p.encode(msg, payload)
+        except Exception:
+            self.core.counters["encode_errors"] += 1
+            log.exception("encode_failed", command=msg.COMMAND.name, **message_ids(msg))
+            return None
+
+    def _cut(self, send: Send, now: float) -> None:
+        """A peer whose queue is full is ignored for `cut_off_s`: what we would send it is
+        dropped and what it sends is not read. An actor or agent cut off is lost (its work
+        goes elsewhere); a client's requests run on and end, their answers dropped."""
+        self.cut_off[(send.socket, send.identity)] = now + self.config.cut_off_s
+        self.core.counters["peers_cut_off"] += 1
+        log.warning("peer_cut_off", socket=send.socket, peer=send.identity.hex(), queued=self.config.send_hwm,
+                    cut_off_s=self.config.cut_off_s)
+        if send.socket == BACKEND:
+            self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, now))
+
+    def _is_cut_off(self, socket: str, identity: bytes, now: float) -> bool:
+        until = self.cut_off.get((socket, identity))
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self.cut_off[(socket, identity)]
+        return False
+
     def stop(self) -> None:
         self.stopped.set()
 
     def close(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
         for sock in self.sockets.values():
             sock.close(linger=0)
         self.sockets.clear()
@@ -184,6 +338,9 @@ class BrokerServer:
             self.telemetry = None
         if self._own_context:
             self.context.term()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
 
 def run_broker(config: BrokerConfig) -> None:
@@ -214,7 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     cli = {k: v for k, v in vars(args).items() if k != "config"}
     config = load_config(BrokerConfig, "broker", args.config, cli)  # on/off become booleans there
     configure_logging(config.log_format, config.log_level, process="broker")
-    run_broker(config)
+    try:
+        run_broker(config)
+    except JournalError as exc:  # unreadable or unwritable: never start (or go on) without it
+        log.error("journal_unusable", error=str(exc))
+        raise SystemExit(f"lego broker: {exc}") from None
 
 
 if __name__ == "__main__":

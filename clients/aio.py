@@ -85,8 +85,11 @@ class AsyncJob:
 
 
 class AsyncClient:
-    def __init__(self, address: str | None = None, submit_timeout_s: float = 10.0, admin_timeout_s: float = 10.0):
-        self._core = ClientCore(address)
+    def __init__(self, address: str | None = None, submit_timeout_s: float = 10.0, admin_timeout_s: float = 10.0,
+                 key_file: str | None = None):
+        """`key_file`: this client's key (`lego keys new client NAME`), else $LEGO_KEY_FILE;
+        needed when the cluster's keys are on."""
+        self._core = ClientCore(address, key_file)
         self.address = self._core.address
         self.submit_timeout_s = submit_timeout_s
         self.admin_timeout_s = admin_timeout_s

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 import zmq
 
+from broker import auth
 from broker import protocol as p
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.tensors import ITEMSIZE, check_payload, raw_desc
@@ -33,6 +34,12 @@ _ids = itertools.count()
 
 def resolve_address(address: str | None) -> str:
     return address or os.environ.get("LEGO_BROKER") or DEFAULT_ADDRESS
+
+
+def resolve_key(key_file: str | None) -> auth.KeyFile | None:
+    """The client's key (argument, else $LEGO_KEY_FILE); None: keys off (a loopback cluster)."""
+    path = key_file or os.environ.get("LEGO_KEY_FILE")
+    return auth.load_key_file(path) if path else None
 
 
 class AdminRefused(LegoError):
@@ -124,8 +131,9 @@ def outcome_of(msg: p.Message, payload: list) -> JobResult | Exception | None:
 
 
 class ClientCore:
-    def __init__(self, address: str | None = None):
+    def __init__(self, address: str | None = None, key_file: str | None = None):
         self.address = resolve_address(address)
+        self.key = resolve_key(key_file)  # read here, so that a bad key file fails the constructor
         self.context = zmq.Context()
         self.jobs: dict[str, JobState] = {}
         self.admin_waiters: dict[str, Callable[[Any], None]] = {}  # call_id -> sink
@@ -217,6 +225,8 @@ class ClientCore:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.SNDHWM, 0)  # queue while the broker is unreachable; never block this thread
+        if self.key is not None:
+            self.key.as_client(sock)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

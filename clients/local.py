@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker import rundir
+from broker import auth, rundir
 from broker.catalog import load_catalog
 from broker.costs.profiles import load_profile
 from clients.client import Client
@@ -57,6 +57,9 @@ class LocalClusterSpec:
     scheduler: bool = False
     scheduler_args: list[str] = field(default_factory=list)
     run_dir: str = "run/local"
+    # Keys on: a fresh key for every role in RUN_DIR/keys; every socket speaks CurveZMQ
+    # and checks roles (`key_file(role)` gives a role's key to clients of the cluster).
+    keys: bool = False
     log_format: str = "console"
     log_level: str = "info"
 
@@ -81,6 +84,7 @@ class LocalCluster:
         self.backend = f"tcp://127.0.0.1:{spec.backend_port or free_port()}"
         self.telemetry = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir = Path(spec.run_dir)
+        self.keys: dict[str, Path] = {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.catalog = load_catalog(spec.catalog)
         for name in spec.workflows:
@@ -97,6 +101,17 @@ class LocalCluster:
             log.close()
         rundir.write_private(self.run_dir / "pids" / f"{name}.pid", f"{proc.pid}\n")
         self.processes[name] = proc
+
+    def key_file(self, role: str) -> str | None:
+        """Keys on: the key file of `role` (a client of this cluster passes it as `key_file`)."""
+        return str(self.keys[role]) if self.keys else None
+
+    def _keys_of(self, role: str, *more: str) -> list[str]:
+        """`--key-file ROLE.key` (and `FLAG other.key` pairs in `more`) when keys are on."""
+        if not self.keys:
+            return []
+        pairs = [("--key-file", role), *zip(more[::2], more[1::2], strict=True)]
+        return [arg for flag, name in pairs for arg in (flag, str(self.keys[name]))]
 
     def _device_kind(self) -> str:
         """Emulated actors go on emulated GPUs; real backends on the CPU (GPUs: `lego agent`)."""
@@ -127,6 +142,10 @@ class LocalCluster:
         s = self.spec
         common = ["--log-format", s.log_format, "--log-level", s.log_level]
         catalogs = [arg for path in s.catalog for arg in ("--catalog", str(path))]
+        if s.keys:
+            rundir.run_dir(self.run_dir)
+            self.keys = auth.make_cluster_keys(self.run_dir / "keys")
+        broker_keys = ["--key-file", str(self.keys["broker"]), "--authorized-keys", str(self.keys["authorized"])] if s.keys else []
         self._start("broker", ["broker.server", "--frontend", self.frontend, "--backend", self.backend,
                                "--heartbeat-interval-s", str(s.heartbeat_interval_s),
                                "--heartbeat-misses", str(s.heartbeat_misses), "--affinity", s.affinity, "--cfg-split", s.cfg_split,
@@ -134,12 +153,12 @@ class LocalCluster:
                                "--serving", s.serving, "--drop-late", "on" if s.drop_late else "off",
                                "--drop-hopeless", "on" if s.drop_hopeless else "off",
                                "--batch-by-profile", "on" if s.batch_by_profile else "off",
-                               "--cost-scale", str(s.options.get("time_scale", 1.0)), *catalogs, *common])
+                               "--cost-scale", str(s.options.get("time_scale", 1.0)), *broker_keys, *catalogs, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
-                              "--host", "localhost", *catalogs, *common])
+                              "--host", "localhost", *self._keys_of("agent", "--actor-key-file", "actor"), *catalogs, *common])
         deadline = time.monotonic() + timeout_s
-        with Client(self.frontend, admin_timeout_s=2.0) as client:
+        with Client(self.frontend, admin_timeout_s=2.0, key_file=self.key_file("admin")) as client:
             stats = self._wait(client, deadline, lambda st: st.agents, "the node agent to register")
             devices = {d.device: d.free_bytes for d in stats.agents[0].devices if d.kind == self._device_kind()}
             devices = devices or {"cpu": 1 << 62}
@@ -157,7 +176,7 @@ class LocalCluster:
             self._start("scheduler", ["scheduler.controller", "--broker", self.frontend, "--telemetry", self.telemetry,
                                       "--backend", s.backend,
                                       "--workflows", ",".join(s.workflows), "--max-batch-rows", str(s.max_batch_rows),
-                                      *options, *catalogs, *s.scheduler_args, *common])
+                                      *options, *self._keys_of("scheduler"), *catalogs, *s.scheduler_args, *common])
         return self
 
     def _wait(self, client: Client, deadline: float, ready, what: str):

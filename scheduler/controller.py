@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
+from broker import auth
 from broker import protocol as p
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, load_config, parse_options
@@ -64,6 +65,7 @@ class SchedulerConfig:
     model_max: list[str] = field(default_factory=list)  # MODEL=N: per-model maximum replicas
     headroom_gib: float = 4.0
     change_timeout_s: float = 60.0  # a spawn or drain not settled by then is given up on
+    key_file: str = ""  # keys on: the scheduler's key (role scheduler; env LEGO_KEY_FILE)
     log_format: str = "console"
     log_level: str = "info"
 
@@ -118,7 +120,8 @@ class SchedulerController:
                             per_model_min=per_model_min, per_model_max=per_model_max),
             int(config.headroom_gib * 1024**3), tuple(config.workflows))
         self.options = parse_options(config.actor_options)
-        self.client = client or BrokerLink(config.broker)
+        self.key = auth.load_key_file(config.key_file) if config.key_file else None
+        self.client = client or BrokerLink(config.broker, key=self.key)
         self.memory = ScalingMemory()
         self.changes: list[Change] = []
         self.decisions: collections.deque = collections.deque(maxlen=50)
@@ -209,7 +212,7 @@ class SchedulerController:
         models = served_models(self.catalog, self.settings.workflows)
         log.info("scheduler_started", broker=self.config.broker, telemetry=self.config.telemetry or None,
                  models=models, interval_s=self.config.interval_s)
-        subscriber = TelemetrySubscriber(self.config.telemetry) if self.config.telemetry else None
+        subscriber = TelemetrySubscriber(self.config.telemetry, self.key) if self.config.telemetry else None
         configured = False
         try:
             while not self.stopping.is_set():
@@ -237,10 +240,12 @@ class SchedulerController:
 class TelemetrySubscriber:
     """The broker's published snapshots; keeps only the newest (they supersede each other)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, key: auth.KeyFile | None = None):
         self._zmq = zmq
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.SUB)
+        if key is not None:
+            key.as_client(self.socket)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 16)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
@@ -295,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-min", action="append", metavar="MODEL=N", help="a model's minimum replicas")
     parser.add_argument("--model-max", action="append", metavar="MODEL=N", help="a model's maximum replicas")
     parser.add_argument("--headroom-gib", type=float)
+    parser.add_argument("--key-file", help="keys on: the scheduler's key file (env LEGO_KEY_FILE)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}

@@ -14,6 +14,7 @@ import uuid
 
 import zmq
 
+from broker import auth
 from broker import protocol as p
 
 
@@ -24,11 +25,13 @@ class LinkError(Exception):
 class BrokerLink:
     """Admin calls the scheduler makes (stats, spawn, stop, configure), each answered in turn."""
 
-    def __init__(self, address: str, timeout_s: float = 10.0):
+    def __init__(self, address: str, timeout_s: float = 10.0, key: auth.KeyFile | None = None):
         self.address, self.timeout_s = address, timeout_s
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if key is not None:  # keys on: the scheduler's key (role scheduler)
+            key.as_client(self.socket)
         self.socket.setsockopt(zmq.ROUTING_ID, f"scheduler-{uuid.uuid4().hex[:8]}".encode())
         self.socket.connect(address)
 

@@ -70,6 +70,7 @@ lego_ensure_browser() {
 : "${LEGO_BROKER_ARGS:=}"                           # extra flags, split on whitespace
 : "${LEGO_SCHEDULER_ARGS:=}"
 : "${LEGO_AGENT_ARGS:=}"
+: "${LEGO_KEYS_DIR:=}"                               # keys on: a folder from `lego keys init` (below)
 : "${LEGO_INSTALL:=1}"                              # 0: use LEGO_VENV as it is, never pip install
 : "${LEGO_START_TIMEOUT_S:=60}"                     # start: until the broker answers / agent is welcomed
 : "${LEGO_STOP_TIMEOUT_S:=15}"                      # stop: SIGTERM, then SIGKILL after this
@@ -77,6 +78,20 @@ lego_ensure_browser() {
 : "${LEGO_SSH_OPTS:=-o BatchMode=yes}"              # lego-cluster.sh: split on whitespace
 
 lego_log() { echo "$(basename "$0"): $*" >&2; }
+
+# lego_key_args ROLE...: with LEGO_KEYS_DIR set, the flags that give a process its keys:
+#   broker -> --key-file broker.key --authorized-keys authorized; agent -> --key-file
+#   agent.key --actor-key-file actor.key; any other role -> --key-file ROLE.key.
+# The head needs broker.key, authorized, scheduler.key and admin.key; a GPU node only
+# agent.key and actor.key: copy no more than that to each host.
+lego_key_args() {
+  [ -n "$LEGO_KEYS_DIR" ] || return 0
+  case "$1" in
+    broker) echo --key-file "$LEGO_KEYS_DIR/broker.key" --authorized-keys "$LEGO_KEYS_DIR/authorized" ;;
+    agent) echo --key-file "$LEGO_KEYS_DIR/agent.key" --actor-key-file "$LEGO_KEYS_DIR/actor.key" ;;
+    *) echo --key-file "$LEGO_KEYS_DIR/$1.key" ;;
+  esac
+}
 
 # Whether pid $1 is alive: a zombie (exited, not yet reaped by its parent) is not.
 lego_alive() {

@@ -9,7 +9,9 @@
 #           (default 15); by pidfile, never by name. Removes the pidfiles.
 #   status  which pids are alive, then `lego status` (exit 3 unless both run).
 # Environment (defaults in scripts/common.sh):
-#   LEGO_BIND_HOST      interface the broker binds (127.0.0.1; 0.0.0.0 for other hosts' agents)
+#   LEGO_BIND_HOST      interface the broker binds (127.0.0.1; 0.0.0.0 for other hosts' agents,
+#                       which needs keys: the broker binds loopback only without them)
+#   LEGO_KEYS_DIR       keys on: `lego keys init DIR` (broker.key, authorized, scheduler.key, admin.key)
 #   LEGO_FRONTEND_PORT  clients and the scheduler (5555)
 #   LEGO_BACKEND_PORT   actors and node agents (5556)
 #   LEGO_HEAD_RUN_DIR   pids/ and logs/ ($LEGO_RUN_DIR/head, LEGO_RUN_DIR: $LEGO_ROOT/run)
@@ -31,7 +33,8 @@ frontend="tcp://$(lego_connect_host "$LEGO_BIND_HOST"):$LEGO_FRONTEND_PORT"
 started=()  # by this call: stopped again if the start fails
 
 broker_status() {
-  timeout "${1:-15}" "$LEGO_VENV/bin/python" -m clients.cli status --broker "$frontend"
+  # shellcheck disable=SC2046  # the key flags are words
+  timeout "${1:-15}" "$LEGO_VENV/bin/python" -m clients.cli status --broker "$frontend" $(lego_key_args admin)
 }
 
 abort_start() {
@@ -72,15 +75,18 @@ start() {
   if pid=$(lego_pid "$dir/pids/broker.pid" broker.server); then
     lego_log "broker already running (pid $pid)"
   else
-    lego_spawn "$dir" broker broker.server --frontend "$frontend_bind" --backend "$backend_bind" "${broker_args[@]}"
+    # shellcheck disable=SC2046
+    lego_spawn "$dir" broker broker.server --frontend "$frontend_bind" --backend "$backend_bind" \
+      $(lego_key_args broker) "${broker_args[@]}"
     started+=(broker:broker.server)
   fi
   wait_for_status '^settings:' broker:broker.server
   if pid=$(lego_pid "$dir/pids/scheduler.pid" scheduler.controller); then
     lego_log "scheduler already running (pid $pid)"
   else
+    # shellcheck disable=SC2046
     lego_spawn "$dir" scheduler scheduler.controller --broker "$frontend" --workflows "$LEGO_WORKFLOWS" \
-      "${scheduler_args[@]}"
+      $(lego_key_args scheduler) "${scheduler_args[@]}"
     started+=(scheduler:scheduler.controller)
   fi
   wait_for_status '^scheduler plan:' broker:broker.server scheduler:scheduler.controller

@@ -22,6 +22,7 @@
 #   LEGO_DATA_HOST      the address this node's actors serve tensors on; other nodes fetch
 #                       from it (read by the agent itself; default: the local end of
 #                       the route to LEGO_HEAD, or 127.0.0.1 when LEGO_HEAD is loopback)
+#   LEGO_KEYS_DIR       keys on: a folder holding agent.key and actor.key (from `lego keys init`)
 #   LEGO_AGENT_ARGS     extra `lego agent` flags, e.g. "--catalog models/catalog.toml"
 #   LEGO_VENV           the virtualenv ($LEGO_ROOT/.venv)
 #   LEGO_INSTALL        1: create or update it first, as scripts/test.sh does; 0: use it as it is
@@ -52,8 +53,10 @@ start() {
   trap 'exit 143' TERM
   lego_private_dirs "$dir"
   offset=$(stat -c %s "$log" 2>/dev/null || echo 0)  # only this run's lines count
+  # shellcheck disable=SC2046  # the key flags are words
   lego_spawn "$dir" agent actors.agent --broker "tcp://$LEGO_HEAD:$LEGO_BACKEND_PORT" --host "$LEGO_NODE_HOST" \
-    --run-dir "$dir" --emulate-gpus "$LEGO_EMULATE_GPUS" --gpu-memory-gib "$LEGO_GPU_MEMORY_GIB" "${agent_args[@]}"
+    --run-dir "$dir" --emulate-gpus "$LEGO_EMULATE_GPUS" --gpu-memory-gib "$LEGO_GPU_MEMORY_GIB" \
+    $(lego_key_args agent) "${agent_args[@]}"
   started=1
   deadline=$((SECONDS + LEGO_START_TIMEOUT_S))
   until tail -c +"$((offset + 1))" "$log" | grep -q agent_welcomed; do

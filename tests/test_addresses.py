@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.addresses import advertised, data_host, endpoint_host
+from actors.addresses import advertised, data_host
+from broker.endpoints import endpoint_host, is_loopback_endpoint
 
 
 def _route(host: str) -> str:
@@ -39,3 +40,10 @@ def test_the_real_route_to_a_non_loopback_broker_is_not_loopback():
 def test_an_endpoint_that_is_not_tcp_host_port_is_refused(bad):
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
         endpoint_host(bad)
+
+
+def test_only_loopback_ipc_and_inproc_endpoints_count_as_this_host_only():
+    assert is_loopback_endpoint("tcp://127.0.0.1:5555") and is_loopback_endpoint("tcp://[::1]:5555")
+    assert is_loopback_endpoint("tcp://localhost:5555") and is_loopback_endpoint("ipc:///tmp/lego")
+    for open_to_others in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.0.2.2:5555", "tcp://head:5555"):
+        assert not is_loopback_endpoint(open_to_others), open_to_others

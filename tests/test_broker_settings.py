@@ -19,7 +19,11 @@ OFF_CLI = {"max_request_restarts", "max_requests_in_flight", "latency_window", "
 LIVE_KEYS = {"admission", "admission_bound", "slo_multiple", "cfg_split", "serving", "drop_late", "drop_hopeless",
              "adapter_affinity", "adapter_bypass_s", "admission_overhead_s"}
 # `lego broker`'s flags before settings were declared once: none may change or vanish.
-FLAGS = ["--frontend", "--backend", "--catalog", "--telemetry", "--telemetry-interval-s", "--heartbeat-interval-s",
+FLAGS = ["--frontend", "--backend", "--catalog", "--telemetry",
+         "--key-file", "--authorized-keys",  # added with keys (issue 13)
+         "--telemetry-interval-s",
+         "--journal", "--journal-retention-s",  # added with the request journal (issue 13)
+         "--heartbeat-interval-s",
          "--heartbeat-misses", "--max-task-attempts", "--affinity", "--cfg-split", "--admission", "--admission-bound",
          "--admission-overhead-s", "--slo-multiple", "--cost-scale", "--serving", "--drop-late", "--drop-hopeless",
          "--batch-by-profile", "--adapter-affinity", "--adapter-bypass-s", "--config", "--log-format", "--log-level"]

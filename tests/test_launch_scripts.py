@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import auth
 from broker.catalog import load_catalog
 from clients import Client
 from clients.errors import Timeout
@@ -74,9 +75,9 @@ def _environ(pid: int) -> str:
         return ""
 
 
-def _wait_for_actors(frontend: str, models: set[str], timeout_s: float):
+def _wait_for_actors(frontend: str, models: set[str], timeout_s: float, key_file: str | None = None):
     deadline = time.monotonic() + timeout_s
-    with Client(frontend, admin_timeout_s=2.0) as client:
+    with Client(frontend, admin_timeout_s=2.0, key_file=key_file) as client:
         while True:
             try:
                 stats = client.stats()
@@ -104,10 +105,16 @@ def _assert_private(root: Path) -> None:
     assert not loose, loose
 
 
-def test_cluster_script_starts_serves_and_stops_everything(tmp_path):
+@pytest.mark.parametrize("keys", [False, True], ids=["loopback", "keys-on-all-interfaces"])
+def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
     frontend_port, backend_port = free_port(), free_port()
     frontend = f"tcp://127.0.0.1:{frontend_port}"
     env = _env(frontend_port, backend_port)
+    key_file = {}
+    if keys:  # keys on: the broker may bind every interface; each process gets its key from LEGO_KEYS_DIR
+        paths = auth.make_cluster_keys(tmp_path / "keys")
+        key_file = {"admin": str(paths["admin"]), "client": str(paths["client"])}
+        env.update(LEGO_KEYS_DIR=str(tmp_path / "keys"), LEGO_BIND_HOST="0.0.0.0")
     hosts = tmp_path / "hosts"
     hosts.write_text(
         "# head: broker + scheduler\n"
@@ -123,11 +130,11 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path):
         started = _cluster(hosts, "start", env)
         assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
         seen.update(_pids(tmp_path))
-        stats = _wait_for_actors(frontend, models, timeout_s=60)
+        stats = _wait_for_actors(frontend, models, timeout_s=60, key_file=key_file.get("admin"))
         assert sorted(a.host for a in stats.agents) == ["node-a", "node-b"]
         seen.update(_pids(tmp_path))  # the actors' pidfiles, written by the agents
 
-        with Client(frontend) as client:
+        with Client(frontend, key_file=key_file.get("client")) as client:
             for seed in range(3):
                 result = client.generate(WORKFLOW, prompt=f"a lighthouse {seed}", seed=seed, steps=2,
                                          width=256, height=256, timeout=30)

@@ -459,6 +459,34 @@ def test_decode_rejects_bool_for_float_field():
     assert err.field == "sent_at"
 
 
+@pytest.mark.parametrize(("command", "header", "field"), [
+    # Once accepted, these made the broker's next stats reply or telemetry publish raise
+    # OverflowError in msgpack and the broker exit (issue 13).
+    (Command.HEARTBEAT, {"telemetry": {"batches": 2**64 - 1}}, "telemetry.batches"),
+    (Command.HEARTBEAT, {"telemetry": {"fetched_bytes": 2**63}}, "telemetry.fetched_bytes"),
+    (Command.CREDIT, {"credits": 2**63 - 1}, "credits"),
+    (Command.CREDIT, {"credits": -1}, "credits"),
+    (Command.HEARTBEAT, {"sent_at": float("nan")}, "sent_at"),
+    (Command.HEARTBEAT, {"telemetry": {"busy_s": float("inf")}}, "telemetry.busy_s"),
+    (Command.AGENT_EVENT, {"spawn_id": "s", "event": "exited", "returncode": -(2**60)}, "returncode"),
+])
+def test_every_number_a_peer_sends_is_bounded_at_decode(command, header, field):
+    err = decode_error(frames_of(command, header))
+    assert err.code is ErrorCode.BAD_HEADER and err.field == field
+    assert "must be" in err.message
+
+
+def test_a_seed_may_use_its_whole_range_and_no_more():
+    spec = SAMPLES[p.Tasks][0].to_wire()["tasks"][0]
+    for seed, ok in ((2**63 - 1, True), (2**63, False), (-1, False)):
+        task = {**spec, "kind": "encode_image", "params": {"seed": seed}}
+        header = {"batch_id": 1, "tasks": [task]}
+        if ok:
+            assert decode(frames_of(Command.TASKS, header))[0].tasks[0].params.seed == seed
+        else:
+            assert decode_error(frames_of(Command.TASKS, header)).field == "tasks[0].params.seed"
+
+
 def test_decode_accepts_int_for_float_field():
     msg, _ = decode(frames_of(Command.WELCOME, {"broker_id": "b", "heartbeat_interval_s": 2, "heartbeat_misses": 3}))
     assert msg.heartbeat_interval_s == 2

@@ -305,11 +305,34 @@ def test_admin_spawn_refuses_options_that_are_not_strings_or_numbers(options, ke
 def test_admin_spawn_accepts_string_and_number_options_and_echoes_the_call_id():
     core = make_core()
     hello_agent(core)
-    reply, spawns = _spawn(core, call_id="c-ok", options={"profile": "Flux1VAE", "time_scale": 0.5, "n": 2}, count=2)
+    options = {"profile": "Flux1VAE", "time_scale": 0.5, "lora_resident": 2}
+    reply, spawns = _spawn(core, call_id="c-ok", options=options, count=2)
     assert reply.ok is True
     assert reply.call_id == "c-ok"
-    assert [s.options for s in spawns] == [{"profile": "Flux1VAE", "time_scale": 0.5, "n": 2}] * 2
+    assert [s.options for s in spawns] == [options] * 2
     assert reply.spawn_ids == [s.spawn_id for s in spawns]
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    # Each reached the actor unchecked before (issue 13): a directory made anywhere, any
+    # JSON file read, an option no backend knows, 1,024 actors per call.
+    ({"options": {"device_lock": "/etc/lego/x.lock"}}, "options.device_lock"),
+    ({"options": {"profile": "../../etc/passwd"}}, "options.profile"),
+    ({"options": {"profile": "/tmp/profile"}}, "options.profile"),
+    ({"options": {"n": 2}}, "options.n"),
+    ({"options": {"time_scale": -1}}, "options.time_scale"),
+    ({"options": {"time_scale": "nan"}}, "options.time_scale"),
+    ({"options": {"batching": "fused"}}, "options.batching"),  # a diffusers option, not an emulated one
+    ({"backend": "diffusers", "options": {"time_scale": 0.5}}, "options.time_scale"),
+    ({"backend": "python-eval"}, "backend"),
+    ({"count": 1024}, "count"),
+])
+def test_admin_spawn_takes_only_the_options_its_backend_declares(fields, field):
+    core = make_core()
+    hello_agent(core)
+    reply, spawns = _spawn(core, call_id="c-bad", **fields)
+    assert reply.ok is False and reply.field == field, reply
+    assert spawns == []
 
 
 def test_list_workflows_and_stats_echo_the_call_id():
@@ -408,6 +431,27 @@ def test_agent_refuses_a_non_string_profile_option(agent):
     assert event.message.startswith("options")
     assert agent.children == {}
     assert agent.devices["emu:0"].free_bytes == agent.devices["emu:0"].memory_bytes
+
+
+@pytest.mark.parametrize("options", [{"device_lock": "/tmp/elsewhere/x.lock"}, {"profile": "/etc/passwd"}, {"x": 1}])
+def test_agent_checks_the_options_again_whatever_the_broker_let_through(agent, options, tmp_path):
+    agent.spawn(p.SpawnActor("s-opt", "Flux1VAE", "emu:0", "emulated", 8, options))
+    (event,) = _events(agent)
+    assert event.event == "refused" and event.message.startswith("options.")
+    assert agent.children == {} and not (tmp_path / "elsewhere").exists()
+
+
+def test_agent_refuses_more_actors_on_a_device_than_max_actors_per_device(tmp_path):
+    config = AgentConfig(emulate_gpus=1, run_dir=str(tmp_path), broker_backend=f"tcp://127.0.0.1:{free_port()}",
+                         max_actors_per_device=0)
+    node = NodeAgent(config)
+    try:
+        node.spawn(p.SpawnActor("s-many", "Flux1VAE", "cpu", "noop", 4))
+        (event,) = _events(node)
+        assert event.event == "refused" and "max_actors_per_device" in event.message
+    finally:
+        node.stop_all()
+        node.context.term()
 
 
 def test_agent_refuses_an_unknown_device(agent):

@@ -20,7 +20,6 @@ from broker.catalog.specs import (
     CONTROL_PREPROCESSORS,
     INPUT_TYPES,
     MAX_ADAPTERS,
-    MAX_SEED,
     MODEL_KINDS,
     OUTPUTS,
     PIPELINE_PREFIX,
@@ -38,6 +37,7 @@ from broker.catalog.specs import (
     pipeline_name,
 )
 from broker.catalog.unroll import LATENT_CONTROL_FAMILIES, unroll, unroll_monolith
+from broker.protocol.constants import MAX_SEED
 
 __all__ = [
     "check_value",

@@ -18,7 +18,6 @@ from broker.catalog.specs import (
     ADAPTER_WEIGHT,
     CONTROL_PREPROCESSORS,
     MAX_ADAPTERS,
-    MAX_SEED,
     MODEL_KINDS,
     OUTPUTS,
     SAMPLERS,
@@ -31,6 +30,7 @@ from broker.catalog.specs import (
     WorkflowSpec,
     control_suffixes,
 )
+from broker.protocol.constants import MAX_SEED
 
 
 def _control_inputs(controlnets: tuple[str, ...]) -> list[InputSpec]:

@@ -22,7 +22,6 @@ INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SAMPLERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m")
 OUTPUTS = ("image", "latents")
 CONTROL_PREPROCESSORS = ("none", "canny")
-MAX_SEED = 2**63 - 1
 MAX_ADAPTERS = 8  # LoRA adapters in one request
 ADAPTER_WEIGHT = (-2.0, 2.0)  # the range a request's adapter weight must lie in
 # Task kinds whose model call applies the request's LoRA adapters (text encoders and the

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker import protocol as p
+from broker.actor_options import MAX_SPAWN_COUNT, check_options
 from broker.catalog import Catalog
 from broker.core.actors import ActorTable
 from broker.core.dispatch import Dispatcher
@@ -62,13 +63,17 @@ class Admin:
         agents = [a for a in self.actors.agents.values() if not msg.host or a.host == msg.host]
         if not agents:
             return refuse(f"host: no node agent on {msg.host or 'any host'}")
-        if not 1 <= msg.count <= 1024:
-            return refuse("count: must be 1..1024")
+        if not 1 <= msg.count <= MAX_SPAWN_COUNT:
+            return refuse(f"count: must be 1..{MAX_SPAWN_COUNT}")
         if not 1 <= msg.max_batch_rows <= 4096:
             return refuse("max_batch_rows: must be 1..4096")
         for key, value in (msg.options or {}).items():
             if not isinstance(value, (str, int, float)) or isinstance(value, bool) or "=" in str(key):
                 return refuse(f"options.{key}: must be a string or a number")
+        try:  # only the options the backend declares, each in range: no paths, no unknown keys
+            check_options(msg.backend, msg.options)
+        except ValueError as exc:
+            return refuse(str(exc))
         agent = agents[0]
         spawn_ids = []
         for _ in range(msg.count):

@@ -21,7 +21,7 @@ from broker.catalog import Catalog, NodePlan, WorkflowSpec
 from broker.core.actors import ActorTable
 from broker.core.load import LoadTracker
 from broker.core.metering import Meters
-from broker.core.outbox import Outbox
+from broker.core.outbox import CANCELLED, FAILED, FINISHED, Outbox
 from broker.core.state import DONE, FRONTEND, READY, WAITING, ActorState, Node, ReadyQueue, Request
 from broker.protocol.errors import ErrorCode
 from broker.protocol.tensors import check_payload
@@ -147,6 +147,7 @@ class RequestDirectory:
         self.meters.failed(now, request.request_id, request.workflow, code.value, message)
         log.warning("request_failed", request_id=request.request_id, code=code.value, reason=message)
         self.out.send(FRONTEND, request.client, p.Failed(request.request_id, code.value, message))
+        self.out.ended(request.request_id, CANCELLED if code is ErrorCode.CANCELLED else FAILED)
         self.finish(request)
 
     def cancel(self, identity: bytes, msg: p.Cancel, payload, now: float) -> None:
@@ -223,4 +224,5 @@ class RequestDirectory:
         log.info("request_completed", request_id=request.request_id, latency_s=round(latency, 4))
         self.out.send(FRONTEND, request.client, p.Result(request.request_id, tensors, latency, request.restarts + 1),
                       frames)
+        self.out.ended(request.request_id, FINISHED)
         self.finish(request)

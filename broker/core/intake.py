@@ -7,6 +7,8 @@ and its own solo latency; in monolith serving the request becomes one task for t
 least loaded `pipeline/...` model hosting its workflow, otherwise a DAG whose CFG
 branches may form a parallel group (`broker.core.rules.parallel_mode`). `Intake` owns
 the parameter generator (seeds); the request enters the directory it is given.
+A client's SUBMIT that repeats one of its requests in flight is that request again
+(ACCEPTED once more), and `resume` re-admits a request a previous broker journaled.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from broker.core.directory import RequestDirectory
 from broker.core.dispatch import Dispatcher
 from broker.core.load import LoadTracker
 from broker.core.metering import Meters
-from broker.core.outbox import Outbox
+from broker.core.outbox import FAILED, Outbox
 from broker.core.settings import BrokerSettings
 from broker.core.state import FRONTEND, Request
 from broker.protocol.errors import ErrorCode
@@ -61,7 +63,15 @@ class Intake:
 
         if not msg.request_id or len(msg.request_id) > 128 or "/" in msg.request_id:
             return reject(ErrorCode.INVALID_PARAM, "request_id must be 1-128 characters without '/'", "request_id")
-        if msg.request_id in self.directory.requests:
+        existing = self.directory.requests.get(msg.request_id)
+        if existing is not None:
+            if self._same_submission(existing, identity, msg):
+                # The same client sending the same request again (a retry after a lost
+                # answer or a broker restart): the job it has, not a second one.
+                self.meters.counters["submits_repeated"] += 1
+                self.out.send(FRONTEND, identity, p.Accepted(existing.request_id, len(existing.nodes),
+                                                             existing.total_steps, existing.params))
+                return None
             return reject(ErrorCode.DUPLICATE_REQUEST, "a request with this id is in flight", "request_id")
         workflow = self.catalog.workflows.get(msg.workflow)
         if workflow is None:
@@ -94,24 +104,85 @@ class Intake:
             pipeline = self._pipeline_for(workflow.name)
             if pipeline is None:
                 return reject(ErrorCode.NO_CAPACITY, f"no monolith (pipeline/...) actor hosts {workflow.name!r}", "workflow")
+        else:
+            pipeline = None
         request = Request(msg.request_id, identity, workflow.name, params, self.directory.next_seq(), now, msg.progress)
         request.tensors, request.frames = list(msg.tensors), list(payload)
-        request.deadline = None if slo is None else now + slo
+        self._admit(request, workflow, slo, pipeline, now)
+        self.out.accepted(request)  # durable before the client hears ACCEPTED
+        self.out.send(FRONTEND, identity, p.Accepted(request.request_id, len(request.nodes), request.total_steps, params))
+        log.info("request_accepted", request_id=request.request_id, workflow=workflow.name, nodes=len(request.nodes))
+        self.dispatcher.dispatch_all(self.directory.start(request, now), now)
+
+    def resume(self, request_id: str, client: bytes, workflow_name: str, params: dict, tensors: list, frames: list,
+               progress: bool, now: float) -> None:
+        """Run again, from its start, a request a previous broker accepted and never ended
+        (read back from its journal): same id, same client, the params it validated (its
+        seed), so the answer is the one the first run would have given. No admission (it
+        was admitted once) and no ACCEPTED (the client had it; a retried SUBMIT gets it
+        again); a request this broker can no longer run fails typed."""
+        def fail(code: ErrorCode, message: str):
+            self.meters.counters["requests_failed"] += 1
+            self.meters.failed(now, request_id, workflow_name, code.value, message)
+            log.warning("request_failed", request_id=request_id, code=code.value, reason=message)
+            self.out.send(FRONTEND, client, p.Failed(request_id, code.value, message))
+            self.out.ended(request_id, FAILED)
+
+        workflow = self.catalog.workflows.get(workflow_name)
+        if workflow is None:
+            return fail(ErrorCode.UNKNOWN_WORKFLOW, f"workflow {workflow_name!r} is gone from the catalog after a broker restart")
+        if request_id in self.directory.requests:
+            return None  # journaled twice: the first one runs
+        try:  # the seed is in `params`: validating again draws nothing, and checks them against today's catalog
+            params = validate_params(workflow, params, self.rng, self.catalog.adapters)
+            check_image(workflow, params, tensors)
+            check_payload(tensors, frames)
+        except (ParamError, p.ProtocolError) as exc:
+            return fail(ErrorCode.INVALID_PARAM, f"journaled request no longer valid after a broker restart: {exc}")
+        pipeline = None
         if self.settings.serving == "monolith":
-            plans = unroll_monolith(workflow, params, pipeline)
+            pipeline = self._pipeline_for(workflow.name)
+            if pipeline is None:  # at a restart, before any actor is back
+                return fail(ErrorCode.NO_CAPACITY, f"no monolith (pipeline/...) actor hosts {workflow.name!r}")
+        solo = self.load.solo_s(workflow, params)
+        request = Request(request_id, client, workflow.name, params, self.directory.next_seq(), now, progress)
+        request.tensors, request.frames = list(tensors), list(frames)
+        self._admit(request, workflow, self.load.slo_s(workflow, solo, self.settings.slo_multiple), pipeline, now)
+        self.meters.counters["requests_resumed"] += 1
+        log.info("request_resumed", request_id=request_id, workflow=workflow.name, nodes=len(request.nodes))
+        self.dispatcher.dispatch_all(self.directory.start(request, now), now)
+
+    def _admit(self, request: Request, workflow: WorkflowSpec, slo: float | None, pipeline: str | None,
+               now: float) -> None:
+        """Unroll the request into its DAG (once), price it (once), enter it in the directory."""
+        request.deadline = None if slo is None else now + slo
+        if pipeline is not None:
+            plans = unroll_monolith(workflow, request.params, pipeline)
         else:
             request.latency_mode = self._split_cfg(workflow)
-            plans = unroll(workflow, params, cfg_split=request.latency_mode, tensors={t.name for t in msg.tensors})
-        node_costs, cost = self.load.price(plans, workflow)  # unrolled once, priced once
+            plans = unroll(workflow, request.params, cfg_split=request.latency_mode,
+                           tensors={t.name for t in request.tensors})
+        node_costs, cost = self.load.price(plans, workflow)
         self.directory.add(request, workflow, plans, node_costs)
         self.load.accepted(workflow, cost, now)
         stats = self.load.stats(workflow.name)
         stats.submitted += 1
         stats.latency_mode += request.latency_mode
-        steps = sum(1 for n in plans if n.kind == "denoise")
-        self.out.send(FRONTEND, identity, p.Accepted(request.request_id, len(plans), steps, params))
-        log.info("request_accepted", request_id=request.request_id, workflow=workflow.name, nodes=len(plans))
-        self.dispatcher.dispatch_all(self.directory.start(request, now), now)
+
+    def _same_submission(self, request: Request, identity: bytes, msg: p.Submit) -> bool:
+        """A SUBMIT that repeats `request`: same client, workflow, tensors, and params that
+        validate (with the seed it drew, unless the retry names one) to the ones it runs with."""
+        if identity != request.client or msg.workflow != request.workflow:
+            return False
+        if [(t.name, t.dtype, list(t.shape)) for t in msg.tensors] != [(t.name, t.dtype, list(t.shape)) for t in request.tensors]:
+            return False
+        params = dict(msg.params) if isinstance(msg.params, dict) else {}
+        if params.get("seed") is None:
+            params["seed"] = request.params.get("seed")
+        try:
+            return validate_params(self.catalog.workflows[request.workflow], params, None, self.catalog.adapters) == request.params
+        except (ParamError, KeyError):
+            return False
 
     def _admission(self, workflow: WorkflowSpec, solo: float | None, slo: float) -> rules.Admission:
         if self.settings.admission_bound == "sum":

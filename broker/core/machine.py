@@ -13,6 +13,9 @@ parts and the two handler tables that route each message to one of them:
 - `telemetry`: the Stats snapshot, a pure function of the tables.
 
 An event's sends leave together when its handler returns, and not at all if it raises.
+A broker with a request journal turns on `out.journaling`: the sends then carry the
+journal's `Record`s in order, and the shell writes them (the core opens no file);
+`on_resume` re-runs what a journal read at start holds unfinished.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from broker.core.dispatch import Dispatcher
 from broker.core.intake import Intake
 from broker.core.load import LoadTracker
 from broker.core.metering import Meters
-from broker.core.outbox import Outbox, Send
+from broker.core.outbox import Outbox, Record, Send
 from broker.core.peers import Peers
 from broker.core.recovery import Recovery
 from broker.core.results import Results
@@ -41,7 +44,7 @@ from broker.protocol.errors import ErrorCode
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["BACKEND", "FRONTEND", "BrokerCore", "BrokerSettings", "Send"]
+__all__ = ["BACKEND", "FRONTEND", "BrokerCore", "BrokerSettings", "Record", "Send"]
 
 DEFAULT_SETTINGS = BrokerSettings()
 
@@ -119,6 +122,12 @@ class BrokerCore:
         if actor is None:
             return self.out.flush()
         return self._run(self.recovery.lose_actor, actor, "unreachable: its connection is gone", now)
+
+    def on_resume(self, request_id: str, client: bytes, workflow: str, params: dict, tensors: list, frames: list,
+                  progress: bool, now: float) -> list[Send | Record]:
+        """A request a previous broker accepted and never ended (from the journal, which
+        the IO shell reads at start): run it again from its start for the same client."""
+        return self._run(self.intake.resume, request_id, client, workflow, params, tensors, frames, progress, now)
 
     def on_tick(self, now: float) -> list[Send]:
         """Heartbeats out, silent peers declared dead. Call about 4x per interval."""

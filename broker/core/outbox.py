@@ -5,15 +5,40 @@ IO shell sends what `flush` returns). Every part of the core queues its messages
 and its FREEs (one message per holder, however many outputs it drops). Nothing leaves
 before the event's handler returns: a handler that raises halfway has its half-built
 sends and frees dropped with `discard`, so they never leave with the next event.
+
+With `journaling` on (a broker with a request journal), the sends are interleaved with
+`Record`s, in the order they must happen: a request's accepted record before its
+ACCEPTED, its ended record after its RESULT or FAILED. The shell makes each record
+durable before it sends what follows it; the core itself never touches a file. Off (the
+default: tests, the simulator), no record is made and the sends are the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from broker import protocol as p
 from broker.core.state import BACKEND
 from broker.protocol.errors import ErrorCode
+
+# A journaled request's states, as the journal spells them (broker.journal.ENDED).
+ACCEPTED, FINISHED, FAILED, CANCELLED = "accepted", "finished", "failed", "cancelled"
+
+
+@dataclass(frozen=True)
+class Record:
+    """An instruction for the IO shell: make this durable before sending what follows.
+    `status` ACCEPTED carries what a re-run needs (the validated params, the client's
+    identity, the tensor inputs as (desc, frame) in frame order); an ended one only its id."""
+
+    request_id: str
+    status: str
+    client: bytes = b""
+    workflow: str = ""
+    params: dict | None = None
+    tensors: tuple = ()
+    progress: bool = False
 
 
 @dataclass
@@ -28,7 +53,8 @@ class Send:
 
 class Outbox:
     def __init__(self) -> None:
-        self._sends: list[Send] = []
+        self.journaling = False  # set by the IO shell that owns a journal
+        self._sends: list[Send | Record] = []
         self._frees: dict[bytes, list[str]] = {}  # holder identity -> output ids, one FREE each flush
 
     def send(self, socket: str, identity: bytes, msg: p.Message, payload: list | None = None) -> None:
@@ -38,11 +64,26 @@ class Outbox:
               request_id: str | None = None) -> None:
         self.send(socket, identity, p.Error(code=code.value, message=message, field=field, request_id=request_id))
 
+    def accepted(self, request) -> None:
+        """Journal `request` (a `state.Request` just admitted): before its ACCEPTED is queued."""
+        if self.journaling:
+            tensors = tuple((dataclasses.replace(desc, frame=i), request.frames[desc.frame])
+                            for i, desc in enumerate(request.tensors))
+            self._sends.append(Record(request.request_id, ACCEPTED, request.client, request.workflow,
+                                      request.params, tensors, request.progress))
+
+    def ended(self, request_id: str, status: str) -> None:
+        """Journal the request's end: after its final answer is queued, so a broker killed
+        in between runs it again (the client ignores a second answer) rather than never
+        answering."""
+        if self.journaling:
+            self._sends.append(Record(request_id, status))
+
     def free(self, identity: bytes, output_id: str) -> None:
         """The holder behind `identity` may drop `output_id` (sent once per event and holder)."""
         self._frees.setdefault(identity, []).append(output_id)
 
-    def flush(self) -> list[Send]:
+    def flush(self) -> list[Send | Record]:
         """The event's sends, its FREEs last; the box is empty again."""
         for identity, tensor_ids in self._frees.items():
             self._sends.append(Send(BACKEND, identity, p.Free(tensor_ids)))

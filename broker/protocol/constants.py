@@ -53,6 +53,8 @@ class Command(bytes, enum.Enum):
 
 
 COMMANDS_BY_VALUE = {c.value: c for c in Command}
+MAX_SEED = 2**63 - 1  # a request's seed: what torch.Generator.manual_seed takes
+MAX_CREDITS = 1024  # batches one actor may ask the broker to queue for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,11 @@ class Limits:
 
     max_frames: int = 4096
     max_header_bytes: int = 4 * 1024 * 1024
-    max_payload_bytes: int = 8 * 1024**3
+    # The largest tensor a peer sends whole: a 4096x4096 RGB image is 48 MiB, a latent
+    # or conditioning bundle a few MiB. Sockets that receive payloads set ZeroMQ's
+    # MAXMSGSIZE to this, so a larger frame is refused before it is buffered.
+    max_frame_bytes: int = 256 * 1024**2
+    max_payload_bytes: int = 1024**3
     # msgpack nesting/containers in a header: beyond these a peer is misbehaving.
     max_container_len: int = 100_000
     max_str_len: int = 1024 * 1024

@@ -29,6 +29,7 @@ class ErrorCode(str, enum.Enum):
     NOT_FOUND = "not_found"
     NO_CAPACITY = "no_capacity"
     INTERNAL = "internal"
+    FORBIDDEN = "forbidden"  # keys on: the sender's role may not send that command
 
 
 class ProtocolError(Exception):

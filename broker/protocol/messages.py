@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any, ClassVar
 
-from broker.protocol.constants import Command
-from broker.protocol.structs import Struct, by_kind, struct
+from broker.protocol.constants import MAX_CREDITS, Command
+from broker.protocol.structs import Struct, bounded, by_kind, struct
 from broker.protocol.tasks import TASK_PARAMS, TaskParams
 
 __all__ = [
@@ -374,7 +374,7 @@ class Credit(Message):
     """The actor can take `credits` more batches."""
 
     COMMAND: ClassVar[Command] = Command.CREDIT
-    credits: int
+    credits: int = bounded(0, MAX_CREDITS)
 
 
 @struct

@@ -20,6 +20,7 @@ runs after decoding for what an annotation cannot say (list entries, related fie
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -37,6 +38,19 @@ _ACCEPTED: dict[Any, tuple[type, ...]] = {
 }
 
 
+# Every number a peer sends is bounded at decode: an int field lies in [-2^53, 2^53]
+# unless it declares its own range (`bounded`), a float is finite. Sums and products of
+# such numbers (a cluster's counters, a backlog in seconds) stay far inside msgpack's
+# 64-bit range, so nothing a peer says can make an encode raise later.
+INT_BOUND = 2**53
+
+
+def bounded(low: int, high: int, **field_kwargs) -> Any:
+    """An int field whose values must lie in [low, high] (its default and factory as
+    `dataclasses.field` takes them)."""
+    return dataclasses.field(metadata={"bounds": (low, high)}, **field_kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Field:
     name: str
@@ -48,6 +62,7 @@ class _Field:
     default: Any
     factory: bool  # `default` is a default_factory to call
     union_by: str | None = None  # a by_kind field: the name of the field whose value picks its struct
+    bounds: tuple | None = None  # an int field's [low, high]; a float field: (None, None), finite
 
 
 def by_kind(discriminator: str, types: dict[Any, type]) -> Any:
@@ -82,11 +97,17 @@ def _describe(f: dataclasses.Field, hint: Any) -> _Field:
     else:
         accepted = _ACCEPTED.get(hint)
     factory = f.default_factory is not dataclasses.MISSING
-    return _Field(f.name, accepted, nested, is_list, optional, required, default, factory)
+    bounds = f.metadata.get("bounds", (-INT_BOUND, INT_BOUND)) if hint is int else (None, None) if hint is float else None
+    return _Field(f.name, accepted, nested, is_list, optional, required, default, factory, None, bounds)
 
 
 def _bad(cls_name: str, field: str, value: Any, where: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name}.{field} has type {type(value).__name__}", where + field)
+
+
+def _out_of_range(cls_name: str, field: str, value: Any, bounds: tuple, where: str) -> ProtocolError:
+    allowed = "a finite number" if bounds[0] is None else f"within [{bounds[0]}, {bounds[1]}]"
+    return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name}.{field} must be {allowed}", where + field)
 
 
 def _missing(cls_name: str, field: str, where: str) -> ProtocolError:
@@ -102,7 +123,7 @@ def _unknown(cls_name: str, field: str, value: Any, where: str) -> ProtocolError
 
 
 def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
-    ns: dict[str, Any] = {"_bad": _bad, "_missing": _missing, "_not_a_map": _not_a_map, "_unknown": _unknown,
+    ns: dict[str, Any] = {"_bad": _bad, "_missing": _missing, "_range": _out_of_range, "_finite": math.isfinite, "_not_a_map": _not_a_map, "_unknown": _unknown,
                           "_M": object(), "_name": cls.__name__, "_cls": cls}
     to_items, to_lines, from_lines = [], [], []
     index = {f.name: i for i, f in enumerate(fields)}
@@ -133,6 +154,10 @@ def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
         check = []
         if f.accepted is not None:
             check.append(f"if v.__class__ not in _t{i}: raise _bad(_name, {f.name!r}, v, where)")
+        if f.bounds is not None:
+            ns[f"_b{i}"] = f.bounds
+            test = "not _finite(v)" if f.bounds[0] is None else f"not {f.bounds[0]} <= v <= {f.bounds[1]}"
+            check.append(f"if {test}: raise _range(_name, {f.name!r}, v, _b{i}, where)")
         if f.union_by is not None:
             by = index[f.union_by]  # decoded before this field: the dataclass order puts it first
             check.append(f"c = _n{i}.get(a{by})")

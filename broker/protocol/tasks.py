@@ -19,8 +19,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from broker.protocol.constants import MAX_SEED
 from broker.protocol.errors import ErrorCode, ProtocolError
-from broker.protocol.structs import Struct, struct
+from broker.protocol.structs import Struct, bounded, struct
 
 __all__ = [
     "TaskKind",
@@ -95,7 +96,7 @@ class EncodeParams(TaskParams):
 @struct(omit_defaults=True)
 class EncodeImageParams(TaskParams):
     KIND: ClassVar[TaskKind] = TaskKind.ENCODE_IMAGE
-    seed: int  # the VAE's latent sample draws from a generator seeded with it
+    seed: int = bounded(0, MAX_SEED)  # the VAE's latent sample draws from a generator seeded with it
 
     def request_tensors(self) -> tuple[str, ...]:
         return ("image",)  # img2img's image input
@@ -106,7 +107,7 @@ class ControlImageParams(TaskParams):
     KIND: ClassVar[TaskKind] = TaskKind.CONTROL_IMAGE
     tensors: list  # the request's control image inputs, in the workflow's net order
     preprocess: list  # per image: none | canny
-    seed: int | None = None  # SD3/Flux: the images are VAE-encoded, sampled from this seed
+    seed: int | None = bounded(0, MAX_SEED, default=None)  # SD3/Flux: VAE-encoded, sampled from this seed
 
     def check(self, where: str) -> None:
         for name in ("tensors", "preprocess"):
@@ -127,7 +128,7 @@ class StepParams(TaskParams):
     step: int  # index into the scheduler's timesteps
     steps: int
     first: bool  # the step the latents start at (img2img: not timestep 0)
-    seed: int
+    seed: int = bounded(0, MAX_SEED)
     sampler: str  # default | ddim | euler | euler_a | dpmpp_2m
     guidance: float | None = None  # the CFG scale (CFG workflows only)
     distilled_guidance: float | None = None  # a guidance-distilled model's embedded scale (FLUX.1-dev)

@@ -26,6 +26,9 @@ WORKFLOW_ACTIONS = {
 }
 
 
+KEY_HELP = "keys on: this client's key file (default $LEGO_KEY_FILE)"
+
+
 def add_parsers(sub, broker_addr: dict) -> None:
     admin = sub.add_parser("admin", help="operator actions: drain/undrain/stop an actor, replica bounds, "
                                          "pause/resume a workflow")
@@ -34,6 +37,7 @@ def add_parsers(sub, broker_addr: dict) -> None:
         a = actions.add_parser(name, help=help_text)
         a.add_argument("actor_id")
         a.add_argument("--broker", **broker_addr)
+        a.add_argument("--key-file", help=KEY_HELP)
         a.set_defaults(func=cmd_admin)
     scale = actions.add_parser("scale", help="a model's replica bounds for the scheduler (over its --model-min/"
                                              "--model-max flags)")
@@ -42,17 +46,20 @@ def add_parsers(sub, broker_addr: dict) -> None:
     scale.add_argument("--max", type=int, help="at most this many replicas")
     scale.add_argument("--clear", action="store_true", help="drop the operator's bounds: the scheduler's flags apply")
     scale.add_argument("--broker", **broker_addr)
+    scale.add_argument("--key-file", help=KEY_HELP)
     scale.set_defaults(func=cmd_admin)
     for name, (_, help_text) in WORKFLOW_ACTIONS.items():
         w = actions.add_parser(name, help=help_text)
         w.add_argument("workflow")
         w.add_argument("--broker", **broker_addr)
+        w.add_argument("--key-file", help=KEY_HELP)
         w.set_defaults(func=cmd_admin)
 
     top = sub.add_parser("top", help="a live full-screen view of the cluster (q quits)")
     top.add_argument("--once", action="store_true", help="print one screen and exit (also when not on a terminal)")
     top.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--broker", **broker_addr)
+    top.add_argument("--key-file", help=KEY_HELP)
     top.set_defaults(func=cmd_top)
 
 
@@ -71,7 +78,7 @@ def admin_call(client, args: argparse.Namespace):
 
 def cmd_admin(args: argparse.Namespace) -> int:
     try:
-        with Client(args.broker) as client:
+        with Client(args.broker, key_file=args.key_file) as client:
             reply = admin_call(client, args)
     except (LegoError, ValueError) as exc:
         print(f"lego admin {args.action}: {exc}", file=sys.stderr)
@@ -84,5 +91,5 @@ def cmd_top(args: argparse.Namespace) -> int:
     if args.interval_s <= 0:
         print("lego top: --interval-s: must be > 0", file=sys.stderr)
         return 1
-    with Client(args.broker) as client:
+    with Client(args.broker, key_file=args.key_file) as client:
         return run_top(client, args.interval_s, args.once)

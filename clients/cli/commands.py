@@ -11,6 +11,7 @@ import threading
 from actors.agent import main as agent_main
 from actors.models.tiny import build_all
 from actors.runtime import main as actor_main
+from broker import auth
 from broker.catalog import load_catalog
 from broker.config import parse_options
 from broker.logs import configure_logging
@@ -30,6 +31,7 @@ from clients.bench.overhead import run_overhead_bench
 from clients.bench.scheduler import run_scheduler_bench, scheduler_table
 from clients.bench.sim.bench import cli_main
 from clients.cli import admin as admin_cli
+from clients.cli.admin import KEY_HELP
 from clients.cli.status_view import status_lines
 from clients.local import LocalCluster, LocalClusterSpec
 from scheduler.controller import main as scheduler_main
@@ -55,7 +57,7 @@ def _params(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    with Client(args.broker) as client:
+    with Client(args.broker, key_file=args.key_file) as client:
         try:
             job = client.submit(args.workflow, prompt=args.prompt, **_params(args))
             if not args.quiet:
@@ -76,7 +78,7 @@ def cmd_workflows(args) -> int:
                   "inputs": {i.name: i.__dict__ for i in w.inputs.values()}} for w in load_catalog(args.catalog or []).workflows.values()]
     else:
         try:
-            with Client(args.broker) as client:
+            with Client(args.broker, key_file=args.key_file) as client:
                 infos = [{"name": w.name, "description": w.description, "models": w.models,
                           "inputs": {i.name: i.to_wire() for i in w.inputs}} for w in client.workflows()]
         except LegoError as exc:
@@ -95,7 +97,7 @@ def cmd_workflows(args) -> int:
 
 def cmd_status(args) -> int:
     try:
-        with Client(args.broker) as client:
+        with Client(args.broker, key_file=args.key_file) as client:
             stats = client.stats()
     except LegoError as exc:
         print(f"lego status: {exc}", file=sys.stderr)
@@ -177,6 +179,25 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    """`lego keys init DIR` / `lego keys add DIR ROLE NAME`: CurveZMQ keys with roles."""
+    try:
+        if args.action == "init":
+            paths = auth.make_cluster_keys(args.dir)
+            print(f"wrote the broker's key, one key per role and {paths['authorized']} in {args.dir}")
+            print(f"broker: lego broker --key-file {paths['broker']} --authorized-keys {paths['authorized']}")
+            print(f"agents: lego agent --key-file {paths['agent']} --actor-key-file {paths['actor']}")
+            print(f"scheduler: --key-file {paths['scheduler']}; operators: --key-file {paths['admin']}; "
+                  f"applications: --key-file {paths['client']} (or LEGO_KEY_FILE)")
+        else:
+            path = auth.add_key(args.dir, args.role, args.name)
+            print(f"wrote {path}; its public key is now authorized as {args.role} {args.name}")
+    except (auth.KeyFileError, OSError) as exc:
+        print(f"lego keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_bench(args) -> int:
     return run_overhead_bench(args)
 
@@ -251,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=600.0)
     g.add_argument("--quiet", action="store_true")
     g.add_argument("--broker", **broker_addr)
+    g.add_argument("--key-file", help=KEY_HELP)
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("workflows", help="list workflows and their inputs")
@@ -258,11 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--offline", action="store_true", help="read the catalog here instead of asking the broker")
     w.add_argument("--catalog", action="append")
     w.add_argument("--broker", **broker_addr)
+    w.add_argument("--key-file", help=KEY_HELP)
     w.set_defaults(func=cmd_workflows)
 
     s = sub.add_parser("status", help="the broker's telemetry snapshot")
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", **broker_addr)
+    s.add_argument("--key-file", help=KEY_HELP)
     s.set_defaults(func=cmd_status)
     admin_cli.add_parsers(sub, broker_addr)
 
@@ -293,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of this command's stderr and every process it starts")
     u.add_argument("--log-level", default="info")
     u.set_defaults(func=cmd_up)
+
+    k = sub.add_parser("keys", help="CurveZMQ keys with roles for a cluster with keys on")
+    keys = k.add_subparsers(dest="action", required=True)
+    init = keys.add_parser("init", help="the broker's key, one key per role, the authorized list (0600, in DIR)")
+    init.add_argument("dir")
+    add = keys.add_parser("add", help="one more key (e.g. a client application's), authorized at the broker")
+    add.add_argument("dir")
+    add.add_argument("role", choices=auth.ROLES)
+    add.add_argument("name")
+    k.set_defaults(func=cmd_keys)
 
     m = sub.add_parser("models", help="build model components offline")
     msub = m.add_subparsers(dest="models", required=True)

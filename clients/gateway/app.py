@@ -163,7 +163,7 @@ async def _sample(gw: Gateway) -> None:
 async def _start(app: web.Application) -> None:
     gw = app[GATEWAY]
     gw.client = AsyncClient(gw.config.broker or None, submit_timeout_s=gw.config.broker_timeout_s,
-                            admin_timeout_s=gw.config.broker_timeout_s)
+                            admin_timeout_s=gw.config.broker_timeout_s, key_file=gw.config.broker_key_file or None)
     gw.store = RunStore(gw.client, gw.config.max_runs_per_key, gw.config.keep_finished_runs,
                         gw.config.keep_finished_s, on_end=lambda run: _on_run_end(gw, run),
                         run_timeout_s=gw.config.run_timeout_s)

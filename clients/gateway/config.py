@@ -10,6 +10,9 @@ class GatewayConfig:
     broker: str = ""  # the broker's frontend; empty: LEGO_BROKER or tcp://127.0.0.1:5555
     listen: str = "127.0.0.1:8080"  # HOST:PORT the HTTP server binds
     keys: str = ""  # the API key file (required): see clients/gateway/keys.py
+    # The gateway's own CurveZMQ key to the broker when the cluster's keys are on: an
+    # admin key (its console drains and stops actors). Empty: LEGO_KEY_FILE, else none.
+    broker_key_file: str = ""
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_runs_per_key: int = 8  # runs in flight per API key; more get 429
     broker_timeout_s: float = 5.0  # no answer to a submit or admin call within this: 503

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--broker", help="the broker's frontend address (env LEGO_BROKER)")
     parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)")
     parser.add_argument("--keys", help="API key file: one 'ROLE KEY [NAME]' per line, ROLE user or admin")
+    parser.add_argument("--broker-key-file", help="cluster keys on: the gateway's admin key to the broker "
+                        "(`lego keys`; env LEGO_KEY_FILE)")
     parser.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 1 MiB)")
     parser.add_argument("--max-runs-per-key", type=int, help="runs in flight per API key; more get 429 (default 8)")
     parser.add_argument("--broker-timeout-s", type=float, help="no answer from the broker within this: 503")

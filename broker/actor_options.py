@@ -1,0 +1,82 @@
+"""The options an operator may give the actors it spawns, per backend, and their checks.
+
+Read by the broker (an admin's spawn is refused at once, naming `options.KEY`) and by
+the node agent (which starts the process: it checks again, since a spawn may come from
+a broker it cannot vouch for). Nothing outside this table reaches an actor: no paths
+(an emulated actor's `profile` is a bundled profile's name; the agent alone sets
+`device_lock`, inside its run directory), no unknown keys.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+MAX_SPAWN_COUNT = 64  # actors one admin call may ask for
+PROFILE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _number(low: float, high: float) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        number = float(value)  # "0.5" from a flag or 0.5 from the wire
+        if not (math.isfinite(number) and low <= number <= high):
+            raise ValueError(f"must be a number in [{low:g}, {high:g}], got {value!r}")
+        return number
+    return check
+
+
+def _whole(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        number = int(str(value), 10)
+        if not low <= number <= high:
+            raise ValueError(f"must be a whole number in [{low}, {high}], got {value!r}")
+        return number
+    return check
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
+    return check
+
+
+def _profile(value: Any) -> str:
+    if not isinstance(value, str) or not PROFILE_NAME.match(value) or value.startswith("."):
+        raise ValueError(f"must name a bundled profile (letters, digits, _ . -), got {value!r}")
+    return value
+
+
+_SCALES = {"time_scale": _number(0.0, 1000.0), "load_time_scale": _number(0.0, 1000.0)}
+_LORA = {"lora_host_bytes": _whole(0, 1 << 40), "lora_resident": _whole(1, 1024)}
+_LORA_COSTS = {"lora_disk_s": _number(0.0, 600.0), "lora_inject_s": _number(0.0, 600.0),
+               "lora_activate_s": _number(0.0, 600.0)}
+_SHARING = {"device_sharing": _choice("shared", "fifo")}
+
+OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "emulated": {**_SCALES, **_SHARING, **_LORA, **_LORA_COSTS, "profile": _profile},
+    "monolith": {**_SCALES, **_SHARING, "gpu_memory_gib": _number(1.0, 4096.0)},
+    "diffusers": {**_LORA, "batching": _choice("exact", "fused")},
+    "noop": {**_SCALES},
+}
+
+
+def check_options(backend: str, options: dict | None) -> dict:
+    """The options, each checked (and converted) for `backend`; ValueError naming
+    `options.KEY` (or `backend`) otherwise."""
+    allowed = OPTIONS.get(backend)
+    if allowed is None:
+        raise ValueError(f"backend: expected one of {sorted(OPTIONS)}, got {backend!r}")
+    checked = {}
+    for key, value in (options or {}).items():
+        check = allowed.get(key)
+        if check is None:
+            raise ValueError(f"options.{key}: not an option of the {backend} backend (options: {sorted(allowed)})")
+        try:
+            checked[key] = check(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options.{key}: {exc}") from None
+    return checked

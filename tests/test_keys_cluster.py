@@ -1,0 +1,89 @@
+"""A cluster with keys on (CurveZMQ, roles), as an operator runs it: processes started
+with their key files, clients with theirs, and peers without the right key refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from broker import auth
+from broker import protocol as p
+from broker.catalog.files import tomllib
+from clients import Client, LegoError, Timeout
+from clients.local import LocalCluster, LocalClusterSpec, free_port
+
+pytestmark = pytest.mark.cluster
+WORKFLOW = "flux-schnell-txt2img"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    spec = LocalClusterSpec(workflows=[WORKFLOW], options={"time_scale": 0.02}, keys=True, log_level="info",
+                            run_dir=str(tmp_path_factory.mktemp("keys") / "run"), scheduler=True,
+                            scheduler_args=["--admission", "false"])
+    with LocalCluster(spec) as running:
+        yield running
+
+
+def test_a_client_key_generates_and_every_process_runs_with_keys(cluster):
+    with Client(cluster.frontend, key_file=cluster.key_file("client")) as client:
+        result = client.generate(WORKFLOW, prompt="a lighthouse", seed=3, steps=2, width=256, height=256, timeout=60)
+        assert result.image.shape == (256, 256, 3)
+    with Client(cluster.frontend, key_file=cluster.key_file("admin")) as admin:
+        stats = admin.stats()
+        assert stats.actors and stats.agents  # the agent and the actors joined with their keys
+        deadline = time.monotonic() + 20
+        while not admin.stats().plan:  # the scheduler posts its plan with its key
+            assert time.monotonic() < deadline, "the scheduler never posted a plan"
+            time.sleep(0.2)
+
+
+def test_a_client_key_cannot_run_any_admin_command(cluster):
+    with Client(cluster.frontend, key_file=cluster.key_file("client")) as client:
+        actor = client.stats().actors[0].actor_id
+        for call in (lambda: client.stop_actor(actor), lambda: client.drain_actor(actor),
+                     lambda: client.configure({"admission": True}), lambda: client.pause_workflow(WORKFLOW),
+                     lambda: client.spawn("Flux1VAE", "emu:0")):
+            with pytest.raises(LegoError, match="forbidden"):
+                call()
+
+
+@pytest.mark.parametrize("role", [None, "actor", "agent"])
+def test_no_key_or_a_key_of_another_role_gets_no_answer_on_the_client_port(cluster, role):
+    key = cluster.key_file(role) if role else None
+    with Client(cluster.frontend, key_file=key, admin_timeout_s=1.5) as stranger, pytest.raises(Timeout):
+        stranger.stats()
+
+
+@pytest.mark.parametrize("role", [None, "client", "admin"])
+def test_the_actor_port_answers_no_one_without_an_actor_or_agent_key(cluster, role):
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        if role:
+            auth.load_key_file(cluster.key_file(role)).as_client(sock)
+        sock.connect(cluster.backend)
+        sock.send_multipart([b"", *p.encode(p.AgentHello("intruder", "evil-host", 0, []))])
+        assert not sock.poll(1500), "an intruder was answered on the backend port"
+    finally:
+        context.destroy(linger=0)
+
+
+def test_no_secret_key_reaches_a_log(cluster):
+    secrets = [tomllib.loads(path.read_text())["secret"] for name, path in cluster.keys.items()
+               if name != "authorized"]
+    logs = "".join(path.read_text(errors="replace") for path in (cluster.run_dir / "logs").glob("*.log"))
+    assert "broker_keys_on" in logs  # the broker said keys are on
+    assert not [s for s in secrets if s in logs]
+
+
+def test_without_keys_the_broker_refuses_an_address_other_hosts_reach():
+    proc = subprocess.run([sys.executable, "-m", "broker.server", "--frontend", f"tcp://0.0.0.0:{free_port()}",
+                           "--backend", f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "--key-file" in proc.stderr and "loopback" in proc.stderr
