@@ -7,7 +7,14 @@ publishes the telemetry snapshot every `telemetry_interval_s` and soon after a c
 message, hands it to the core, and sends what the core returns. It never opens tensor
 payload frames: the final result's frames are forwarded to the client as they
 arrived. A message that breaks the protocol or a handler that raises is answered
-with an error and the loop keeps running.
+with an error and the loop keeps running; every send is non-blocking (a peer whose
+queue fills is cut off for `cut_off_s`), and an answer that cannot be encoded is
+dropped and counted.
+
+With keys (`key_file` and `authorized_keys`) every socket is a CurveZMQ server, a ZAP
+thread (`broker.auth.RoleAuthenticator`) admits each key only on the sockets its role
+uses, and each message's command is checked against its sender's role. Without keys it
+binds loopback addresses only.
 
 With `journal` set it also owns the request journal (`broker.journal`, SQLite): it
 writes the core's journal records in their place among the sends (a request is durable

@@ -24,6 +24,7 @@ from broker.core.metering import Meters
 from broker.core.outbox import CANCELLED, FAILED, FINISHED, Outbox
 from broker.core.state import DONE, FRONTEND, READY, WAITING, ActorState, Node, ReadyQueue, Request
 from broker.protocol.errors import ErrorCode
+from broker.protocol.tasks import TaskKind
 from broker.protocol.tensors import check_payload
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,7 @@ class RequestDirectory:
     def add(self, request: Request, workflow: WorkflowSpec, plans: list[NodePlan],
             costs: list[tuple[float, float]]) -> None:
         """Build the request's DAG from its plans and their (alone, full-batch) costs."""
-        request.total_steps = sum(1 for plan in plans if plan.kind == "denoise")
+        request.total_steps = sum(1 for plan in plans if plan.kind == TaskKind.DENOISE)
         groups: dict[str, list[Node]] = {}
         for plan, (cost_s, min_cost_s) in zip(plans, costs, strict=True):
             node = Node(request, plan, self.next_seq())
