@@ -21,7 +21,7 @@ CFG = "flux-schnell-txt2img-cfg"
 @pytest.fixture
 def calls(monkeypatch):
     """Counts of the submit path's unrolls (for the DAG, inside the cost model) and pricings."""
-    counts = {"unroll": 0, "cost_model_unroll": 0, "price": 0, "plan_costs": 0}
+    counts = {"unroll": 0, "cost_model_unroll": 0, "price": 0, "node_costs": 0, "plan_costs": 0}
 
     def counting(name, fn):
         def wrapper(*args, **kwargs):
@@ -31,7 +31,8 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(broker.core.intake, "unroll", counting("unroll", broker.core.intake.unroll))
     monkeypatch.setattr(broker.costs.model, "unroll", counting("cost_model_unroll", broker.costs.model.unroll))
-    monkeypatch.setattr(CostModel, "price", counting("price", CostModel.price))
+    monkeypatch.setattr(CostModel, "price", counting("price", CostModel.price))  # a whole request: the solo memo
+    monkeypatch.setattr(CostModel, "node_costs", counting("node_costs", CostModel.node_costs))  # an accepted DAG
     monkeypatch.setattr(CostModel, "plan_costs", counting("plan_costs", CostModel.plan_costs))
     return counts
 
@@ -52,13 +53,13 @@ def test_a_submit_unrolls_once_and_prices_its_plans_once(calls, settings):
     broker = core(**settings)
     first = submit(broker, "r1")
     # The shape's first request also fills the solo-latency memo: one canonical unroll, priced.
-    assert (calls["unroll"], calls["cost_model_unroll"], calls["price"]) == (1, 1, 2)
+    assert (calls["unroll"], calls["cost_model_unroll"], calls["price"], calls["node_costs"]) == (1, 1, 1, 1)
     if not settings.get("cfg_split"):  # unsplit, the canonical DAG is the request's own
         assert calls["plan_costs"] == 2 * first.nodes
     for key in calls:
         calls[key] = 0
     accepted = submit(broker, "r2")
-    assert calls == {"unroll": 1, "cost_model_unroll": 0, "price": 1, "plan_costs": accepted.nodes}
+    assert calls == {"unroll": 1, "cost_model_unroll": 0, "price": 0, "node_costs": 1, "plan_costs": accepted.nodes}
 
 
 def test_a_shape_is_unrolled_for_its_solo_latency_once(calls):

@@ -85,7 +85,8 @@ def task_adapters(kind: str, params: TaskParams) -> tuple | None:
     () for none; None for a task that calls no adapted model (it changes no actor's set)."""
     if kind not in ADAPTED_KINDS or not params.calls_model:
         return None
-    return tuple((name, weight) for name, weight in params.adapters)
+    adapters = params.adapters
+    return tuple((name, weight) for name, weight in adapters) if adapters else ()
 
 
 def validate_params(workflow: WorkflowSpec, params: dict, rng: random.Random | None = None,

@@ -57,6 +57,10 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
     runs = img2img_runs(workflow.family, steps, params["strength"]) if workflow.img2img else steps
     first_step = steps - runs
     adapters = params.get("loras") or []  # the request's LoRA set: text encoders' (where it has layers) and the base model's
+    seed, sampler = params["seed"], params["sampler"]
+    guidance = params["guidance"] if workflow.cfg else None
+    distilled = params["guidance"] if workflow.distilled_guidance else None
+    begin_index = first_step if workflow.img2img else None
     nodes = []
     for enc in workflow.text_encoders:
         negative = params["negative_prompt"] if workflow.cfg else None
@@ -71,10 +75,8 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
         previous.append("encode_image")
     for k in range(runs):
         # `step` indexes the scheduler's timesteps; `first` marks where the latents start
-        step = StepParams(first_step + k, steps, k == 0, params["seed"], params["sampler"],
-                          guidance=params["guidance"] if workflow.cfg else None,
-                          distilled_guidance=params["guidance"] if workflow.distilled_guidance else None,
-                          begin_index=first_step if workflow.img2img else None)
+        # StepParams' fields in their order: every task of the step starts from them
+        step = (first_step + k, steps, k == 0, seed, sampler, guidance, distilled, begin_index)
         key = f"denoise/{k}"
         residuals = []
         for net, (start, end), image, scale, index in controls:  # on the latent this step starts from
@@ -83,7 +85,7 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
             residuals.append(f"control/{net}/{k}")
             # `lead`: the workflow's first net, whose config the SD3 pipeline applies to all of its nets;
             # no adapters: the request's LoRA set is the base model's, not the net's
-            control = ControlParams(**_step_fields(step), scale=scale, denoiser=workflow.denoiser, vae=workflow.vae,
+            control = ControlParams(*step, scale=scale, denoiser=workflow.denoiser, vae=workflow.vae,
                                     index=index, lead=workflow.controlnets[0])
             nodes.append(NodePlan(residuals[-1], TaskKind.CONTROL, net, rows, shape, control,
                                   previous + ([image] if image else []), 0, step=k))
@@ -95,11 +97,11 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
             branches = [f"branch/{k}/{b}" for b in (0, 1)]  # 0: unconditional, 1: conditional
             for b, branch in enumerate(branches):
                 nodes.append(NodePlan(branch, TaskKind.DENOISE_BRANCH, workflow.denoiser, 1, shape,
-                                      DenoiseBranchParams(**_step_fields(step), adapters=adapters, branch=b), previous, 0,
+                                      DenoiseBranchParams(*step, adapters, branch=b), previous, 0,
                                       step=k, group=f"cfg/{k}"))
             previous = branches + previous
         nodes.append(NodePlan(key, TaskKind.DENOISE, workflow.denoiser, rows, shape,
-                              DenoiseParams(**_step_fields(step), adapters=adapters, split=split), previous, 0, step=k))
+                              DenoiseParams(*step, adapters, split), previous, 0, step=k))
         previous = [key]
     if params.get("output") == "latents":
         nodes[-1].return_output = True  # the last step's latents are the result
@@ -145,12 +147,10 @@ def _control_plans(workflow: WorkflowSpec, params: dict, rows: int, shape: tuple
             for net, key, name, pre in images], nets
 
 
-_STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepParams))
-
-
-def _step_fields(step: StepParams) -> dict:
-    """The step's fields, for the structs of the tasks that make up the step."""
-    return {name: getattr(step, name) for name in _STEP_FIELDS}
+# The step tuple above is StepParams' fields in order: checked once, at import.
+if tuple(f.name for f in dataclasses.fields(StepParams)) != (
+        "step", "steps", "first", "seed", "sampler", "guidance", "distilled_guidance", "begin_index"):
+    raise RuntimeError("unroll's step tuple no longer matches StepParams")
 
 
 def _set_path_lengths(nodes: list[NodePlan]) -> None:

@@ -162,9 +162,9 @@ class Intake:
             request.latency_mode = self._split_cfg(workflow)
             plans = unroll(workflow, request.params, cfg_split=request.latency_mode,
                            tensors={t.name for t in request.tensors})
-        node_costs, cost = self.load.price(plans, workflow)
+        node_costs, by_model = self.load.price(plans, workflow)
         self.directory.add(request, workflow, plans, node_costs)
-        self.load.accepted(workflow, cost, now)
+        self.load.accepted(workflow, by_model, now)
         stats = self.load.stats(workflow.name)
         stats.submitted += 1
         stats.latency_mode += request.latency_mode

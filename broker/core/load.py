@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from broker import protocol as p
 from broker.catalog import Catalog, NodePlan, WorkflowSpec
-from broker.costs.model import CostModel, PricedPlans, RequestCost
+from broker.costs.model import CostModel
 
 RATE_WINDOW_S = 5.0  # arrival rates and per-request work are averaged over about this long
 SERVICE_WEIGHT = 0.1  # weight of the newest task in the per-model service time average
@@ -71,18 +71,19 @@ class LoadTracker:
             stats = self.workflow_stats[workflow] = p.WorkflowStats(workflow)
         return stats
 
-    def price(self, plans: list[NodePlan], workflow: WorkflowSpec) -> tuple[list[tuple[float, float]], RequestCost | None]:
+    def price(self, plans: list[NodePlan], workflow: WorkflowSpec) -> tuple[list[tuple[float, float]], dict | None]:
         """An accepted request's plans priced once: each node's (alone, full-batch) seconds
-        scaled, and the request's cost for `accepted` (None: a model has no profile)."""
-        priced: PricedPlans = self.costs.price(plans)
-        nodes = [(alone * self.cost_scale, full * self.cost_scale) for alone, full in priced.nodes]
-        return nodes, priced.request if self.costs.knows(workflow) else None
+        scaled, and its device-seconds per model for `accepted` (None: a model has no profile)."""
+        costs, by_model = self.costs.node_costs(plans)
+        scale = self.cost_scale
+        nodes = [(alone * scale, full * scale) for alone, full in costs]
+        return nodes, by_model if self.costs.knows(workflow) else None
 
-    def accepted(self, workflow: WorkflowSpec, cost: RequestCost | None, now: float) -> None:
+    def accepted(self, workflow: WorkflowSpec, by_model: dict[str, float] | None, now: float) -> None:
         self.rates.setdefault(workflow.name, Rate()).add(now)
-        if cost is None:
+        if by_model is None:
             return
-        for model, seconds in cost.by_model.items():
+        for model, seconds in by_model.items():
             old = self.model_work.get(model)
             seconds *= self.cost_scale
             self.model_work[model] = seconds if old is None else 0.8 * old + 0.2 * seconds

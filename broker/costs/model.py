@@ -109,6 +109,19 @@ class CostModel:
     def plans(self, plans: list[NodePlan]) -> RequestCost:
         return self.price(plans).request
 
+    def node_costs(self, plans: list[NodePlan]) -> tuple[list[tuple[float, float]], dict[str, float]]:
+        """Each node's (alone, in a full batch) seconds and the device-seconds per model:
+        what an accepted request's load needs, in one pass (no critical path: the
+        request's solo latency comes from `request`, memoised per shape)."""
+        nodes = []
+        by_model: dict[str, float] = {}
+        plan_costs = self.plan_costs
+        for plan in plans:
+            alone, full = plan_costs(plan)
+            nodes.append((alone, full))
+            by_model[plan.model] = by_model.get(plan.model, 0.0) + alone
+        return nodes, by_model
+
     def price(self, plans: list[NodePlan]) -> PricedPlans:
         """Every node's costs and the request's, in one pass over its unrolled plans."""
         nodes = []
