@@ -54,7 +54,9 @@ class AgentConfig:
     # hands to every actor it starts (role actor, the same on every host).
     key_file: str = ""
     actor_key_file: str = ""
-    max_actors_per_device: int = 16  # a spawn beyond this many actors on one device is refused
+    # A spawn beyond this many actors on one device is refused: a bound on what one
+    # admin call after another can start (a test cluster runs 20 tiny actors on the CPU).
+    max_actors_per_device: int = 64
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
