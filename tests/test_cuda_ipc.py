@@ -299,7 +299,7 @@ def test_a_cpu_consumer_never_offers_a_gpu_and_cpu_tensors_keep_their_transports
 
 
 def test_a_consumer_offering_a_gpu_gets_cpu_tensors_as_bytes(producer, consumer):
-    consumer.runtime._gpu = UUID  # as a CUDA actor would: the producer's tensors are on the CPU
+    consumer.runtime.fetcher._gpu = UUID  # as a CUDA actor would: the producer's tensors are on the CPU
     nbytes = producer.put("t", LAYOUT_BUNDLE)
     assert compare_bundle(consumer.fetch(producer, "t", nbytes), LAYOUT_BUNDLE, "cpu") == []
     assert consumer.runtime.telemetry.ipc_fetches == 0 and producer.stats()["pins"] == 0
@@ -323,13 +323,13 @@ def pair(fake_gpu):
     from broker.protocol.messages import TensorRef
 
     with Consumer("cpu") as producer, Consumer("cpu") as consumer:
-        producer.runtime.ipc = fake_gpu.exporter()
+        producer.runtime.data_server.ipc = fake_gpu.exporter()
         producer.runtime.start_data_plane()
-        consumer.runtime._gpu = UUID
+        consumer.runtime.fetcher._gpu = UUID
 
         def fetch(tensor_id: str, **force):
             ref = TensorRef(tensor_id, "producer", producer.runtime.data_address, 64, producer.runtime.host)
-            return consumer.runtime.fetch(ref, consumer.peers, **force)
+            return consumer.runtime.fetcher.fetch(ref, **force)
 
         yield producer.runtime, consumer.runtime, fetch
 
@@ -341,9 +341,9 @@ def test_ipc_replies_carry_the_rest_of_the_bundle_as_frames_and_free_drops_the_p
     got = fetch("t")
     assert compare_bundle(got, LAYOUT_BUNDLE, "cpu") == []
     assert fake_gpu.shared == len(LAYOUT_BUNDLE) - 1  # all but the uint8 generator state
-    assert consumer.telemetry.ipc_fetches == 1 and producer.ipc.count() == len(LAYOUT_BUNDLE) - 1
+    assert consumer.telemetry.ipc_fetches == 1 and producer.data_server.ipc.count() == len(LAYOUT_BUNDLE) - 1
     producer.free(["t"])
-    assert producer.ipc.count() == 0 and producer.store.get("t") is None
+    assert producer.data_server.ipc.count() == 0 and producer.store.get("t") is None
 
 
 def test_an_ipc_open_that_fails_falls_back_to_bytes_and_is_counted(pair, fake_gpu):
@@ -361,7 +361,7 @@ def test_an_export_that_fails_is_answered_with_bytes_and_counted_by_the_producer
     producer.store.put("t", cpu_bundle())
     fake_gpu.fail_share_after = 0
     assert compare_bundle(fetch("t"), LAYOUT_BUNDLE, "cpu") == []
-    assert producer.refresh_telemetry().ipc_fallbacks == 1 and producer.ipc.count() == 0
+    assert producer.refresh_telemetry().ipc_fallbacks == 1 and producer.data_server.ipc.count() == 0
     assert consumer.telemetry.ipc_fetches == 0
 
 
@@ -376,11 +376,11 @@ def test_a_free_that_races_an_export_leaves_no_pin(pair, fake_gpu):
         return share(storage)
 
     fake_gpu.share = share_then_free
-    from actors.runtime import InputUnavailable
+    from actors.fetcher import InputUnavailable
 
     with pytest.raises(InputUnavailable, match="freed"):
         fetch("t")
-    assert producer.ipc.count() == 0
+    assert producer.data_server.ipc.count() == 0
 
 
 def test_a_fetch_without_a_gpu_uuid_is_served_as_before(pair):
@@ -398,7 +398,7 @@ def test_a_fetch_without_a_gpu_uuid_is_served_as_before(pair):
     finally:
         sock.close(linger=0)
     assert isinstance(msg, p.FetchReply) and {d.where for d in msg.tensors} == {"frame"}
-    assert producer.ipc.count() == 0
+    assert producer.data_server.ipc.count() == 0
 
 
 # ------------------------------------------------------------------ on a GPU (scripts/gpu-check.sh)
@@ -498,7 +498,7 @@ def test_gpu_an_open_that_fails_falls_back_to_bytes(gpu_pair, monkeypatch):
 @needs_cuda
 def test_gpu_a_consumer_on_another_gpu_gets_bytes(gpu_pair):
     peer, consumer = gpu_pair
-    consumer.runtime._gpu = "00000000-0000-0000-0000-000000000000"
+    consumer.runtime.fetcher._gpu = "00000000-0000-0000-0000-000000000000"
     nbytes = peer.put("t", LAYOUT_BUNDLE)
     assert compare_bundle(consumer.fetch(peer, "t", nbytes), LAYOUT_BUNDLE, DEVICE) == []
     assert consumer.runtime.telemetry.ipc_fetches == 0 and peer.stats()["pins"] == 0

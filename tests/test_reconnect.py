@@ -51,12 +51,12 @@ def test_actors_say_hello_to_a_restarted_broker_and_serve_again():
         t.start()
     try:
         assert _wait(lambda: len(server.core.actors) == 4, 10)
-        first_epochs = [a.epoch for a in actors]
+        first_epochs = [a.session.epoch for a in actors]
         _stop_broker(server, thread)
         time.sleep(0.6)  # longer than interval x misses: every actor notices the silence
         server, thread = _start_broker(frontend, backend)
         assert _wait(lambda: len(server.core.actors) == 4, 15), "actors did not come back"
-        assert all(a.epoch > e for a, e in zip(actors, first_epochs, strict=True))  # each started a new session
+        assert all(a.session.epoch > e for a, e in zip(actors, first_epochs, strict=True))  # each started a new session
         with Client(frontend) as client:
             result = client.generate("flux-schnell-txt2img", prompt="again", steps=2, width=128, height=128, timeout=30)
         assert result.image.shape == (128, 128, 3)

@@ -283,23 +283,22 @@ class Consumer:
         register_echo_backend()
         self.device = device
         self.runtime = ActorRuntime(ActorConfig(model=PEER_MODEL, backend=ECHO_BACKEND, device=device))
-        self.peers: dict = {}
 
     @property
     def gpu(self) -> str:
-        return self.runtime.local_gpu()
+        return self.runtime.fetcher.local_gpu()
 
     def fetch(self, peer: PeerProcess, tensor_id: str, nbytes: int, transport: str = "auto") -> dict:
         """`auto`: as a task (IPC, shared memory, frames, with fallbacks); else exactly one transport."""
 
         ref = p.TensorRef(tensor_id, "peer", peer.address, nbytes, peer.host)
         if transport == "auto":
-            return self.runtime.fetch(ref, self.peers)
+            return self.runtime.fetcher.fetch(ref)
         shm, gpu = {"ipc": (False, self.gpu), "shm": (True, ""), "frames": (False, "")}[transport]
-        return self.runtime.fetch(ref, self.peers, shm=shm, gpu=gpu)
+        return self.runtime.fetcher.fetch(ref, shm=shm, gpu=gpu)
 
     def close(self) -> None:
-        self.runtime.close_data_plane(self.peers)
+        self.runtime.close_data_plane()
 
     def __enter__(self) -> Consumer:
         return self
