@@ -31,7 +31,7 @@ from clients.bench.overhead import run_overhead_bench
 from clients.bench.scheduler import run_scheduler_bench, scheduler_table
 from clients.bench.sim.bench import cli_main
 from clients.cli import admin as admin_cli
-from clients.cli.admin import KEY_HELP
+from clients.cli.admin import add_broker_flags
 from clients.cli.status_view import status_lines
 from clients.local import LocalCluster, LocalClusterSpec
 from scheduler.controller import main as scheduler_main
@@ -252,7 +252,6 @@ def cmd_bench_lora(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
     sub = parser.add_subparsers(dest="command", required=True)
-    broker_addr = {"help": "broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)"}
 
     for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor"),
                             ("scheduler", "run the scheduler actor (replicas, placement, admission, parallel groups)"),
@@ -271,24 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other workflow input")
     g.add_argument("--timeout", type=float, default=600.0)
     g.add_argument("--quiet", action="store_true")
-    g.add_argument("--broker", **broker_addr)
-    g.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(g)
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("workflows", help="list workflows and their inputs")
     w.add_argument("--json", action="store_true")
     w.add_argument("--offline", action="store_true", help="read the catalog here instead of asking the broker")
     w.add_argument("--catalog", action="append")
-    w.add_argument("--broker", **broker_addr)
-    w.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(w)
     w.set_defaults(func=cmd_workflows)
 
     s = sub.add_parser("status", help="the broker's telemetry snapshot")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--broker", **broker_addr)
-    s.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(s)
     s.set_defaults(func=cmd_status)
-    admin_cli.add_parsers(sub, broker_addr)
+    admin_cli.add_parsers(sub)
 
     u = sub.add_parser("up", help="a whole local cluster in the foreground")
     u.add_argument("-w", "--workflow", action="append", help="workflow to serve (repeatable)")
