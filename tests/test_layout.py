@@ -14,8 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("broker", "actors", "scheduler", "clients")
 
 # (importing file, imported module): why the import waits until it is needed.
+_CLI = "a `lego` subcommand's own stack: every other subcommand would import it at start (2x its start-up)"
 LAZY_IMPORTS = {
     ("clients/cli/commands.py", "clients.gateway.server"): "aiohttp costs every other subcommand ~0.3 s",
+    **{("clients/cli/commands.py", module): _CLI for module in (
+        "broker.server", "actors.agent", "actors.runtime", "scheduler.controller", "actors.models.tiny",
+        "clients.local", "clients.bench.overhead", "clients.bench.cluster", "clients.bench.sim.bench",
+        "clients.bench.scheduler", "clients.bench.lora")},
     ("actors/models/tiny.py", "actors.models.single_file"): "imports torch; building catalogs needs none",
 }
 

@@ -26,18 +26,20 @@ WORKFLOW_ACTIONS = {
 }
 
 
-KEY_HELP = "keys on: this client's key file (default $LEGO_KEY_FILE)"
+def add_broker_flags(parser) -> None:
+    """Where the broker is, and this client's key when the cluster's keys are on."""
+    parser.add_argument("--broker", help="broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)")
+    parser.add_argument("--key-file", help="keys on: this client's key file (default $LEGO_KEY_FILE)")
 
 
-def add_parsers(sub, broker_addr: dict) -> None:
+def add_parsers(sub) -> None:
     admin = sub.add_parser("admin", help="operator actions: drain/undrain/stop an actor, replica bounds, "
                                          "pause/resume a workflow")
     actions = admin.add_subparsers(dest="action", required=True)
     for name, (_, help_text) in ACTOR_ACTIONS.items():
         a = actions.add_parser(name, help=help_text)
         a.add_argument("actor_id")
-        a.add_argument("--broker", **broker_addr)
-        a.add_argument("--key-file", help=KEY_HELP)
+        add_broker_flags(a)
         a.set_defaults(func=cmd_admin)
     scale = actions.add_parser("scale", help="a model's replica bounds for the scheduler (over its --model-min/"
                                              "--model-max flags)")
@@ -45,21 +47,18 @@ def add_parsers(sub, broker_addr: dict) -> None:
     scale.add_argument("--min", type=int, help="at least this many replicas")
     scale.add_argument("--max", type=int, help="at most this many replicas")
     scale.add_argument("--clear", action="store_true", help="drop the operator's bounds: the scheduler's flags apply")
-    scale.add_argument("--broker", **broker_addr)
-    scale.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(scale)
     scale.set_defaults(func=cmd_admin)
     for name, (_, help_text) in WORKFLOW_ACTIONS.items():
         w = actions.add_parser(name, help=help_text)
         w.add_argument("workflow")
-        w.add_argument("--broker", **broker_addr)
-        w.add_argument("--key-file", help=KEY_HELP)
+        add_broker_flags(w)
         w.set_defaults(func=cmd_admin)
 
     top = sub.add_parser("top", help="a live full-screen view of the cluster (q quits)")
     top.add_argument("--once", action="store_true", help="print one screen and exit (also when not on a terminal)")
     top.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes")
-    top.add_argument("--broker", **broker_addr)
-    top.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(top)
     top.set_defaults(func=cmd_top)
 
 

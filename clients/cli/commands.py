@@ -1,4 +1,8 @@
-"""`lego`: the command line. Each subcommand is a thin front for a library call."""
+"""`lego`: the command line. Each subcommand is a thin front for a library call.
+
+A subcommand's own modules (benchmarks, the local cluster, a process's stack) are
+imported when it runs, so that `lego status` or `lego generate` starts in half a second
+(tests/test_layout.py lists these imports and why they wait)."""
 
 from __future__ import annotations
 
@@ -8,33 +12,15 @@ import signal
 import sys
 import threading
 
-from actors.agent import main as agent_main
-from actors.models.tiny import build_all
-from actors.runtime import main as actor_main
 from broker import auth
 from broker.catalog import load_catalog
 from broker.config import parse_options
 from broker.logs import configure_logging
 from broker.protocol.tasks import TaskKind
-from broker.server import main as broker_main
 from clients import Client, LegoError
-from clients.bench.cluster import (
-    RATES,
-    SHARING_RATES,
-    BenchSettings,
-    attainment_chart,
-    cluster_table,
-    run_cluster_bench,
-)
-from clients.bench.lora import run_cli
-from clients.bench.overhead import run_overhead_bench
-from clients.bench.scheduler import run_scheduler_bench, scheduler_table
-from clients.bench.sim.bench import cli_main
 from clients.cli import admin as admin_cli
-from clients.cli.admin import KEY_HELP
+from clients.cli.admin import add_broker_flags
 from clients.cli.status_view import status_lines
-from clients.local import LocalCluster, LocalClusterSpec
-from scheduler.controller import main as scheduler_main
 
 
 def _print_progress(job, stream=sys.stderr) -> None:
@@ -111,6 +97,7 @@ def cmd_status(args) -> int:
 
 
 def _cluster_spec(args):
+    from clients.local import LocalClusterSpec
     replicas = {k: int(v) for k, v in parse_options(args.replicas).items()}
     return LocalClusterSpec(
         workflows=args.workflow or ["flux-schnell-txt2img"], replicas=replicas, backend=args.backend,
@@ -135,6 +122,7 @@ def _up_reporter(args):
 
 
 def cmd_up(args) -> int:
+    from clients.local import LocalCluster
     try:
         say = _up_reporter(args)
         cluster = LocalCluster(_cluster_spec(args))
@@ -173,6 +161,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from actors.models.tiny import build_all
     catalog = build_all(args.dir, args.size)
     print(f"wrote {args.size} models and their catalog: {catalog}")
     print(f"serve them: lego up --backend diffusers --catalog {catalog} -w {args.size}-sd15-txt2img")
@@ -199,10 +188,19 @@ def cmd_keys(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from clients.bench.overhead import run_overhead_bench
     return run_overhead_bench(args)
 
 
 def cmd_bench_cluster(args) -> int:
+    from clients.bench.cluster import (
+        RATES,
+        SHARING_RATES,
+        BenchSettings,
+        attainment_chart,
+        cluster_table,
+        run_cluster_bench,
+    )
     def numbers(text: str, cast) -> tuple:
         return tuple(cast(x) for x in text.split(",") if x.strip())
 
@@ -230,10 +228,12 @@ def cmd_bench_cluster(args) -> int:
 
 
 def cmd_bench_simulate(args) -> int:
+    from clients.bench.sim.bench import cli_main
     return cli_main(args.rest)
 
 
 def cmd_bench_scheduler(args) -> int:
+    from clients.bench.scheduler import run_scheduler_bench, scheduler_table
     result = run_scheduler_bench(args.time_scale, args.rounds, args.burst)
     print(json.dumps(result, indent=2) if args.json else scheduler_table(result))
     if args.record:
@@ -246,13 +246,13 @@ def cmd_bench_scheduler(args) -> int:
 
 
 def cmd_bench_lora(args) -> int:
+    from clients.bench.lora import run_cli
     return run_cli(args, "lego bench lora " + " ".join(sys.argv[3:]))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
     sub = parser.add_subparsers(dest="command", required=True)
-    broker_addr = {"help": "broker frontend address (default $LEGO_BROKER or tcp://127.0.0.1:5555)"}
 
     for name, help_text in (("broker", "run the broker"), ("agent", "run this host's node agent"), ("actor", "run one model actor"),
                             ("scheduler", "run the scheduler actor (replicas, placement, admission, parallel groups)"),
@@ -271,24 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other workflow input")
     g.add_argument("--timeout", type=float, default=600.0)
     g.add_argument("--quiet", action="store_true")
-    g.add_argument("--broker", **broker_addr)
-    g.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(g)
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("workflows", help="list workflows and their inputs")
     w.add_argument("--json", action="store_true")
     w.add_argument("--offline", action="store_true", help="read the catalog here instead of asking the broker")
     w.add_argument("--catalog", action="append")
-    w.add_argument("--broker", **broker_addr)
-    w.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(w)
     w.set_defaults(func=cmd_workflows)
 
     s = sub.add_parser("status", help="the broker's telemetry snapshot")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--broker", **broker_addr)
-    s.add_argument("--key-file", help=KEY_HELP)
+    add_broker_flags(s)
     s.set_defaults(func=cmd_status)
-    admin_cli.add_parsers(sub, broker_addr)
+    admin_cli.add_parsers(sub)
 
     u = sub.add_parser("up", help="a whole local cluster in the foreground")
     u.add_argument("-w", "--workflow", action="append", help="workflow to serve (repeatable)")
@@ -392,19 +389,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_main(name: str):
+    """A process's entry point, imported only when that process starts: each loads its
+    own stack (the gateway aiohttp, the actor its backends), none of which `lego` needs."""
+    if name == "broker":
+        from broker.server import main
+    elif name == "agent":
+        from actors.agent import main
+    elif name == "actor":
+        from actors.runtime import main
+    elif name == "scheduler":
+        from scheduler.controller import main
+    else:
+        from clients.gateway.server import main
+    return main
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("broker", "agent", "actor", "scheduler", "gateway"):  # process entry points parse their own flags
-
-        if argv[0] == "gateway":  # imported only here: aiohttp is the gateway's alone
-            from clients.gateway.server import main as gateway_main
-
-            gateway_main(argv[1:])
-            return
-        mains = {"broker": broker_main, "agent": agent_main, "actor": actor_main, "scheduler": scheduler_main}
-        mains[argv[0]](argv[1:])
+        _process_main(argv[0])(argv[1:])
         return
     if argv[:2] == ["bench", "simulate"]:  # it parses its own flags (argparse cannot pass them through)
+        from clients.bench.sim.bench import cli_main
 
         sys.exit(cli_main(argv[2:]))
     args = build_parser().parse_args(argv)
