@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised on 3.10 only
-    pass
 from broker.catalog.specs import (
     ADAPTED_KINDS,
     ADAPTER_WEIGHT,

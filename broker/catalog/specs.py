@@ -5,17 +5,10 @@ Shared by every process (the broker, actors, the scheduler and clients read them
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.protocol.tasks import TaskKind, TaskParams
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised on 3.10 only
-    pass
-
 
 MODEL_KINDS = ("text_encoder", "denoiser", "vae", "controlnet")
 INPUT_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
