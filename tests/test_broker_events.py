@@ -24,7 +24,7 @@ from tests.broker_helpers import (
 
 
 class Boom(RuntimeError):
-    pass
+    """What the injected handler failure raises (nothing else in the core raises it)."""
 
 
 def raise_after(core, method: str):
