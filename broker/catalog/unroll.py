@@ -56,7 +56,7 @@ def unroll(workflow: WorkflowSpec, params: dict, cfg_split: bool = False, tensor
     # img2img runs the last steps x strength steps of the schedule, from the noised image
     runs = img2img_runs(workflow.family, steps, params["strength"]) if workflow.img2img else steps
     first_step = steps - runs
-    adapters = params.get("loras") or []  # the request's LoRA set: text encoders' (where it has layers) and the base model's
+    adapters = params.get("loras") or ()  # the request's LoRA set: text encoders' (where it has layers) and the base model's
     seed, sampler = params["seed"], params["sampler"]
     guidance = params["guidance"] if workflow.cfg else None
     distilled = params["guidance"] if workflow.distilled_guidance else None

@@ -65,7 +65,9 @@ class Node:
         # monolith serving several workflows never mixes them in one call; only tasks with
         # the same LoRA adapters and weights share a model call).
         last = request.workflow if self.kind == TaskKind.PIPELINE else self.adapters
-        self.batch_key = (self.kind, self.shape, last)
+        # The kind's plain string rather than the enum member: a tuple of plain strings and
+        # numbers drops out of the cyclic GC's tracking, and a broker holds one per node.
+        self.batch_key = (self.kind.value, self.shape, last)
 
 
 @dataclass(eq=False)

@@ -7,8 +7,10 @@ optional fields never break an older peer.
 
 Both conversions run for every task on the hot path, so `@struct` generates them as
 straight-line code per class (the way `dataclasses` generates `__init__`) instead of
-looping over field descriptions at run time. Type checks compare exact types: what
-msgpack decodes is always a plain int/float/str/bool/bytes/list/dict.
+looping over field descriptions at run time, with its constants in closure cells, and
+fills the decoded object's slots directly rather than through `__init__` (every field was
+checked already). Type checks compare exact types: what msgpack decodes is always a
+plain int/float/str/bool/bytes/list/dict.
 
 Three options serve the task parameters (broker/protocol/tasks.py): `omit_defaults`
 leaves a field at its default out of the map (so a map keeps exactly the keys it always
@@ -122,9 +124,25 @@ def _unknown(cls_name: str, field: str, value: Any, where: str) -> ProtocolError
     return ProtocolError(ErrorCode.BAD_HEADER, f"{cls_name}.{field} {value!r} is not one this peer knows", where + field)
 
 
+def _type_check(i: int, accepted: tuple[type, ...]) -> str:
+    # One accepted type (nearly every field) is an identity test; a float field also takes an int.
+    if len(accepted) == 1:
+        return f"v.__class__ is not _t{i}"
+    return f"v.__class__ not in _t{i}"
+
+
+def _omitted_test(attr: str, i: int, default: Any) -> str:
+    # The common defaults get identity or truth tests; anything else compares by value.
+    if default is None:
+        return f"{attr} is not None"
+    if isinstance(default, (list, tuple, dict)) and not default:
+        return attr  # any empty sequence or map is left out
+    return f"{attr} != _e{i}"
+
+
 def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
     ns: dict[str, Any] = {"_bad": _bad, "_missing": _missing, "_range": _out_of_range, "_finite": math.isfinite, "_not_a_map": _not_a_map, "_unknown": _unknown,
-                          "_M": object(), "_name": cls.__name__, "_cls": cls}
+                          "_M": object(), "_name": cls.__name__, "_cls": cls, "_new": object.__new__}
     to_items, to_lines, from_lines = [], [], []
     index = {f.name: i for i, f in enumerate(fields)}
     for i, f in enumerate(fields):
@@ -136,14 +154,16 @@ def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
         else:
             value = f"(None if {attr} is None else {attr}.to_wire())"
         if omit_defaults and not f.required:
-            ns[f"_e{i}"] = f.default() if f.factory else f.default
-            to_lines.append(f"if {attr} != _e{i}: d[{f.name!r}] = {value}")
+            ns[f"_e{i}"] = default = f.default() if f.factory else f.default
+            to_lines.append(f"if {_omitted_test(attr, i, default)}: d[{f.name!r}] = {value}")
         elif omit_defaults:  # key by key, so that the map keeps the fields' order
             to_lines.append(f"d[{f.name!r}] = {value}")
         else:
             to_items.append(f"{f.name!r}: {value}")
 
-        ns[f"_t{i}"], ns[f"_n{i}"], ns[f"_d{i}"] = f.accepted, f.nested, f.default
+        accepted = f.accepted
+        ns[f"_t{i}"] = accepted[0] if accepted is not None and len(accepted) == 1 else accepted
+        ns[f"_n{i}"], ns[f"_d{i}"] = f.nested, f.default
         lines = [f"v = get({f.name!r}, _M)", "if v is _M:"]
         if f.required:
             lines.append(f"    raise _missing(_name, {f.name!r}, where)")
@@ -152,8 +172,8 @@ def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
         else:
             lines.append(f"    v = _d{i}")
         check = []
-        if f.accepted is not None:
-            check.append(f"if v.__class__ not in _t{i}: raise _bad(_name, {f.name!r}, v, where)")
+        if accepted is not None:
+            check.append(f"if {_type_check(i, accepted)}: raise _bad(_name, {f.name!r}, v, where)")
         if f.bounds is not None:
             ns[f"_b{i}"] = f.bounds
             test = "not _finite(v)" if f.bounds[0] is None else f"not {f.bounds[0]} <= v <= {f.bounds[1]}"
@@ -173,21 +193,28 @@ def _generate(cls: type, fields: list[_Field], omit_defaults: bool) -> None:
             lines += [f"    {c}" for c in check]
         lines.append(f"a{i} = v")
         from_lines += lines
-    args = ", ".join(f"{f.name}=a{i}" for i, f in enumerate(fields))
+    # Every field was checked above, so the object is built without calling the
+    # dataclass __init__ again: a fresh instance and one slot store per field.
+    build = ["obj = _new(cls)"] + [f"obj.{f.name} = a{i}" for i, f in enumerate(fields)]
+    if hasattr(cls, "check"):
+        build.append("obj.check(where)")
+    build.append("return obj")
     to_wire = "def to_wire(self):\n    d = {" + ", ".join(to_items) + "}\n"
-    to_wire += "".join(f"    {line}\n" for line in to_lines) + "    return d\n\n"
-    checked = hasattr(cls, "check")
-    source = (
-        to_wire
-        + "def from_wire(cls, data, where=''):\n"
-        "    if data.__class__ is not dict:\n        raise _not_a_map(_name, where)\n"
-        "    get = data.get\n"
-        + "".join(f"    {line}\n" for block in from_lines for line in block.split("\n"))
-        + (f"    obj = cls({args})\n    obj.check(where)\n    return obj\n" if checked else f"    return cls({args})\n")
-    )
-    exec(compile(source, f"<wire struct {cls.__name__}>", "exec"), ns)
-    cls.to_wire = ns["to_wire"]
-    cls.from_wire = classmethod(ns["from_wire"])
+    to_wire += "".join(f"    {line}\n" for line in to_lines) + "    return d\n"
+    from_wire = ("def from_wire(cls, data, where=''):\n"
+                 "    if data.__class__ is not dict:\n        raise _not_a_map(_name, where)\n"
+                 "    get = data.get\n"
+                 + "".join(f"    {line}\n" for block in from_lines + build for line in block.split("\n")))
+    # The helpers and constants are a closure's cells rather than module globals: the
+    # generated functions read them as fast as locals.
+    names = ", ".join(ns)
+    source = (f"def _make({names}):\n"
+              + "".join(f"    {line}\n" for line in (to_wire + from_wire).split("\n"))
+              + "    return to_wire, from_wire\n")
+    scope: dict[str, Any] = {}
+    exec(compile(source, f"<wire struct {cls.__name__}>", "exec"), scope)
+    cls.to_wire, from_wire_function = scope["_make"](**ns)
+    cls.from_wire = classmethod(from_wire_function)
 
 
 class Struct:
@@ -211,6 +238,8 @@ def struct(cls=None, *, omit_defaults: bool = False):
 
     def make(cls):
         cls = dataclasses.dataclass(slots=True)(cls)
+        if hasattr(cls, "__post_init__"):  # from_wire builds objects without __init__ (see _generate)
+            raise TypeError(f"{cls.__name__}: a wire struct validates in check(where), not __post_init__")
         hints = typing.get_type_hints(cls)
         fields = [_describe(f, hints[f.name]) for f in dataclasses.fields(cls)]
         _generate(cls, fields, omit_defaults)
