@@ -5,10 +5,17 @@ simulator) and `clients.local` (a local cluster of processes)."""
 
 from clients.aio import AsyncClient, AsyncJob
 from clients.client import Client, Job
-from clients.errors import Cancelled, LegoError, RequestFailed, RequestRejected, Timeout
+from clients.errors import (
+    BrokerUnreachable,
+    Cancelled,
+    LegoError,
+    RequestFailed,
+    RequestRejected,
+    Timeout,
+)
 from clients.results import JobResult
 
 __all__ = [
-    "AsyncClient", "AsyncJob", "Cancelled", "Client", "Job", "JobResult", "LegoError",
+    "AsyncClient", "AsyncJob", "BrokerUnreachable", "Cancelled", "Client", "Job", "JobResult", "LegoError",
     "RequestFailed", "RequestRejected", "Timeout",
 ]

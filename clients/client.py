@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from broker import protocol as p
-from clients.core import ClientCore, JobState, admin_outcome, broker_error, replicas_message
+from clients.core import (
+    DEFAULT_BROKER_SILENCE_S,
+    ClientCore,
+    JobState,
+    admin_outcome,
+    broker_error,
+    replicas_message,
+)
 from clients.errors import Timeout
 from clients.results import JobResult
 
@@ -86,10 +93,12 @@ class Job:
 
 class Client:
     def __init__(self, address: str | None = None, submit_timeout_s: float = 10.0, admin_timeout_s: float = 10.0,
-                 key_file: str | None = None):
+                 key_file: str | None = None, broker_silence_s: float | None = DEFAULT_BROKER_SILENCE_S):
         """`key_file`: this client's key (`lego keys new client NAME`), else $LEGO_KEY_FILE;
-        needed when the cluster's keys are on."""
-        self._core = ClientCore(address, key_file)
+        needed when the cluster's keys are on. `broker_silence_s`: jobs in flight fail with
+        BrokerUnreachable once the broker has answered nothing (not even a probe) this long;
+        None: wait for ever."""
+        self._core = ClientCore(address, key_file, broker_silence_s)
         self.address = self._core.address
         self.submit_timeout_s = submit_timeout_s
         self.admin_timeout_s = admin_timeout_s

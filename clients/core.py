@@ -12,6 +12,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,12 +24,15 @@ from broker import auth
 from broker import protocol as p
 from broker.protocol.constants import DEFAULT_LIMITS
 from broker.protocol.tensors import ITEMSIZE, check_payload, raw_desc
-from clients.errors import Cancelled, LegoError, RequestFailed, RequestRejected
+from clients.errors import BrokerUnreachable, Cancelled, LegoError, RequestFailed, RequestRejected
 from clients.results import JobResult
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_BROKER_SILENCE_S = 60.0  # jobs fail BrokerUnreachable after this long without a word from the broker
+PROBE_AFTER_S = 2.0  # with jobs in flight and nothing heard for this long, ask the broker something small
+PROBE_CALL = "liveness-probe"  # the call id of those probes: their answers only prove the broker is there
 _ids = itertools.count()
 
 
@@ -130,8 +134,43 @@ def outcome_of(msg: p.Message, payload: list) -> JobResult | Exception | None:
     return None
 
 
+class SilenceWatch:
+    """When to probe a broker that has said nothing, and when to give up on it (pure).
+
+    A request may run for minutes with no message (progress off), so silence alone
+    proves nothing: with jobs in flight, the IO thread asks the broker something small
+    (a workflow list) every PROBE_AFTER_S of silence, and any answer resets the clock.
+    Only `limit_s` without any answer while jobs wait ends them; None never does. The
+    clock runs only while something waits: an idle client owes the broker no traffic."""
+
+    PROBE, GIVE_UP = "probe", "give_up"
+
+    def __init__(self, limit_s: float | None, now: float):
+        if limit_s is not None and (isinstance(limit_s, bool) or not isinstance(limit_s, (int, float)) or limit_s <= 0):
+            raise ValueError(f"broker_silence_s: expected seconds > 0 or None, got {limit_s!r}")
+        self.limit_s = limit_s
+        self.heard_at = self.probed_at = now
+
+    def heard(self, now: float) -> None:
+        self.heard_at = now
+
+    def check(self, now: float, waiting: bool) -> str | None:
+        if not waiting:
+            self.heard_at = now
+            return None
+        if self.limit_s is not None and now - self.heard_at >= self.limit_s:
+            self.heard_at = now  # the jobs given up on now are gone; later ones get a fresh clock
+            return self.GIVE_UP
+        if now - max(self.heard_at, self.probed_at) >= PROBE_AFTER_S:
+            self.probed_at = now
+            return self.PROBE
+        return None
+
+
 class ClientCore:
-    def __init__(self, address: str | None = None, key_file: str | None = None):
+    def __init__(self, address: str | None = None, key_file: str | None = None,
+                 broker_silence_s: float | None = DEFAULT_BROKER_SILENCE_S):
+        self.silence = SilenceWatch(broker_silence_s, time.monotonic())  # checks the value before any thread starts
         self.address = resolve_address(address)
         self.key = resolve_key(key_file)  # read here, so that a bad key file fails the constructor
         self.context = zmq.Context()
@@ -244,18 +283,38 @@ class ClientCore:
                             break
                         sock.send_multipart([b"", *frames], copy=False)
                 if sock in events:
+                    self.silence.heard(time.monotonic())
                     while sock.poll(0):
                         frames = sock.recv_multipart(copy=False)
                         try:
                             self._on_frames(frames)
                         except Exception:  # one bad reply must not deafen the client
                             log.exception("client_reply_failed")
+                self._watch_silence(sock)
         except Exception:
             log.exception("client_io_failed")
         finally:
             sock.close(linger=0)
             bell_in.close(linger=0)
             self._fail_everything("the client's connection to the broker is closed")
+
+    def _watch_silence(self, sock: zmq.Socket) -> None:
+        """Probe a silent broker while jobs wait on it; fail them once it has been silent too long."""
+        now = time.monotonic()
+        silent_s = now - self.silence.heard_at
+        action = self.silence.check(now, waiting=bool(self.jobs))
+        if action == SilenceWatch.PROBE:
+            sock.send_multipart([b"", *p.encode(p.ListWorkflows(call_id=PROBE_CALL))], copy=False)
+        elif action == SilenceWatch.GIVE_UP:
+            with self._lock:
+                jobs, self.jobs = list(self.jobs.values()), {}
+            log.warning("broker_unreachable", address=self.address, silent_s=round(silent_s, 1), jobs=len(jobs))
+            for state in jobs:
+                state.outcome = BrokerUnreachable(
+                    state.request_id, "broker_unreachable",
+                    f"no answer from the broker at {self.address} for {silent_s:.0f} s "
+                    f"(broker_silence_s = {self.silence.limit_s:g}); it may still finish there")
+                self._deliver(state.sink, state.outcome)
 
     def _fail_everything(self, reason: str) -> None:
         """Nothing may wait forever on a client that can no longer hear answers."""
@@ -282,6 +341,8 @@ class ClientCore:
             log.warning("protocol_error", code=err.code.value, error=err.message)
             return
         call_id = getattr(msg, "call_id", None) or (msg.request_id if isinstance(msg, p.Error) else None)
+        if call_id == PROBE_CALL:
+            return  # a liveness probe's answer: hearing it was the point
         if call_id:
             with self._lock:
                 sink = self.admin_waiters.pop(call_id, None)

@@ -26,6 +26,13 @@ class RequestFailed(LegoError):
         self.request_id, self.code, self.message = request_id, code, message
 
 
+class BrokerUnreachable(RequestFailed):
+    """The broker stopped answering while the request was in flight (code `broker_unreachable`).
+
+    The request may still complete there (a restarted broker resumes its journal), but this
+    client stopped waiting for it after `broker_silence_s` without a word from the broker."""
+
+
 class Cancelled(RequestFailed):
     """The request was cancelled (by this client's `cancel()`)."""
 

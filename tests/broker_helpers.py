@@ -44,8 +44,9 @@ def ident(peer: str) -> bytes:
     return peer.encode()
 
 
-def hello(core, actor_id, model, *, credits=1, max_batch_rows=1, now=0.0, identity: bytes | None = None) -> list[Send]:
-    msg = p.ActorHello(actor_id=actor_id, model=model, device="cpu", host="host-1", pid=100, backend="emulated",
+def hello(core, actor_id, model, *, credits=1, max_batch_rows=1, now=0.0, identity: bytes | None = None,
+          host="host-1", pid=100) -> list[Send]:
+    msg = p.ActorHello(actor_id=actor_id, model=model, device="cpu", host=host, pid=pid, backend="emulated",
                        max_batch_rows=max_batch_rows, data_address=f"tcp://{actor_id}:5600", credits=credits)
     return core.on_backend(identity if identity is not None else ident(actor_id), msg, [], now)
 

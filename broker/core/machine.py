@@ -31,6 +31,7 @@ from broker.core.actors import ActorTable
 from broker.core.admin import Admin
 from broker.core.directory import RequestDirectory
 from broker.core.dispatch import Dispatcher
+from broker.core.expiry import Expiry
 from broker.core.intake import Intake
 from broker.core.load import LoadTracker
 from broker.core.metering import Meters
@@ -63,6 +64,7 @@ class BrokerCore:
         self.recovery = Recovery(settings, self.actor_table, self.directory, self.dispatcher, self.meters, self.out)
         self.peers = Peers(settings, broker_id, self.actor_table, self.recovery, self.dispatcher, self.meters, self.out)
         self.results = Results(self.peers, self.directory, self.recovery, self.dispatcher, self.meters, self.out)
+        self.expiry = Expiry(settings, self.actor_table, self.directory, self.meters)
         self.admin = Admin(catalog, broker_id, self.actor_table, self.peers, self.dispatcher, self.out)
         self.intake = Intake(settings, catalog, random.Random(seed), self.actor_table, self.directory, self.dispatcher,
                              self.load, self.meters, self.admin.operator, self.out)
@@ -130,8 +132,13 @@ class BrokerCore:
         return self._run(self.intake.resume, request_id, client, workflow, params, tensors, frames, progress, now)
 
     def on_tick(self, now: float) -> list[Send]:
-        """Heartbeats out, silent peers declared dead. Call about 4x per interval."""
-        return self._run(self.peers.tick, now)
+        """Heartbeats out, silent peers declared dead, requests that can no longer end
+        failed typed. Call about 4x per heartbeat interval."""
+        return self._run(self._tick, now)
+
+    def _tick(self, now: float) -> None:
+        self.peers.tick(now)
+        self.expiry.tick(now)
 
     def snapshot(self, now: float) -> p.Stats:
         return telemetry.snapshot(now, self.catalog, self.settings, self.actor_table, self.directory, self.load,
@@ -171,7 +178,7 @@ class BrokerCore:
     def settings(self, settings: BrokerSettings) -> None:
         """The parts that read settings see an operator's live change at their next event."""
         self._settings = settings
-        for part in (self.dispatcher, self.recovery, self.peers, self.intake):
+        for part in (self.dispatcher, self.recovery, self.peers, self.intake, self.expiry):
             part.settings = settings
 
     @property

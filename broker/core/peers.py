@@ -42,7 +42,18 @@ class Peers:
             # A retried hello of a session we already welcomed (it crossed our WELCOME).
             self._welcome(identity)
             return
-        if old is not None:  # the same actor on a new session: what it held is gone
+        if old is not None and (old.host, old.pid) != (msg.host, msg.pid):
+            # Another process claims a live actor's id (two actors started with one
+            # --actor-id, or an impostor): the live one keeps its slot. The claimant's
+            # retried hellos get in once the live session goes silent and is declared dead.
+            self.meters.counters["hellos_refused"] += 1
+            log.warning("actor_hello_refused", actor_id=msg.actor_id, host=msg.host, pid=msg.pid,
+                        live_host=old.host, live_pid=old.pid)
+            self.out.error(BACKEND, identity, ErrorCode.DUPLICATE_ACTOR,
+                           f"actor id {msg.actor_id!r} is live on {old.host} (pid {old.pid}); "
+                           "retry when that session ends", "actor_id")
+            return
+        if old is not None:  # the same process on a new session: what it held is gone
             self.recovery.lose_actor(old, "reconnected with a new session", now)
         if msg.max_batch_rows < 1 or msg.credits < 0:
             self.out.error(BACKEND, identity, ErrorCode.BAD_HEADER, "max_batch_rows must be >= 1 and credits >= 0",
@@ -122,6 +133,9 @@ class Peers:
                 self.stop_drained(actor)
         for identity, agent in list(self.actors.agents.items()):
             if now - agent.last_seen > expiry:
+                # Its actors go silent too and are lost in turn; work only they could run
+                # fails typed after orphan_timeout_s unless a replacement joins (expiry.py).
+                self.meters.counters["agents_lost"] += 1
                 log.warning("agent_lost", agent_id=agent.agent_id, host=agent.host)
                 del self.actors.agents[identity]
             elif now - agent.last_sent >= self.settings.heartbeat_interval_s:

@@ -82,6 +82,15 @@ class BrokerSettings:
     adapter_bypass_s: float = setting(2.5, live=True,
                                       help="...when they are at most this much (profile seconds) younger than the head")
 
+    # Every accepted request ends (broker.core.expiry): one still unfinished this long
+    # after it was accepted fails `deadline_exceeded`, whatever held it up.
+    request_timeout_s: float = setting(600.0, live=True,
+                                       help="fail a request still unfinished this long after it was accepted (0: never)")
+    # Queued work of a model no live actor serves (its actors died with their agent) fails
+    # `no_capacity` after this grace, which leaves time to start a replacement.
+    orphan_timeout_s: float = setting(120.0, live=True,
+                                      help="fail requests whose queued work no live actor can take for this long (0: never)")
+
     def __post_init__(self) -> None:
         if self.affinity not in AFFINITIES:
             raise ValueError(f"affinity: expected 'prefer' or 'avoid', got {self.affinity!r}")
@@ -106,6 +115,10 @@ class BrokerSettings:
             raise ValueError(f"adapter_affinity: expected true or false, got {self.adapter_affinity!r}")
         if not (isinstance(self.admission_overhead_s, (int, float)) and self.admission_overhead_s >= 0):
             raise ValueError(f"admission_overhead_s: expected seconds >= 0, got {self.admission_overhead_s!r}")
+        for name in ("request_timeout_s", "orphan_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name}: expected seconds >= 0 (0: never), got {value!r}")
         if not (isinstance(self.adapter_bypass_s, (int, float)) and self.adapter_bypass_s >= 0):
             raise ValueError(f"adapter_bypass_s: expected a number of seconds >= 0, got {self.adapter_bypass_s!r}")
 

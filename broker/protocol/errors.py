@@ -30,6 +30,7 @@ class ErrorCode(str, enum.Enum):
     NO_CAPACITY = "no_capacity"
     INTERNAL = "internal"
     FORBIDDEN = "forbidden"  # keys on: the sender's role may not send that command
+    DUPLICATE_ACTOR = "duplicate_actor"  # a hello for an actor id live on another host or process
 
 
 class ProtocolError(Exception):
