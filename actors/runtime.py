@@ -238,6 +238,7 @@ class ActorRuntime:
                 msg, payload = p.decode(frames[1:])
             except p.ProtocolError as err:
                 log.warning("protocol_error", actor_id=self.actor_id, code=err.code.value, error=err.message)
+                self._refuse_batch(work, frames[1:], err)
                 continue
             if isinstance(msg, p.Tasks):
                 if session.welcomed():
@@ -255,6 +256,16 @@ class ActorRuntime:
             elif isinstance(msg, p.Error):
                 log.warning("broker_error", actor_id=self.actor_id, code=msg.code, error=msg.message)
         return work
+
+    def _refuse_batch(self, work: zmq.Socket, frames: list, err: p.ProtocolError) -> None:
+        """A TASKS message we cannot read still names its batch: fail it back, so that the
+        broker re-runs its tasks one by one (or fails the request typed) and gets the
+        credit back, rather than waiting on a batch that will never finish."""
+        batch_id = p.undecodable_batch_id(frames)
+        if batch_id is None or not self.session.welcomed():
+            return
+        reply = p.BatchFailed(batch_id, [], [], err.code.value, f"the actor could not read the batch: {err.message}")
+        work.send_multipart([b"", *p.encode(reply)])
 
     def free(self, tensor_ids: list[str]) -> None:
         """The broker's FREE (compute thread): the store first, then what was exported.

@@ -7,7 +7,7 @@ nothing else of ours (and no torch: `tensors.py` loads torch only when a torch
 tensor is packed). No pickle anywhere.
 """
 
-from broker.protocol.codec import decode, encode
+from broker.protocol.codec import decode, encode, undecodable_batch_id
 from broker.protocol.constants import PROTOCOL_TAG, Command, Limits
 from broker.protocol.errors import ErrorCode, ProtocolError
 from broker.protocol.messages import *  # noqa: F403 (the message classes are the API)
@@ -23,6 +23,7 @@ __all__ = [
     "ProtocolError",
     "decode",
     "encode",
+    "undecodable_batch_id",
     *_message_names,
     *_task_names,
 ]

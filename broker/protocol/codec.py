@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from broker.protocol.constants import COMMANDS_BY_VALUE, DEFAULT_LIMITS, PROTOCOL_TAG, Limits
+from broker.protocol.constants import COMMANDS_BY_VALUE, DEFAULT_LIMITS, PROTOCOL_TAG, Command, Limits
 from broker.protocol.errors import ErrorCode, ProtocolError
 from broker.protocol.messages import MESSAGE_TYPES, Message
 
@@ -73,3 +73,19 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> tuple[Mess
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {exc}") from None
     msg = MESSAGE_TYPES[command].from_wire(header)
     return msg, payload
+
+
+def undecodable_batch_id(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> int | None:
+    """The batch id of a TASKS message that `decode` refused, where its header still says
+    one (an int `batch_id` in a readable map), else None: an actor answers such a batch
+    BATCH_FAILED, so the broker re-runs or fails its tasks instead of waiting for them."""
+    if len(frames) < 3 or bytes(_as_bytes(frames[1])) != Command.TASKS.value:
+        return None
+    if _nbytes(frames[2]) > limits.max_header_bytes:
+        return None
+    try:
+        header = msgpack.unpackb(_as_bytes(frames[2]), raw=False, max_ext_len=0)
+    except Exception:  # msgpack raises several unrelated types
+        return None
+    batch_id = header.get("batch_id") if isinstance(header, dict) else None
+    return batch_id if type(batch_id) is int and 0 <= batch_id < 2**63 else None
