@@ -13,7 +13,13 @@ from typing import Any
 
 import msgpack
 
-from broker.protocol.constants import COMMANDS_BY_VALUE, DEFAULT_LIMITS, PROTOCOL_TAG, Command, Limits
+from broker.protocol.constants import (
+    COMMANDS_BY_VALUE,
+    DEFAULT_LIMITS,
+    PROTOCOL_TAG,
+    Command,
+    Limits,
+)
 from broker.protocol.errors import ErrorCode, ProtocolError
 from broker.protocol.messages import MESSAGE_TYPES, Message
 
