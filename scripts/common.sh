@@ -60,6 +60,9 @@ lego_ensure_browser() {
 # (e.g. LEGO_CATALOG), so names here avoid the settings' names except where the
 # meaning is the same (LEGO_WORKFLOWS, LEGO_EMULATE_GPUS, LEGO_AGENT_ID).
 : "${LEGO_HEAD_RUN_DIR:=$LEGO_RUN_DIR/head}"        # broker + scheduler: pids/, logs/
+# The broker's request journal: accepted requests survive a broker restart. Set it
+# empty (LEGO_JOURNAL=) to keep requests in memory only.
+: "${LEGO_JOURNAL=$LEGO_HEAD_RUN_DIR/journal.sqlite}"
 : "${LEGO_NODE_HOST:=$HOSTNAME}"                    # the agent's --host: unique per node
 : "${LEGO_NODE_RUN_DIR:=$LEGO_RUN_DIR/nodes/$LEGO_NODE_HOST}"  # agent + its actors
 : "${LEGO_AGENT_ID:=}"                              # empty: agent@HOST

@@ -16,6 +16,8 @@
 #   LEGO_BACKEND_PORT   actors and node agents (5556)
 #   LEGO_HEAD_RUN_DIR   pids/ and logs/ ($LEGO_RUN_DIR/head, LEGO_RUN_DIR: $LEGO_ROOT/run)
 #   LEGO_WORKFLOWS      served by the scheduler, comma-separated (flux-schnell-txt2img)
+#   LEGO_JOURNAL        the broker's request journal ($LEGO_HEAD_RUN_DIR/journal.sqlite; empty: none):
+#                       requests accepted before a broker restart finish after it
 #   LEGO_BROKER_ARGS    extra `lego broker` flags, e.g. "--cost-scale 0.05 --cfg-split auto"
 #   LEGO_SCHEDULER_ARGS extra `lego scheduler` flags, e.g. "--backend diffusers --admission off"
 #   LEGO_VENV           the virtualenv ($LEGO_ROOT/.venv)
@@ -76,6 +78,7 @@ start() {
     lego_log "broker already running (pid $pid)"
   else
     # shellcheck disable=SC2046
+    [ -z "$LEGO_JOURNAL" ] || broker_args=(--journal "$LEGO_JOURNAL" "${broker_args[@]}")
     lego_spawn "$dir" broker broker.server --frontend "$frontend_bind" --backend "$backend_bind" \
       $(lego_key_args broker) "${broker_args[@]}"
     started+=(broker:broker.server)

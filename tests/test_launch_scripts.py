@@ -149,6 +149,8 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
         assert {"broker.pid", "scheduler.pid", "agent.pid"} <= names
         assert sum(name.startswith("actor-") for name in names) >= len(models)
         _assert_private(tmp_path)
+        journal = tmp_path / "head" / "head" / "journal.sqlite"  # on by default: accepted work outlives a restart
+        assert journal.exists() and stat.S_IMODE(journal.stat().st_mode) == 0o600
 
         result = _cluster(hosts, "stop", env)
         stopped = True
