@@ -71,6 +71,31 @@ def may_send(socket: str, user_id: str | None, command: C) -> bool:
     return command in COMMANDS.get(socket, {}).get(role_of(user_id), frozenset())
 
 
+class RoutingOwners:
+    """Keys on: which key first spoke with each client routing id (pure, bounded).
+
+    The broker answers a request to the routing id that submitted it, and a client keeps
+    one routing id for its life so that answers find it after a reconnect. A peer with
+    another key that takes over that id (after the client disconnected) would receive the
+    client's answers and could cancel its requests: a routing id stays with the first key
+    that used it. The `limit` most recently active ids are remembered."""
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self._owners: dict[bytes, str] = {}  # insertion order = least recently active first
+
+    def claim(self, identity: bytes, user_id: str) -> bool:
+        """Whether `user_id` may speak as `identity` (and remember it if nobody did)."""
+        owner = self._owners.pop(identity, None)
+        if owner is not None and owner != user_id:
+            self._owners[identity] = owner  # still its owner's, and just active
+            return False
+        self._owners[identity] = user_id
+        if len(self._owners) > self.limit:
+            del self._owners[next(iter(self._owners))]
+        return True
+
+
 @dataclass(frozen=True)
 class KeyFile:
     """One process's identity: role, name, key pair, and the server key it connects to."""

@@ -113,6 +113,7 @@ class BrokerServer:
         self.cut_off: dict[tuple[str, bytes], float] = {}
         self.key: auth.KeyFile | None = None  # keys on: this broker's CurveZMQ identity
         self.authenticator: auth.RoleAuthenticator | None = None
+        self.routing_owners = auth.RoutingOwners()  # keys on: a client routing id stays with its key
 
     def bind(self) -> None:
         self._secure()
@@ -239,19 +240,21 @@ class BrokerServer:
                     sends = self.core.on_protocol_error(name, identity, err)
                 else:
                     user = frames[0].get("User-Id") if self.key is not None else None
-                    if auth.may_send(name, user, msg.COMMAND):
-                        sends = self._guarded(handle, identity, msg, payload, now, reply_to=(name, identity))
+                    if not auth.may_send(name, user, msg.COMMAND):
+                        sends = self._forbidden(name, identity, user, msg, "keys may not send")
+                    elif name == FRONTEND and user is not None and not self.routing_owners.claim(identity, user):
+                        sends = self._forbidden(name, identity, user, msg, "key may not use another key's routing id for")
                     else:
-                        sends = self._forbidden(name, identity, user, msg)
+                        sends = self._guarded(handle, identity, msg, payload, now, reply_to=(name, identity))
             self._apply(sends)
 
-    def _forbidden(self, name: str, identity: bytes, user: str, msg: p.Message) -> list[Send]:
-        """A command its sender's role may not send: refused, counted, and nothing of it acted on."""
+    def _forbidden(self, name: str, identity: bytes, user: str, msg: p.Message, why: str) -> list[Send]:
+        """A command its sender's key may not send: refused, counted, and nothing of it acted on."""
         self.core.counters["commands_refused"] += 1
         log.warning("command_refused", socket=name, peer=user, command=msg.COMMAND.name, **message_ids(msg))
         about = getattr(msg, "call_id", "") or getattr(msg, "request_id", None)
         return [Send(name, identity, p.Error(code=ErrorCode.FORBIDDEN.value, request_id=about or None,
-                                             message=f"{auth.role_of(user)} keys may not send {msg.COMMAND.name}"))]
+                                             message=f"{auth.role_of(user)} {why} {msg.COMMAND.name}"))]
 
     def _guarded(self, fn, *args, reply_to: tuple[str, bytes] | None = None) -> list[Send]:
         """A handler that raises is logged and answered; the loop never dies of it."""

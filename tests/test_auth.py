@@ -102,3 +102,15 @@ def test_key_files_are_private_checked_and_never_print_their_secret(tmp_path):
     (tmp_path / "authorized").write_text("client app short\n")
     with pytest.raises(auth.KeyFileError, match="authorized:1"):
         auth.load_authorized(tmp_path / "authorized")
+
+
+def test_a_client_routing_id_stays_with_the_first_key_that_used_it():
+    owners = auth.RoutingOwners(limit=2)
+    assert owners.claim(b"client-a", "client:app")
+    assert owners.claim(b"client-a", "client:app")  # the same key again, e.g. after a reconnect
+    assert not owners.claim(b"client-a", "client:other")  # another key taking it over
+    assert owners.claim(b"client-b", "client:other")
+    assert not owners.claim(b"client-a", "admin:ops")  # still refused: the refusal kept it active
+    assert owners.claim(b"client-c", "client:other")  # over the limit: the least recently active goes
+    assert owners.claim(b"client-b", "admin:ops")  # (client-b was, not client-a)
+    assert not owners.claim(b"client-c", "client:app")

@@ -80,6 +80,32 @@ def test_the_actor_port_answers_no_one_without_an_actor_or_agent_key(cluster, ro
         context.destroy(linger=0)
 
 
+def test_another_key_cannot_take_over_a_clients_routing_id(cluster):
+    """Answers go to the routing id that submitted: a peer with another key that takes that
+    id after the client left would get them (and could cancel its requests)."""
+    context = zmq.Context()
+    try:
+        def speak_as(role: str, identity: bytes):
+            sock = context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.ROUTING_ID, identity)
+            auth.load_key_file(cluster.key_file(role)).as_client(sock)
+            sock.connect(cluster.frontend)
+            sock.send_multipart([b"", *p.encode(p.ListWorkflows(call_id="c1"))])
+            assert sock.poll(10_000), "no answer"
+            msg, _ = p.decode(sock.recv_multipart()[1:])
+            sock.close(linger=0)
+            return msg
+
+        assert isinstance(speak_as("client", b"client-victim"), p.Workflows)
+        time.sleep(0.3)  # the client is gone; its routing id is free at the ZeroMQ level
+        refused = speak_as("admin", b"client-victim")
+        assert isinstance(refused, p.Error) and refused.code == "forbidden" and "routing id" in refused.message
+        assert isinstance(speak_as("client", b"client-victim"), p.Workflows)  # its own key still may
+    finally:
+        context.destroy(linger=0)
+
+
 def test_no_secret_key_reaches_a_log(cluster):
     secrets = [tomllib.loads(path.read_text())["secret"] for name, path in cluster.keys.items()
                if name != "authorized"]
