@@ -27,7 +27,7 @@ from actors import cuda_ipc  # noqa: E402
 from actors.cuda_ipc import IpcExporter, IpcUnavailable, Share  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.protocol import PROTOCOL_TAG  # noqa: E402
-from clients.bench.gpu_check import (  # noqa: E402
+from clients.bench.gpu_transfers import (  # noqa: E402
     LAYOUT_BUNDLE,
     Consumer,
     PeerProcess,
