@@ -7,12 +7,15 @@ text encoder and no CFG (1 row per task), "guided" has two text encoders and CFG
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from broker_helpers import (  # tests/ is on sys.path
     AGENT,
     CATALOG_DOC,
     CLIENT,
     LATER,
+    SETTINGS,
     batches,
     beat,
     done,
@@ -420,26 +423,57 @@ def test_lost_intermediate_restarts_the_request():
     assert core.requests == {}
 
 
-def test_task_lost_max_task_attempts_times_fails_the_request():
+def test_a_task_whose_actor_dies_twice_running_it_alone_is_quarantined():
+    # Issue 13: a poison input (one that crashes its actor every time) costs two actors,
+    # not max_task_attempts (3) of them.
     core = make_core()
     _, step0 = started(core, den=("den-a",))
     survivors = ["enc-a-1", "enc-b-1", "vae-1"]
-    attempts = [step0.tasks[0].attempt]
-    for losses, successor in ((1, "den-b"), (2, "den-c")):  # each actor to take the step goes silent
-        now = LATER * losses
-        beat(core, survivors, now)
-        assert of(core.on_tick(now), p.Failed) == [], f"failed after {losses} loss(es)"
-        attempts.append(only_batch(hello(core, successor, "den", now=now), successor).tasks[0].attempt)
-    beat(core, survivors, LATER * 3)
+    beat(core, survivors, LATER)
+    assert of(core.on_tick(LATER), p.Failed) == [], "failed after 1 loss"
+    retry = only_batch(hello(core, "den-b", "den", now=LATER), "den-b")
+    assert [t.attempt for t in (step0.tasks[0], retry.tasks[0])] == [0, 1]
+    beat(core, survivors, LATER * 2)
 
-    sends = core.on_tick(LATER * 3)  # den-c is lost too: the third loss of the same step
+    sends = core.on_tick(LATER * 2)  # den-b is lost too, running the same step alone
 
-    assert attempts == [0, 1, 2]
     (failed_msg,) = of(sends, p.Failed, CLIENT)
-    assert failed_msg.code == "attempts_exhausted"
+    assert failed_msg.code == "attempts_exhausted" and "quarantined" in failed_msg.message
     assert freed(sends, "enc-a-1") == ["r1/encode/enc-a@0"]
     assert core.requests == {}
-    assert core.counters["requests_failed"] == 1
+    assert core.counters["requests_failed"] == 1 and core.counters["tasks_quarantined"] == 1
+
+
+def test_a_task_lost_in_batches_max_task_attempts_times_fails_the_request():
+    core = make_core(dataclasses.replace(SETTINGS, max_task_attempts=1))
+    _, step0 = started(core, den=("den-a",))
+    beat(core, ["enc-a-1", "enc-b-1", "vae-1"], LATER)
+    (failed_msg,) = of(core.on_tick(LATER), p.Failed, CLIENT)  # the first loss is the last allowed
+    assert failed_msg.code == "attempts_exhausted" and "lost 1 times" in failed_msg.message
+
+
+def test_an_actor_dying_under_a_batch_reruns_its_tasks_alone_so_only_the_poison_fails():
+    core = make_core()
+    sends = submit(core, "good") + submit(core, "poison") + standard_actors(core, den=("den-a",), den_rows=2)
+    sends = run(core, sends, dead=("den-a",))
+    (batch,) = batches(sends, "den-a")
+    assert len(batch.tasks) == 2  # both requests' step 0 in one call
+    survivors = ["enc-a-1", "enc-b-1", "vae-1"]
+    beat(core, survivors, LATER)
+    core.on_tick(LATER)  # den-a dies under the batch: each task runs alone next
+    sends = hello(core, "den-b", "den", credits=2, max_batch_rows=2, now=LATER)
+    alone = batches(sends, "den-b")
+    assert sorted(len(b.tasks) for b in alone) == [1, 1]
+    (good_batch,) = [b for b in alone if b.tasks[0].request_id == "good"]
+    sends = run(core, done(core, "den-b", good_batch, now=LATER + 1), now=LATER + 1, dead=("den-b",))
+    beat(core, survivors + ["den-b"], LATER * 2)
+    assert of(core.on_tick(LATER * 2), p.Failed) == []
+    assert of(sends, p.Result, CLIENT) or "good" in core.requests  # the good one goes on
+
+    beat(core, survivors, LATER * 3)
+    failures = of(core.on_tick(LATER * 3), p.Failed, CLIENT)  # den-b dies running the poison alone
+    assert [(f.request_id, f.code) for f in failures] == [("poison", "attempts_exhausted")]
+    assert core.counters["tasks_quarantined"] == 1
 
 
 def test_disconnect_from_an_actor_requeues_its_work():

@@ -25,6 +25,8 @@ from broker.protocol.errors import ErrorCode
 
 log = structlog.get_logger(__name__)
 
+POISON_LOSSES = 2  # a task whose actor died twice, the second time running it alone, fails: quarantined
+
 
 class Recovery:
     def __init__(self, settings: BrokerSettings, actors: ActorTable, directory: RequestDirectory,
@@ -46,6 +48,7 @@ class Recovery:
                     lost_held.setdefault(request.request_id, request)
         touched = set()
         for batch in actor.in_flight.values():
+            alone = len(batch) == 1
             for node, attempt in batch:
                 request = node.request
                 if request.finished or node.attempt != attempt or node.state != RUNNING:
@@ -55,7 +58,9 @@ class Recovery:
                 if any(self.actors.holder(prod.actor_id) is None for prod in node.inputs):
                     lost_held[request.request_id] = request
                     continue
-                self.requeue(node, reason, now)
+                if not alone:
+                    node.solo = True  # isolate it: if it is the poison, its batch-mates go free
+                self.requeue(node, reason, now, alone=alone)
                 touched.add(node.model)
         actor.in_flight.clear()
         for request in lost_held.values():
@@ -63,10 +68,21 @@ class Recovery:
                 self.restart(request, reason, now)
         self.dispatcher.dispatch_all(touched, now)
 
-    def requeue(self, node: Node, reason: str, now: float) -> None:
-        """Run the node again (a new attempt), unless it was lost too often."""
+    def requeue(self, node: Node, reason: str, now: float, alone: bool = False) -> None:
+        """Run the node again (a new attempt), unless it was lost too often.
+
+        A task that crashes its actor every time (a poison input) must not take actor
+        after actor down, nor its batch-mates with it: lost in a batch, it runs alone
+        next (`lose_actor` marks it solo); lost a second time while alone (`alone`), it
+        is the likely cause and its request fails, two crashes after its first."""
         node.attempt += 1
         node.losses += 1
+        if alone and node.losses >= POISON_LOSSES:
+            self.meters.counters["tasks_quarantined"] += 1
+            self.directory.fail(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,
+                                f"{node.key}'s actor died {node.losses} times, the last time running it alone "
+                                f"(last: {reason}): quarantined as the likely cause", now)
+            return
         if node.losses >= self.settings.max_task_attempts:
             self.directory.fail(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,
                                 f"{node.key} lost {node.losses} times (last: {reason})", now)

@@ -44,7 +44,7 @@ class Node:
         self.state = WAITING
         self.attempt = 0  # bumped on every re-dispatch; results of older attempts are stale
         self.losses = 0  # times this node was lost with a dead actor
-        self.solo = False  # run alone: it was in a batch that failed as a whole
+        self.solo = False  # run alone: it was in a batch that failed as a whole, or whose actor died
         self.siblings: list[Node] = []  # the other nodes of its group (parallel CFG branches)
         self.deps_left = 0
         self.refs_left = 0
