@@ -11,6 +11,7 @@ gives; a corrupt journal stops the broker naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ import pytest
 import zmq
 from broker_helpers import (  # tests/ is on sys.path
     CLIENT,
+    SETTINGS,
     hello,
     image_of,
     make_core,
@@ -176,6 +178,33 @@ def test_a_resumed_request_this_broker_cannot_run_fails_typed():
     (failed,) = [s.msg for s in sends if not isinstance(s, Record)]
     assert failed.code == ErrorCode.UNKNOWN_WORKFLOW.value
     assert kinds(sends) == ["Failed", "journal:failed"] and core.requests == {}
+
+
+def _monolith_core():
+    core = make_core(dataclasses.replace(SETTINGS, serving="monolith", orphan_timeout_s=30.0))
+    core.out.journaling = True
+    return core
+
+
+def test_a_resumed_monolith_request_waits_for_its_pipeline_actor_to_come_back():
+    # Before: at a restart no actor is back yet, so a monolith request failed no_capacity at once.
+    core = _monolith_core()
+    assert core.on_resume("r1", CLIENT, "plain", {"prompt": "x", "seed": 1}, [], [], True, 0.0) == []
+    assert core.on_tick(1.0) == [] and core.requests == {}  # parked: no pipeline actor yet
+    hello(core, "pipe-1", "pipeline/plain", now=2.0)
+    sends = core.on_tick(2.25)
+    (batch,) = [s.msg for s in sends if isinstance(s.msg, p.Tasks)]
+    assert [t.request_id for t in batch.tasks] == ["r1"] and "r1" in core.requests
+
+
+def test_a_resumed_monolith_request_no_pipeline_serves_fails_no_capacity_after_the_grace():
+    core = _monolith_core()
+    core.on_resume("r1", CLIENT, "plain", {"prompt": "x", "seed": 1}, [], [], True, 0.0)
+    assert core.on_tick(29.0) == []
+    sends = core.on_tick(30.0)
+    (failed,) = [s.msg for s in sends if not isinstance(s, Record)]
+    assert failed.code == ErrorCode.NO_CAPACITY.value and "pipeline" in failed.message
+    assert kinds(sends) == ["Failed", "journal:failed"]
 
 
 def test_the_same_clients_repeated_submit_is_its_job_again():

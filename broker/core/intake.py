@@ -52,6 +52,9 @@ class Intake:
         self.catalog, self.rng = catalog, rng
         self.actors, self.directory, self.dispatcher, self.load = actors, directory, dispatcher, load
         self.meters, self.operator, self.out = meters, operator, out
+        # Monolith serving after a restart: journaled requests waiting for a pipeline actor
+        # to come back, as (parked at, resume's arguments); see retry_parked.
+        self.parked: list[tuple[float, tuple]] = []
 
     def submit(self, identity: bytes, msg: p.Submit, payload, now: float) -> None:
         def reject(code: ErrorCode, message: str, field_name: str | None = None, retry_after_s: float = 0.0):
@@ -122,11 +125,7 @@ class Intake:
         was admitted once) and no ACCEPTED (the client had it; a retried SUBMIT gets it
         again); a request this broker can no longer run fails typed."""
         def fail(code: ErrorCode, message: str):
-            self.meters.counters["requests_failed"] += 1
-            self.meters.failed(now, request_id, workflow_name, code.value, message)
-            log.warning("request_failed", request_id=request_id, code=code.value, reason=message)
-            self.out.send(FRONTEND, client, p.Failed(request_id, code.value, message))
-            self.out.ended(request_id, FAILED)
+            self._fail_journaled(request_id, client, workflow_name, code, message, now)
 
         workflow = self.catalog.workflows.get(workflow_name)
         if workflow is None:
@@ -142,8 +141,9 @@ class Intake:
         pipeline = None
         if self.settings.serving == "monolith":
             pipeline = self._pipeline_for(workflow.name)
-            if pipeline is None:  # at a restart, before any actor is back
-                return fail(ErrorCode.NO_CAPACITY, f"no monolith (pipeline/...) actor hosts {workflow.name!r}")
+            if pipeline is None:  # at a restart, before its actors are back: which pipeline runs it is theirs to say
+                self.parked.append((now, (request_id, client, workflow_name, params, tensors, frames, progress)))
+                return None
         solo = self.load.solo_s(workflow, params)
         request = Request(request_id, client, workflow.name, params, self.directory.next_seq(), now, progress)
         request.tensors, request.frames = list(tensors), list(frames)
@@ -151,6 +151,33 @@ class Intake:
         self.meters.counters["requests_resumed"] += 1
         log.info("request_resumed", request_id=request_id, workflow=workflow.name, nodes=len(request.nodes))
         self.dispatcher.dispatch_all(self.directory.start(request, now), now)
+
+    def retry_parked(self, now: float) -> None:
+        """Resume the parked requests a monolith actor now serves; fail typed the ones none
+        has served for orphan_timeout_s (as expiry.py does for queued work)."""
+        if not self.parked:
+            return
+        parked, self.parked = self.parked, []
+        grace = self.settings.orphan_timeout_s
+        for parked_at, args in parked:
+            request_id, client, workflow_name = args[:3]
+            if self._pipeline_for(workflow_name) is not None:
+                self.resume(*args, now)
+            elif grace <= 0 or now - parked_at < grace:
+                self.parked.append((parked_at, args))
+            else:
+                self._fail_journaled(request_id, client, workflow_name, ErrorCode.NO_CAPACITY,
+                                     f"no monolith (pipeline/...) actor hosts {workflow_name!r} {now - parked_at:.0f} s "
+                                     f"after a broker restart (orphan_timeout_s = {grace:g})", now)
+
+    def _fail_journaled(self, request_id: str, client: bytes, workflow_name: str, code: ErrorCode, message: str,
+                        now: float) -> None:
+        """A journaled request this broker cannot run: its client hears a typed failure."""
+        self.meters.counters["requests_failed"] += 1
+        self.meters.failed(now, request_id, workflow_name, code.value, message)
+        log.warning("request_failed", request_id=request_id, code=code.value, reason=message)
+        self.out.send(FRONTEND, client, p.Failed(request_id, code.value, message))
+        self.out.ended(request_id, FAILED)
 
     def _admit(self, request: Request, workflow: WorkflowSpec, slo: float | None, pipeline: str | None,
                now: float) -> None:

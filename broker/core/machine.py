@@ -138,6 +138,7 @@ class BrokerCore:
 
     def _tick(self, now: float) -> None:
         self.peers.tick(now)
+        self.intake.retry_parked(now)
         self.expiry.tick(now)
 
     def snapshot(self, now: float) -> p.Stats:
