@@ -62,6 +62,10 @@ class LocalClusterSpec:
     keys: bool = False
     log_format: str = "console"
     log_level: str = "info"
+    # The broker's request journal (a path; empty: none): accepted requests survive a
+    # broker restart. Extra `lego broker` flags, e.g. ["--orphan-timeout-s", "10"].
+    journal: str = ""
+    broker_args: list[str] = field(default_factory=list)
 
 
 def place(models: list[tuple[str, int]], free: dict[str, int]) -> list[tuple[str, str]]:
@@ -153,7 +157,8 @@ class LocalCluster:
                                "--serving", s.serving, "--drop-late", "on" if s.drop_late else "off",
                                "--drop-hopeless", "on" if s.drop_hopeless else "off",
                                "--batch-by-profile", "on" if s.batch_by_profile else "off",
-                               "--cost-scale", str(s.options.get("time_scale", 1.0)), *broker_keys, *catalogs, *common])
+                               "--cost-scale", str(s.options.get("time_scale", 1.0)), *broker_keys, *catalogs,
+                               *(["--journal", s.journal] if s.journal else []), *s.broker_args, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
                               "--host", "localhost", *self._keys_of("agent", "--actor-key-file", "actor"), *catalogs, *common])

@@ -13,6 +13,7 @@ import zmq
 from broker import auth
 from broker import protocol as p
 from broker.catalog.files import tomllib
+from broker.journal import Journal
 from clients import Client, LegoError, Timeout
 from clients.local import LocalCluster, LocalClusterSpec, free_port
 
@@ -22,9 +23,10 @@ WORKFLOW = "flux-schnell-txt2img"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("keys") / "run"
     spec = LocalClusterSpec(workflows=[WORKFLOW], options={"time_scale": 0.02}, keys=True, log_level="info",
-                            run_dir=str(tmp_path_factory.mktemp("keys") / "run"), scheduler=True,
-                            scheduler_args=["--admission", "false"])
+                            run_dir=str(run_dir), scheduler=True, scheduler_args=["--admission", "false"],
+                            journal=str(run_dir.parent / "journal.sqlite"))
     with LocalCluster(spec) as running:
         yield running
 
@@ -33,6 +35,9 @@ def test_a_client_key_generates_and_every_process_runs_with_keys(cluster):
     with Client(cluster.frontend, key_file=cluster.key_file("client")) as client:
         result = client.generate(WORKFLOW, prompt="a lighthouse", seed=3, steps=2, width=256, height=256, timeout=60)
         assert result.image.shape == (256, 256, 3)
+    journal = Journal(cluster.run_dir.parent / "journal.sqlite")  # LocalClusterSpec.journal reached the broker
+    assert journal.status(result.request_id) == "finished"
+    journal.close()
     with Client(cluster.frontend, key_file=cluster.key_file("admin")) as admin:
         stats = admin.stats()
         assert stats.actors and stats.agents  # the agent and the actors joined with their keys

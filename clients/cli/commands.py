@@ -104,7 +104,7 @@ def _cluster_spec(args):
         options=parse_options(args.option), emulate_gpus=args.emulate_gpus, catalog=args.catalog or [],
         frontend_port=args.port, backend_port=args.port + 1 if args.port else 0, run_dir=args.run_dir,
         log_format=args.log_format, log_level=args.log_level, scheduler=args.scheduler,
-        scheduler_args=list(args.scheduler_arg), cfg_split=args.cfg_split,
+        scheduler_args=list(args.scheduler_arg), cfg_split=args.cfg_split, journal=args.journal or "",
     )
 
 
@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--catalog", action="append")
     u.add_argument("--port", type=int, default=5555, help="frontend port (backend is port+1); 0 picks free ports")
     u.add_argument("--run-dir", default="run/local")
+    u.add_argument("--journal", metavar="PATH",
+                   help="the broker's request journal (SQLite): accepted requests survive a broker restart")
     u.add_argument("--generate", metavar="PROMPT", help="generate one image, write it, stop the cluster")
     u.add_argument("-o", "--output", default="out.png")
     u.add_argument("--seed", type=int)
