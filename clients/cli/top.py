@@ -13,6 +13,7 @@ import contextlib
 import os
 import select
 import shutil
+import signal
 import sys
 
 from clients.cli.status_view import top_lines
@@ -41,9 +42,10 @@ def run_top(client, interval_s: float = 1.0, once: bool = False, out=None, keys=
         return 0
     previous = None
     out.write(ENTER_SCREEN)
+    interrupted = _InterruptFlag()
     try:
         with _keys_unbuffered(keys):
-            while True:
+            while not interrupted():
                 size = _screen_size(out)
                 try:
                     stats = client.stats(timeout=max(1.0, interval_s))
@@ -55,11 +57,31 @@ def run_top(client, interval_s: float = 1.0, once: bool = False, out=None, keys=
                 out.flush()
                 if _quit_pressed(keys, interval_s):
                     return 0
-    except KeyboardInterrupt:
         return 0
     finally:
+        interrupted.restore()
         out.write(LEAVE_SCREEN)
         out.flush()
+
+
+class _InterruptFlag:
+    """Ctrl-C as a flag the loop reads between frames, not a KeyboardInterrupt that may land
+    inside a client call or a terminal write and leave either half done on the way out:
+    the wait in progress (a key wait, a snapshot) ends at its own timeout, then the loop
+    stops and restores the screen."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.set = True
+
+    def __call__(self) -> bool:
+        return self.set
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def _screen_size(out) -> os.terminal_size:
@@ -73,7 +95,7 @@ def _screen_size(out) -> os.terminal_size:
 
 def _quit_pressed(keys, wait_s: float) -> bool:
     """Wait up to `wait_s` for a key; True for q."""
-    readable, _, _ = select.select([keys], [], [], wait_s)
+    readable, _, _ = select.select([keys], [], [], wait_s)  # a signal ends no wait early (PEP 475)
     return bool(readable) and os.read(keys.fileno(), 1).lower() == b"q"
 
 
@@ -89,4 +111,4 @@ def _keys_unbuffered(keys):
         tty.setcbreak(fd)
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)  # now: never wait on output nobody may read
