@@ -33,6 +33,10 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_BROKER_SILENCE_S = 60.0  # jobs fail BrokerUnreachable after this long without a word from the broker
 PROBE_AFTER_S = 2.0  # with jobs in flight and nothing heard for this long, ask the broker something small
 PROBE_CALL = "liveness-probe"  # the call id of those probes: their answers only prove the broker is there
+# A SUBMIT the broker has not acknowledged (ACCEPTED, REJECTED or an outcome) within this
+# is sent again: a broker that died or was restarted with it unread never saw it, and a
+# broker that has it answers a repeat from the same client with the same job.
+RESUBMIT_AFTER_S = 5.0
 _ids = itertools.count()
 
 
@@ -175,6 +179,8 @@ class ClientCore:
         self.key = resolve_key(key_file)  # read here, so that a bad key file fails the constructor
         self.context = zmq.Context()
         self.jobs: dict[str, JobState] = {}
+        # request id -> [SUBMIT frames, when last sent] until the broker acknowledges it (IO thread).
+        self._unacked: dict[str, list] = {}
         self.admin_waiters: dict[str, Callable[[Any], None]] = {}  # call_id -> sink
         # One identity for the client's lifetime: if TCP reconnects underneath, replies
         # addressed to it still arrive.
@@ -200,7 +206,7 @@ class ClientCore:
             raise ValueError(f"message of {len(frames[2])} bytes exceeds the broker's {DEFAULT_LIMITS.max_header_bytes}-byte limit")
         if self._stopping.is_set():
             raise LegoError("client is closed")
-        self._outgoing.put(frames)
+        self._outgoing.put((msg.request_id if isinstance(msg, p.Submit) else None, frames))
         self._ring()
 
     def submit(self, request_id: str, workflow: str, params: dict, progress: bool) -> None:
@@ -278,10 +284,12 @@ class ClientCore:
                         bell_in.recv()
                     while True:
                         try:
-                            frames = self._outgoing.get_nowait()
+                            submitted, frames = self._outgoing.get_nowait()
                         except queue.Empty:
                             break
                         sock.send_multipart([b"", *frames], copy=False)
+                        if submitted is not None:
+                            self._unacked[submitted] = [frames, time.monotonic()]
                 if sock in events:
                     self.silence.heard(time.monotonic())
                     while sock.poll(0):
@@ -291,12 +299,27 @@ class ClientCore:
                         except Exception:  # one bad reply must not deafen the client
                             log.exception("client_reply_failed")
                 self._watch_silence(sock)
+                self._resubmit_unacknowledged(sock)
         except Exception:
             log.exception("client_io_failed")
         finally:
             sock.close(linger=0)
             bell_in.close(linger=0)
             self._fail_everything("the client's connection to the broker is closed")
+
+    def _resubmit_unacknowledged(self, sock: zmq.Socket) -> None:
+        """Send again each SUBMIT the broker has not acknowledged for RESUBMIT_AFTER_S
+        (its job still waits here; a forgotten one is dropped)."""
+        if not self._unacked:
+            return
+        now = time.monotonic()
+        for request_id, entry in list(self._unacked.items()):
+            if request_id not in self.jobs:
+                del self._unacked[request_id]
+            elif now - entry[1] >= RESUBMIT_AFTER_S:
+                log.info("client_resubmit", request_id=request_id, unacknowledged_s=round(now - entry[1], 1))
+                sock.send_multipart([b"", *entry[0]], copy=False)
+                entry[1] = now
 
     def _watch_silence(self, sock: zmq.Socket) -> None:
         """Probe a silent broker while jobs wait on it; fail them once it has been silent too long."""
@@ -351,6 +374,7 @@ class ClientCore:
                 return
         request_id = getattr(msg, "request_id", None)
         if request_id:
+            self._unacked.pop(request_id, None)  # any answer about it: the broker has it
             with self._lock:
                 state = self.jobs.get(request_id)
             if state is None:

@@ -16,16 +16,18 @@ import zmq
 
 from broker import protocol as p
 from clients import BrokerUnreachable, Client
-from clients.core import PROBE_AFTER_S, SilenceWatch
+from clients.core import PROBE_AFTER_S, RESUBMIT_AFTER_S, SilenceWatch
 from clients.local import free_port
 
 
 class FakeBroker:
     """A frontend that accepts every SUBMIT, then answers workflow lists only if told to."""
 
-    def __init__(self, answer_probes: bool):
+    def __init__(self, answer_probes: bool, ignore_submits: int = 0):
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.answer_probes = answer_probes
+        self.ignore_submits = ignore_submits  # the first N SUBMITs are lost, as with a broker killed before reading them
+        self.submits: list[str] = []
         self.probes = 0
         self._stop = threading.Event()
         self._context = zmq.Context()
@@ -51,6 +53,9 @@ class FakeBroker:
             identity, _, *frames = self._sock.recv_multipart()
             msg, _ = p.decode(frames)
             if isinstance(msg, p.Submit):
+                self.submits.append(msg.request_id)
+                if len(self.submits) <= self.ignore_submits:
+                    continue
                 reply = p.Accepted(msg.request_id, 4, 2, msg.params)
             elif isinstance(msg, p.ListWorkflows):
                 self.probes += 1
@@ -80,6 +85,19 @@ def test_a_broker_that_answers_probes_keeps_a_long_job_waiting():
         with pytest.raises(TimeoutError):
             job.result(timeout=6.0)  # twice the silence limit: the probes' answers keep it alive
         assert broker.probes >= 2
+
+
+def test_a_submit_the_broker_never_read_is_sent_again_until_acknowledged():
+    # Found by `lego bench chaos` (broker-hang-kill): SUBMITs unread when the broker died
+    # were never answered by the restarted broker, and the client waited for ever.
+    with FakeBroker(answer_probes=True, ignore_submits=1) as broker, Client(broker.address) as client:
+        started = time.monotonic()
+        job = client.submit("any", request_id="r-lost", prompt="x", wait_accepted=False)
+        job.wait_accepted(timeout=RESUBMIT_AFTER_S + 5.0)
+        assert broker.submits == ["r-lost", "r-lost"]  # the same request, sent once more
+        assert time.monotonic() - started >= RESUBMIT_AFTER_S * 0.9
+        time.sleep(RESUBMIT_AFTER_S + 0.5)
+        assert broker.submits == ["r-lost", "r-lost"]  # acknowledged: not sent again
 
 
 def test_the_silence_watch_probes_then_gives_up_only_while_something_waits():
