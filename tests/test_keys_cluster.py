@@ -36,8 +36,13 @@ def test_a_client_key_generates_and_every_process_runs_with_keys(cluster):
         result = client.generate(WORKFLOW, prompt="a lighthouse", seed=3, steps=2, width=256, height=256, timeout=60)
         assert result.image.shape == (256, 256, 3)
     journal = Journal(cluster.run_dir.parent / "journal.sqlite")  # LocalClusterSpec.journal reached the broker
-    assert journal.status(result.request_id) == "finished"
-    journal.close()
+    try:
+        deadline = time.monotonic() + 10  # the end is journaled as the result leaves, not before the client has it
+        while journal.status(result.request_id) != "finished":
+            assert time.monotonic() < deadline, f"journal says {journal.status(result.request_id)!r}"
+            time.sleep(0.1)
+    finally:
+        journal.close()
     with Client(cluster.frontend, key_file=cluster.key_file("admin")) as admin:
         stats = admin.stats()
         assert stats.actors and stats.agents  # the agent and the actors joined with their keys
