@@ -1,0 +1,370 @@
+"""Two hosts for real: a node in its own network namespace, reached over a veth pair.
+
+The test makes a network namespace and a veth pair (root side 10.213.X.1/24, the
+namespace's side 10.213.X.2/24), then starts with the launch scripts, keys on: the
+head (broker + scheduler) and node A in the root namespace, node B inside the
+namespace, each with emulated GPUs. It checks that
+
+- each actor's data socket listens on its host's routable address (never loopback),
+  and that actors of one host fetched tensors from the other's data sockets (open TCP
+  connections across the veth; the broker's `frames_bytes` grows);
+- images are served;
+- when every process of the namespace is killed with requests in flight, each
+  accepted request still ends: completed on node A's replicas, or failed with a
+  typed error; none is lost.
+
+Placement: the scheduler puts a workflow's replicas next to each other, so the test
+stages them: one replica of each model first, on node B alone (one GPU), then two
+once node A (two GPUs) has joined; B's GPU holds one denoiser only, so the second
+replica of every model goes to A. Needs root and `ip netns` (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from broker import auth
+from broker.catalog import load_catalog
+from clients import Client
+from clients.errors import RequestFailed, RequestRejected, Timeout
+from clients.local import free_port
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+WORKFLOW = "flux-schnell-txt2img"
+SCRIPT_TIMEOUT_S = 120
+IMAGE = {"steps": 4, "width": 256, "height": 256}
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+def _subnet_in_use(x: int) -> bool:
+    return f"10.213.{x}." in _ip("-4", "addr", check=False).stdout
+
+
+def _netns_pids(ns: str) -> list[int]:
+    out = _ip("netns", "pids", ns, check=False).stdout
+    return [int(word) for word in out.split() if word.isdigit()]
+
+
+def _kill_netns(ns: str) -> list[int]:
+    """SIGKILL every process in the namespace; wait until they are gone. Returns the pids."""
+    killed: list[int] = []
+    deadline = time.monotonic() + 10
+    while (pids := _netns_pids(ns)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    return sorted(set(killed))
+
+
+class Net:
+    def __init__(self, ns: str, x: int, veth_root: str):
+        self.ns, self.veth_root = ns, veth_root
+        self.head_ip, self.node_ip = f"10.213.{x}.1", f"10.213.{x}.2"
+
+
+@pytest.fixture
+def net():
+    """A network namespace joined to the root one by a veth pair; removed afterwards."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("needs root on Linux (network namespaces)")
+    if not shutil.which("ip") or not shutil.which("setsid"):
+        pytest.skip("needs `ip` (iproute2) and `setsid`")
+    if not (Path(sys.prefix) / "bin" / "python").exists():
+        pytest.skip("needs a virtualenv (the launch scripts run LEGO_VENV/bin/python)")
+    tag = uuid.uuid4().hex[:6]
+    ns, veth_root, veth_ns = f"lego-{os.getpid()}-{tag}", f"lgr{tag}", f"lgn{tag}"
+    made = _ip("netns", "add", ns, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"`ip netns add` failed: {made.stderr.strip()}")
+    try:
+        x = random.choice([x for x in range(1, 255) if not _subnet_in_use(x)] or [1])
+        n = Net(ns, x, veth_root)
+        _ip("link", "add", veth_root, "type", "veth", "peer", "name", veth_ns)
+        _ip("link", "set", veth_ns, "netns", ns)
+        _ip("addr", "add", f"{n.head_ip}/24", "dev", veth_root)
+        _ip("link", "set", veth_root, "up")
+        _ip("-n", ns, "addr", "add", f"{n.node_ip}/24", "dev", veth_ns)
+        _ip("-n", ns, "link", "set", veth_ns, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        yield n
+    finally:
+        _kill_netns(ns)
+        _ip("link", "del", veth_root, check=False)  # takes its peer with it
+        _ip("netns", "del", ns, check=False)
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _env(tmp_path: Path, net: Net, frontend_port: int, backend_port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEGO_")}
+    env.update(
+        LEGO_VENV=sys.prefix, LEGO_INSTALL="0",  # this interpreter's environment, as it is
+        LEGO_KEYS_DIR=str(tmp_path / "keys"), LEGO_BIND_HOST=net.head_ip, LEGO_HEAD=net.head_ip,
+        LEGO_FRONTEND_PORT=str(frontend_port), LEGO_BACKEND_PORT=str(backend_port),
+        LEGO_WORKFLOWS=WORKFLOW,
+        LEGO_BROKER_ARGS="--affinity avoid --cost-scale 0.02 --orphan-timeout-s 30",
+        LEGO_SCHEDULER_ARGS="--min-replicas 2 --max-replicas 2 --admission off "
+                            "--actor-option time_scale=0.02 --interval-s 0.5",
+        LEGO_START_TIMEOUT_S="90", LEGO_STOP_TIMEOUT_S="10",
+    )
+    return env
+
+
+def _node_env(env: dict, tmp_path: Path, host: str, gpus: int) -> dict:
+    return {**env, "LEGO_RUN_DIR": str(tmp_path / host), "LEGO_NODE_HOST": host, "LEGO_EMULATE_GPUS": str(gpus)}
+
+
+def _script(name: str, action: str, env: dict, netns: str | None = None) -> subprocess.CompletedProcess:
+    cmd = ["bash", str(SCRIPTS / name), action]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+
+
+def _logs(root: Path, tail: int = 3000) -> str:
+    return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-tail:]}" for log in sorted(root.rglob("*.log")))
+
+
+def _pids(root: Path) -> dict[Path, int]:
+    pids = {}
+    for pidfile in root.rglob("pids/*.pid"):
+        try:
+            pids[pidfile] = int(pidfile.read_text())
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _environ(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------ sockets, from /proc
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _addr(hex_addr: str) -> tuple[str, int]:
+    ip, port = hex_addr.split(":")
+    return socket.inet_ntoa(int(ip, 16).to_bytes(4, "little")), int(port, 16)
+
+
+def _tcp(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
+    """(state, local, remote) of the process's IPv4 TCP sockets (LISTEN: "0A", ESTABLISHED: "01")."""
+    mine = _socket_inodes(pid)
+    rows = []
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return rows
+    for line in lines:
+        f = line.split()
+        if int(f[9]) in mine:
+            rows.append((f[3], _addr(f[1]), _addr(f[2])))
+    return rows
+
+
+# ------------------------------------------------------------------ waiting
+
+
+def _stats(client: Client):
+    try:
+        return client.stats(timeout=5)
+    except Timeout:
+        return None
+
+
+def _placed(stats, models: set[str]) -> dict[str, set[str]]:
+    """host -> the models with a live (not draining) actor there."""
+    hosts: dict[str, set[str]] = {}
+    for a in stats.actors if stats is not None else []:
+        if a.state != "draining" and a.model in models:
+            hosts.setdefault(a.host, set()).add(a.model)
+    return hosts
+
+
+def _wait(what: str, admin: Client, done, timeout_s: float, root: Path):
+    deadline = time.monotonic() + timeout_s
+    stats = None
+    while time.monotonic() < deadline:
+        stats = _stats(admin)
+        if stats is not None and done(stats):
+            return stats
+        time.sleep(0.5)
+    summary = None if stats is None else [(a.actor_id, a.model, a.host, a.state) for a in stats.actors]
+    raise AssertionError(f"{what}: not within {timeout_s}s; actors: {summary}\n{_logs(root)}")
+
+
+# ------------------------------------------------------------------ the test
+
+
+def test_two_hosts_over_a_veth_pair(tmp_path, net):
+    keys = auth.make_cluster_keys(tmp_path / "keys")
+    frontend_port, backend_port = free_port(), free_port()
+    frontend = f"tcp://{net.head_ip}:{frontend_port}"
+    env = _env(tmp_path, net, frontend_port, backend_port)
+    env_a, env_b = _node_env(env, tmp_path, "node-a", 2), _node_env(env, tmp_path, "node-b", 1)
+    env_head = {**env, "LEGO_RUN_DIR": str(tmp_path / "head")}
+    models = set(load_catalog([]).workflows[WORKFLOW].models)
+    expected_ip = {"node-a": net.head_ip, "node-b": net.node_ip}
+    seen: dict[Path, int] = {}
+    admin = None
+    try:
+        started = _script("lego-head.sh", "start", env_head)
+        assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
+        seen.update(_pids(tmp_path))
+        admin = Client(frontend, key_file=str(keys["admin"]), admin_timeout_s=5.0)
+        for model in models:  # stage 1: one replica of each model, on node B alone
+            admin.set_replicas(model, min=1, max=1)
+
+        started = _script("lego-node.sh", "start", env_b, netns=net.ns)
+        assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
+        _wait("one actor of each model on node-b", admin,
+              lambda s: _placed(s, models).get("node-b") == models, 90, tmp_path)
+
+        started = _script("lego-node.sh", "start", env_a)
+        assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
+        _wait("node-a's agent", admin, lambda s: {a.host for a in s.agents} == {"node-a", "node-b"}, 30, tmp_path)
+        for model in models:  # stage 2: two of each; B's one GPU has no room for a second denoiser
+            admin.set_replicas(model, min=2, max=2)
+        stats = _wait("actors of every model on both hosts", admin,
+                      lambda s: all(_placed(s, models).get(h) == models for h in expected_ip), 120, tmp_path)
+        assert sorted(a.host for a in stats.agents) == ["node-a", "node-b"]
+        seen.update(_pids(tmp_path))
+
+        # Each actor's data socket listens on its host's routable address, never loopback
+        # (the broker's stats do not carry the advertised address: see the connections below).
+        listening: dict[tuple[str, int], str] = {}  # data address -> host
+        for a in stats.actors:
+            ip = expected_ip[a.host]
+            ports = [local for state, local, _ in _tcp(a.pid) if state == "0A"]
+            assert ports and all(addr == ip for addr, _ in ports), (a.actor_id, a.host, ports)
+            listening.update({local: a.host for local in ports})
+
+        with Client(frontend, key_file=str(keys["client"])) as client:
+            for seed in range(4):
+                result = client.generate(WORKFLOW, prompt=f"a lighthouse {seed}", seed=seed, timeout=60, **IMAGE)
+                assert result.image.shape == (256, 256, 3)
+
+        # Tensors crossed hosts both ways: actors hold connections to the data sockets of the
+        # other host's actors, at the addresses those advertised (with `--affinity avoid`, each
+        # denoising step moves to the other replica of the denoiser, which is on the other host).
+        crossed = set()
+        stats = _wait("stats", admin, lambda s: True, 30, tmp_path)
+        for a in stats.actors:
+            for state, _, remote in _tcp(a.pid):
+                if state == "01" and listening.get(remote) not in (None, a.host):
+                    crossed.add((a.host, listening[remote]))
+        assert crossed == {("node-a", "node-b"), ("node-b", "node-a")}, \
+            f"(fetching host, serving host) over the veth: {crossed}\n{_logs(tmp_path)}"
+        deadline = time.monotonic() + 20  # the totals come with the actors' heartbeats
+        while True:
+            transfers = _wait("stats", admin, lambda s: True, 30, tmp_path).transfers
+            if transfers is not None and transfers.frames_bytes > 0:
+                break
+            assert time.monotonic() < deadline, f"no bytes fetched by frames: {transfers}"
+            time.sleep(0.5)
+
+        # Kill node B (every process in its namespace) with requests in flight.
+        jobs, rejected = [], []
+        with Client(frontend, key_file=str(keys["client"])) as client:
+            for seed in range(100, 108):
+                try:
+                    jobs.append(client.submit(WORKFLOW, prompt=f"a storm {seed}", seed=seed, progress=False, **IMAGE))
+                except RequestRejected as exc:
+                    rejected.append(exc.code)
+            assert len(jobs) >= 6, f"rejected: {rejected}"
+            deadline = time.monotonic() + 5  # until node B has work or holds tensors (or give up waiting)
+            busy_b = []
+            while time.monotonic() < deadline and not busy_b:
+                actors = getattr(_stats(admin), "actors", [])
+                busy_b = [(a.model, a.in_flight, a.held_tensors) for a in actors
+                          if a.host == "node-b" and (a.in_flight or a.held_tensors)]
+                time.sleep(0.05)
+            killed = _kill_netns(net.ns)
+            assert killed, "no process in the namespace to kill"
+
+            completed, failed, lost = 0, [], []
+            deadline = time.monotonic() + 120
+            for job in jobs:
+                try:
+                    result = job.result(timeout=max(1.0, deadline - time.monotonic()))
+                    assert result.image.shape == (256, 256, 3)
+                    completed += 1
+                except RequestFailed as exc:
+                    assert exc.code, exc
+                    failed.append(exc.code)
+                except Timeout:
+                    lost.append(job.request_id)
+            assert not lost, f"requests lost (no outcome within 120 s): {lost}; failed: {failed}\n{_logs(tmp_path)}"
+            assert completed * 2 > len(jobs), f"only {completed}/{len(jobs)} completed; failed: {failed}"
+            print(f"cross-host connections {sorted(crossed)}, {transfers}; node B busy when killed: {busy_b}; "
+                  f"{completed}/{len(jobs)} completed, failed: {failed}")
+
+        # Node A alone serves on, on its replicas (and the replacements the scheduler starts).
+        with Client(frontend, key_file=str(keys["client"])) as client:
+            result = client.generate(WORKFLOW, prompt="after the storm", seed=7, timeout=60, **IMAGE)
+            assert result.image.shape == (256, 256, 3)
+        _wait("node-b's agent and actors declared gone", admin,
+              lambda s: {a.host for a in s.agents} == {"node-a"} and {a.host for a in s.actors} == {"node-a"},
+              60, tmp_path)
+    finally:
+        if admin is not None:
+            admin.close()
+        seen.update(_pids(tmp_path))
+        _script("lego-node.sh", "stop", env_a)
+        _script("lego-head.sh", "stop", env_head)
+        _kill_netns(net.ns)
+        for pid in seen.values():  # last resort, by pid, never by name
+            if _alive(pid) and str(tmp_path) in _environ(pid):
+                os.kill(pid, signal.SIGKILL)
