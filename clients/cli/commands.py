@@ -250,6 +250,11 @@ def cmd_bench_lora(args) -> int:
     return run_cli(args, "lego bench lora " + " ".join(sys.argv[3:]))
 
 
+def cmd_bench_chaos(args) -> int:
+    from clients.bench.chaos import run_cli
+    return run_cli(args, "lego bench chaos " + " ".join(sys.argv[3:]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: micro-served diffusion workflows.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -374,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--json", action="store_true")
     lb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
     lb.set_defaults(func=cmd_bench_lora)
+    ch = bsub.add_parser("chaos", help="faults (actor, agent, broker killed or stopped) under load on an emulated "
+                                       "cluster: every request completed, failed typed, or counted lost")
+    ch.add_argument("--scenarios", help="comma-separated (default: all; see docs/reliability.md)")
+    ch.add_argument("--rate-per-s", type=float, help="offered requests/s, Poisson (default 4)")
+    ch.add_argument("--load-s", type=float, help="seconds of arrivals per scenario (default 20)")
+    ch.add_argument("--time-scale", type=float, help="emulated model times x this (default 1)")
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--run-dir", help="clusters' logs here (default: a fresh temporary directory)")
+    ch.add_argument("--quick", action="store_true", help="CI check: 5 s of load per scenario, every scenario")
+    ch.add_argument("--json", action="store_true")
+    ch.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/reliability.md)")
+    ch.set_defaults(func=cmd_bench_chaos)
     o = bsub.add_parser("overhead", help="broker dispatch throughput and hop latency with no-op actors")
     o.add_argument("--actors", type=int, default=2)
     o.add_argument("--max-batch-rows", type=int, default=64)
@@ -417,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(cli_main(argv[2:]))
     args = build_parser().parse_args(argv)
+    # A command's own output is stdout (tables, --json); the client library's log lines
+    # (a resubmit, an unreachable broker) go to stderr, warnings and worse only. A command
+    # that runs processes (`lego up`) configures its own logging.
+    configure_logging("console", "warning")
     sys.exit(args.func(args))
 
 

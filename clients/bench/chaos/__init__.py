@@ -1,0 +1,73 @@
+"""`lego bench chaos`: faults injected into an emulated cluster under open-loop load,
+and every request accounted for (issue 13, fault injection).
+
+Each scenario runs on a fresh local cluster of real processes (broker, node agent, two
+emulated actors per model of one workflow) while a thread submits requests at Poisson
+instants whatever the cluster is going through, and one fault is injected:
+
+- `actor-kill`: SIGKILL a random actor every few seconds; an operator (this bench, by
+  admin spawn) starts a replacement at once;
+- `actor-kill-unreplaced`: the same kills, no replacement: once a model has no actor
+  left, its requests fail `no_capacity` after `orphan_timeout_s`;
+- `actor-stop`: SIGSTOP the busiest actor until the broker declares it dead (heartbeat
+  expiry), then SIGCONT: its work re-runs elsewhere, its late results are dropped;
+- `agent-kill`: SIGKILL the node agent with requests in flight (its actors exit with
+  it); a supervisor starts it again and the operator spawns the actors again;
+- `broker-restart`: SIGKILL the journaled broker once a burst is accepted and start it
+  again on the same ports and journal: what it had accepted re-runs there;
+- `broker-hang-kill`: SIGSTOP the journaled broker just before a burst, SIGKILL it once
+  the burst has been sent (as a watchdog kills a hung process), start it again: the
+  SUBMITs it never read were never accepted; the client sends them again once they go
+  unacknowledged for RESUBMIT_AFTER_S (`clients.core`), and the new broker runs them.
+
+Every request ends in one of: completed, failed with a typed code, rejected, lost
+(accepted, then no answer within a generous bound), unanswered (never accepted nor
+answered), and the broker's answers are counted on the wire as well, by a pass-through
+between the load's client and the broker (`AnswerTap`): the client keeps the first
+answer for a request id and drops later ones, so a duplicate answer is visible only
+below it. Lost, unanswered and duplicated must be 0.
+
+The modules, each importing only those before it:
+
+- `accounting`: the settings, `classify`, `tally`, `problems`, `chaos_table` (pure);
+- `tap`: `AnswerTap`, its thread and sockets;
+- `load`: `OpenLoop` (the load's thread) and `collect`;
+- `faults`: process signalling, `Rig` and the fault injectors;
+- `scenarios`: `SCENARIOS`, one cluster per scenario (`run_scenario`), the whole run
+  (`run_chaos_bench`), `record` and the command (`run_cli`).
+"""
+
+from __future__ import annotations
+
+from clients.bench.chaos.accounting import (
+    COMPLETED,
+    FAILED,
+    QUICK,
+    REJECTED,
+    UNANSWERED,
+    ChaosSettings,
+    Observation,
+    Row,
+    chaos_table,
+    classify,
+    problems,
+    rows_of,
+    tally,
+    was_accepted,
+)
+from clients.bench.chaos.faults import fewest_left
+from clients.bench.chaos.scenarios import (
+    SCENARIOS,
+    Scenario,
+    record,
+    run_chaos_bench,
+    run_cli,
+    run_scenario,
+)
+from clients.bench.chaos.tap import AnswerTap
+
+__all__ = [
+    "COMPLETED", "FAILED", "QUICK", "REJECTED", "SCENARIOS", "UNANSWERED", "AnswerTap", "ChaosSettings",
+    "Observation", "Row", "Scenario", "chaos_table", "classify", "fewest_left", "problems", "record", "rows_of",
+    "run_chaos_bench", "run_cli", "run_scenario", "tally", "was_accepted",
+]

@@ -1,0 +1,179 @@
+"""The scenarios of `lego bench chaos` and their runs, and the `lego bench chaos` command.
+
+Runs in the bench's process and owns the processes of each scenario: a fresh
+`LocalCluster` (broker, node agent, emulated actors) per scenario, stopped with it,
+and, for its duration, an admin `Client` to the broker, the `AnswerTap` and the load's
+`Client` connected through it. `Scenario.instants` is pure; `run_cli` prints the
+table (or --json), appends it with --record, and exits 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.catalog import load_catalog
+from clients.bench import records
+from clients.bench.chaos.accounting import (
+    QUICK,
+    REQUEST,
+    WORKFLOW,
+    ChaosSettings,
+    Row,
+    chaos_table,
+    problems,
+    rows_of,
+    tally,
+)
+from clients.bench.chaos.faults import (
+    Rig,
+    burst_instant,
+    journal_broker,
+    kill_actors,
+    kill_agent,
+    restart_broker,
+    signal_pid,
+    stop_actor,
+)
+from clients.bench.chaos.load import OpenLoop, collect
+from clients.bench.chaos.tap import AnswerTap
+from clients.bench.loadgen import poisson_arrivals
+from clients.client import Client
+from clients.local import LocalCluster, LocalClusterSpec
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    fault: str  # what is done, for the docs and --json
+    inject: Callable[[Rig], int]  # runs while the load does; returns the faults injected
+    orphan_timeout_s: Callable[[ChaosSettings], float] = lambda s: s.orphan_timeout_s
+    prepare: Callable[[Rig], None] | None = None  # before the load starts
+    burst: int = 0  # requests at once at burst_instant, on top of the Poisson arrivals
+
+    def instants(self, s: ChaosSettings, seed: int) -> list[float]:
+        """When each request is submitted, seconds after the load starts (pure)."""
+        poisson = [a.at_s for a in poisson_arrivals(s.rate_per_s, s.load_s, [WORKFLOW], seed)]
+        return sorted(poisson + [burst_instant(s)] * self.burst)
+
+
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("actor-kill", "SIGKILL a random actor every fault_every_s; a replacement spawned at once",
+             lambda rig: kill_actors(rig, replace=True)),
+    Scenario("actor-kill-unreplaced", "SIGKILL a random actor every fault_every_s; nothing replaces them",
+             lambda rig: kill_actors(rig, replace=False), orphan_timeout_s=lambda s: s.unreplaced_orphan_timeout_s),
+    Scenario("actor-stop", "SIGSTOP the busiest actor past heartbeat expiry, then SIGCONT", stop_actor),
+    Scenario("agent-kill", "SIGKILL the node agent with work in flight; agent restarted, actors respawned",
+             kill_agent),
+    Scenario("broker-restart", "SIGKILL the journaled broker once a burst is accepted; restarted on the same "
+             "ports and journal", lambda rig: restart_broker(rig, hang=False), prepare=journal_broker, burst=16),
+    Scenario("broker-hang-kill", "SIGSTOP the journaled broker, a burst arrives, SIGKILL; restarted on the same "
+             "ports and journal", lambda rig: restart_broker(rig, hang=True), prepare=journal_broker, burst=16),
+)}
+
+
+
+def cluster_spec(s: ChaosSettings, run_dir: str) -> LocalClusterSpec:
+    return LocalClusterSpec(
+        workflows=[WORKFLOW], replicas=dict.fromkeys(load_catalog().workflows[WORKFLOW].models, s.replicas),
+        options={"time_scale": s.time_scale}, emulate_gpus=2, gpu_memory_gib=1000.0,  # spawns never short of memory
+        run_dir=run_dir, log_level=s.log_level, heartbeat_interval_s=s.heartbeat_interval_s,
+        heartbeat_misses=s.heartbeat_misses)
+
+
+def run_scenario(scenario: Scenario, s: ChaosSettings, run_dir: str, index: int) -> Row:
+    """One fresh cluster, one fault under load; the row of its accounting."""
+    instants = scenario.instants(s, s.seed + index)
+    with LocalCluster(cluster_spec(s, run_dir)) as cluster, Client(cluster.frontend, admin_timeout_s=5.0) as admin, \
+            AnswerTap(cluster.frontend) as tap, Client(tap.address) as client:
+        admin.configure({"request_timeout_s": s.request_timeout_s, "orphan_timeout_s": scenario.orphan_timeout_s(s)})
+        client.generate(WORKFLOW, prompt="warm up", seed=0, timeout=60, **REQUEST)
+        rig = Rig(cluster, admin, tap, OpenLoop(client, instants), s, random.Random(s.seed + index))
+        if scenario.prepare:
+            scenario.prepare(rig)
+        rig.load.start()
+        try:
+            faults = scenario.inject(rig)
+        finally:
+            for pid in rig.stopped:
+                signal_pid(pid, signal.SIGCONT)
+        rig.load.join()
+        observations = collect(rig.load, tap, s.answer_bound_s)
+        wall_s = time.monotonic() - rig.load.started_at
+        counters = admin.stats().counters
+    return tally(scenario.name, observations, faults, wall_s, counters, rig.notes, rig.timeline)
+
+
+def scenarios_of(s: ChaosSettings) -> list[Scenario]:
+    unknown = [name for name in s.scenarios if name not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"scenarios: unknown {unknown} (known: {list(SCENARIOS)})")
+    return [SCENARIOS[name] for name in (s.scenarios or SCENARIOS)]
+
+
+def run_chaos_bench(s: ChaosSettings, progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Every scenario in turn; the rows with where and when they ran."""
+    chosen = scenarios_of(s)
+    root = s.run_dir or tempfile.mkdtemp(prefix="lego-chaos-")
+    started = time.monotonic()
+    rows = []
+    for index, scenario in enumerate(chosen):
+        rows.append(run_scenario(scenario, s, f"{root}/{scenario.name}", index))
+        progress(f"  {scenario.name}: {rows[-1].completed}/{rows[-1].submitted} completed, "
+                 f"lost {rows[-1].lost}, duplicated {rows[-1].duplicated} ({rows[-1].wall_s:g} s)")
+    return {"date": records.utc_now(), "machine": records.machine(), "settings": dataclasses.asdict(s),
+            "run_dir": root, "wall_s": round(time.monotonic() - started, 1),
+            "scenarios": {sc.name: sc.fault for sc in chosen}, "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+
+def record(result: dict, path: str, command: str) -> None:
+    """Append the run to `path` (docs/reliability.md, docs/benchmarks.md) as its own section."""
+    s = result["settings"]
+    with open(path, "a") as out:
+        out.write(f"\n### Fault injection, emulated cluster ({result['date']})\n\n"
+                  f"Machine: {result['machine']}. Command: `{command}`; took {result['wall_s']} s. "
+                  f"{WORKFLOW}, {s['replicas']} emulated actors per model, Poisson arrivals at "
+                  f"{s['rate_per_s']:g}/s for {s['load_s']:g} s per scenario.\n\n{chaos_table(rows_of(result))}\n")
+
+
+# ---------------------------------------------------------------- `lego bench chaos`
+
+
+def settings_from_args(args) -> ChaosSettings:
+    """Settings from the CLI's flags (those not given keep their defaults; --quick first)."""
+    given = dict(QUICK) if args.quick else {}
+    for name in ("rate_per_s", "load_s", "time_scale", "seed", "run_dir"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    if args.scenarios:
+        given["scenarios"] = tuple(x.strip() for x in args.scenarios.split(",") if x.strip())
+    settings = ChaosSettings(**given)
+    scenarios_of(settings)
+    return settings
+
+
+def run_cli(args, command: str) -> int:
+    """Exit 1 when any request was lost, left unanswered or answered twice (a CI check)."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"lego bench chaos: {exc}", file=sys.stderr)
+        return 2
+    result = run_chaos_bench(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = rows_of(result)
+    print(json.dumps(result, indent=2) if args.json else chaos_table(rows))
+    if args.record:
+        record(result, args.record, command.strip())
+    found = problems(rows)
+    for line in found:
+        print(f"lego bench chaos: {line} (logs in {result['run_dir']})", file=sys.stderr)
+    return 1 if found else 0

@@ -1,0 +1,175 @@
+"""`lego bench chaos` (issue 13): faults under load, every request accounted for.
+
+The accounting is pure and tested alone; the wire tap is tested against a fake broker
+that answers one request twice (the client keeps one answer, the tap counts both);
+the quick run kills and stops actors, the agent and the broker (killed outright, and
+killed after a hang with SUBMITs unread) of real local clusters and asserts that nothing accepted was lost or answered twice, and that work completed
+in every scenario. No timing is asserted: the machine running it may be busy.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zmq
+
+from broker import protocol as p
+from clients import Client, RequestFailed, RequestRejected, Timeout
+from clients.bench.chaos import (
+    COMPLETED,
+    FAILED,
+    QUICK,
+    REJECTED,
+    SCENARIOS,
+    UNANSWERED,
+    AnswerTap,
+    ChaosSettings,
+    Observation,
+    chaos_table,
+    classify,
+    fewest_left,
+    problems,
+    rows_of,
+    run_chaos_bench,
+    run_cli,
+    tally,
+    was_accepted,
+)
+from clients.cli.commands import build_parser
+from clients.core import DEFAULT_BROKER_SILENCE_S, RESUBMIT_AFTER_S
+from clients.errors import BrokerUnreachable, LegoError
+
+# ---------------------------------------------------------------- accounting (pure)
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (None, (COMPLETED, None)),
+    (RequestFailed("r", "no_capacity", "gone"), (FAILED, "no_capacity")),
+    (BrokerUnreachable("r", "broker_unreachable", "silent"), (FAILED, "broker_unreachable")),
+    (RequestRejected("r", "overloaded", "busy"), (REJECTED, "overloaded")),
+    (Timeout("r not finished"), (UNANSWERED, None)),
+    (LegoError("what?"), (FAILED, "untyped:LegoError")),
+])
+def test_every_end_of_a_job_is_classified(error, expected):
+    assert classify(error) == expected
+
+
+def test_a_resumed_requests_result_counts_as_accepted_without_a_second_accepted():
+    assert was_accepted(False, False, COMPLETED, answers=1)
+    assert not was_accepted(False, False, REJECTED, answers=1)
+    assert not was_accepted(False, False, FAILED, answers=0)  # the client's own BrokerUnreachable
+    assert was_accepted(False, True, UNANSWERED, answers=0)
+
+
+def _observations() -> list[Observation]:
+    return [Observation("a", True, COMPLETED, answers=1), Observation("b", True, FAILED, "no_capacity", 1),
+            Observation("c", True, FAILED, "no_capacity", 1), Observation("d", False, REJECTED, "overloaded", 1),
+            Observation("e", True, UNANSWERED, submitted_s=1.5), Observation("f", False, UNANSWERED),
+            Observation("g", True, COMPLETED, answers=2)]
+
+
+def test_tally_puts_every_request_in_exactly_one_bucket():
+    row = tally("x", _observations(), faults=2, wall_s=3.04, counters={"actors_lost": 2, "tasks_requeued": 0},
+                timeline=["1.00 s: SIGKILL a"])
+    assert (row.submitted, row.accepted, row.completed, row.lost, row.unanswered, row.duplicated) == (7, 5, 2, 1, 1, 1)
+    assert row.failed == {"no_capacity": 2} and row.rejected == {"overloaded": 1}
+    assert row.submitted == row.completed + sum(row.failed.values()) + sum(row.rejected.values()) + row.lost \
+        + row.unanswered
+    assert row.recovery == {"actors_lost": 2} and row.wall_s == 3.0
+    assert row.examples["lost"] == ["e (submitted at 1.50 s)"]
+    found = problems([row])
+    assert len(found) == 3 and "1.00 s: SIGKILL a" in found[0]
+    assert "| x | 2 | 7 | 5 | 2 | no_capacity: 2 | overloaded: 1 | 1 | 1 | 1 | 3 | actors_lost: 2 |" in chaos_table([row])
+
+
+def test_an_untyped_end_is_a_problem():
+    row = tally("x", [Observation("a", True, FAILED, "untyped:LegoError", 1)], 0, 1.0)
+    assert problems([row]) == ["x: 1 ended with an untyped error"]
+
+
+def test_without_replacements_kills_go_to_the_model_with_fewest_actors_left():
+    actors = [p.ActorStats(f"{m}-{i}", m, "h", "emu:0", "idle", 1, 0, 0, 0, 0, 0, 0)
+              for m, n in (("A", 2), ("B", 1), ("C", 1)) for i in range(n)]
+    assert {a.model for a in fewest_left(actors)} == {"B", "C"}
+    assert fewest_left([]) == []
+
+
+def test_the_burst_joins_the_poisson_arrivals_in_time_order():
+    s = ChaosSettings(load_s=6.0, rate_per_s=4.0)
+    plain, burst = SCENARIOS["actor-kill"].instants(s, 1), SCENARIOS["broker-restart"].instants(s, 1)
+    assert plain == SCENARIOS["actor-kill"].instants(s, 1)  # seeded
+    assert len(burst) == len(plain) + 16 and burst == sorted(burst) and burst.count(2.0) == 16
+
+
+def test_the_answer_bound_leaves_room_for_the_clients_resubmit():
+    """A SUBMIT a hung broker never read is accepted only once the client sends it again:
+    the bench waits for it past request_timeout_s + RESUBMIT_AFTER_S, and --quick runs
+    broker-hang-kill."""
+    for s in (ChaosSettings(), ChaosSettings(**QUICK)):
+        assert s.answer_bound_s >= s.request_timeout_s + RESUBMIT_AFTER_S + s.slack_s
+        assert s.answer_bound_s >= DEFAULT_BROKER_SILENCE_S + s.slack_s
+    assert ChaosSettings(**QUICK).scenarios == ()  # every scenario
+
+
+def test_an_unknown_scenario_is_refused_before_anything_starts(capsys):
+    args = build_parser().parse_args(["bench", "chaos", "--quick", "--scenarios", "actor-kill,nope"])
+    assert run_cli(args, "lego bench chaos") == 2
+    assert "nope" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the tap
+
+
+def _broker_answering_twice(sock: zmq.Socket, stop: threading.Event) -> None:
+    """A fake broker: ACCEPTED, then the same RESULT twice, for each SUBMIT."""
+    while not stop.is_set():
+        if not sock.poll(50):
+            continue
+        identity, _, *frames = sock.recv_multipart()
+        msg, _ = p.decode(frames)
+        if isinstance(msg, p.Submit):
+            for reply in (p.Accepted(msg.request_id, 1, 1, msg.params), p.Result(msg.request_id, [], 0.1),
+                          p.Result(msg.request_id, [], 0.1)):
+                sock.send_multipart([identity, b"", *p.encode(reply)])
+
+
+def test_the_tap_counts_a_duplicate_the_client_drops():
+    context = zmq.Context()
+    broker = context.socket(zmq.ROUTER)
+    broker.linger = 0
+    address = f"tcp://127.0.0.1:{broker.bind_to_random_port('tcp://127.0.0.1')}"
+    stop = threading.Event()
+    thread = threading.Thread(target=_broker_answering_twice, args=(broker, stop), daemon=True)
+    thread.start()
+    try:
+        with AnswerTap(address) as tap, Client(tap.address) as client:
+            job = client.submit("wf", request_id="r1", prompt="x", wait_accepted=False)
+            assert job.result(timeout=10).request_id == "r1"  # one answer for the client
+            tap.wait_quiet(quiet_s=0.3, limit_s=5.0)
+            answers, accepted = tap.snapshot()
+            assert answers["r1"] == 2 and accepted == {"r1"}
+    finally:
+        stop.set()
+        thread.join(5)
+        broker.close()
+        context.term()
+
+
+# ---------------------------------------------------------------- the quick run
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_quick_chaos_loses_nothing_and_answers_nothing_twice(tmp_path):
+    result = run_chaos_bench(ChaosSettings(**{**QUICK, "run_dir": str(tmp_path / "chaos")}))
+    rows = rows_of(result)
+    assert [row.scenario for row in rows] == list(SCENARIOS)  # broker-hang-kill included
+    table = chaos_table(rows)
+    assert problems(rows) == [], f"{table}\nlogs in {result['run_dir']}"
+    for row in rows:
+        assert row.faults >= 1, f"{row.scenario}: no fault injected\n{table}"
+        assert row.completed > 0, f"{row.scenario}: nothing completed\n{table}"
+        assert row.lost == row.unanswered == row.duplicated == 0
+    unreplaced = next(row for row in rows if row.scenario == "actor-kill-unreplaced")
+    assert set(unreplaced.failed) <= {"no_capacity", "attempts_exhausted"}, table
