@@ -108,3 +108,18 @@ def test_an_unknown_or_ill_typed_live_key_is_refused_naming_it(requested, field,
 
 def test_a_live_change_takes_ints_for_seconds():
     assert live_changes(BrokerSettings(), {"adapter_bypass_s": 1, "admission": True}).adapter_bypass_s == 1
+
+
+def test_a_plan_too_large_for_every_stats_answer_to_carry_is_refused_naming_it():
+    # Found by tests/test_fuzz.py: every STATS answer carries the plan, so one near the
+    # protocol's header limit would make them all unreadable, for every client.
+    core = make_core()
+    huge = {"note": "x" * (600 * 1024)}
+    (reply,) = of(core.on_frontend(CLIENT, p.AdminConfigure({"admission": True}, plan=huge, call_id="c"), [], 0.0),
+                  p.AdminReply)
+    assert (reply.ok, reply.field) == (False, "plan")
+    assert core.plan is None and core.settings.admission is False  # all or nothing
+    (reply,) = of(core.on_frontend(CLIENT, p.AdminConfigure({}, plan={"note": "small"}, call_id="d"), [], 0.0),
+                  p.AdminReply)
+    assert reply.ok and core.plan == {"note": "small"}
+    assert core.snapshot(0.0).plan == {"note": "small"}

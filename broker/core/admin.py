@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import msgpack
 import structlog
 
 from broker import protocol as p
@@ -28,6 +29,8 @@ from broker.core.settings import BrokerSettings, SettingError, live_changes
 from broker.core.state import BACKEND, FRONTEND
 
 log = structlog.get_logger(__name__)
+
+MAX_PLAN_BYTES = 512 * 1024  # a scheduler's plan for hundreds of GPUs is tens of KiB
 
 MAX_REPLICAS = 4096
 
@@ -146,6 +149,11 @@ class Admin:
     def configure(self, identity: bytes, msg: p.AdminConfigure, settings: BrokerSettings) -> BrokerSettings:
         """The settings after the call's live changes (all or nothing: `settings` itself
         when refused); stores the scheduler's plan when the call carries one and is accepted."""
+        if msg.plan is not None and len(msgpack.packb(msg.plan)) > MAX_PLAN_BYTES:
+            # Every STATS answer carries the plan: one near the protocol's limit would make
+            # them all too large to read, for every client and the scheduler itself.
+            self._reply(identity, msg.call_id, f"plan: over {MAX_PLAN_BYTES} bytes encoded", "plan")
+            return settings
         try:
             changed = live_changes(settings, msg.settings or {})
         except SettingError as exc:

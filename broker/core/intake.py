@@ -34,7 +34,7 @@ from broker.core.admin import Operator
 from broker.core.directory import RequestDirectory
 from broker.core.dispatch import Dispatcher
 from broker.core.load import LoadTracker
-from broker.core.metering import Meters
+from broker.core.metering import Meters, clip
 from broker.core.outbox import FAILED, Outbox
 from broker.core.settings import BrokerSettings
 from broker.core.state import FRONTEND, Request
@@ -78,7 +78,7 @@ class Intake:
             return reject(ErrorCode.DUPLICATE_REQUEST, "a request with this id is in flight", "request_id")
         workflow = self.catalog.workflows.get(msg.workflow)
         if workflow is None:
-            return reject(ErrorCode.UNKNOWN_WORKFLOW, f"unknown workflow {msg.workflow!r} (known: {sorted(self.catalog.workflows)})", "workflow")
+            return reject(ErrorCode.UNKNOWN_WORKFLOW, f"unknown workflow {clip(msg.workflow, 128)!r} (known: {sorted(self.catalog.workflows)})", "workflow")
         if workflow.name in self.operator.paused:
             return reject(ErrorCode.PAUSED, f"workflow {workflow.name!r} is paused by an operator", "workflow")
         if len(self.directory.requests) >= self.settings.max_requests_in_flight:

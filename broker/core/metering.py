@@ -44,6 +44,18 @@ def copy_histogram(hist: p.Histogram) -> p.Histogram:
     return p.Histogram(dict(hist.labels), list(hist.bounds), list(hist.counts), round(hist.sum, 6), hist.count)
 
 
+# Text a peer chose (a request id, a workflow name, an error message that repeats them)
+# is clipped to this before it is kept in `recent`: every STATS answer carries those
+# records, and one SUBMIT naming a megabyte-long workflow must not make every later
+# answer too large for the clients and the scheduler to read.
+RECORD_TEXT_CHARS = 256
+
+
+def clip(text: str | None, limit: int = RECORD_TEXT_CHARS) -> str | None:
+    """`text` cut to `limit` characters (an ellipsis marks the cut); None stays None."""
+    return text if text is None or len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
 class Meters:
     def __init__(self, latency_window: int = 20_000, recent: int = RECENT_OUTCOMES):
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -64,12 +76,13 @@ class Meters:
     def rejected(self, now: float, request_id: str, workflow: str, code: str, message: str,
                  field: str | None = None) -> None:
         self.rejections[code] = self.rejections.get(code, 0) + 1
-        self.recent.append(p.OutcomeRecord(now, "rejected", request_id, workflow, code, message, field))
+        self.recent.append(p.OutcomeRecord(now, "rejected", clip(request_id), clip(workflow), code, clip(message),
+                                           clip(field)))
 
     def failed(self, now: float, request_id: str, workflow: str, code: str, message: str) -> None:
         self.failures[code] = self.failures.get(code, 0) + 1
         if code != p.ErrorCode.CANCELLED.value:  # a client's own cancel is no failure to look into
-            self.recent.append(p.OutcomeRecord(now, "failed", request_id, workflow, code, message))
+            self.recent.append(p.OutcomeRecord(now, "failed", clip(request_id), clip(workflow), code, clip(message)))
 
     def request_done(self, workflow: str, latency_s: float) -> None:
         hist = self.request_latency.get(workflow)
