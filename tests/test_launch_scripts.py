@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import alive, environ, pidfiles  # tests/ is on sys.path
 
 from broker import auth
 from broker.catalog import load_catalog
@@ -53,26 +54,6 @@ def _cluster(hosts: Path, action: str, env: dict) -> subprocess.CompletedProcess
 
 def _logs(run: Path) -> str:
     return "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(run.rglob("*.log")))
-
-
-def _pids(run: Path) -> dict[Path, int]:
-    return {pidfile: int(pidfile.read_text()) for pidfile in run.rglob("pids/*.pid")}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _environ(pid: int) -> str:
-    """The process's environment (it holds this test's run dirs), or "" if unreadable."""
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _wait_for_actors(frontend: str, models: set[str], timeout_s: float, key_file: str | None = None):
@@ -129,10 +110,10 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
     try:
         started = _cluster(hosts, "start", env)
         assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
-        seen.update(_pids(tmp_path))
+        seen.update(pidfiles(tmp_path))
         stats = _wait_for_actors(frontend, models, timeout_s=60, key_file=key_file.get("admin"))
         assert sorted(a.host for a in stats.agents) == ["node-a", "node-b"]
-        seen.update(_pids(tmp_path))  # the actors' pidfiles, written by the agents
+        seen.update(pidfiles(tmp_path))  # the actors' pidfiles, written by the agents
 
         with Client(frontend, key_file=key_file.get("client")) as client:
             for seed in range(3):
@@ -144,7 +125,7 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
         assert status.returncode == 0, status.stdout + status.stderr
         assert "scheduler: running" in status.stdout and status.stdout.count("agent: running") == 2
 
-        seen.update(_pids(tmp_path))
+        seen.update(pidfiles(tmp_path))
         names = {pidfile.name for pidfile in seen}
         assert {"broker.pid", "scheduler.pid", "agent.pid"} <= names
         assert sum(name.startswith("actor-") for name in names) >= len(models)
@@ -156,14 +137,14 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
         stopped = True
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
         deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in seen.values()) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in seen.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        alive = {str(pidfile): pid for pidfile, pid in seen.items() if _alive(pid)}
-        assert not alive, f"still running after stop: {alive}"
+        running = {str(pidfile): pid for pidfile, pid in seen.items() if alive(pid)}
+        assert not running, f"still running after stop: {running}"
         assert list(tmp_path.rglob("*.pid")) == []
     finally:
         if not stopped:
             _cluster(hosts, "stop", env)
-        for pid in {**seen, **_pids(tmp_path)}.values():  # last resort, by pid, never by name
-            if _alive(pid) and str(tmp_path) in _environ(pid):
+        for pid in {**seen, **pidfiles(tmp_path)}.values():  # last resort, by pid, never by name
+            if alive(pid) and str(tmp_path) in environ(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from process_helpers import alive, environ, pidfiles  # tests/ is on sys.path
 
 from broker import auth
 from broker.catalog import load_catalog
@@ -150,31 +151,6 @@ def _logs(root: Path, tail: int = 3000) -> str:
     return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-tail:]}" for log in sorted(root.rglob("*.log")))
 
 
-def _pids(root: Path) -> dict[Path, int]:
-    pids = {}
-    for pidfile in root.rglob("pids/*.pid"):
-        try:
-            pids[pidfile] = int(pidfile.read_text())
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _environ(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 # ------------------------------------------------------------------ sockets, from /proc
 
 
@@ -262,7 +238,7 @@ def test_two_hosts_over_a_veth_pair(tmp_path, net):
     try:
         started = _script("lego-head.sh", "start", env_head)
         assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
-        seen.update(_pids(tmp_path))
+        seen.update(pidfiles(tmp_path))
         admin = Client(frontend, key_file=str(keys["admin"]), admin_timeout_s=5.0)
         for model in models:  # stage 1: one replica of each model, on node B alone
             admin.set_replicas(model, min=1, max=1)
@@ -280,7 +256,7 @@ def test_two_hosts_over_a_veth_pair(tmp_path, net):
         stats = _wait("actors of every model on both hosts", admin,
                       lambda s: all(_placed(s, models).get(h) == models for h in expected_ip), 120, tmp_path)
         assert sorted(a.host for a in stats.agents) == ["node-a", "node-b"]
-        seen.update(_pids(tmp_path))
+        seen.update(pidfiles(tmp_path))
 
         # Each actor's data socket listens on its host's routable address, never loopback
         # (the broker's stats do not carry the advertised address: see the connections below).
@@ -361,10 +337,10 @@ def test_two_hosts_over_a_veth_pair(tmp_path, net):
     finally:
         if admin is not None:
             admin.close()
-        seen.update(_pids(tmp_path))
+        seen.update(pidfiles(tmp_path))
         _script("lego-node.sh", "stop", env_a)
         _script("lego-head.sh", "stop", env_head)
         _kill_netns(net.ns)
         for pid in seen.values():  # last resort, by pid, never by name
-            if _alive(pid) and str(tmp_path) in _environ(pid):
+            if alive(pid) and str(tmp_path) in environ(pid):
                 os.kill(pid, signal.SIGKILL)
