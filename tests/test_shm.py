@@ -25,24 +25,24 @@ def ours() -> set[str]:
 
 
 def test_a_thousand_transfers_leave_no_segment_behind():
-    before = ours()
     exporter = ShmExporter()
+    made: set[str] = set()  # by name: other processes on the machine may make and drop segments meanwhile
     bundle = {"latents": torch.randn(1, 4, 16, 16).contiguous(memory_format=torch.channels_last),
               "raw": RawTensor("bfloat16", (3, 5), bytearray(30))}
     for i in range(1000):
         descs = exporter.export(f"t{i}", bundle)
         assert all(d.where == "shm" and d.handle.startswith(PREFIX) for d in descs)
+        made |= {d.handle for d in descs}
         got = attach_bundle(descs, as_torch=True)
         assert torch.equal(got["latents"], bundle["latents"])
         assert got["latents"].stride() == bundle["latents"].stride()  # layout kept
         assert exporter.export(f"t{i}", bundle) == descs  # a second fetch reuses the segments
         exporter.release([f"t{i}"])
     assert exporter.count() == 0
-    assert ours() == before
+    assert len(made) >= 1000 and not made & ours()
 
 
 def test_a_consumer_that_dies_does_not_pin_the_producers_memory():
-    before = ours()
     exporter = ShmExporter()
     (desc,) = exporter.export("t", {"x": torch.arange(1 << 20, dtype=torch.float32)})
     # A consumer maps the segment and is killed while holding it.
@@ -53,7 +53,7 @@ def test_a_consumer_that_dies_does_not_pin_the_producers_memory():
     os.kill(consumer.pid, signal.SIGKILL)
     consumer.wait(10)
     exporter.release(["t"])  # the broker's FREE
-    assert ours() == before  # unlinked: the memory goes back when the last mapping does
+    assert desc.handle not in ours()  # unlinked: the memory goes back when the last mapping does
 
 
 def test_a_segment_gone_before_the_consumer_maps_it_is_an_error_the_runtime_falls_back_on():
@@ -83,4 +83,4 @@ def test_actors_on_one_host_fetch_through_shared_memory(tmp_path):
     assert sum(t.shm_fetches for t in telemetry) > 0
     assert sum(t.fetch_fallbacks for t in telemetry) == 0
     assert sum(t.shm_segments for t in telemetry) == 0  # all freed once consumed
-    assert ours() == before
+    assert ours() == before  # machine-wide: assumes no other cluster runs on this machine meanwhile
