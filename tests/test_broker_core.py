@@ -444,6 +444,27 @@ def test_a_task_whose_actor_dies_twice_running_it_alone_is_quarantined():
     assert core.counters["requests_failed"] == 1 and core.counters["tasks_quarantined"] == 1
 
 
+def test_a_task_sent_to_an_actor_already_silent_is_not_blamed_for_its_loss():
+    # Found by `lego bench chaos` (agent-kill): a restarted request's task went to a second
+    # actor of the dead agent, not yet declared lost, and was quarantined as a poison.
+    core = make_core()
+    sends = submit(core, "r1") + standard_actors(core, den=("den-a", "den-b"))
+    sends = run(core, sends, dead=("den-a", "den-b"))
+    (first,) = [b for d in ("den-a", "den-b") for b in batches(sends, d)]
+    ran_on = "den-a" if batches(sends, "den-a") else "den-b"
+    other = "den-b" if ran_on == "den-a" else "den-a"
+    survivors = ["enc-a-1", "enc-b-1", "vae-1"]
+    beat(core, survivors + [other], 1.0)  # both die at once just after 1.0 (their host went down)
+    beat(core, survivors, 3.5)
+    sends = core.on_tick(3.5)  # the first is declared lost (silent 3.5 s); its step goes to the other one
+    (retry,) = batches(sends, other)
+    beat(core, survivors, 4.5)
+    assert of(core.on_tick(4.5), p.Failed) == []  # the other is lost too: the step is not blamed
+    assert core.counters["tasks_quarantined"] == 0
+    again = only_batch(hello(core, "den-c", "den", now=5.0), "den-c")
+    assert [t.task_id for t in again.tasks] == [t.task_id for t in first.tasks]
+
+
 def test_a_task_lost_in_batches_max_task_attempts_times_fails_the_request():
     core = make_core(dataclasses.replace(SETTINGS, max_task_attempts=1))
     _, step0 = started(core, den=("den-a",))

@@ -60,7 +60,11 @@ class Recovery:
                     continue
                 if not alone:
                     node.solo = True  # isolate it: if it is the poison, its batch-mates go free
-                self.requeue(node, reason, now, alone=alone)
+                # Only a task sent to an actor that was alive then can have killed it: one
+                # sent to an actor already silent (its host or agent died a moment ago, and
+                # the broker had not noticed yet) is innocent of that loss.
+                alive_then = node.dispatched_at - actor.last_seen <= 1.5 * self.settings.heartbeat_interval_s
+                self.requeue(node, reason, now, alone=alone and alive_then)
                 touched.add(node.model)
         actor.in_flight.clear()
         for request in lost_held.values():
