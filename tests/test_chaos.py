@@ -3,8 +3,10 @@
 The accounting is pure and tested alone; the wire tap is tested against a fake broker
 that answers one request twice (the client keeps one answer, the tap counts both);
 the quick run kills and stops actors, the agent and the broker (killed outright, and
-killed after a hang with SUBMITs unread) of real local clusters and asserts that nothing accepted was lost or answered twice, and that work completed
-in every scenario. No timing is asserted: the machine running it may be busy.
+killed after a hang with SUBMITs unread) of real local clusters, and overloads one (5x
+its measured capacity, admission on), and asserts that nothing accepted was lost or
+answered twice, that work completed in every scenario and that refusals under overload
+were typed. No timing is asserted (goodput included): the machine running it may be busy.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import pytest
 import zmq
 
 from broker import protocol as p
+from broker.catalog import load_catalog, validate_params
+from broker.costs.model import CostModel
 from clients import Client, RequestFailed, RequestRejected, Timeout
 from clients.bench.chaos import (
+    ADMISSION_CODES,
     COMPLETED,
     FAILED,
     QUICK,
@@ -29,10 +34,17 @@ from clients.bench.chaos import (
     chaos_table,
     classify,
     fewest_left,
+    goodput,
+    overload_figures,
+    overload_notes,
+    overload_table,
+    percentile,
     problems,
+    request_slo_s,
     rows_of,
     run_chaos_bench,
     run_cli,
+    tables,
     tally,
     was_accepted,
 )
@@ -118,6 +130,82 @@ def test_an_unknown_scenario_is_refused_before_anything_starts(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- overload (pure)
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(x) for x in range(1, 101)]
+    assert percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0 and percentile(values, 100) == 100.0
+    assert percentile([3.0, 1.0, 2.0], 99) == 3.0 and percentile([7.0], 1) == 7.0
+    assert percentile([], 99) is None
+
+
+def test_goodput_counts_completions_within_the_slo_per_second_of_arrivals():
+    obs = [Observation("a", True, COMPLETED, latency_s=0.5), Observation("b", True, COMPLETED, latency_s=1.0),
+           Observation("c", True, COMPLETED, latency_s=1.01), Observation("d", True, COMPLETED),  # no answer time
+           Observation("e", False, REJECTED, "slo_unattainable", 1, latency_s=0.001),
+           Observation("f", True, FAILED, "deadline_exceeded", 1, latency_s=0.2)]
+    assert goodput(obs, slo_s=1.0, window_s=4.0) == (2, 0.5)
+    assert goodput(obs, slo_s=1.0, window_s=0.0) == (2, 0.0)
+
+
+def _overloaded(n_in_slo: int, capacity: float) -> list[Observation]:
+    fast = [Observation(f"ok{i}", True, COMPLETED, answers=1, latency_s=0.5) for i in range(n_in_slo)]
+    late = [Observation("late", True, COMPLETED, answers=1, latency_s=3.0)]
+    refused = [Observation(f"r{i}", False, REJECTED, "slo_unattainable", 1, latency_s=(i + 1) / 1000,
+                           retry_after_s=0.1 * (i + 1)) for i in range(100)]
+    return fast + late + refused
+
+
+def test_overload_figures_set_goodput_against_the_capacity():
+    # 10 s of arrivals, capacity 2/s: 19 within the SLO is 1.9/s, 95% of it
+    f = overload_figures(_overloaded(19, 2.0), capacity_per_s=2.0, slo_s=1.0, window_s=10.0, bar=0.9,
+                         broker_slo_met=19)
+    assert (f["completed"], f["within_slo"], f["goodput_per_s"], f["goodput_share"]) == (20, 19, 1.9, 0.95)
+    assert f["bar_met"] and f["offered_per_s"] == 12.0 and f["rejected"] == 100
+    assert f["rejection_p50_ms"] == 50.0 and f["rejection_p99_ms"] == 99.0
+    assert f["retry_after_s"] == [0.1, 10.0] and f["untyped_rejections"] == f["without_retry_after"] == 0
+    assert overload_notes(f) == []
+    missed = overload_figures(_overloaded(17, 2.0), 2.0, 1.0, 10.0, 0.9)
+    assert missed["goodput_share"] == 0.85 and not missed["bar_met"]
+    assert overload_notes(missed) == []  # under the bar is reported, not a broken promise
+
+
+def test_an_untyped_or_unactionable_refusal_is_a_problem():
+    obs = [Observation("a", True, COMPLETED, answers=1, latency_s=0.1),
+           Observation("b", False, REJECTED, "invalid_param", 1, latency_s=0.01),
+           Observation("c", False, REJECTED, "slo_unattainable", 1, latency_s=0.01, retry_after_s=0.0),
+           Observation("d", False, REJECTED, "overloaded", 1, latency_s=0.01)]  # the broker gives none for this one
+    f = overload_figures(obs, 1.0, 1.0, 1.0, 0.9)
+    assert (f["untyped_rejections"], f["without_retry_after"]) == (1, 1)
+    assert "overloaded" in ADMISSION_CODES and len(overload_notes(f)) == 2
+    quiet = overload_figures([Observation("a", True, COMPLETED, answers=1, latency_s=0.1)], 1.0, 1.0, 1.0, 0.9)
+    assert overload_notes(quiet) == ["nothing rejected at 1/s offered: admission never engaged"]
+    assert overload_notes(overload_figures([], 0.0, 1.0, 1.0, 0.9)) == ["the capacity run completed nothing"]
+
+
+def test_the_overload_table_shows_only_rows_with_figures():
+    obs = _overloaded(17, 2.0)
+    row = tally("overload", obs, 1, 12.0)
+    row.overload = overload_figures(obs, 2.0, 1.0, 10.0, 0.9)
+    plain = tally("actor-kill", obs[:3], 1, 5.0)
+    assert overload_table([plain]) == "" and tables([plain]) == chaos_table([plain])
+    table = overload_table([plain, row])
+    assert "actor-kill" not in table
+    assert ("| overload | 2 | 11.8 | 1 | slo_unattainable: 100 | 50.0 / 99.0 | 0.1-10 | 18 | 500.0 / 3000.0 | 17 | 1.7 | "
+            "85% (bar 90%: **missed**) |") in table
+    assert rows_of({"rows": [row.__dict__]})[0].overload == row.overload  # through --json and back
+
+
+def test_the_slo_is_the_brokers_multiple_of_the_requests_solo_latency_scaled():
+    catalog = load_catalog()
+    workflow = catalog.workflows["flux-schnell-txt2img"]
+    solo = CostModel(catalog).solo_s(workflow, validate_params(workflow, {"prompt": "x", "seed": 1, "steps": 4,
+                                                                         "width": 512, "height": 512}))
+    assert request_slo_s(2.0, 1.0) == pytest.approx(2.0 * solo)
+    assert request_slo_s(3.0, 0.5) == pytest.approx(1.5 * solo)
+
+
 # ---------------------------------------------------------------- the tap
 
 
@@ -149,6 +237,7 @@ def test_the_tap_counts_a_duplicate_the_client_drops():
             tap.wait_quiet(quiet_s=0.3, limit_s=5.0)
             answers, accepted = tap.snapshot()
             assert answers["r1"] == 2 and accepted == {"r1"}
+            assert set(tap.answer_times()) == {"r1"}  # the first answer's time
     finally:
         stop.set()
         thread.join(5)
@@ -173,3 +262,6 @@ def test_quick_chaos_loses_nothing_and_answers_nothing_twice(tmp_path):
         assert row.lost == row.unanswered == row.duplicated == 0
     unreplaced = next(row for row in rows if row.scenario == "actor-kill-unreplaced")
     assert set(unreplaced.failed) <= {"no_capacity", "attempts_exhausted"}, table
+    overload = next(row for row in rows if row.scenario == "overload")
+    assert overload.rejected and set(overload.rejected) <= set(ADMISSION_CODES), table
+    assert overload.overload["capacity_per_s"] > 0 and overload.overload["without_retry_after"] == 0, table

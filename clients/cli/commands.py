@@ -379,13 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--json", action="store_true")
     lb.add_argument("--record", metavar="FILE", help="append the table to FILE (docs/benchmarks.md)")
     lb.set_defaults(func=cmd_bench_lora)
-    ch = bsub.add_parser("chaos", help="faults (actor, agent, broker killed or stopped) under load on an emulated "
-                                       "cluster: every request completed, failed typed, or counted lost")
+    ch = bsub.add_parser("chaos", help="faults (actor, agent, broker killed or stopped; 5x overload) under load on an "
+                                       "emulated cluster: every request completed, failed typed, or counted lost")
     ch.add_argument("--scenarios", help="comma-separated (default: all; see docs/reliability.md)")
     ch.add_argument("--rate-per-s", type=float, help="offered requests/s, Poisson (default 4)")
     ch.add_argument("--load-s", type=float, help="seconds of arrivals per scenario (default 20)")
     ch.add_argument("--time-scale", type=float, help="emulated model times x this (default 1)")
     ch.add_argument("--seed", type=int)
+    ch.add_argument("--admission-bound", choices=("max", "sum"), help="overload: the broker's admission bound (default max)")
+    ch.add_argument("--admission-overhead-s", type=float, help="overload: the broker's admission_overhead_s (default 0)")
     ch.add_argument("--run-dir", help="clusters' logs here (default: a fresh temporary directory)")
     ch.add_argument("--quick", action="store_true", help="CI check: 5 s of load per scenario, every scenario")
     ch.add_argument("--json", action="store_true")

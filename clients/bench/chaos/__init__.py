@@ -18,7 +18,14 @@ instants whatever the cluster is going through, and one fault is injected:
 - `broker-hang-kill`: SIGSTOP the journaled broker just before a burst, SIGKILL it once
   the burst has been sent (as a watchdog kills a hung process), start it again: the
   SUBMITs it never read were never accepted; the client sends them again once they go
-  unacknowledged for RESUBMIT_AFTER_S (`clients.core`), and the new broker runs them.
+  unacknowledged for RESUBMIT_AFTER_S (`clients.core`), and the new broker runs them;
+- `overload`: the cluster's capacity measured first (closed loop, admission off), then
+  5x it offered with admission on: refusals must be typed (`slo_unattainable`,
+  `overloaded`), `slo_unattainable` ones carry `retry_after_s`; their latency and the
+  goodput (completed within the SLO, per second, against the capacity) are reported.
+
+A poison request (one that crashes its actor each time it runs) is not a scenario: the
+emulated backend has no way to crash on a given request (docs/reliability.md).
 
 Every request ends in one of: completed, failed with a typed code, rejected, lost
 (accepted, then no answer within a generous bound), unanswered (never accepted nor
@@ -33,6 +40,7 @@ The modules, each importing only those before it:
 - `tap`: `AnswerTap`, its thread and sockets;
 - `load`: `OpenLoop` (the load's thread) and `collect`;
 - `faults`: process signalling, `Rig` and the fault injectors;
+- `overload`: the overload scenario's capacity run and figures (goodput, refusals);
 - `scenarios`: `SCENARIOS`, one cluster per scenario (`run_scenario`), the whole run
   (`run_chaos_bench`), `record` and the command (`run_cli`).
 """
@@ -56,6 +64,15 @@ from clients.bench.chaos.accounting import (
     was_accepted,
 )
 from clients.bench.chaos.faults import fewest_left
+from clients.bench.chaos.overload import (
+    ADMISSION_CODES,
+    goodput,
+    overload_figures,
+    overload_notes,
+    overload_table,
+    percentile,
+    request_slo_s,
+)
 from clients.bench.chaos.scenarios import (
     SCENARIOS,
     Scenario,
@@ -63,11 +80,13 @@ from clients.bench.chaos.scenarios import (
     run_chaos_bench,
     run_cli,
     run_scenario,
+    tables,
 )
 from clients.bench.chaos.tap import AnswerTap
 
 __all__ = [
-    "COMPLETED", "FAILED", "QUICK", "REJECTED", "SCENARIOS", "UNANSWERED", "AnswerTap", "ChaosSettings",
-    "Observation", "Row", "Scenario", "chaos_table", "classify", "fewest_left", "problems", "record", "rows_of",
-    "run_chaos_bench", "run_cli", "run_scenario", "tally", "was_accepted",
+    "ADMISSION_CODES", "COMPLETED", "FAILED", "QUICK", "REJECTED", "SCENARIOS", "UNANSWERED", "AnswerTap",
+    "ChaosSettings", "Observation", "Row", "Scenario", "chaos_table", "classify", "fewest_left", "goodput",
+    "overload_figures", "overload_notes", "overload_table", "percentile", "problems", "record", "request_slo_s",
+    "rows_of", "run_chaos_bench", "run_cli", "run_scenario", "tables", "tally", "was_accepted",
 ]

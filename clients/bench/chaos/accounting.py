@@ -48,6 +48,15 @@ class ChaosSettings:
     seed: int = 13
     run_dir: str = ""  # empty: a fresh temporary directory
     log_level: str = "warning"
+    # overload: the capacity measured closed loop (this many requests in flight, admission
+    # off, completions counted after a warm-up), then overload_factor x it offered, admission on
+    capacity_concurrency: int = 16
+    capacity_warm_s: float = 2.0
+    capacity_s: float = 8.0
+    overload_factor: float = 5.0
+    admission_bound: str = "max"  # the broker's default (broker.core.rules.admission)
+    admission_overhead_s: float = 0.0  # the broker's default: runtime seconds added to the profiles' solo latency
+    goodput_bar: float = 0.9  # goodput / capacity the issue asks for (reported, not enforced)
 
     @property
     def expiry_s(self) -> float:
@@ -64,7 +73,8 @@ class ChaosSettings:
 
 
 # Every scenario (broker-hang-kill included since the client resends unacknowledged SUBMITs).
-QUICK = {"load_s": 5.0, "rate_per_s": 4.0, "fault_every_s": 2.0, "slack_s": 10.0}
+QUICK = {"load_s": 5.0, "rate_per_s": 4.0, "fault_every_s": 2.0, "slack_s": 10.0, "capacity_warm_s": 1.0,
+         "capacity_s": 4.0}
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class Observation:
     code: str | None = None
     answers: int = 0  # terminal answers (RESULT, FAILED, REJECTED, ERROR) the broker sent for it
     submitted_s: float = 0.0  # after the load started: to set beside the faults' timeline
+    latency_s: float | None = None  # submitted to its first answer on the wire (None: none)
+    retry_after_s: float | None = None  # what a rejection said (RequestRejected.retry_after_s)
 
 
 def classify(error: BaseException | None) -> tuple[str, str | None]:
@@ -117,6 +129,7 @@ class Row:
     notes: list[str] = field(default_factory=list)  # anomalies besides the counts (reported as problems)
     timeline: list[str] = field(default_factory=list)  # the faults, seconds after the load started
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few request ids per problem, to grep logs for
+    overload: dict = field(default_factory=dict)  # the overload scenario's figures (overload.overload_figures)
 
 
 EXAMPLES = 5

@@ -116,6 +116,7 @@ class Rig:
     notes: list[str] = field(default_factory=list)
     timeline: list[str] = field(default_factory=list)
     stopped: set[int] = field(default_factory=set)  # SIGSTOPped pids, continued whatever happens
+    figures: dict = field(default_factory=dict)  # what a scenario measured besides the accounting (overload)
 
     @property
     def agent_pid(self) -> int:

@@ -3,7 +3,9 @@ whatever the cluster is going through, and their ends collected.
 
 Runs in the bench's process, on a thread of its own (`chaos-load`); it owns no socket:
 it submits through the `Client` it is given (connected to the tap), and `collect`
-folds the tap's counts into one `Observation` per request (the accounting's input).
+folds the tap's counts and answer times into one `Observation` per request (the
+accounting's input). Its `instants` may be set until `start` (the overload scenario
+sets them once it has measured the capacity).
 """
 
 from __future__ import annotations
@@ -94,11 +96,15 @@ def collect(load: OpenLoop, tap: AnswerTap, bound_s: float) -> list[Observation]
         ends.append((job.request_id, bool(job.params), error))
     tap.wait_quiet(QUIET_S, QUIET_LIMIT_S)
     answers, accepted = tap.snapshot()
+    answered_at = tap.answer_times()
     observations = []
     for request_id, client_accepted, error in ends:
         outcome, code = classify(error)
         n = answers.get(request_id, 0)
+        submitted = load.submitted_s.get(request_id, 0.0)
+        latency = answered_at[request_id] - load.started_at - submitted if request_id in answered_at else None
         observations.append(Observation(request_id, was_accepted(client_accepted, request_id in accepted, outcome, n),
-                                        outcome, code, n, round(load.submitted_s.get(request_id, 0.0), 3)))
+                                        outcome, code, n, round(submitted, 3), latency,
+                                        getattr(error, "retry_after_s", None)))
     return observations
 

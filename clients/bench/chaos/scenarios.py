@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from broker import protocol as p
 from broker.catalog import load_catalog
 from clients.bench import records
 from clients.bench.chaos.accounting import (
@@ -26,6 +27,7 @@ from clients.bench.chaos.accounting import (
     REQUEST,
     WORKFLOW,
     ChaosSettings,
+    Observation,
     Row,
     chaos_table,
     problems,
@@ -43,6 +45,13 @@ from clients.bench.chaos.faults import (
     stop_actor,
 )
 from clients.bench.chaos.load import OpenLoop, collect
+from clients.bench.chaos.overload import (
+    measure_capacity,
+    offer_overload,
+    overload_notes,
+    overload_result,
+    overload_table,
+)
 from clients.bench.chaos.tap import AnswerTap
 from clients.bench.loadgen import poisson_arrivals
 from clients.client import Client
@@ -57,6 +66,9 @@ class Scenario:
     orphan_timeout_s: Callable[[ChaosSettings], float] = lambda s: s.orphan_timeout_s
     prepare: Callable[[Rig], None] | None = None  # before the load starts
     burst: int = 0  # requests at once at burst_instant, on top of the Poisson arrivals
+    admission: bool = False  # the broker's --admission
+    # after the load: figures besides the accounting (Row.overload), from the final stats
+    figures: Callable[[Rig, list[Observation], p.Stats], dict] | None = None
 
     def instants(self, s: ChaosSettings, seed: int) -> list[float]:
         """When each request is submitted, seconds after the load starts (pure)."""
@@ -77,12 +89,14 @@ SCENARIOS = {s.name: s for s in (
              "ports and journal", lambda rig: restart_broker(rig, hang=False), prepare=journal_broker, burst=16),
     Scenario("broker-hang-kill", "SIGSTOP the journaled broker, a burst arrives, SIGKILL; restarted on the same "
              "ports and journal", lambda rig: restart_broker(rig, hang=True), prepare=journal_broker, burst=16),
+    Scenario("overload", "the capacity measured (closed loop, admission off), then overload_factor x it offered, "
+             "admission on", offer_overload, prepare=measure_capacity, admission=True, figures=overload_result),
 )}
 
 
 
-def cluster_spec(s: ChaosSettings, run_dir: str) -> LocalClusterSpec:
-    return LocalClusterSpec(
+def cluster_spec(s: ChaosSettings, run_dir: str, admission: bool = False) -> LocalClusterSpec:
+    return LocalClusterSpec(admission=admission,
         workflows=[WORKFLOW], replicas=dict.fromkeys(load_catalog().workflows[WORKFLOW].models, s.replicas),
         options={"time_scale": s.time_scale}, emulate_gpus=2, gpu_memory_gib=1000.0,  # spawns never short of memory
         run_dir=run_dir, log_level=s.log_level, heartbeat_interval_s=s.heartbeat_interval_s,
@@ -92,7 +106,7 @@ def cluster_spec(s: ChaosSettings, run_dir: str) -> LocalClusterSpec:
 def run_scenario(scenario: Scenario, s: ChaosSettings, run_dir: str, index: int) -> Row:
     """One fresh cluster, one fault under load; the row of its accounting."""
     instants = scenario.instants(s, s.seed + index)
-    with LocalCluster(cluster_spec(s, run_dir)) as cluster, Client(cluster.frontend, admin_timeout_s=5.0) as admin, \
+    with LocalCluster(cluster_spec(s, run_dir, scenario.admission)) as cluster, Client(cluster.frontend, admin_timeout_s=5.0) as admin, \
             AnswerTap(cluster.frontend) as tap, Client(tap.address) as client:
         admin.configure({"request_timeout_s": s.request_timeout_s, "orphan_timeout_s": scenario.orphan_timeout_s(s)})
         client.generate(WORKFLOW, prompt="warm up", seed=0, timeout=60, **REQUEST)
@@ -108,8 +122,12 @@ def run_scenario(scenario: Scenario, s: ChaosSettings, run_dir: str, index: int)
         rig.load.join()
         observations = collect(rig.load, tap, s.answer_bound_s)
         wall_s = time.monotonic() - rig.load.started_at
-        counters = admin.stats().counters
-    return tally(scenario.name, observations, faults, wall_s, counters, rig.notes, rig.timeline)
+        stats = admin.stats()
+    row = tally(scenario.name, observations, faults, wall_s, stats.counters, rig.notes, rig.timeline)
+    if scenario.figures:
+        row.overload = scenario.figures(rig, observations, stats)
+        row.notes += overload_notes(row.overload)
+    return row
 
 
 def scenarios_of(s: ChaosSettings) -> list[Scenario]:
@@ -127,22 +145,33 @@ def run_chaos_bench(s: ChaosSettings, progress: Callable[[str], None] = lambda l
     rows = []
     for index, scenario in enumerate(chosen):
         rows.append(run_scenario(scenario, s, f"{root}/{scenario.name}", index))
-        progress(f"  {scenario.name}: {rows[-1].completed}/{rows[-1].submitted} completed, "
-                 f"lost {rows[-1].lost}, duplicated {rows[-1].duplicated} ({rows[-1].wall_s:g} s)")
+        row = rows[-1]
+        goodput = f", goodput {row.overload['goodput_share']:.0%} of capacity" if row.overload else ""
+        progress(f"  {scenario.name}: {row.completed}/{row.submitted} completed, "
+                 f"lost {row.lost}, duplicated {row.duplicated}{goodput} ({row.wall_s:g} s)")
     return {"date": records.utc_now(), "machine": records.machine(), "settings": dataclasses.asdict(s),
             "run_dir": root, "wall_s": round(time.monotonic() - started, 1),
             "scenarios": {sc.name: sc.fault for sc in chosen}, "rows": [dataclasses.asdict(r) for r in rows]}
 
 
 
+def tables(rows: list[Row]) -> str:
+    """The accounting's table, and the overload figures' below it where a row has them."""
+    extra = overload_table(rows)
+    return chaos_table(rows) + (f"\n\n{extra}" if extra else "")
+
+
 def record(result: dict, path: str, command: str) -> None:
     """Append the run to `path` (docs/reliability.md, docs/benchmarks.md) as its own section."""
     s = result["settings"]
+    overload = (f" overload: {s['overload_factor']:g}x the capacity measured with {s['capacity_concurrency']} in "
+                f"flight, admission bound {s['admission_bound']}, admission_overhead_s {s['admission_overhead_s']:g}."
+                if "overload" in result["scenarios"] else "")
     with open(path, "a") as out:
         out.write(f"\n### Fault injection, emulated cluster ({result['date']})\n\n"
                   f"Machine: {result['machine']}. Command: `{command}`; took {result['wall_s']} s. "
                   f"{WORKFLOW}, {s['replicas']} emulated actors per model, Poisson arrivals at "
-                  f"{s['rate_per_s']:g}/s for {s['load_s']:g} s per scenario.\n\n{chaos_table(rows_of(result))}\n")
+                  f"{s['rate_per_s']:g}/s for {s['load_s']:g} s per scenario.{overload}\n\n{tables(rows_of(result))}\n")
 
 
 # ---------------------------------------------------------------- `lego bench chaos`
@@ -151,7 +180,8 @@ def record(result: dict, path: str, command: str) -> None:
 def settings_from_args(args) -> ChaosSettings:
     """Settings from the CLI's flags (those not given keep their defaults; --quick first)."""
     given = dict(QUICK) if args.quick else {}
-    for name in ("rate_per_s", "load_s", "time_scale", "seed", "run_dir"):
+    for name in ("rate_per_s", "load_s", "time_scale", "seed", "run_dir", "admission_bound",
+                 "admission_overhead_s"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
     if args.scenarios:
@@ -170,7 +200,7 @@ def run_cli(args, command: str) -> int:
         return 2
     result = run_chaos_bench(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     rows = rows_of(result)
-    print(json.dumps(result, indent=2) if args.json else chaos_table(rows))
+    print(json.dumps(result, indent=2) if args.json else tables(rows))
     if args.record:
         record(result, args.record, command.strip())
     found = problems(rows)

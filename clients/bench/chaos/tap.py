@@ -6,7 +6,7 @@ sockets: a ROUTER bound on a random loopback port for the clients and, per clien
 DEALER to the broker carrying that client's routing id. It forwards every frame both
 ways unchanged; it only decodes the broker's replies to count ACCEPTED and terminal
 answers (the client library keeps the first answer and drops later ones, so a
-duplicate is visible only here).
+duplicate is visible only here), and notes when each request's first answer passed.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class AnswerTap:
         self.broker = broker
         self.answers: Counter[str] = Counter()
         self.accepted: set[str] = set()
+        self.answered_at: dict[str, float] = {}  # request id -> when its first answer came (monotonic)
         self.heard_at = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -104,6 +105,7 @@ class AnswerTap:
             request_id = terminal_request_id(msg)
             if request_id:
                 self.answers[request_id] += 1
+                self.answered_at.setdefault(request_id, self.heard_at)
 
     def wait_quiet(self, quiet_s: float, limit_s: float) -> None:
         """Return once the broker has sent nothing for `quiet_s` (or after `limit_s`):
@@ -119,6 +121,12 @@ class AnswerTap:
     def snapshot(self) -> tuple[Counter, set]:
         with self._lock:
             return Counter(self.answers), set(self.accepted)
+
+    def answer_times(self) -> dict[str, float]:
+        """When each request's first answer passed (time.monotonic()): its latency as the
+        client sees it, a rejection's included."""
+        with self._lock:
+            return dict(self.answered_at)
 
     def close(self) -> None:
         self._stop.set()
