@@ -258,13 +258,14 @@ def test_two_hosts_over_a_veth_pair(tmp_path, net):
         assert sorted(a.host for a in stats.agents) == ["node-a", "node-b"]
         seen.update(pidfiles(tmp_path))
 
-        # Each actor's data socket listens on its host's routable address, never loopback
-        # (the broker's stats do not carry the advertised address: see the connections below).
+        # Each actor's data socket listens on its host's routable address, never loopback,
+        # and that is the address it advertised (the broker's stats show it).
         listening: dict[tuple[str, int], str] = {}  # data address -> host
         for a in stats.actors:
             ip = expected_ip[a.host]
             ports = [local for state, local, _ in _tcp(a.pid) if state == "0A"]
             assert ports and all(addr == ip for addr, _ in ports), (a.actor_id, a.host, ports)
+            assert a.data_address in {f"tcp://{addr}:{port}" for addr, port in ports}, (a.actor_id, a.data_address)
             listening.update({local: a.host for local in ports})
 
         with Client(frontend, key_file=str(keys["client"])) as client:

@@ -48,7 +48,7 @@ def snapshot(now: float, catalog: Catalog, settings: BrokerSettings, actors: Act
         p.ActorStats(a.actor_id, a.model, a.host, a.device, _actor_state(a), a.credits,
                      sum(len(v) for v in a.in_flight.values()), a.batches, a.tasks, a.mixed_workflow_batches,
                      a.max_batch_rows_seen, len(a.held), a.telemetry, a.pid, a.backend, a.stopping,
-                     a.adapter_switches)
+                     a.adapter_switches, a.data_address)
         for a in live
     ]
     agent_stats = [p.AgentStats(a.agent_id, a.host, a.devices, sorted(a.actors.items())) for a in actors.agents.values()]

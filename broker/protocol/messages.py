@@ -268,6 +268,7 @@ class ActorStats(Struct):
     # undrained) or on its way out (`stopping`: its agent stops it once it holds nothing).
     stopping: bool = False
     adapter_switches: int = 0  # LoRA adapter-set switches the broker sent it into
+    data_address: str = ""  # where peers fetch its outputs (other hosts need it routable)
 
 
 @struct
