@@ -84,6 +84,10 @@ class RoutingOwners:
         self.limit = limit
         self._owners: dict[bytes, str] = {}  # insertion order = least recently active first
 
+    def owner(self, identity: bytes) -> str | None:
+        """The key that owns `identity`, if any spoke with it."""
+        return self._owners.get(identity)
+
     def claim(self, identity: bytes, user_id: str) -> bool:
         """Whether `user_id` may speak as `identity` (and remember it if nobody did)."""
         owner = self._owners.pop(identity, None)

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS requests (
     progress INTEGER NOT NULL,
     accepted_at REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'accepted',
-    ended_at REAL
+    ended_at REAL,
+    user TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_open ON requests (status, seq);
 """
@@ -59,6 +60,9 @@ class Entry:
     tensors: list  # [(desc map, raw bytes)] in the order the client sent them
     progress: bool
     accepted_at: float  # wall-clock seconds
+    # Keys on: the key (User-Id) that submitted it; a restarted broker gives the client's
+    # routing id back to that key only. "" with keys off.
+    user: str = ""
 
 
 class Journal:
@@ -72,6 +76,9 @@ class Journal:
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}
+            if "user" not in columns:  # a journal written before keys were journaled
+                self.db.execute("ALTER TABLE requests ADD COLUMN user TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             raise JournalError(f"request journal {self.path}: unreadable ({exc}); move it aside to start "
                                "without its requests, or restore it") from None
@@ -85,10 +92,10 @@ class Journal:
         self._write("BEGIN IMMEDIATE", ())
         try:
             self._write("DELETE FROM requests WHERE request_id = ? AND status != 'accepted'", (entry.request_id,))
-            self._write("INSERT INTO requests (request_id, client, workflow, params, tensors, progress, accepted_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._write("INSERT INTO requests (request_id, client, workflow, params, tensors, progress, accepted_at, "
+                        "user) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (entry.request_id, entry.client, entry.workflow, msgpack.packb(entry.params, use_bin_type=True),
-                         tensors, int(entry.progress), entry.accepted_at))
+                         tensors, int(entry.progress), entry.accepted_at, entry.user))
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self.db.rollback()
@@ -103,11 +110,11 @@ class Journal:
 
     def unfinished(self) -> list[Entry]:
         """Every request that never ended, in the order they were accepted."""
-        rows = self._read("SELECT request_id, client, workflow, params, tensors, progress, accepted_at "
+        rows = self._read("SELECT request_id, client, workflow, params, tensors, progress, accepted_at, user "
                           "FROM requests WHERE status = 'accepted' ORDER BY seq")
         return [Entry(rid, bytes(client), workflow, msgpack.unpackb(params, raw=False),
-                      [(desc, raw) for desc, raw in msgpack.unpackb(tensors, raw=False)], bool(progress), at)
-                for rid, client, workflow, params, tensors, progress, at in rows]
+                      [(desc, raw) for desc, raw in msgpack.unpackb(tensors, raw=False)], bool(progress), at, user)
+                for rid, client, workflow, params, tensors, progress, at, user in rows]
 
     def status(self, request_id: str) -> str | None:
         rows = self._read("SELECT status FROM requests WHERE request_id = ?", (request_id,))

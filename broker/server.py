@@ -170,6 +170,8 @@ class BrokerServer:
         entries = self.journal.unfinished()
         now = time.monotonic()
         for e in entries:
+            if e.user:  # keys on: the client's routing id stays with the key that submitted through it
+                self.routing_owners.claim(e.client, e.user)
             try:
                 tensors = [p.TensorDesc.from_wire(desc, "tensors") for desc, _ in e.tensors]
                 sends = self.core.on_resume(e.request_id, e.client, e.workflow, e.params, tensors,
@@ -297,7 +299,7 @@ class BrokerServer:
             return
         tensors = [(desc.to_wire(), frame) for desc, frame in record.tensors]
         entry = Entry(record.request_id, record.client, record.workflow, record.params, tensors, record.progress,
-                      time.time())
+                      time.time(), self.routing_owners.owner(record.client) or "")
         try:
             self.journal.accepted(entry)
         except ValueError:  # still open in the journal but not in the core: a bug, not a reason to stop

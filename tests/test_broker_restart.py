@@ -244,6 +244,25 @@ def test_the_shell_journals_tensor_inputs_as_the_re_run_needs_them(tmp_path):
     server.close()
 
 
+def test_a_restarted_broker_gives_a_journaled_clients_routing_id_back_to_its_key_only(tmp_path):
+    # Keys on: the journal keeps the key that submitted; after a restart another key must
+    # not claim the routing id first and receive the re-run's answer.
+    journal = str(tmp_path / "journal.db")
+    first = BrokerServer(BrokerConfig(journal=journal), zmq.Context.instance())
+    first.routing_owners.claim(CLIENT, "client:owner")  # what the keyed frontend did at its SUBMIT
+    first._apply([Record("r1", ACCEPTED, CLIENT, "plain", {"prompt": "x", "seed": 1}, (), True)])
+    assert first.journal.unfinished()[0].user == "client:owner"
+    first.close()
+    again = BrokerServer(BrokerConfig(journal=journal), zmq.Context.instance())
+    again.core = make_core()  # the test catalog, which has "plain"
+    again.core.out.journaling = True
+    again._apply = lambda sends: None  # no sockets here: only the binding matters
+    assert again.resume() == 1
+    assert not again.routing_owners.claim(CLIENT, "client:someone-else")
+    assert again.routing_owners.claim(CLIENT, "client:owner")
+    again.close()
+
+
 def test_a_corrupt_journal_stops_the_broker_with_a_message_naming_the_file(tmp_path):
     path = tmp_path / "journal.db"
     path.write_bytes(b"this is not a database" * 100)

@@ -60,3 +60,24 @@ def test_a_corrupt_journal_stops_the_broker_naming_the_file(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(JournalError, match=str(path)):
         Journal(path)
+
+
+def test_the_submitting_key_is_journaled_and_an_older_journal_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "journal.db"
+    old = sqlite3.connect(path)  # a journal written before keys were journaled: no `user` column
+    old.executescript("CREATE TABLE requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, "
+                      "client BLOB NOT NULL, workflow TEXT NOT NULL, params BLOB NOT NULL, tensors BLOB NOT NULL, "
+                      "progress INTEGER NOT NULL, accepted_at REAL NOT NULL, status TEXT NOT NULL DEFAULT 'accepted', "
+                      "ended_at REAL)")
+    old.execute("INSERT INTO requests (request_id, client, workflow, params, tensors, progress, accepted_at) "
+                "VALUES ('r0', x'00', 'wf', x'80', x'90', 1, 1000.0)")
+    old.commit()
+    old.close()
+    journal = Journal(path)
+    (before,) = journal.unfinished()
+    assert before.request_id == "r0" and before.user == ""
+    journal.accepted(_entry(1, user="client:web-app"))
+    journal.close()
+    assert [e.user for e in Journal(path).unfinished()] == ["", "client:web-app"]
