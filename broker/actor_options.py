@@ -56,8 +56,18 @@ _LORA_COSTS = {"lora_disk_s": _number(0.0, 600.0), "lora_inject_s": _number(0.0,
                "lora_activate_s": _number(0.0, 600.0)}
 _SHARING = {"device_sharing": _choice("shared", "fifo")}
 
+
+def _prompt(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 200:
+        raise ValueError(f"must be a prompt of 1-200 characters, got {value!r}")
+    return value
+
+
+# Fault injection for the reliability tests: the actor exits when it encodes this prompt.
+_FAULTS = {"crash_on_prompt": _prompt}
+
 OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "emulated": {**_SCALES, **_SHARING, **_LORA, **_LORA_COSTS, "profile": _profile},
+    "emulated": {**_SCALES, **_SHARING, **_LORA, **_LORA_COSTS, **_FAULTS, "profile": _profile},
     "monolith": {**_SCALES, **_SHARING, "gpu_memory_gib": _number(1.0, 4096.0)},
     "diffusers": {**_LORA, "batching": _choice("exact", "fused")},
     "noop": {**_SCALES},

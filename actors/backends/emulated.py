@@ -10,6 +10,7 @@ a lost, stale or mixed-up tensor shows in the final image.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ from broker.protocol.messages import TaskSpec
 from broker.protocol.tasks import TaskKind
 
 DIGEST_BYTES = 16
+POISON_EXIT_CODE = 70  # the `crash_on_prompt` fault's exit status
 
 
 def content_digest(*parts: bytes | str | int) -> bytes:
@@ -84,6 +86,9 @@ class EmulatedBackend:
         self.residency = Residency.from_options(options)
         self.registry: dict = {}  # the catalog's adapters (attach_catalog)
         self.adapter_switch_s = 0.0  # emulated seconds spent switching LoRA sets (telemetry)
+        # Fault injection: a prompt that kills this process when a task encodes it, as a
+        # poison input crashes a real model (tests/test_poison.py, the broker's quarantine).
+        self.crash_on_prompt = options.get("crash_on_prompt") or None
 
     def attach_catalog(self, catalog) -> None:
         self.registry = catalog.adapters
@@ -96,6 +101,9 @@ class EmulatedBackend:
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()
+        if self.crash_on_prompt is not None and any(
+                t.kind == TaskKind.ENCODE and t.params.prompt == self.crash_on_prompt for t in tasks):
+            os._exit(POISON_EXIT_CODE)  # no clean-up, no answer: what a segfault in a model call looks like
         # A split step's combine task makes no model call (its branches did): no time.
         rows = sum(t.rows for t in tasks if t.params.calls_model)
         height, width = tasks[0].shape
