@@ -21,6 +21,7 @@ replica of every model goes to A. Needs root and `ip netns` (skipped otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -72,11 +73,9 @@ def _kill_netns(ns: str) -> list[int]:
     deadline = time.monotonic() + 10
     while (pids := _netns_pids(ns)) and time.monotonic() < deadline:
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # gone on its own meanwhile
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
-            except ProcessLookupError:
-                pass
         time.sleep(0.1)
     return sorted(set(killed))
 

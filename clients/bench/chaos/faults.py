@@ -11,6 +11,7 @@ whatever happens. `fewest_left` and `burst_instant` are pure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -85,12 +86,10 @@ def wait_stats(admin: Client, ready: Callable[[p.Stats], bool], timeout_s: float
     """Poll the broker's stats until `ready` (a broker that is down is polled again)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
+        with contextlib.suppress(Timeout):  # a broker that is down: poll again
             stats = admin.stats(timeout=2.0)
             if ready(stats):
                 return stats
-        except Timeout:
-            pass
         if time.monotonic() > deadline:
             raise LegoError(f"chaos: timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(0.2)
