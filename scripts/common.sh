@@ -79,6 +79,7 @@ lego_ensure_browser() {
 : "${LEGO_STOP_TIMEOUT_S:=15}"                      # stop: SIGTERM, then SIGKILL after this
 : "${LEGO_REMOTE_DIR:=$LEGO_ROOT}"                  # lego-cluster.sh: the checkout on the other hosts
 : "${LEGO_SSH_OPTS:=-o BatchMode=yes}"              # lego-cluster.sh: split on whitespace
+: "${LEGO_REMOTE_KEYS_DIR:=$LEGO_KEYS_DIR}"         # lego-cluster.sh: where the keys go on the other hosts
 
 lego_log() { echo "$(basename "$0"): $*" >&2; }
 
@@ -86,13 +87,22 @@ lego_log() { echo "$(basename "$0"): $*" >&2; }
 #   broker -> --key-file broker.key --authorized-keys authorized; agent -> --key-file
 #   agent.key --actor-key-file actor.key; any other role -> --key-file ROLE.key.
 # The head needs broker.key, authorized, scheduler.key and admin.key; a GPU node only
-# agent.key and actor.key: copy no more than that to each host.
+# agent.key and actor.key (lego_key_files): copy no more than that to each host.
 lego_key_args() {
   [ -n "$LEGO_KEYS_DIR" ] || return 0
   case "$1" in
     broker) echo --key-file "$LEGO_KEYS_DIR/broker.key" --authorized-keys "$LEGO_KEYS_DIR/authorized" ;;
     agent) echo --key-file "$LEGO_KEYS_DIR/agent.key" --actor-key-file "$LEGO_KEYS_DIR/actor.key" ;;
     *) echo --key-file "$LEGO_KEYS_DIR/$1.key" ;;
+  esac
+}
+
+# lego_key_files head|node: the files of LEGO_KEYS_DIR that lego_key_args names on such a
+# host (a node's key files carry the broker's public key); lego-cluster.sh copies these.
+lego_key_files() {
+  case "$1" in
+    head) echo broker.key authorized scheduler.key admin.key ;;
+    node) echo agent.key actor.key ;;
   esac
 }
 

@@ -24,8 +24,18 @@
 # Environment passed to each host, later ones winning:
 #   LEGO_HEAD=<the head's host name> (127.0.0.1 for a local head), and on a remote
 #   head LEGO_BIND_HOST=0.0.0.0 so other hosts' agents reach the broker; then every
-#   LEGO_* variable exported here (except LEGO_ROOT, LEGO_REMOTE_DIR, LEGO_SSH_OPTS);
-#   then the host's KEY=VALUE words. See lego-head.sh and lego-node.sh for the variables.
+#   LEGO_* variable exported here (except LEGO_ROOT, LEGO_REMOTE_DIR, LEGO_REMOTE_KEYS_DIR,
+#   LEGO_SSH_OPTS); on a remote host, with keys, LEGO_KEYS_DIR=$LEGO_REMOTE_KEYS_DIR; then
+#   the host's KEY=VALUE words. See lego-head.sh and lego-node.sh for the variables.
+# Keys (LEGO_KEYS_DIR set here: a folder from `lego keys init`): on `start`, before a
+# remote host's script runs, the key files that host needs are copied to it over ssh,
+# and no others: to the head broker.key, authorized, scheduler.key and admin.key, to a
+# node agent.key and actor.key (they carry the broker's public key). They go into the
+# host's LEGO_KEYS_DIR as above (its KEY=VALUE word, else LEGO_REMOTE_KEYS_DIR, default
+# the same path as here; a relative one is under LEGO_REMOTE_DIR): the folder 0700, each
+# file 0600 (umask 077, written under a temporary name, then renamed over the old one),
+# one ssh per file with the file on stdin, never on a command line. Local hosts read
+# LEGO_KEYS_DIR where it is.
 set -euo pipefail
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -70,23 +80,64 @@ fi
 forwarded=()
 while IFS= read -r name; do
   case "$name" in
-    LEGO_ROOT | LEGO_REMOTE_DIR | LEGO_SSH_OPTS) ;;
+    LEGO_ROOT | LEGO_REMOTE_DIR | LEGO_REMOTE_KEYS_DIR | LEGO_SSH_OPTS) ;;
     LEGO_*) forwarded+=("$name=${!name}") ;;
   esac
 done < <(compgen -e)
 read -ra ssh_opts <<<"$LEGO_SSH_OPTS"
 
-# run_on INDEX SCRIPT: run `SCRIPT ACTION` on host INDEX with its environment.
-# Called in a background subshell; exec, so the job's pid is the command's.
+keys_src=$LEGO_KEYS_DIR  # where the key files are read here
+[[ -z "$keys_src" || "$keys_src" == /* ]] || keys_src=$LEGO_ROOT/$keys_src
+
+# assigned NAME ASSIGNMENT...: the value env would give NAME (the last NAME=... wins).
+assigned() {
+  local name=$1 word value=""
+  shift
+  for word in "$@"; do
+    if [[ "$word" == "$name="* ]]; then value=${word#*=}; fi
+  done
+  echo "$value"
+}
+
+# send_keys HOST DIR FILE...: copy those files of LEGO_KEYS_DIR into DIR on HOST (see
+# the header: 0700, 0600, each on stdin).
+send_keys() {
+  local host=$1 dest=$2 file q remote
+  shift 2
+  for file in "$@"; do
+    [ -r "$keys_src/$file" ] || { lego_log "$host: no $keys_src/$file to copy"; return 1; }
+  done
+  q=$(printf %q "$dest")
+  for file in "$@"; do
+    remote="cd $(printf %q "$LEGO_REMOTE_DIR") && umask 077 && mkdir -p $q && chmod 700 $q"
+    remote+=" && cat >$q/.$file.tmp && chmod 600 $q/.$file.tmp && mv -f $q/.$file.tmp $q/$file"
+    # shellcheck disable=SC2029  # expanded here on purpose, each path quoted with %q
+    ssh "${ssh_opts[@]}" "$host" "$remote" <"$keys_src/$file" ||
+      { lego_log "$host: could not copy $file into $dest"; return 1; }
+  done
+  echo "keys copied into $dest: $*"
+}
+
+# run_on INDEX SCRIPT: run `SCRIPT ACTION` on host INDEX with its environment (on
+# start, a remote host gets its keys first). Called in a background subshell; exec, so
+# the job's pid is the command's.
 run_on() {
-  local host=${hosts[$1]} script=$2 own
+  local host=${hosts[$1]} script=$2 own dest role=node
   local assignments=("${derived[@]}")
-  [ "$1" != 0 ] || assignments+=("${head_derived[@]}")
+  [ "$1" != 0 ] || { assignments+=("${head_derived[@]}"); role="head"; }
   read -ra own <<<"${host_envs[$1]}"
-  assignments+=("${forwarded[@]}" "${own[@]}")
   if is_local "$host"; then
+    assignments+=("${forwarded[@]}" "${own[@]}")
     cd "$LEGO_ROOT"
     exec env "${assignments[@]}" bash "scripts/$script" "$action"
+  fi
+  assignments+=("${forwarded[@]}")
+  [ -z "$keys_src" ] || assignments+=(LEGO_KEYS_DIR="$LEGO_REMOTE_KEYS_DIR")
+  assignments+=("${own[@]}")
+  dest=$(assigned LEGO_KEYS_DIR "${assignments[@]}")
+  if [ "$action" = start ] && [ -n "$keys_src" ] && [ -n "$dest" ]; then
+    # shellcheck disable=SC2046  # the file names are words
+    send_keys "$host" "$dest" $(lego_key_files "$role") || exit 1
   fi
   exec ssh "${ssh_opts[@]}" "$host" \
     "cd $(printf %q "$LEGO_REMOTE_DIR") && env $(printf '%q ' "${assignments[@]}")bash scripts/$script $action"

@@ -5,6 +5,10 @@ ssh): a head (broker + scheduler) and two node agents with two emulated GPUs eac
 as real detached processes. The scheduler starts the actors of one workflow through
 the agents; requests complete; `stop` leaves no process of any pidfile (actors
 included) alive and no pidfile behind.
+
+Its key copying, with a stand-in `ssh` that runs the copies here and only echoes the
+launch commands: each remote host gets its own files, private, and no others. (Over a
+real sshd, in a second network namespace: tests/test_two_hosts.py.)
 """
 
 from __future__ import annotations
@@ -71,8 +75,6 @@ def _wait_for_actors(frontend: str, models: set[str], timeout_s: float, key_file
             time.sleep(0.2)
 
 
-@pytest.mark.skipif(not shutil.which("setsid") or not (Path(sys.prefix) / "bin" / "python").exists(),
-                    reason="needs setsid and a virtualenv")
 def _assert_private(root: Path) -> None:
     """Run directories (made by the scripts), their logs/ and pids/ 0700; every log and pidfile 0600."""
     run_dirs = {p.parent for p in root.rglob("pids")}
@@ -86,6 +88,8 @@ def _assert_private(root: Path) -> None:
     assert not loose, loose
 
 
+@pytest.mark.skipif(not shutil.which("setsid") or not (Path(sys.prefix) / "bin" / "python").exists(),
+                    reason="needs setsid and a virtualenv")
 @pytest.mark.parametrize("keys", [False, True], ids=["loopback", "keys-on-all-interfaces"])
 def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
     frontend_port, backend_port = free_port(), free_port()
@@ -148,3 +152,62 @@ def test_cluster_script_starts_serves_and_stops_everything(tmp_path, keys):
         for pid in {**seen, **pidfiles(tmp_path)}.values():  # last resort, by pid, never by name
             if alive(pid) and str(tmp_path) in environ(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+FAKE_SSH = """#!/usr/bin/env bash
+# A stand-in for ssh: records its arguments, runs a key copy here (stdin included),
+# echoes a launch script's command instead of running it.
+printf '%s\\n' "$*" >>"$FAKE_SSH_LOG"
+case "${!#}" in
+  *scripts/lego-*) echo "would run: ${!#}" ;;
+  *) exec bash -c "${!#}" ;;
+esac
+"""
+
+
+def test_cluster_script_copies_each_remote_host_its_own_keys(tmp_path):
+    paths = auth.make_cluster_keys(tmp_path / "keys")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ssh").write_text(FAKE_SSH)
+    (tmp_path / "bin" / "ssh").chmod(0o755)
+    checkout = tmp_path / "checkout"  # LEGO_REMOTE_DIR: a relative keys folder is under it
+    checkout.mkdir()
+    stale = tmp_path / "gpu-01-keys"  # an older copy, too open: replaced, made private
+    stale.mkdir(mode=0o755)
+    (stale / "agent.key").write_text("old")
+    (stale / "agent.key").chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEGO_")}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env.get('PATH', '')}", FAKE_SSH_LOG=str(tmp_path / "ssh.log"),
+               LEGO_KEYS_DIR=str(tmp_path / "keys"), LEGO_REMOTE_KEYS_DIR=str(tmp_path / "head-keys"),
+               LEGO_REMOTE_DIR=str(checkout))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("head.example\n"
+                     f"gpu-01 LEGO_KEYS_DIR={stale}\n"
+                     "gpu-02 LEGO_KEYS_DIR=keys  # relative: under LEGO_REMOTE_DIR\n")
+    started = _cluster(hosts, "start", env)
+    assert started.returncode == 0, started.stdout + started.stderr
+
+    head, node = {"broker.key", "authorized", "scheduler.key", "admin.key"}, {"agent.key", "actor.key"}
+    for host, given, folder, files in [("head.example", tmp_path / "head-keys", tmp_path / "head-keys", head),
+                                       ("gpu-01", stale, stale, node), ("gpu-02", "keys", checkout / "keys", node)]:
+        assert {f.name for f in folder.iterdir()} == files, (host, sorted(folder.iterdir()))
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        for name in files:
+            copy = folder / name
+            assert stat.S_IMODE(copy.stat().st_mode) == 0o600, copy
+            assert copy.read_bytes() == (tmp_path / "keys" / name).read_bytes(), copy
+        launch = [line for line in started.stdout.splitlines() if line.startswith(f"[{host}] would run:")]
+        assert len(launch) == 1 and f"LEGO_KEYS_DIR={given} " in launch[0], launch  # the script reads them there
+
+    # No key material on any command line: the files went over stdin.
+    commands = (tmp_path / "ssh.log").read_text()
+    for path in paths.values():
+        if path.name != "authorized":
+            assert auth.load_key_file(path).secret.decode() not in commands, path
+
+    # Only `start` copies.
+    for folder in (tmp_path / "head-keys", stale, checkout / "keys"):
+        shutil.rmtree(folder)
+    status = _cluster(hosts, "status", env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert not any(folder.exists() for folder in (tmp_path / "head-keys", stale, checkout / "keys"))

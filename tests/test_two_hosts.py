@@ -1,10 +1,15 @@
-"""Two hosts for real: a node in its own network namespace, reached over a veth pair.
+"""Two hosts for real: a node in its own network namespace, reached over a veth pair and ssh.
 
 The test makes a network namespace and a veth pair (root side 10.213.X.1/24, the
-namespace's side 10.213.X.2/24), then starts with the launch scripts, keys on: the
-head (broker + scheduler) and node A in the root namespace, node B inside the
-namespace, each with emulated GPUs. It checks that
+namespace's side 10.213.X.2/24) and runs OpenSSH's sshd inside the namespace (root
+logs in with a key made here, nothing else). `scripts/lego-cluster.sh` then starts
+the cluster from a hosts file, keys on: the head (broker + scheduler) and node A here,
+in the root namespace, and node B over ssh, so inside the namespace; each node has
+emulated GPUs. It checks that
 
+- lego-cluster.sh copied node B its own keys over ssh (agent.key and actor.key into
+  B's keys folder, 0600 in a 0700 folder; not the broker's, the admin's or the
+  scheduler's), and that B's agent runs in the namespace with those files;
 - each actor's data socket listens on its host's routable address (never loopback),
   and that actors of one host fetched tensors from the other's data sockets (open TCP
   connections across the veth; the broker's `frames_bytes` grows);
@@ -14,9 +19,11 @@ namespace, each with emulated GPUs. It checks that
   typed error; none is lost.
 
 Placement: the scheduler puts a workflow's replicas next to each other, so the test
-stages them: one replica of each model first, on node B alone (one GPU), then two
-once node A (two GPUs) has joined; B's GPU holds one denoiser only, so the second
-replica of every model goes to A. Needs root and `ip netns` (skipped otherwise).
+stages them: one replica of each model first (the scheduler's flags), on node B alone
+(one GPU), then two once node A (two GPUs) has joined the hosts file and `start` has
+run again (what runs already is left as it is); B's GPU holds one denoiser only, so the
+second replica of every model goes to A. Needs root, `ip netns` and OpenSSH (sshd,
+ssh, ssh-keygen); skipped otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -48,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 WORKFLOW = "flux-schnell-txt2img"
 SCRIPT_TIMEOUT_S = 120
+SSHD = "/usr/sbin/sshd"  # sshd refuses to start from a relative path
 IMAGE = {"steps": 4, "width": 256, "height": 256}
 
 
@@ -117,33 +126,87 @@ def net():
         _ip("netns", "del", ns, check=False)
 
 
+SSHD_CONFIG = """\
+ListenAddress {address}
+Port {port}
+HostKey {folder}/host_key
+AuthorizedKeysFile {folder}/authorized_keys
+PidFile {folder}/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+"""
+
+
+@pytest.fixture
+def ssh_opts(tmp_path, net):
+    """OpenSSH's sshd in the namespace, on its veth address, root's login by a key made
+    here only; yields the LEGO_SSH_OPTS that reach it. Killed with the namespace."""
+    if not Path(SSHD).is_file() or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        pytest.skip(f"needs OpenSSH: {SSHD}, ssh and ssh-keygen (apt-get install openssh-server)")
+    folder = tmp_path / "ssh"
+    folder.mkdir(mode=0o700)
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lego-test {name}", "-f",
+                        str(folder / name)], check=True, capture_output=True, timeout=30)
+    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+    port = free_port()  # free here; nothing listens in the new namespace anyway
+    config = folder / "sshd_config"
+    config.write_text(SSHD_CONFIG.format(address=net.node_ip, port=port, folder=folder))
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    opts = (f"-F /dev/null -p {port} -i {folder / 'client_key'} -o IdentitiesOnly=yes -o BatchMode=yes "
+            "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5 -o LogLevel=ERROR")
+    log_path = folder / "sshd.log"  # under tmp_path: _logs shows it with the others
+    with open(log_path, "ab") as log:
+        sshd = subprocess.Popen(["ip", "netns", "exec", net.ns, SSHD, "-D", "-e", "-f", str(config)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while (probe := subprocess.run(["ssh", *opts.split(), net.node_ip, "true"], capture_output=True,
+                                       text=True, timeout=30)).returncode != 0:
+            if sshd.poll() is not None or time.monotonic() > deadline:
+                said = log_path.read_text(errors="replace")
+                if "account is locked" in said:
+                    pytest.skip("root's account is locked: sshd without PAM refuses its key logins")
+                raise AssertionError(f"no ssh login to {net.node_ip}:{port}: {probe.stderr.strip()}\nsshd: {said}")
+            time.sleep(0.2)
+        yield opts
+    finally:
+        sshd.kill()  # if the namespace's end has not killed it already
+        sshd.wait(timeout=10)
+
+
 # ------------------------------------------------------------------ processes
 
 
-def _env(tmp_path: Path, net: Net, frontend_port: int, backend_port: int) -> dict:
+def _env(tmp_path: Path, net: Net, ssh_opts: str, frontend_port: int, backend_port: int) -> dict:
+    """lego-cluster.sh's environment: every host gets these LEGO_* (the hosts file adds its own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEGO_")}
     env.update(
         LEGO_VENV=sys.prefix, LEGO_INSTALL="0",  # this interpreter's environment, as it is
-        LEGO_KEYS_DIR=str(tmp_path / "keys"), LEGO_BIND_HOST=net.head_ip, LEGO_HEAD=net.head_ip,
+        LEGO_KEYS_DIR=str(tmp_path / "keys"), LEGO_REMOTE_KEYS_DIR=str(tmp_path / "node-b-keys"),
+        LEGO_SSH_OPTS=ssh_opts,
+        LEGO_BIND_HOST=net.head_ip, LEGO_HEAD=net.head_ip,  # the head is local: node B needs its veth address
         LEGO_FRONTEND_PORT=str(frontend_port), LEGO_BACKEND_PORT=str(backend_port),
         LEGO_WORKFLOWS=WORKFLOW,
         LEGO_BROKER_ARGS="--affinity avoid --cost-scale 0.02 --orphan-timeout-s 30",
-        LEGO_SCHEDULER_ARGS="--min-replicas 2 --max-replicas 2 --admission off "
+        LEGO_SCHEDULER_ARGS="--min-replicas 1 --max-replicas 1 --admission off "
                             "--actor-option time_scale=0.02 --interval-s 0.5",
         LEGO_START_TIMEOUT_S="90", LEGO_STOP_TIMEOUT_S="10",
     )
     return env
 
 
-def _node_env(env: dict, tmp_path: Path, host: str, gpus: int) -> dict:
-    return {**env, "LEGO_RUN_DIR": str(tmp_path / host), "LEGO_NODE_HOST": host, "LEGO_EMULATE_GPUS": str(gpus)}
+def _node(host: str, tmp_path: Path, name: str, gpus: int) -> str:
+    """A node's line of the hosts file."""
+    return f"{host} LEGO_RUN_DIR={tmp_path / name} LEGO_NODE_HOST={name} LEGO_EMULATE_GPUS={gpus}\n"
 
 
-def _script(name: str, action: str, env: dict, netns: str | None = None) -> subprocess.CompletedProcess:
-    cmd = ["bash", str(SCRIPTS / name), action]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+def _cluster(hosts: Path, action: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPTS / "lego-cluster.sh"), str(hosts), action],
+                          env=env, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
 
 
 def _logs(root: Path, tail: int = 3000) -> str:
@@ -223,32 +286,50 @@ def _wait(what: str, admin: Client, done, timeout_s: float, root: Path):
 # ------------------------------------------------------------------ the test
 
 
-def test_two_hosts_over_a_veth_pair(tmp_path, net):
+def _assert_node_keys(folder: Path, source: Path) -> None:
+    """`folder` holds a node's keys only (agent.key, actor.key: copies of `source`'s), private."""
+    assert {f.name for f in folder.iterdir()} == {"agent.key", "actor.key"}, sorted(folder.iterdir())
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700, oct(folder.stat().st_mode)
+    for copy in folder.iterdir():
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600, (copy, oct(copy.stat().st_mode))
+        assert copy.read_bytes() == (source / copy.name).read_bytes(), copy
+
+
+def test_two_hosts_over_a_veth_pair(tmp_path, net, ssh_opts):
     keys = auth.make_cluster_keys(tmp_path / "keys")
     frontend_port, backend_port = free_port(), free_port()
     frontend = f"tcp://{net.head_ip}:{frontend_port}"
-    env = _env(tmp_path, net, frontend_port, backend_port)
-    env_a, env_b = _node_env(env, tmp_path, "node-a", 2), _node_env(env, tmp_path, "node-b", 1)
-    env_head = {**env, "LEGO_RUN_DIR": str(tmp_path / "head")}
+    env = _env(tmp_path, net, ssh_opts, frontend_port, backend_port)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 LEGO_RUN_DIR={tmp_path / 'head'}  # the head, here: broker + scheduler\n"
+                     + _node(net.node_ip, tmp_path, "node-b", 1))  # over ssh, into the namespace
     models = set(load_catalog([]).workflows[WORKFLOW].models)
     expected_ip = {"node-a": net.head_ip, "node-b": net.node_ip}
     seen: dict[Path, int] = {}
     admin = None
     try:
-        started = _script("lego-head.sh", "start", env_head)
+        # Stage 1: the head, and node B over ssh with the keys lego-cluster.sh copies it;
+        # one replica of each model (the scheduler's flags), so all on node B.
+        started = _cluster(hosts, "start", env)
         assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
+        assert f"[{net.node_ip}] keys copied into {tmp_path / 'node-b-keys'}: agent.key actor.key" \
+            in started.stdout, started.stdout
+        _assert_node_keys(tmp_path / "node-b-keys", tmp_path / "keys")
         seen.update(pidfiles(tmp_path))
+        agent_b = pidfiles(tmp_path / "node-b")[tmp_path / "node-b" / "nodes" / "node-b" / "pids" / "agent.pid"]
+        assert agent_b in _netns_pids(net.ns), "node B's agent is not in the namespace"
+        cmdline = Path(f"/proc/{agent_b}/cmdline").read_bytes().split(b"\0")
+        assert f"{tmp_path / 'node-b-keys'}/agent.key".encode() in cmdline, cmdline
         admin = Client(frontend, key_file=str(keys["admin"]), admin_timeout_s=5.0)
-        for model in models:  # stage 1: one replica of each model, on node B alone
-            admin.set_replicas(model, min=1, max=1)
-
-        started = _script("lego-node.sh", "start", env_b, netns=net.ns)
-        assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
         _wait("one actor of each model on node-b", admin,
               lambda s: _placed(s, models).get("node-b") == models, 90, tmp_path)
 
-        started = _script("lego-node.sh", "start", env_a)
+        # Stage 2: node A joins the hosts file; `start` again starts only what is not running.
+        with hosts.open("a") as f:
+            f.write(_node("localhost", tmp_path, "node-a", 2))
+        started = _cluster(hosts, "start", env)
         assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n{_logs(tmp_path)}"
+        assert "broker already running" in started.stderr + started.stdout, started.stdout
         _wait("node-a's agent", admin, lambda s: {a.host for a in s.agents} == {"node-a", "node-b"}, 30, tmp_path)
         for model in models:  # stage 2: two of each; B's one GPU has no room for a second denoiser
             admin.set_replicas(model, min=2, max=2)
@@ -338,8 +419,7 @@ def test_two_hosts_over_a_veth_pair(tmp_path, net):
         if admin is not None:
             admin.close()
         seen.update(pidfiles(tmp_path))
-        _script("lego-node.sh", "stop", env_a)
-        _script("lego-head.sh", "stop", env_head)
+        _cluster(hosts, "stop", env)  # node B's ssh fails once the namespace's end has come
         _kill_netns(net.ns)
         for pid in seen.values():  # last resort, by pid, never by name
             if alive(pid) and str(tmp_path) in environ(pid):
