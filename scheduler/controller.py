@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actor-option", dest="actor_options", action="append", help="KEY=VALUE for started actors")
     parser.add_argument("--max-batch-rows", type=int)
     parser.add_argument("--admission", type=lambda s: s.lower() in ("1", "true", "on", "yes"))
-    parser.add_argument("--admission-bound", choices=("max", "sum"))
+    parser.add_argument("--admission-bound", choices=("max", "sum", "lookahead"))  # broker.core.rules.ADMISSION_BOUNDS
     parser.add_argument("--admission-overhead-s", type=float)
     parser.add_argument("--slo-multiple", type=float)
     parser.add_argument("--cfg-split", choices=("never", "always", "auto"))

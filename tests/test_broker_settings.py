@@ -56,7 +56,7 @@ def test_the_command_line_is_the_one_before():
     kinds = {a.dest: (a.type, tuple(a.choices) if a.choices else None) for a in parser._actions}
     assert kinds["affinity"] == (None, ("prefer", "avoid"))
     assert kinds["cfg_split"] == (None, ("never", "always", "auto"))
-    assert kinds["admission_bound"] == (None, ("max", "sum"))
+    assert kinds["admission_bound"] == (None, ("max", "sum", "lookahead"))
     assert kinds["serving"] == (None, ("micro", "monolith"))
     for name in ("admission", "drop_late", "drop_hopeless", "batch_by_profile", "adapter_affinity"):
         assert kinds[name] == (None, ("on", "off")), name

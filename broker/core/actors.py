@@ -42,6 +42,10 @@ class ActorTable:
     def of_model(self, model: str) -> list[ActorState]:
         return self.by_model.get(model, [])
 
+    def replicas(self) -> dict[str, int]:
+        """Actors taking new work, per model."""
+        return {model: sum(not a.draining for a in actors) for model, actors in self.by_model.items()}
+
     def holder(self, actor_id: str) -> ActorState | None:
         return self.actors.get(actor_id)
 

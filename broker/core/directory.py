@@ -59,6 +59,7 @@ class RequestDirectory:
         for plan, (cost_s, min_cost_s) in zip(plans, costs, strict=True):
             node = Node(request, plan, self.next_seq())
             node.cost_s, node.min_cost_s = cost_s, min_cost_s
+            node.share_s = self.load.actor_share_s(node.model, node.kind, node.shape, node.rows, cost_s, min_cost_s)
             request.min_cost_s += node.min_cost_s
             if plan.group:
                 groups.setdefault(plan.group, []).append(node)
@@ -139,6 +140,7 @@ class RequestDirectory:
             # Break the DAG's reference cycles so refcounting frees it at once and the
             # cyclic GC (whose pauses show up as tail latency) has little to do.
             node.inputs = node.consumers = node.siblings = ()
+        request.left = []
 
     def fail(self, request: Request, code: ErrorCode, message: str, now: float) -> None:
         counter = "requests_cancelled" if code is ErrorCode.CANCELLED else "requests_failed"
@@ -221,6 +223,7 @@ class RequestDirectory:
         stats = self.load.stats(request.workflow)
         stats.completed += 1
         stats.slo_met += request.deadline is None or now <= request.deadline
+        self.load.request_done(request.workflow, latency, request.predicted_s)
         self.meters.request_done(request.workflow, latency)
         log.info("request_completed", request_id=request.request_id, latency_s=round(latency, 4))
         self.out.send(FRONTEND, request.client, p.Result(request.request_id, tensors, latency, request.restarts + 1),

@@ -72,6 +72,9 @@ class Dispatcher:
             if choosers.past_deadline(node, now, self.settings.drop_hopeless):
                 if not request.finished:
                     node.state = WAITING  # already out of the queue
+                    # it would finish no sooner than this: what admission's estimate missed by
+                    self.load.request_done(request.workflow, now + node.tail_s - request.submitted_at,
+                                           request.predicted_s)
                     self.directory.fail(request, ErrorCode.DEADLINE_EXCEEDED,
                                         f"{node.key} could start {now - request.deadline:+.3f} s from the deadline, "
                                         f"with {node.tail_s:.3f} s of its critical path left", now)

@@ -14,6 +14,7 @@ A client's SUBMIT that repeats one of its requests in flight is that request aga
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import structlog
 
@@ -42,6 +43,19 @@ from broker.protocol.errors import ErrorCode
 from broker.protocol.tensors import check_payload
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request's DAG, priced once: its node plans, each node's (alone, full-batch)
+    seconds, its device-seconds per model (None: a model has no profile), and whether
+    its CFG branches run as a parallel group."""
+
+    plans: list
+    node_costs: list[tuple[float, float]]
+    by_model: dict | None
+    latency_mode: bool
+
 
 
 class Intake:
@@ -96,22 +110,28 @@ class Intake:
         # request unrolls for it) gives the SLO and admission's own-latency bound.
         solo = self.load.solo_s(workflow, params)
         slo = self.load.slo_s(workflow, solo, self.settings.slo_multiple)
-        if self.settings.admission and slo is not None:
-            decision = self._admission(workflow, solo, slo)
-            if not decision.admit:
-                self.load.stats(workflow.name).rejected += 1
-                # When the queue sets the bound: once it has drained by that much, it fits.
-                retry = max(0.0, decision.bound_s - slo)
-                return reject(ErrorCode.SLO_UNATTAINABLE, decision.reason, None, round(retry, 3))
         if self.settings.serving == "monolith":
             pipeline = self._pipeline_for(workflow.name)
             if pipeline is None:
                 return reject(ErrorCode.NO_CAPACITY, f"no monolith (pipeline/...) actor hosts {workflow.name!r}", "workflow")
         else:
             pipeline = None
+        plan = decision = None
+        if self.settings.admission and slo is not None:
+            if self.settings.admission_bound == "lookahead":  # it needs the DAG; the others refuse before unrolling
+                plan = self._plan(workflow, params, {t.name for t in msg.tensors}, pipeline)
+            decision = self._admission(workflow, solo, slo, plan, now)
+            if not decision.admit:
+                self.load.stats(workflow.name).rejected += 1
+                # When the queue sets the bound: once it has drained by that much, it fits.
+                retry = max(0.0, decision.bound_s - slo)
+                return reject(ErrorCode.SLO_UNATTAINABLE, decision.reason, None, round(retry, 3))
         request = Request(msg.request_id, identity, workflow.name, params, self.directory.next_seq(), now, msg.progress)
         request.tensors, request.frames = list(msg.tensors), list(payload)
-        self._admit(request, workflow, slo, pipeline, now)
+        request.predicted_s = decision.predicted_s if decision is not None else None
+        if plan is None:
+            plan = self._plan(workflow, params, {t.name for t in msg.tensors}, pipeline)
+        self._admit(request, workflow, slo, plan, now)
         self.out.accepted(request)  # durable before the client hears ACCEPTED
         self.out.send(FRONTEND, identity, p.Accepted(request.request_id, len(request.nodes), request.total_steps, params))
         log.info("request_accepted", request_id=request.request_id, workflow=workflow.name, nodes=len(request.nodes))
@@ -147,7 +167,8 @@ class Intake:
         solo = self.load.solo_s(workflow, params)
         request = Request(request_id, client, workflow.name, params, self.directory.next_seq(), now, progress)
         request.tensors, request.frames = list(tensors), list(frames)
-        self._admit(request, workflow, self.load.slo_s(workflow, solo, self.settings.slo_multiple), pipeline, now)
+        plan = self._plan(workflow, params, {t.name for t in tensors}, pipeline)
+        self._admit(request, workflow, self.load.slo_s(workflow, solo, self.settings.slo_multiple), plan, now)
         self.meters.counters["requests_resumed"] += 1
         log.info("request_resumed", request_id=request_id, workflow=workflow.name, nodes=len(request.nodes))
         self.dispatcher.dispatch_all(self.directory.start(request, now), now)
@@ -179,19 +200,22 @@ class Intake:
         self.out.send(FRONTEND, client, p.Failed(request_id, code.value, message))
         self.out.ended(request_id, FAILED)
 
-    def _admit(self, request: Request, workflow: WorkflowSpec, slo: float | None, pipeline: str | None,
-               now: float) -> None:
-        """Unroll the request into its DAG (once), price it (once), enter it in the directory."""
-        request.deadline = None if slo is None else now + slo
+    def _plan(self, workflow: WorkflowSpec, params: dict, tensor_names: set[str], pipeline: str | None) -> Plan:
+        """A request's DAG (one task on `pipeline` in monolith serving), priced."""
         if pipeline is not None:
-            plans = unroll_monolith(workflow, request.params, pipeline)
+            latency_mode, plans = False, unroll_monolith(workflow, params, pipeline)
         else:
-            request.latency_mode = self._split_cfg(workflow)
-            plans = unroll(workflow, request.params, cfg_split=request.latency_mode,
-                           tensors={t.name for t in request.tensors})
+            latency_mode = self._split_cfg(workflow)
+            plans = unroll(workflow, params, cfg_split=latency_mode, tensors=tensor_names)
         node_costs, by_model = self.load.price(plans, workflow)
-        self.directory.add(request, workflow, plans, node_costs)
-        self.load.accepted(workflow, by_model, now)
+        return Plan(plans, node_costs, by_model, latency_mode)
+
+    def _admit(self, request: Request, workflow: WorkflowSpec, slo: float | None, plan: Plan, now: float) -> None:
+        """Enter the request, with its priced DAG, in the directory."""
+        request.deadline = None if slo is None else now + slo
+        request.latency_mode = plan.latency_mode
+        self.directory.add(request, workflow, plan.plans, plan.node_costs)
+        self.load.accepted(workflow, plan.by_model, now)
         stats = self.load.stats(workflow.name)
         stats.submitted += 1
         stats.latency_mode += request.latency_mode
@@ -211,17 +235,27 @@ class Intake:
         except (ParamError, KeyError):
             return False
 
-    def _admission(self, workflow: WorkflowSpec, solo: float | None, slo: float) -> rules.Admission:
-        if self.settings.admission_bound == "sum":
+    def _admission(self, workflow: WorkflowSpec, solo: float | None, slo: float, plan: Plan | None,
+                   now: float) -> rules.Admission:
+        bound = self.settings.admission_bound
+        if bound == "lookahead":
+            ahead = (request.ops_left(now) for request in self.directory.requests.values())
+            def share_s(node, alone: float, full: float) -> float:
+                return self.load.actor_share_s(node.model, node.kind, node.shape, node.rows, alone, full)
+
+            mine = rules.plan_ops(plan.plans, plan.node_costs, share_s)
+            finish = rules.lookahead_finish(ahead, mine, self.actors.replicas())
+            predicted = finish + self.settings.admission_overhead_s
+            estimate = predicted + self.load.admission_margin_s(workflow.name)
+            return rules.Admission(estimate <= slo, estimate, slo, predicted)
+        if bound == "sum":
             # its wait: the work queued on its workflow's models, over the devices they run on
-            devices = {(a.host, a.device) for m in workflow.models
-                       for a in self.actors.of_model(m) if not a.draining}
+            devices = {(a.host, a.device) for m in workflow.models for a in self.actors.of_model(m) if not a.draining}
             queued = sum(self.load.queued_by_model.get(m, 0.0) for m in workflow.models)
-            devices = max(1, len(devices))
         else:
-            queued, devices = self.load.queued_min_s, self.actors.device_count()
+            queued, devices = self.load.queued_min_s, range(self.actors.device_count())
         own = (solo or 0.0) + self.settings.admission_overhead_s
-        return rules.admission(own, queued, devices, slo, self.settings.admission_bound)
+        return rules.admission(own, queued, max(1, len(devices)), slo, bound)
 
     def _split_cfg(self, workflow: WorkflowSpec) -> bool:
         """Run this request's CFG branches as a parallel group (on two actors)?"""

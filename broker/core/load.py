@@ -21,6 +21,7 @@ from broker.costs.model import CostModel
 
 RATE_WINDOW_S = 5.0  # arrival rates and per-request work are averaged over about this long
 SERVICE_WEIGHT = 0.1  # weight of the newest task in the per-model service time average
+ERROR_WEIGHT = 0.1  # weight of the newest completed request in the admission error average
 
 
 @dataclass
@@ -49,6 +50,11 @@ class LoadTracker:
         self.service_s: dict[str, float] = {}
         self.workflow_stats: dict[str, p.WorkflowStats] = {}
         self._batch_cache: dict[tuple, int | None] = {}
+        # workflow -> (mean, mean absolute deviation) of (latency - lookahead prediction)
+        # over its recent requests: what the profiles do not see (the runtime's hops,
+        # fetches and Python, devices shared by actors, batching that pays less than
+        # modelled), added back at admission.
+        self.admission_error_s: dict[str, tuple[float, float]] = {}
 
     # ---------------------------------------------------------------- per request
 
@@ -95,6 +101,14 @@ class LoadTracker:
             self._batch_cache[key] = self.costs.batch_rows(model, kind, shape)
         return self._batch_cache[key]
 
+    def actor_share_s(self, model: str, kind: str, shape: tuple[int, int], rows: int, alone_s: float,
+                      full_s: float) -> float:
+        """Seconds of its actor's time one node takes when it waits for the actor (lookahead
+        admission): its share of a full batch where the profile says batching pays beyond
+        its own rows (the dispatcher then batches it with others), else its time alone."""
+        worth = self.batch_rows(model, kind, shape)
+        return full_s if worth is None or worth > rows else alone_s
+
     @property
     def queued_min_s(self) -> float:
         """Unfinished work of every model (what the paper's admission bound reads)."""
@@ -103,6 +117,28 @@ class LoadTracker:
     def queue(self, model: str, seconds: float) -> None:
         """Unfinished work changed by `seconds` (negative: done or dropped)."""
         self.queued_by_model[model] = self.queued_by_model.get(model, 0.0) + seconds
+
+    def admission_margin_s(self, workflow: str) -> float:
+        """Seconds lookahead admission adds to its estimate: how late its predictions for
+        this workflow have run lately, on average plus one mean deviation (about the 80th
+        percentile: a request that just fits on average misses half the time); never
+        negative (an early finish earns no credit)."""
+        mean, spread = self.admission_error_s.get(workflow, (0.0, 0.0))
+        return max(0.0, mean + spread)
+
+    def request_done(self, workflow: str, latency_s: float, predicted_s: float | None) -> None:
+        """A request admitted with `predicted_s` took `latency_s` (a dropped one: at least that)."""
+        if predicted_s is None:
+            return
+        error = latency_s - predicted_s
+        old = self.admission_error_s.get(workflow)
+        if old is None:
+            self.admission_error_s[workflow] = (error, 0.0)
+            return
+        mean, spread = old
+        mean += ERROR_WEIGHT * (error - mean)
+        spread += ERROR_WEIGHT * (abs(error - mean) - spread)
+        self.admission_error_s[workflow] = (mean, spread)
 
     def task_served(self, model: str, seconds: float) -> None:
         old = self.service_s.get(model)

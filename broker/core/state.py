@@ -25,7 +25,7 @@ class Node:
         "request", "key", "kind", "model", "rows", "shape", "params", "step", "path_len",
         "return_output", "inputs", "consumers", "state", "attempt", "deps_left", "refs_left",
         "actor_id", "output_id", "nbytes", "dispatched_at", "queue_token", "seq", "task_id", "losses", "solo", "siblings",
-        "cost_s", "min_cost_s", "tail_s", "ready_at", "adapters", "batch_key",
+        "cost_s", "min_cost_s", "share_s", "tail_s", "ready_at", "adapters", "batch_key",
     )
 
     def __init__(self, request: Request, plan, seq: int):
@@ -57,6 +57,7 @@ class Node:
         self.task_id = f"{request.request_id}/{plan.key}"
         self.cost_s = 0.0  # device-seconds alone, from the profile (0: unknown)
         self.min_cost_s = 0.0  # its share of a full batch: the least it can cost
+        self.share_s = 0.0  # its actor's time when batched as the dispatcher would (LoadTracker.actor_share_s)
         self.tail_s = 0.0  # profile time of the longest path from it to the output, itself included
         self.ready_at = 0.0  # when it last became ready (its queue wait starts there)
         # The LoRA set its model call runs with (None: no adapted call), fixed with its params.
@@ -91,6 +92,33 @@ class Request:
     deadline: float | None = None  # submitted_at + its SLO, where one is known
     min_cost_s: float = 0.0  # full-batch device-seconds of all its nodes
     latency_mode: bool = False  # its CFG branches run as a parallel group
+    # Lookahead admission: the latency it predicted for this request (before its learned
+    # margin; None: not predicted), and its nodes left to run, in DAG order, while
+    # `left_key` (done nodes, restarts) holds.
+    predicted_s: float | None = None
+    left_key: tuple = ()
+    left: list = field(default_factory=list)
+
+    def ops_left(self, now: float) -> list[tuple[str, float, float, tuple[int, ...]]]:
+        """Its work left as lookahead admission reads it (`broker.core.rules.Op`): per node
+        not done, in DAG order, its model, seconds alone and of its actor's time (a running
+        node: what is left of them), and which of these ops it needs."""
+        key = (self.done_nodes, self.restarts)
+        if key != self.left_key:
+            self.left_key = key
+            left = [n for n in self.nodes.values() if n.state != DONE]
+            index = {id(n): i for i, n in enumerate(left)}
+            self.left = [(n, tuple(index[id(i)] for i in n.inputs if id(i) in index)) for n in left]
+        ops = []
+        for node, needs in self.left:
+            if node.state == DONE:  # done since the key was taken: a node of the same batch
+                ops.append((node.model, 0.0, 0.0, needs))
+            elif node.state == RUNNING:
+                done = min(max(0.0, now - node.dispatched_at), node.cost_s)
+                ops.append((node.model, node.cost_s - done, max(0.0, node.share_s - done), needs))
+            else:
+                ops.append((node.model, node.cost_s, node.share_s, needs))
+        return ops
 
 
 @dataclass(eq=False)

@@ -35,10 +35,12 @@ import time
 from pathlib import Path
 
 from broker.catalog import Catalog, load_catalog, unroll, validate_params
+from broker.core.rules import ADMISSION_BOUNDS
 from broker.costs.model import CostModel
 from clients.bench.loadgen import (
     PAPER_TENANTS,
     Arrival,
+    burst_arrivals,
     gamma_arrivals,
     scale_arrivals,
     summarize,
@@ -152,7 +154,21 @@ def _loads(args, workflows: list[str]) -> list[tuple[str, list[Arrival], float]]
         arrivals = gamma_arrivals(rate, args.cv, duration, mix, args.seed)
         label = f"poisson {rate:g}/s" if args.cv == 1.0 else f"gamma {rate:g}/s cv {args.cv:g}"
         loads.append((label, arrivals, duration))
+    for n in args.bursts or ():
+        loads.append((f"burst {n}", burst_arrivals(n, workflows), 1.0))
     return loads
+
+
+def with_admission_bound(system: SystemSpec, bound: str) -> SystemSpec:
+    """The system with its scheduler setting the broker's admission bound to `bound`."""
+    if not system.scheduler:
+        return system
+    args = list(system.scheduler_args)
+    if "--admission-bound" in args:
+        args[args.index("--admission-bound") + 1] = bound
+    else:
+        args += ["--admission-bound", bound]
+    return dataclasses.replace(system, scheduler_args=tuple(args))
 
 
 def _replicate(arrivals: list[Arrival], factor: float) -> list[Arrival]:
@@ -240,6 +256,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traces", help="a trace file, or a folder of them (TENANT GAP_SECONDS lines)")
     parser.add_argument("--trace-scale", type=float, default=1.0, help="replay N interleaved copies of each trace")
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",") if x], help="Poisson requests/s, comma-separated")
+    parser.add_argument("--bursts", type=lambda s: [int(x) for x in s.split(",") if x],
+                        help="N simultaneous requests (round robin over the workflows), comma-separated")
+    parser.add_argument("--admission-bound", choices=ADMISSION_BOUNDS,
+                        help="lego's admission bound (default: the lego system's own)")
     parser.add_argument("--cv", type=float, help="of the arrival gaps at --rates (1: Poisson; default 1 paper, 2 sharing)")
     parser.add_argument("--duration-s", type=float, default=120.0, help="of each load at --rates")
     parser.add_argument("--time-limit-s", type=float, help="only the first seconds of each trace (and Poisson load)")
@@ -274,8 +294,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     if not args.time_scale > 0:
         parser.error(f"--time-scale: expected > 0, got {args.time_scale:g}")
     sharing = args.setting == "sharing"
-    if not args.traces and not args.rates:
-        parser.error("give --traces DIR|FILE and/or --rates R1,R2,...")
+    if not args.traces and not args.rates and not args.bursts:
+        parser.error("give --traces DIR|FILE, --rates R1,R2,... and/or --bursts N1,N2,...")
     if sharing and args.traces:
         parser.error("--traces replays the paper's tenants: use --rates with --setting sharing")
     args.gpus = args.gpus or (16 if sharing else 8)
@@ -291,6 +311,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             counts[a.workflow] = counts.get(a.workflow, 0) + 1
     mix = {w: c for w, c in counts.items() if c} or PAPER_MIX
     systems = setting_systems(args.setting, catalog, args.gpus, names, mix, args.time_scale, Path(args.baselines), hosts)
+    if args.admission_bound:
+        systems = [with_admission_bound(s, args.admission_bound) for s in systems]
 
     def progress(r: dict) -> None:
         s = r["summary"]
