@@ -110,21 +110,26 @@ def test_a_refusal_names_the_estimate_and_the_retry_comes_when_it_would_fit():
 def test_a_request_that_ran_late_raises_the_margin_and_one_on_time_earns_nothing_back():
     core = flux_cluster(8)
     load = core.load
-    assert load.admission_margin_s(CFG) == 0.0
-    load.request_done(CFG, 3.0, 2.0)  # a second late
-    assert load.admission_margin_s(CFG) == pytest.approx(1.0)
+    assert load.admission_margin_s(CFG, 2.0) == 0.0
+    load.request_done(CFG, 3.0, 2.0)  # 1.5x the prediction
+    assert load.admission_margin_s(CFG, 2.0) == pytest.approx(1.0)  # scales with the prediction
+    assert load.admission_margin_s(CFG, 4.0) == pytest.approx(2.0)
+    load.request_done(CFG, 2.0, 2.0)  # on time: the mean falls, the spread rises
+    mean, spread = load.admission_error[CFG]
+    assert mean == pytest.approx(1.45) and spread == pytest.approx(0.045)
+    assert load.admission_margin_s(CFG, 2.0) == pytest.approx(2.0 * (1.45 + 2 * 0.045 - 1.0))
     for _ in range(200):
         load.request_done(CFG, 1.0, 2.0)  # early, again and again
-    assert load.admission_margin_s(CFG) == 0.0
+    assert load.admission_margin_s(CFG, 2.0) == 0.0
     load.request_done(CFG, 2.0, None)  # not predicted (admission was off): no sample
-    assert load.admission_margin_s(CFG) == 0.0
+    assert load.admission_margin_s(CFG, 2.0) == 0.0
 
 
 def test_the_margin_makes_admission_refuse_sooner():
     plain = sum(burst(flux_cluster(8), 24))
     core = flux_cluster(8)
     for _ in range(20):
-        core.load.request_done(CFG, 2.5, 2.0)
+        core.load.request_done(CFG, 2.5, 2.0)  # 25% late
     assert sum(burst(core, 24)) < plain
 
 
@@ -134,4 +139,4 @@ def test_an_admitted_request_carries_its_prediction_and_its_completion_feeds_the
     request = core.requests["r0"]
     assert request.predicted_s == pytest.approx(core.load.solo_s(core.catalog.workflows[CFG], request.params), rel=0.05)
     core.on_frontend(CLIENT, p.Cancel("r0"), [], 0.0)
-    assert core.load.admission_margin_s(CFG) == 0.0  # a cancel says nothing about the estimate
+    assert CFG not in core.load.admission_error  # a cancel says nothing about the estimate

@@ -246,7 +246,7 @@ class Intake:
             mine = rules.plan_ops(plan.plans, plan.node_costs, share_s)
             finish = rules.lookahead_finish(ahead, mine, self.actors.replicas())
             predicted = finish + self.settings.admission_overhead_s
-            estimate = predicted + self.load.admission_margin_s(workflow.name)
+            estimate = predicted + self.load.admission_margin_s(workflow.name, predicted)
             return rules.Admission(estimate <= slo, estimate, slo, predicted)
         if bound == "sum":
             # its wait: the work queued on its workflow's models, over the devices they run on

@@ -22,6 +22,7 @@ from broker.costs.model import CostModel
 RATE_WINDOW_S = 5.0  # arrival rates and per-request work are averaged over about this long
 SERVICE_WEIGHT = 0.1  # weight of the newest task in the per-model service time average
 ERROR_WEIGHT = 0.1  # weight of the newest completed request in the admission error average
+MARGIN_DEVIATIONS = 2.0  # lookahead's margin: mean + this x mean deviation of its misses
 
 
 @dataclass
@@ -50,11 +51,11 @@ class LoadTracker:
         self.service_s: dict[str, float] = {}
         self.workflow_stats: dict[str, p.WorkflowStats] = {}
         self._batch_cache: dict[tuple, int | None] = {}
-        # workflow -> (mean, mean absolute deviation) of (latency - lookahead prediction)
+        # workflow -> (mean, mean absolute deviation) of latency / lookahead prediction
         # over its recent requests: what the profiles do not see (the runtime's hops,
         # fetches and Python, devices shared by actors, batching that pays less than
         # modelled), added back at admission.
-        self.admission_error_s: dict[str, tuple[float, float]] = {}
+        self.admission_error: dict[str, tuple[float, float]] = {}
 
     # ---------------------------------------------------------------- per request
 
@@ -118,27 +119,28 @@ class LoadTracker:
         """Unfinished work changed by `seconds` (negative: done or dropped)."""
         self.queued_by_model[model] = self.queued_by_model.get(model, 0.0) + seconds
 
-    def admission_margin_s(self, workflow: str) -> float:
-        """Seconds lookahead admission adds to its estimate: how late its predictions for
-        this workflow have run lately, on average plus one mean deviation (about the 80th
-        percentile: a request that just fits on average misses half the time); never
-        negative (an early finish earns no credit)."""
-        mean, spread = self.admission_error_s.get(workflow, (0.0, 0.0))
-        return max(0.0, mean + spread)
+    def admission_margin_s(self, workflow: str, predicted_s: float) -> float:
+        """Seconds lookahead admission adds to a prediction of `predicted_s`: how much
+        longer than predicted this workflow's recent requests ran, as a ratio (the
+        misses grow with the work ahead: a GPU time-sliced by co-located actors runs all
+        of it slower), its mean plus two mean deviations (a request that just fits on
+        average misses half the time); never negative (an early finish earns no credit)."""
+        mean, spread = self.admission_error.get(workflow, (1.0, 0.0))
+        return max(0.0, (mean + MARGIN_DEVIATIONS * spread - 1.0) * predicted_s)
 
     def request_done(self, workflow: str, latency_s: float, predicted_s: float | None) -> None:
         """A request admitted with `predicted_s` took `latency_s` (a dropped one: at least that)."""
-        if predicted_s is None:
+        if predicted_s is None or predicted_s <= 0:
             return
-        error = latency_s - predicted_s
-        old = self.admission_error_s.get(workflow)
+        ratio = latency_s / predicted_s
+        old = self.admission_error.get(workflow)
         if old is None:
-            self.admission_error_s[workflow] = (error, 0.0)
+            self.admission_error[workflow] = (ratio, 0.0)
             return
         mean, spread = old
-        mean += ERROR_WEIGHT * (error - mean)
-        spread += ERROR_WEIGHT * (abs(error - mean) - spread)
-        self.admission_error_s[workflow] = (mean, spread)
+        mean += ERROR_WEIGHT * (ratio - mean)
+        spread += ERROR_WEIGHT * (abs(ratio - mean) - spread)
+        self.admission_error[workflow] = (mean, spread)
 
     def task_served(self, model: str, seconds: float) -> None:
         old = self.service_s.get(model)

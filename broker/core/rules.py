@@ -20,7 +20,7 @@
   VAE actor decoding a whole burst). `lookahead` (`lookahead_finish`): the requests
   ahead, in the order they are served (first come, first served), run node by node on
   the actors of each model, and the new request after them; its estimate is when its
-  last node would be done, plus what such estimates have missed by lately
+  last node would be done, plus how much longer than that such estimates have run lately
   (`LoadTracker.admission_margin_s`).
 """
 
