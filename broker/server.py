@@ -288,7 +288,9 @@ class BrokerServer:
                 log.warning("send_failed", peer=send.identity.hex(), command=send.msg.COMMAND.name, error=str(exc),
                             **message_ids(send.msg))
                 if exc.errno == zmq.EHOSTUNREACH:
-                    self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, time.monotonic()))
+                    unsent = send.msg.batch_id if isinstance(send.msg, p.Tasks) else None
+                    self._apply(self._guarded(self.core.on_unreachable, send.socket, send.identity, time.monotonic(),
+                                              unsent))
 
     def _journal(self, record: Record) -> None:
         """Write one journal record and return once it is committed. JournalError (disk

@@ -50,7 +50,7 @@ class SchedulerConfig:
     actor_options: list[str] = field(default_factory=list)  # KEY=VALUE for the actors it starts
     max_batch_rows: int = 8
     admission: bool = True
-    admission_bound: str = "max"  # the broker's: max (the paper's lower bound) | sum (queue, then solo)
+    admission_bound: str = "lookahead"  # the broker's: lookahead | max (the paper's lower bound) | sum (queue, then solo)
     admission_overhead_s: float = 0.0  # the broker's: runtime seconds per request beyond the profiles
     slo_multiple: float = 2.0
     cfg_split: str = "auto"

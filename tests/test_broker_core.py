@@ -38,7 +38,7 @@ from broker_helpers import (  # tests/ is on sys.path
 
 from broker import protocol as p
 from broker.catalog import parse_catalog, unroll, validate_params
-from broker.core.machine import BACKEND, FRONTEND, BrokerSettings
+from broker.core.machine import BACKEND, FRONTEND, BrokerCore, BrokerSettings
 from broker.core.state import READY, Node, ReadyQueue, Request
 from broker.protocol.errors import ErrorCode
 
@@ -152,6 +152,48 @@ def test_ready_queue_within_a_request_farthest_from_output_first():
         order += [(n.request.request_id, n.key) for n in queue.take_batch(head, max_rows=1)]
     assert order == [(r, k) for r in ("old", "new") for k in ("encode/enc-a", "denoise/0", "denoise/1", "decode")]
     assert queue.depth == 0
+
+
+def test_ready_queue_in_deadline_order_serves_the_earliest_deadline_first_and_reorders_what_waits():
+    wf = parse_catalog(CATALOG_DOC).workflow("plain")
+    plans = unroll(wf, validate_params(wf, {"prompt": "x", "steps": 2}))
+    requests = [Request(name, CLIENT, "plain", {}, seq=seq, submitted_at=0.0, progress=False)
+                for name, seq in (("first", 1), ("urgent", 2), ("open", 3))]
+    requests[0].deadline, requests[1].deadline = 9.0, 4.0  # "open" has no SLO: it goes last
+    queue = ReadyQueue()
+    for request in requests:
+        queue.push(_queued(request, plans[:1], 10 * request.seq)[0])
+    assert queue.head().request.request_id == "first"  # fcfs: by arrival
+    queue.reorder("deadline")
+    assert queue.order == "deadline"
+    order = []
+    while (head := queue.head()) is not None:
+        order += [n.request.request_id for n in queue.take_batch(head, max_rows=1)]
+    assert order == ["urgent", "first", "open"] and queue.depth == 0
+    with pytest.raises(ValueError, match="queue_order"):
+        queue.reorder("random")
+
+
+def _monolith_with_slos(order: str):
+    """One pipeline actor hosting both workflows; "plain" may take 10 s, "guided" 3 s."""
+    slos = {"plain": 10.0, "guided": 3.0}
+    workflows = {name: {**spec, "slo_s": slos[name]} for name, spec in CATALOG_DOC["workflows"].items()}
+    catalog = parse_catalog({**CATALOG_DOC, "workflows": workflows})
+    settings = dataclasses.replace(SETTINGS, serving="monolith", queue_order=order)
+    return BrokerCore(catalog, settings, broker_id="broker-test", seed=1)
+
+
+@pytest.mark.parametrize(("order", "second"), [("fcfs", "r2"), ("deadline", "r3")])
+def test_a_monolith_serves_its_shared_queue_in_the_order_set(order, second):
+    """r1 runs; r2 (plain, deadline 10.5) and r3 (guided, deadline 4.0) wait for the one
+    pipeline actor: first come first served takes r2 next, deadline order r3."""
+    core = _monolith_with_slos(order)
+    hello(core, "pipe-1", "pipeline/plain+guided")
+    (first,) = batches(submit(core, "r1", "plain"), "pipe-1")
+    assert batches(submit(core, "r2", "plain", now=0.5), "pipe-1") == []
+    assert batches(submit(core, "r3", "guided", now=1.0), "pipe-1") == []
+    (batch,) = batches(done(core, "pipe-1", first, now=2.0), "pipe-1")
+    assert [t.request_id for t in batch.tasks] == [second]
 
 
 # ------------------------------------------------------------------ batching
@@ -481,20 +523,50 @@ def test_an_actor_dying_under_a_batch_reruns_its_tasks_alone_so_only_the_poison_
     assert len(batch.tasks) == 2  # both requests' step 0 in one call
     survivors = ["enc-a-1", "enc-b-1", "vae-1"]
     beat(core, survivors, LATER)
-    core.on_tick(LATER)  # den-a dies under the batch: each task runs alone next
+    core.on_tick(LATER)  # den-a dies under the batch: each task runs alone next, one at a time per actor
     sends = hello(core, "den-b", "den", credits=2, max_batch_rows=2, now=LATER)
-    alone = batches(sends, "den-b")
-    assert sorted(len(b.tasks) for b in alone) == [1, 1]
-    (good_batch,) = [b for b in alone if b.tasks[0].request_id == "good"]
-    sends = run(core, done(core, "den-b", good_batch, now=LATER + 1), now=LATER + 1, dead=("den-b",))
-    beat(core, survivors + ["den-b"], LATER * 2)
-    assert of(core.on_tick(LATER * 2), p.Failed) == []
-    assert of(sends, p.Result, CLIENT) or "good" in core.requests  # the good one goes on
+    (first,) = batches(sends, "den-b")
+    assert [t.request_id for t in first.tasks] == ["good"]  # first come; the credit to spare stays unused
+    sends += hello(core, "den-c", "den", credits=2, max_batch_rows=2, now=LATER)
+    (second,) = batches(sends, "den-c")
+    assert [t.request_id for t in second.tasks] == ["poison"]  # alone on an idle actor
+    sends = run(core, sends, now=LATER + 1, dead=("den-c",))
+    assert [r.request_id for r in of(sends, p.Result, CLIENT)] == ["good"]  # the good one went on
 
-    beat(core, survivors, LATER * 3)
-    failures = of(core.on_tick(LATER * 3), p.Failed, CLIENT)  # den-b dies running the poison alone
+    beat(core, survivors + ["den-b"], LATER * 2)
+    failures = of(core.on_tick(LATER * 2), p.Failed, CLIENT)  # den-c dies running the poison alone
     assert [(f.request_id, f.code) for f in failures] == [("poison", "attempts_exhausted")]
     assert core.counters["tasks_quarantined"] == 1
+
+
+def test_a_task_beside_another_batch_on_its_actor_is_not_blamed_as_alone():
+    """Two single-task batches in flight on one actor (credits to spare) when it dies:
+    neither ran alone there, so neither is quarantined; each reruns alone."""
+    core = make_core()
+    sends = submit(core, "a") + submit(core, "b") + standard_actors(core, den=("den-a",), den_credits=2)
+    sends = run(core, sends, dead=("den-a",))
+    assert sorted(len(b.tasks) for b in batches(sends, "den-a")) == [1, 1]
+    for node in (core.requests["a"].nodes["denoise/0"], core.requests["b"].nodes["denoise/0"]):
+        node.losses = 1  # each lost once already: a second loss alone would quarantine it
+    beat(core, ["enc-a-1", "enc-b-1", "vae-1"], LATER)
+    assert of(core.on_tick(LATER), p.Failed) == []
+    assert core.counters["tasks_quarantined"] == 0
+    assert all(core.requests[r].nodes["denoise/0"].solo for r in ("a", "b"))
+
+
+def test_a_batch_whose_send_failed_counts_no_loss():
+    """The send of a batch finds the actor's connection gone: the actor is lost, the
+    batch never reached it, so its tasks count no loss (a poison suspect stays a suspect)."""
+    core = make_core()
+    sends = submit(core, "r1") + standard_actors(core, den=("den-a", "den-b"))
+    sends = run(core, sends, dead=("den-a", "den-b"))
+    (batch,) = [b for actor in ("den-a", "den-b") for b in batches(sends, actor)]
+    holder = "den-a" if batches(sends, "den-a") else "den-b"
+    node = core.requests["r1"].nodes["denoise/0"]
+    node.losses = 1
+    core.on_unreachable(BACKEND, ident(holder), 1.0, batch.batch_id)
+    assert node.losses == 1 and "r1" in core.requests
+    assert core.counters["tasks_quarantined"] == 0
 
 
 def test_disconnect_from_an_actor_requeues_its_work():

@@ -124,7 +124,7 @@ def fill_until_rejected(core, devices, limit=60):
 
 @pytest.mark.parametrize(("devices", "scale"), [(1, 1.0), (3, 0.5), (8, 0.01)])
 def test_admission_rejects_exactly_when_queued_work_per_device_exceeds_the_slack(devices, scale):
-    core = flux_core(admission=True, cost_scale=scale)
+    core = flux_core(admission=True, admission_bound="max", cost_scale=scale)
     agent_with(core, devices)
     assert core._device_count() == devices
     min_work, _, solo = cfg_cost()
@@ -184,7 +184,7 @@ def test_without_admission_nothing_is_rejected():
 
 
 def test_a_workflow_without_profiles_is_never_rejected_by_admission():
-    core = flux_core(admission=True)
+    core = flux_core(admission=True, admission_bound="max")
     agent_with(core, 1)
     fill_until_rejected(core, 1)
     queued = core.load.queued_min_s
@@ -211,7 +211,7 @@ def test_admission_counts_the_agents_accelerators_else_the_actors_devices():
 
 
 def test_retry_after_is_no_longer_than_the_queue_takes_to_drain():
-    core = flux_core(admission=True)
+    core = flux_core(admission=True, admission_bound="max")
     agent_with(core, 2)
     _, queued, rejected = fill_until_rejected(core, 2)
     slo, _ = core.load.default_slo(core.catalog.workflows[CFG], core.settings.slo_multiple)

@@ -17,7 +17,8 @@ from tests.broker_helpers import CLIENT, make_core, of
 # Settings set only in a config file or LEGO_* variables (they never had a flag).
 OFF_CLI = {"max_request_restarts", "max_requests_in_flight", "latency_window", "prefetch_below_s"}
 LIVE_KEYS = {"admission", "admission_bound", "slo_multiple", "cfg_split", "serving", "drop_late", "drop_hopeless",
-             "adapter_affinity", "adapter_bypass_s", "admission_overhead_s", "request_timeout_s", "orphan_timeout_s"}
+             "adapter_affinity", "adapter_bypass_s", "admission_overhead_s", "request_timeout_s", "orphan_timeout_s",
+             "queue_order"}
 # `lego broker`'s flags before settings were declared once: none may change or vanish.
 FLAGS = ["--frontend", "--backend", "--catalog", "--telemetry",
          "--key-file", "--authorized-keys",  # added with keys (issue 13)
@@ -26,6 +27,7 @@ FLAGS = ["--frontend", "--backend", "--catalog", "--telemetry",
          "--heartbeat-interval-s",
          "--heartbeat-misses", "--max-task-attempts", "--affinity", "--cfg-split", "--admission", "--admission-bound",
          "--admission-overhead-s", "--slo-multiple", "--cost-scale", "--serving", "--drop-late", "--drop-hopeless",
+         "--queue-order",  # added with the pooled baseline (issue 14)
          "--batch-by-profile", "--adapter-affinity", "--adapter-bypass-s",
          "--request-timeout-s", "--orphan-timeout-s",  # every request ends (issue 13)
          "--config", "--log-format", "--log-level"]
@@ -58,6 +60,7 @@ def test_the_command_line_is_the_one_before():
     assert kinds["cfg_split"] == (None, ("never", "always", "auto"))
     assert kinds["admission_bound"] == (None, ("max", "sum", "lookahead"))
     assert kinds["serving"] == (None, ("micro", "monolith"))
+    assert kinds["queue_order"] == (None, ("fcfs", "deadline"))
     for name in ("admission", "drop_late", "drop_hopeless", "batch_by_profile", "adapter_affinity"):
         assert kinds[name] == (None, ("on", "off")), name
     for name in ("heartbeat_interval_s", "telemetry_interval_s", "admission_overhead_s", "slo_multiple", "cost_scale",
@@ -94,6 +97,7 @@ def test_the_live_set_is_the_fields_marked_live():
     ({"admission": 1}, "settings.admission", "settings.admission: wrong type int"),
     ({"slo_multiple": True}, "settings.slo_multiple", "settings.slo_multiple: wrong type bool"),
     ({"cfg_split": "sometimes"}, "settings.cfg_split", "settings.cfg_split: expected 'never', 'always' or 'auto'"),
+    ({"queue_order": "random"}, "settings.queue_order", "settings.queue_order: expected 'fcfs' or 'deadline'"),
 ])
 def test_an_unknown_or_ill_typed_live_key_is_refused_naming_it(requested, field, message):
     with pytest.raises(SettingError) as caught:
@@ -108,6 +112,7 @@ def test_an_unknown_or_ill_typed_live_key_is_refused_naming_it(requested, field,
 
 def test_a_live_change_takes_ints_for_seconds():
     assert live_changes(BrokerSettings(), {"adapter_bypass_s": 1, "admission": True}).adapter_bypass_s == 1
+    assert live_changes(BrokerSettings(), {"queue_order": "deadline"}).queue_order == "deadline"
 
 
 def test_a_plan_too_large_for_every_stats_answer_to_carry_is_refused_naming_it():

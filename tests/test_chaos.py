@@ -3,10 +3,12 @@
 The accounting is pure and tested alone; the wire tap is tested against a fake broker
 that answers one request twice (the client keeps one answer, the tap counts both);
 the quick run kills and stops actors, the agent and the broker (killed outright, and
-killed after a hang with SUBMITs unread) of real local clusters, and overloads one (5x
-its measured capacity, admission on), and asserts that nothing accepted was lost or
-answered twice, that work completed in every scenario and that refusals under overload
-were typed. No timing is asserted (goodput included): the machine running it may be busy.
+killed after a hang with SUBMITs unread) of real local clusters, overloads one (5x
+its measured capacity, admission on) and sends one a poison request, and asserts that
+nothing accepted was lost or answered twice, that work completed in every scenario, that
+refusals under overload were typed and that the poison request, alone, failed by the
+broker's quarantine. No timing is asserted (goodput included): the machine running it
+may be busy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from clients.bench.chaos import (
     ADMISSION_CODES,
     COMPLETED,
     FAILED,
+    QUARANTINE_CODE,
     QUICK,
     REJECTED,
     SCENARIOS,
@@ -39,6 +42,10 @@ from clients.bench.chaos import (
     overload_notes,
     overload_table,
     percentile,
+    poison_figures,
+    poison_indices,
+    poison_notes,
+    poison_table,
     problems,
     request_slo_s,
     rows_of,
@@ -206,6 +213,60 @@ def test_the_slo_is_the_brokers_multiple_of_the_requests_solo_latency_scaled():
     assert request_slo_s(3.0, 0.5) == pytest.approx(1.5 * solo)
 
 
+# ---------------------------------------------------------------- poison (pure)
+
+
+def test_poison_requests_are_spread_over_the_load():
+    assert poison_indices(80, 4) == {10, 30, 50, 70}
+    assert poison_indices(20, 1) == {10}
+    assert poison_indices(3, 5) == {0, 1, 2} and poison_indices(0, 4) == poison_indices(10, 0) == frozenset()
+
+
+def _poisoned() -> tuple[list[Observation], set[str], dict[str, str]]:
+    obs = [Observation("p1", True, FAILED, QUARANTINE_CODE, 1, latency_s=2.0),
+           Observation("p2", True, FAILED, QUARANTINE_CODE, 1, latency_s=3.0),
+           *(Observation(f"g{i}", True, COMPLETED, answers=1, latency_s=0.5) for i in range(6))]
+    quarantined = "encode/T5_Flux's actor died 2 times, the last time running it alone: quarantined as the likely cause"
+    return obs, {"p1", "p2"}, {"p1": quarantined, "p2": quarantined}
+
+
+def test_poison_figures_count_quarantines_crashes_and_the_good_requests():
+    obs, poison, messages = _poisoned()
+    f = poison_figures(obs, poison, messages, crashes=7, replaced=6, encoders=2,
+                       counters={"actors_lost": 7, "tasks_quarantined": 2})
+    assert (f["poison_submitted"], f["poison_quarantined"], f["poison_completed"], f["poison_unended"]) == (2, 2, 0, 0)
+    assert f["poison_ends"] == {QUARANTINE_CODE: 2} and f["quarantine_s"] == [2.0, 3.0]
+    assert (f["crashes"], f["crashes_per_poison"], f["crash_bound"]) == (7, 3.5, [4, 8])
+    assert (f["good_submitted"], f["good_completed"], f["good_ends"]) == (6, 6, {})
+    assert poison_notes(f) == []
+    row = tally("poison", obs, 2, 10.0)
+    row.poison = f
+    assert "| poison | 2 | attempts_exhausted: 2 | 2 | 2 / 3 | 7 (3.5; 4-8) | 6 | 7 / 2 | 6 / 6 |" in poison_table([row])
+    assert tables([row]).endswith(poison_table([row])) and poison_table([tally("x", obs, 0, 1.0)]) == ""
+
+
+def test_a_poison_that_completes_or_goes_unanswered_or_a_good_request_that_fails_is_a_problem():
+    obs, poison, messages = _poisoned()
+    obs[0] = Observation("p1", True, COMPLETED, answers=1)
+    obs[1] = Observation("p2", True, UNANSWERED)
+    obs[2] = Observation("g0", True, FAILED, QUARANTINE_CODE, 1)
+    f = poison_figures(obs, poison, messages, 9, 9, 2, {})
+    notes = poison_notes(f)
+    assert len(notes) == 3 and "1 poison request(s) completed" in notes and "1 poison request(s) never answered" in notes
+    assert "1 good request(s) did not complete: {'attempts_exhausted': 1}" in notes
+    row = tally("poison", obs, 2, 1.0)
+    row.poison = f
+    assert "9 (4.5; 4-8 **outside**)" in poison_table([row])  # reported, not a problem (poison_notes)
+
+
+def test_a_poison_failing_other_than_by_the_quarantine_is_a_problem():
+    obs, poison, messages = _poisoned()
+    messages["p2"] = "encode/T5_Flux lost 3 times (last: silent for 2.0s)"  # max_task_attempts, not the quarantine
+    notes = poison_notes(poison_figures(obs, poison, messages, 4, 4, 2, {}))
+    assert notes == [f"poison requests ended {{'{QUARANTINE_CODE}': 2}}, 1 of them {QUARANTINE_CODE} 'quarantined'"]
+    assert poison_notes(poison_figures(obs[2:], set(), {}, 0, 0, 2, {})) == ["no poison request was submitted"]
+
+
 # ---------------------------------------------------------------- the tap
 
 
@@ -265,3 +326,8 @@ def test_quick_chaos_loses_nothing_and_answers_nothing_twice(tmp_path):
     overload = next(row for row in rows if row.scenario == "overload")
     assert overload.rejected and set(overload.rejected) <= set(ADMISSION_CODES), table
     assert overload.overload["capacity_per_s"] > 0 and overload.overload["without_retry_after"] == 0, table
+    poison = next(row for row in rows if row.scenario == "poison").poison
+    assert poison["poison_submitted"] == QUICK["poison_requests"] == poison["poison_quarantined"], table
+    assert poison["poison_ends"] == {QUARANTINE_CODE: poison["poison_submitted"]}, table
+    assert poison["good_completed"] == poison["good_submitted"] > 0, table
+    assert poison["crashes"] >= poison["crash_bound"][0] and poison["tasks_quarantined"] >= 1, table

@@ -155,11 +155,11 @@ def test_task_error_of_a_shared_batch_reruns_each_task_alone_then_fails_only_the
     # The credit came back: one batch, with one task although max_batch_rows=2 allows both
     first = only_batch(sends, "den-1")
     assert [(t.task_id, t.attempt) for t in first.tasks] == [("r1/denoise/0", 1)]
-    second = only_batch(core.on_backend(ident("den-1"), p.Credit(1), [], 2.5), "den-1")
-    assert [(t.task_id, t.attempt) for t in second.tasks] == [("r2/denoise/0", 1)]
+    # ... and nothing joins a solo task on its actor, even with a credit to spare
+    assert batches(core.on_backend(ident("den-1"), p.Credit(1), [], 2.5), "den-1") == []
     assert core.actors["den-1"].max_batch_rows == 2
 
-    # Alone, the error is the task's own: r1 fails with task_error, r2 is untouched
+    # Alone, the error is the task's own: r1 fails with task_error, r2 is untouched and runs next
     sends = failed(core, "den-1", first, ErrorCode.TASK_ERROR.value, now=3.0)
 
     (failed_msg,) = of(sends, p.Failed, CLIENT)
@@ -167,6 +167,8 @@ def test_task_error_of_a_shared_batch_reruns_each_task_alone_then_fails_only_the
     assert "r1" not in core.requests
     assert core.counters["requests_failed"] == 1
     assert core.counters["tasks_requeued"] == 2
+    second = only_batch(sends, "den-1")
+    assert [(t.task_id, t.attempt) for t in second.tasks] == [("r2/denoise/0", 1)]
     assert core.requests["r2"].nodes["denoise/0"].state == RUNNING
     results = of(run(core, done(core, "den-1", second, now=4.0), now=4.0), p.Result, CLIENT)
     assert [r.request_id for r in results] == ["r2"]
@@ -205,6 +207,24 @@ def test_repeated_batch_answer_returns_no_second_credit():
 
 
 # ------------------------------------------------------------------ 5: unreachable peers
+
+
+def test_an_actor_its_agent_reports_exited_is_lost_at_once_and_its_work_goes_elsewhere():
+    """No waiting for a failed send or missed heartbeats: the agent saw the process end."""
+    core = make_core()
+    hello_agent(core)
+    _, step0 = started(core, den=("den-a", "den-b"))
+    holder = next(a for a in ("den-a", "den-b") if core.actors[a].in_flight)
+    other = "den-b" if holder == "den-a" else "den-a"
+    sends = core.on_backend(AGENT, p.AgentEvent("s1", "exited", actor_id=holder, returncode=-9), [], 0.5)
+    assert holder not in core.actors and core.counters["actors_lost"] == 1
+    retry = only_batch(sends, other)
+    assert task_ids(retry) == task_ids(step0)
+    # another host's agent cannot declare this host's actor dead
+    core.on_backend(b"agent-2", p.AgentHello("agent-2", "host-2", 7, []), [], 0.6)
+    core.on_backend(b"agent-2", p.AgentEvent("s2", "exited", actor_id=other, returncode=0), [], 0.7)
+    assert other in core.actors
+
 
 
 def test_unreachable_actor_is_lost_and_its_work_requeued():

@@ -69,8 +69,10 @@ def test_a_shape_is_unrolled_for_its_solo_latency_once(calls):
     assert (calls["unroll"], calls["cost_model_unroll"]) == (4, 2)
 
 
-def test_a_refused_request_is_not_unrolled(calls):
-    broker = core(admission=True)  # no devices yet: the queued work soon exceeds every SLO
+@pytest.mark.parametrize("bound", ["max", "sum"])
+def test_a_refused_request_is_not_unrolled(calls, bound):
+    """The queue-work bounds refuse before unrolling (lookahead needs the request's DAG)."""
+    broker = core(admission=True, admission_bound=bound)  # no devices yet: the queued work soon exceeds every SLO
     rejected, submitted = [], 0
     while not rejected:
         sends = broker.on_frontend(CLIENT, p.Submit(f"r{submitted}", CFG, {"prompt": "a", "steps": 4}, False), [], 0.0)

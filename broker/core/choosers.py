@@ -93,3 +93,8 @@ def past_deadline(node: Node, now: float, hopeless: bool) -> bool:
     can no longer finish by it."""
     deadline = node.request.deadline
     return deadline is not None and now + (node.tail_s if hopeless else 0.0) > deadline
+
+
+def running_solo(actor) -> bool:
+    """The actor runs a task suspected of killing its actor: nothing else goes to it."""
+    return any(node.solo for batch in actor.in_flight.values() for node, _ in batch)

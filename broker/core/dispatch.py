@@ -43,15 +43,23 @@ class Dispatcher:
         if queue is None or queue.depth <= 0:
             return
         s = self.settings
+        if queue.order != s.queue_order:  # a queue made before the setting was read, or an operator's change
+            queue.reorder(s.queue_order)
         monolith = model.startswith(PIPELINE_PREFIX)
         one_at_a_time = choosers.one_batch_at_a_time(monolith, queue.head(), s.prefetch_below_s * s.cost_scale)
         free = [a for a in self.actors.of_model(model)
-                if a.credits > 0 and not a.draining and not (one_at_a_time and a.in_flight)]
+                if a.credits > 0 and not a.draining and not (one_at_a_time and a.in_flight)
+                and not choosers.running_solo(a)]
         while free:
             head = queue.head()
             if head is None:
                 return
-            actor = choosers.pick_actor(head, free, self.actors.device_free, s.affinity, s.adapter_affinity)
+            # A task suspected of killing its actor runs on an actor with nothing else in
+            # flight, and nothing joins it there: if it kills that one too, it alone is lost.
+            candidates = [a for a in free if not a.in_flight] if head.solo else free
+            if not candidates:
+                return
+            actor = choosers.pick_actor(head, candidates, self.actors.device_free, s.affinity, s.adapter_affinity)
             head = choosers.own_set_first(queue, head, actor, s.adapter_affinity, s.adapter_bypass_s * s.cost_scale)
             worth = self.load.batch_rows(model, head.kind, head.shape) if s.batch_by_profile else None
             batch = queue.take_batch(head, choosers.batch_rows(monolith, actor.max_batch_rows, worth))
@@ -60,7 +68,7 @@ class Dispatcher:
                 if not batch:
                     continue
             self._send_batch(actor, batch, now)
-            if actor.credits <= 0 or one_at_a_time:
+            if actor.credits <= 0 or one_at_a_time or batch[0].solo:
                 free.remove(actor)
 
     def _drop_late(self, batch: list[Node], now: float) -> list[Node]:

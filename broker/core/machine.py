@@ -118,12 +118,14 @@ class BrokerCore:
         self.out.error(socket, identity, err.code, err.message, err.field)
         return self.out.flush()
 
-    def on_unreachable(self, socket: str, identity: bytes, now: float) -> list[Send]:
-        """A send found no connected peer of that identity: an actor there is gone."""
+    def on_unreachable(self, socket: str, identity: bytes, now: float, unsent_batch: int | None = None) -> list[Send]:
+        """A send found no connected peer of that identity: an actor there is gone. The
+        batch whose send failed (`unsent_batch`) never reached it, so cannot have killed it."""
         actor = self.actor_table.by_identity.get(identity) if socket == BACKEND else None
         if actor is None:
             return self.out.flush()
-        return self._run(self.recovery.lose_actor, actor, "unreachable: its connection is gone", now)
+        innocent = (unsent_batch,) if unsent_batch is not None else ()
+        return self._run(self.recovery.lose_actor, actor, "unreachable: its connection is gone", now, innocent)
 
     def on_resume(self, request_id: str, client: bytes, workflow: str, params: dict, tensors: list, frames: list,
                   progress: bool, now: float) -> list[Send | Record]:

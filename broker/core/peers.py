@@ -122,6 +122,12 @@ class Peers:
             agent.devices = list(msg.devices)
         log.info("agent_event", agent_id=agent.agent_id, spawn_id=msg.spawn_id, event_name=msg.event,
                  actor_id=msg.actor_id, returncode=msg.returncode, detail=msg.message)
+        actor = self.actors.holder(msg.actor_id) if msg.event == "exited" and msg.actor_id else None
+        if actor is not None and actor.host == agent.host:
+            # Its agent saw the process end: lose it now rather than at its next failed
+            # send or missed heartbeats, so no more work goes to it (and a poison task is
+            # blamed for the one crash it caused, not for a batch sent to the dead).
+            self.recovery.lose_actor(actor, f"its process exited (returncode {msg.returncode})", now)
 
     def tick(self, now: float) -> None:
         """Heartbeats out, silent peers declared dead, drained actors stopped."""

@@ -34,8 +34,9 @@ class Recovery:
         self.settings = settings  # replaced by the core when an operator changes a live setting
         self.actors, self.directory, self.dispatcher, self.meters, self.out = actors, directory, dispatcher, meters, out
 
-    def lose_actor(self, actor: ActorState, reason: str, now: float) -> None:
-        """Re-queue what the actor was running; recompute what only it held."""
+    def lose_actor(self, actor: ActorState, reason: str, now: float, innocent: tuple[int, ...] = ()) -> None:
+        """Re-queue what the actor was running; recompute what only it held. The batches
+        in `innocent` never reached it (their send failed)."""
         self.meters.counters["actors_lost"] += 1
         log.warning("actor_lost", actor_id=actor.actor_id, model=actor.model, reason=reason,
                     in_flight=sum(len(v) for v in actor.in_flight.values()), held=len(actor.held))
@@ -46,9 +47,12 @@ class Recovery:
             for node in request.nodes.values():
                 if node.state == DONE and node.refs_left > 0 and node.actor_id == actor.actor_id:
                     lost_held.setdefault(request.request_id, request)
+        # Alone on the actor, not only in its batch: a task beside another batch in flight
+        # (an actor with credits to spare) may be the poison's neighbour, not the poison.
+        reached = {batch_id: batch for batch_id, batch in actor.in_flight.items() if batch_id not in innocent}
+        alone = sum(len(batch) for batch in reached.values()) == 1
         touched = set()
-        for batch in actor.in_flight.values():
-            alone = len(batch) == 1
+        for batch_id, batch in actor.in_flight.items():
             for node, attempt in batch:
                 request = node.request
                 if request.finished or node.attempt != attempt or node.state != RUNNING:
@@ -58,8 +62,13 @@ class Recovery:
                 if any(self.actors.holder(prod.actor_id) is None for prod in node.inputs):
                     lost_held[request.request_id] = request
                     continue
-                if not alone:
-                    node.solo = True  # isolate it: if it is the poison, its batch-mates go free
+                if batch_id not in reached:  # its send failed: it is as it was, a new attempt
+                    self.requeue(node, reason, now, blame=False)
+                    touched.add(node.model)
+                    continue
+                # Whatever it was beside, it runs alone next: if it is the poison, only its
+                # own run dies again, and that second loss alone quarantines it.
+                node.solo = True
                 # Only a task sent to an actor that was alive then can have killed it: one
                 # sent to an actor already silent (its host or agent died a moment ago, and
                 # the broker had not noticed yet) is innocent of that loss.
@@ -72,15 +81,16 @@ class Recovery:
                 self.restart(request, reason, now)
         self.dispatcher.dispatch_all(touched, now)
 
-    def requeue(self, node: Node, reason: str, now: float, alone: bool = False) -> None:
+    def requeue(self, node: Node, reason: str, now: float, alone: bool = False, blame: bool = True) -> None:
         """Run the node again (a new attempt), unless it was lost too often.
 
         A task that crashes its actor every time (a poison input) must not take actor
-        after actor down, nor its batch-mates with it: lost in a batch, it runs alone
-        next (`lose_actor` marks it solo); lost a second time while alone (`alone`), it
-        is the likely cause and its request fails, two crashes after its first."""
+        after actor down, nor its batch-mates with it: once lost, it runs alone
+        (`lose_actor` marks it solo); lost a second time while alone on its actor
+        (`alone`), it is the likely cause and its request fails, two crashes after its
+        first. A task that never reached the actor (`blame` false) counts no loss."""
         node.attempt += 1
-        node.losses += 1
+        node.losses += blame
         if alone and node.losses >= POISON_LOSSES:
             self.meters.counters["tasks_quarantined"] += 1
             self.directory.fail(node.request, ErrorCode.ATTEMPTS_EXHAUSTED,

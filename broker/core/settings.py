@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from broker.config import setting
 from broker.core.rules import ADMISSION_BOUNDS
+from broker.core.state import QUEUE_ORDERS
 
 AFFINITIES = ("prefer", "avoid")
 CFG_SPLITS = ("never", "always", "auto")
@@ -44,8 +45,9 @@ class BrokerSettings:
     # (broker.core.rules.admission). The SLO is the workflow's slo_s, else this multiple
     # of its solo latency from the profiles; workflows without profiles are not checked.
     admission: bool = setting(False, live=True, help="refuse requests that cannot meet their SLO")
-    admission_bound: str = setting("max", choices=ADMISSION_BOUNDS, live=True,
-                                   help="max: the paper's lower bound; sum: queue, then solo latency")
+    admission_bound: str = setting("lookahead", choices=ADMISSION_BOUNDS, live=True,
+                                   help="lookahead: simulate the actors' queues, learn the misses; "
+                                        "max: the paper's lower bound; sum: queue, then solo latency")
     # Real seconds the runtime adds to a request beyond its profile times (dispatch hops,
     # fetches, actor Python, result): added to the solo latency admission estimates. The
     # profiles time model calls alone; a request that just fits its SLO on paper misses it.
@@ -64,6 +66,12 @@ class BrokerSettings:
     # (now + the profile time of its remaining critical path > deadline), before more
     # work is spent on it; the freed capacity goes to requests that still can.
     drop_hopeless: bool = setting(False, live=True, help="...or can no longer be met (remaining critical path)")
+    # Which request's ready tasks a model's actors take first: "fcfs" by arrival; "deadline"
+    # the earliest SLO deadline (with per-workflow SLOs the two differ across workflows; the
+    # pooled monolith baseline serves its one shared queue so). A request's own tasks keep
+    # farthest-from-output first either way.
+    queue_order: str = setting("fcfs", choices=QUEUE_ORDERS, live=True,
+                               help="ready tasks by request arrival (fcfs) or earliest SLO deadline first (deadline)")
     # Cap a batch at the rows that still lower the time per row (from the profile);
     # off: fill batches up to each actor's max_batch_rows.
     batch_by_profile: bool = setting(True, help="cap batches at the rows the profile says still pay")
@@ -104,6 +112,8 @@ class BrokerSettings:
             raise ValueError(f"slo_multiple: expected a number > 0, got {self.slo_multiple!r}")
         if self.serving not in SERVINGS:
             raise ValueError(f"serving: expected 'micro' or 'monolith', got {self.serving!r}")
+        if self.queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"queue_order: expected 'fcfs' or 'deadline', got {self.queue_order!r}")
         if not isinstance(self.drop_late, bool) or not isinstance(self.drop_hopeless, bool):
             raise ValueError(f"drop_late, drop_hopeless: expected true or false, got {self.drop_late!r}, "
                              f"{self.drop_hopeless!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from broker.protocol.tasks import TaskKind
 
 WAITING, READY, RUNNING, DONE = "waiting", "ready", "running", "done"
 FRONTEND, BACKEND = "frontend", "backend"  # the broker's two sockets, as named in Send
+QUEUE_ORDERS = ("fcfs", "deadline")  # how a ready queue orders requests (ReadyQueue)
 
 
 class Node:
@@ -161,28 +163,51 @@ class AgentState:
 
 
 class ReadyQueue:
-    """One model's ready tasks: FCFS by request, then farthest-from-output first.
+    """One model's ready tasks: by request, then farthest-from-output first.
 
-    Tasks are kept in one heap per batch key so that a batch can be filled from
-    compatible tasks only. Entries are invalidated lazily: an entry is live while its
-    node is READY and carries the token it was queued with.
+    Requests go first come first served (`order="fcfs"`) or earliest SLO deadline first
+    (`"deadline"`, a request without one last): with a per-workflow SLO the two differ
+    across workflows. Tasks are kept in one heap per batch key so that a batch can be
+    filled from compatible tasks only. Entries are invalidated lazily: an entry is live
+    while its node is READY and carries the token it was queued with.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, order: str = "fcfs") -> None:
+        if order not in QUEUE_ORDERS:
+            raise ValueError(f"queue_order: expected one of {QUEUE_ORDERS}, got {order!r}")
+        self.order = order
         self.heaps: dict[tuple, list] = {}
         self.depth = 0
         self._counter = itertools.count()
 
+    def _rank(self, node: Node) -> float:
+        if self.order == "deadline":
+            deadline = node.request.deadline
+            return math.inf if deadline is None else deadline
+        return 0.0  # fcfs: the request's arrival (seq, next in the entry) decides
+
     def push(self, node: Node) -> None:
         node.queue_token = next(self._counter)
-        entry = (node.request.seq, -node.path_len, node.seq, node.queue_token, node)
+        entry = (self._rank(node), node.request.seq, -node.path_len, node.seq, node.queue_token, node)
         heapq.heappush(self.heaps.setdefault(node.batch_key, []), entry)
         self.depth += 1
 
+    def reorder(self, order: str) -> None:
+        """Queue by `order` from now on, the tasks waiting included (a live change of the
+        setting, or a queue made before its dispatcher read it)."""
+        if order not in QUEUE_ORDERS:
+            raise ValueError(f"queue_order: expected one of {QUEUE_ORDERS}, got {order!r}")
+        if order == self.order:
+            return
+        self.order = order
+        for heap in self.heaps.values():
+            heap[:] = [(self._rank(entry[-1]), *entry[1:]) for entry in heap]
+            heapq.heapify(heap)
+
     @staticmethod
     def _live(entry) -> bool:
-        node = entry[4]
-        return node.state == READY and node.queue_token == entry[3]
+        node = entry[-1]
+        return node.state == READY and node.queue_token == entry[-2]
 
     def _clean(self, key: tuple) -> list:
         heap = self.heaps[key]
@@ -198,7 +223,7 @@ class ReadyQueue:
             heap = self._clean(key)
             if heap and (best is None or heap[0] < best):
                 best = heap[0]
-        return best[4] if best else None
+        return best[-1] if best else None
 
     def head_with(self, wanted) -> Node | None:
         """The first live task among the heaps whose batch key `wanted` accepts."""
@@ -207,14 +232,14 @@ class ReadyQueue:
             heap = self._clean(key)
             if heap and (best is None or heap[0] < best):
                 best = heap[0]
-        return best[4] if best else None
+        return best[-1] if best else None
 
     def take_batch(self, first: Node, max_rows: int) -> list[Node]:
         """`first` (the head) plus compatible tasks in queue order, up to `max_rows` rows."""
         heap = self._clean(first.batch_key)
         batch, rows = [], 0
         while heap:
-            node = heap[0][4]
+            node = heap[0][-1]
             if batch and (rows + node.rows > max_rows or node.solo or batch[0].solo
                           or any(sibling in batch for sibling in node.siblings)):
                 break  # siblings are meant for different actors

@@ -22,10 +22,12 @@ instants whatever the cluster is going through, and one fault is injected:
 - `overload`: the cluster's capacity measured first (closed loop, admission off), then
   5x it offered with admission on: refusals must be typed (`slo_unattainable`,
   `overloaded`), `slo_unattainable` ones carry `retry_after_s`; their latency and the
-  goodput (completed within the SLO, per second, against the capacity) are reported.
-
-A poison request (one that crashes its actor each time it runs) is not a scenario: the
-emulated backend has no way to crash on a given request (docs/reliability.md).
+  goodput (completed within the SLO, per second, against the capacity) are reported;
+- `poison`: `poison_requests` of the load's requests carry a prompt that crashes every
+  actor that encodes it (the emulated backend's `crash_on_prompt`); the operator (this
+  bench) replaces each actor that exits at once. Each poison request must fail
+  `attempts_exhausted` by the broker's quarantine and every other request complete; the
+  actor crashes it cost are reported.
 
 Every request ends in one of: completed, failed with a typed code, rejected, lost
 (accepted, then no answer within a generous bound), unanswered (never accepted nor
@@ -41,6 +43,7 @@ The modules, each importing only those before it:
 - `load`: `OpenLoop` (the load's thread) and `collect`;
 - `faults`: process signalling, `Rig` and the fault injectors;
 - `overload`: the overload scenario's capacity run and figures (goodput, refusals);
+- `poison`: the poison scenario's prompts, replacements and figures (quarantines, crashes);
 - `scenarios`: `SCENARIOS`, one cluster per scenario (`run_scenario`), the whole run
   (`run_chaos_bench`), `record` and the command (`run_cli`).
 """
@@ -73,6 +76,14 @@ from clients.bench.chaos.overload import (
     percentile,
     request_slo_s,
 )
+from clients.bench.chaos.poison import (
+    POISON_PROMPT,
+    QUARANTINE_CODE,
+    poison_figures,
+    poison_indices,
+    poison_notes,
+    poison_table,
+)
 from clients.bench.chaos.scenarios import (
     SCENARIOS,
     Scenario,
@@ -85,8 +96,9 @@ from clients.bench.chaos.scenarios import (
 from clients.bench.chaos.tap import AnswerTap
 
 __all__ = [
-    "ADMISSION_CODES", "COMPLETED", "FAILED", "QUICK", "REJECTED", "SCENARIOS", "UNANSWERED", "AnswerTap",
-    "ChaosSettings", "Observation", "Row", "Scenario", "chaos_table", "classify", "fewest_left", "goodput",
-    "overload_figures", "overload_notes", "overload_table", "percentile", "problems", "record", "request_slo_s",
-    "rows_of", "run_chaos_bench", "run_cli", "run_scenario", "tables", "tally", "was_accepted",
+    "ADMISSION_CODES", "COMPLETED", "FAILED", "POISON_PROMPT", "QUARANTINE_CODE", "QUICK", "REJECTED", "SCENARIOS",
+    "UNANSWERED", "AnswerTap", "ChaosSettings", "Observation", "Row", "Scenario", "chaos_table", "classify",
+    "fewest_left", "goodput", "overload_figures", "overload_notes", "overload_table", "percentile", "poison_figures",
+    "poison_indices", "poison_notes", "poison_table", "problems", "record", "request_slo_s", "rows_of",
+    "run_chaos_bench", "run_cli", "run_scenario", "tables", "tally", "was_accepted",
 ]

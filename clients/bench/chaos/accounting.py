@@ -54,9 +54,12 @@ class ChaosSettings:
     capacity_warm_s: float = 2.0
     capacity_s: float = 8.0
     overload_factor: float = 5.0
-    admission_bound: str = "max"  # the broker's default (broker.core.rules.admission)
+    admission_bound: str = "lookahead"  # the broker's default (broker.core.settings)
     admission_overhead_s: float = 0.0  # the broker's default: runtime seconds added to the profiles' solo latency
     goodput_bar: float = 0.9  # goodput / capacity the issue asks for (reported, not enforced)
+    # poison: this many of the load's requests, spread evenly over it, carry a prompt that
+    # crashes every actor that encodes it
+    poison_requests: int = 4
 
     @property
     def expiry_s(self) -> float:
@@ -74,7 +77,7 @@ class ChaosSettings:
 
 # Every scenario (broker-hang-kill included since the client resends unacknowledged SUBMITs).
 QUICK = {"load_s": 5.0, "rate_per_s": 4.0, "fault_every_s": 2.0, "slack_s": 10.0, "capacity_warm_s": 1.0,
-         "capacity_s": 4.0}
+         "capacity_s": 4.0, "poison_requests": 1}  # poison: one per 5 s of load, as in the full run
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class Row:
     timeline: list[str] = field(default_factory=list)  # the faults, seconds after the load started
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few request ids per problem, to grep logs for
     overload: dict = field(default_factory=dict)  # the overload scenario's figures (overload.overload_figures)
+    poison: dict = field(default_factory=dict)  # the poison scenario's figures (poison.poison_figures)
 
 
 EXAMPLES = 5

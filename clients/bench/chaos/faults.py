@@ -125,13 +125,17 @@ class Rig:
         return sorted((a for a in stats.actors if a.pid and not a.stopping and child_of(a.pid, self.agent_pid)),
                       key=lambda a: a.actor_id)
 
-    def spawn(self, model: str, device: str) -> None:
-        """Start an actor as an operator would; a refusal is an anomaly of the run, noted."""
+    def spawn(self, model: str, device: str) -> list[str]:
+        """Start an actor as an operator would; its spawn ids. A refusal is an anomaly of
+        the run, noted."""
         spec = self.cluster.spec
         try:
-            self.admin.spawn(model, device, "emulated", max_batch_rows=spec.max_batch_rows, options=spec.options)
+            reply = self.admin.spawn(model, device, "emulated", max_batch_rows=spec.max_batch_rows,
+                                     options=spec.options)
         except LegoError as exc:
             self.notes.append(f"spawn of {model} on {device} refused: {exc}")
+            return []
+        return list(reply.spawn_ids)
 
     def event(self, text: str) -> None:
         """Note a fault on the timeline, at seconds after the load started."""

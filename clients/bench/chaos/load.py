@@ -4,8 +4,9 @@ whatever the cluster is going through, and their ends collected.
 Runs in the bench's process, on a thread of its own (`chaos-load`); it owns no socket:
 it submits through the `Client` it is given (connected to the tap), and `collect`
 folds the tap's counts and answer times into one `Observation` per request (the
-accounting's input). Its `instants` may be set until `start` (the overload scenario
-sets them once it has measured the capacity).
+accounting's input). Its `instants` and `params` may be set until `start` (the
+overload scenario sets the instants once it has measured the capacity; the poison
+scenario sets the params of a few requests to its poison prompt).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import bisect
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from clients.bench.chaos.accounting import REQUEST, WORKFLOW, Observation, classify, was_accepted
 from clients.bench.chaos.tap import AnswerTap
@@ -41,8 +43,10 @@ class OpenLoop:
 
     def __init__(self, client: Client, instants: list[float]):
         self.client, self.instants = client, instants
+        self.params: Callable[[int], dict] = request_params  # the index-th request's params
         self.jobs: list[Job] = []
         self.submitted_s: dict[str, float] = {}  # request id -> when, after the load started
+        self.request_ids: list[str] = []  # the index-th request's id
         self.refused: list[tuple[str, LegoError]] = []  # refused by the client library before sending
         self.finished = threading.Event()
         self.started_at = 0.0
@@ -59,9 +63,10 @@ class OpenLoop:
                 self.finished.wait(max(0.0, self.started_at + at - time.monotonic()))
                 request_id = f"chaos-{index}-{os.urandom(4).hex()}"
                 self.submitted_s[request_id] = self.elapsed_s()
+                self.request_ids.append(request_id)
                 try:
                     self.jobs.append(self.client.submit(WORKFLOW, request_id=request_id, progress=False,
-                                                        wait_accepted=False, **request_params(index)))
+                                                        wait_accepted=False, **self.params(index)))
                 except LegoError as exc:
                     self.refused.append((request_id, exc))
         finally:

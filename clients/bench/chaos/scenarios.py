@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker import protocol as p
 from broker.catalog import load_catalog
@@ -52,6 +52,14 @@ from clients.bench.chaos.overload import (
     overload_result,
     overload_table,
 )
+from clients.bench.chaos.poison import (
+    POISON_PROMPT,
+    poison_notes,
+    poison_result,
+    poison_table,
+    prepare_poison,
+    replace_crashed,
+)
 from clients.bench.chaos.tap import AnswerTap
 from clients.bench.loadgen import poisson_arrivals
 from clients.client import Client
@@ -67,8 +75,12 @@ class Scenario:
     prepare: Callable[[Rig], None] | None = None  # before the load starts
     burst: int = 0  # requests at once at burst_instant, on top of the Poisson arrivals
     admission: bool = False  # the broker's --admission
-    # after the load: figures besides the accounting (Row.overload), from the final stats
+    actor_options: dict = field(default_factory=dict)  # every actor's, replacements included (fault options)
+    # after the load: figures besides the accounting, from the final stats, kept in the
+    # Row's field `figures_in` (overload, poison); `verdict` says what in them breaks a promise
     figures: Callable[[Rig, list[Observation], p.Stats], dict] | None = None
+    figures_in: str = "overload"
+    verdict: Callable[[dict], list[str]] = overload_notes
 
     def instants(self, s: ChaosSettings, seed: int) -> list[float]:
         """When each request is submitted, seconds after the load starts (pure)."""
@@ -91,14 +103,19 @@ SCENARIOS = {s.name: s for s in (
              "ports and journal", lambda rig: restart_broker(rig, hang=True), prepare=journal_broker, burst=16),
     Scenario("overload", "the capacity measured (closed loop, admission off), then overload_factor x it offered, "
              "admission on", offer_overload, prepare=measure_capacity, admission=True, figures=overload_result),
+    Scenario("poison", "poison_requests of the load's requests carry a prompt that crashes every actor that encodes "
+             "it; each actor that exits is replaced at once", replace_crashed, prepare=prepare_poison,
+             actor_options={"crash_on_prompt": POISON_PROMPT}, figures=poison_result, figures_in="poison",
+             verdict=poison_notes),
 )}
 
 
 
-def cluster_spec(s: ChaosSettings, run_dir: str, admission: bool = False) -> LocalClusterSpec:
+def cluster_spec(s: ChaosSettings, run_dir: str, admission: bool = False,
+                 actor_options: dict | None = None) -> LocalClusterSpec:
     return LocalClusterSpec(admission=admission,
         workflows=[WORKFLOW], replicas=dict.fromkeys(load_catalog().workflows[WORKFLOW].models, s.replicas),
-        options={"time_scale": s.time_scale}, emulate_gpus=2, gpu_memory_gib=1000.0,  # spawns never short of memory
+        options={"time_scale": s.time_scale, **(actor_options or {})}, emulate_gpus=2, gpu_memory_gib=1000.0,  # spawns never short of memory
         run_dir=run_dir, log_level=s.log_level, heartbeat_interval_s=s.heartbeat_interval_s,
         heartbeat_misses=s.heartbeat_misses)
 
@@ -106,7 +123,8 @@ def cluster_spec(s: ChaosSettings, run_dir: str, admission: bool = False) -> Loc
 def run_scenario(scenario: Scenario, s: ChaosSettings, run_dir: str, index: int) -> Row:
     """One fresh cluster, one fault under load; the row of its accounting."""
     instants = scenario.instants(s, s.seed + index)
-    with LocalCluster(cluster_spec(s, run_dir, scenario.admission)) as cluster, Client(cluster.frontend, admin_timeout_s=5.0) as admin, \
+    spec = cluster_spec(s, run_dir, scenario.admission, scenario.actor_options)
+    with LocalCluster(spec) as cluster, Client(cluster.frontend, admin_timeout_s=5.0) as admin, \
             AnswerTap(cluster.frontend) as tap, Client(tap.address) as client:
         admin.configure({"request_timeout_s": s.request_timeout_s, "orphan_timeout_s": scenario.orphan_timeout_s(s)})
         client.generate(WORKFLOW, prompt="warm up", seed=0, timeout=60, **REQUEST)
@@ -125,8 +143,9 @@ def run_scenario(scenario: Scenario, s: ChaosSettings, run_dir: str, index: int)
         stats = admin.stats()
     row = tally(scenario.name, observations, faults, wall_s, stats.counters, rig.notes, rig.timeline)
     if scenario.figures:
-        row.overload = scenario.figures(rig, observations, stats)
-        row.notes += overload_notes(row.overload)
+        figures = scenario.figures(rig, observations, stats)
+        setattr(row, scenario.figures_in, figures)
+        row.notes += scenario.verdict(figures)
     return row
 
 
@@ -146,9 +165,12 @@ def run_chaos_bench(s: ChaosSettings, progress: Callable[[str], None] = lambda l
     for index, scenario in enumerate(chosen):
         rows.append(run_scenario(scenario, s, f"{root}/{scenario.name}", index))
         row = rows[-1]
-        goodput = f", goodput {row.overload['goodput_share']:.0%} of capacity" if row.overload else ""
+        extra = f", goodput {row.overload['goodput_share']:.0%} of capacity" if row.overload else ""
+        if row.poison:
+            extra += (f", {row.poison['poison_quarantined']}/{row.poison['poison_submitted']} poison quarantined, "
+                      f"{row.poison['crashes']} actor crashes")
         progress(f"  {scenario.name}: {row.completed}/{row.submitted} completed, "
-                 f"lost {row.lost}, duplicated {row.duplicated}{goodput} ({row.wall_s:g} s)")
+                 f"lost {row.lost}, duplicated {row.duplicated}{extra} ({row.wall_s:g} s)")
     return {"date": records.utc_now(), "machine": records.machine(), "settings": dataclasses.asdict(s),
             "run_dir": root, "wall_s": round(time.monotonic() - started, 1),
             "scenarios": {sc.name: sc.fault for sc in chosen}, "rows": [dataclasses.asdict(r) for r in rows]}
@@ -156,9 +178,9 @@ def run_chaos_bench(s: ChaosSettings, progress: Callable[[str], None] = lambda l
 
 
 def tables(rows: list[Row]) -> str:
-    """The accounting's table, and the overload figures' below it where a row has them."""
-    extra = overload_table(rows)
-    return chaos_table(rows) + (f"\n\n{extra}" if extra else "")
+    """The accounting's table, and the overload and poison figures' below it where a row has them."""
+    extras = [table for table in (overload_table(rows), poison_table(rows)) if table]
+    return "\n\n".join([chaos_table(rows), *extras])
 
 
 def record(result: dict, path: str, command: str) -> None:
@@ -167,11 +189,12 @@ def record(result: dict, path: str, command: str) -> None:
     overload = (f" overload: {s['overload_factor']:g}x the capacity measured with {s['capacity_concurrency']} in "
                 f"flight, admission bound {s['admission_bound']}, admission_overhead_s {s['admission_overhead_s']:g}."
                 if "overload" in result["scenarios"] else "")
+    poison = f" poison: {s['poison_requests']} poison requests." if "poison" in result["scenarios"] else ""
     with open(path, "a") as out:
         out.write(f"\n### Fault injection, emulated cluster ({result['date']})\n\n"
                   f"Machine: {result['machine']}. Command: `{command}`; took {result['wall_s']} s. "
                   f"{WORKFLOW}, {s['replicas']} emulated actors per model, Poisson arrivals at "
-                  f"{s['rate_per_s']:g}/s for {s['load_s']:g} s per scenario.{overload}\n\n{tables(rows_of(result))}\n")
+                  f"{s['rate_per_s']:g}/s for {s['load_s']:g} s per scenario.{overload}{poison}\n\n{tables(rows_of(result))}\n")
 
 
 # ---------------------------------------------------------------- `lego bench chaos`
