@@ -4,7 +4,11 @@ trace, same SLO, in one invocation.
 Two settings. `paper`: 8 GPUs, the three FLUX.1-schnell workflows, the artifact's
 traces at rate scales 0.5-8. `sharing`: 16 GPUs, six ControlNet workflows over SD3,
 SD3.5 Large and FLUX.1-dev sharing encoders, VAEs and base models, bursty Gamma
-arrivals (CV 2) at a range of request rates.
+arrivals (CV 2) at a range of request rates. `--traces FILE|DIR` replays an operator's
+own traces instead (`TENANT GAP_SECONDS` lines, tenants mapped to workflows by
+`--tenants`, default A/B/C -> the paper's three); the sweep is then over the traces,
+each at its offered requests/s, and systems serving other workflows than the paper's
+are generated as `lego bench simulate` generates them.
 
 Every (system, rate) runs on a fresh emulated cluster of real processes (broker,
 scheduler for `lego`, one node agent with N emulated H800s, actors) so no state
@@ -15,23 +19,29 @@ ratio is preserved. The SLO of each request is 2x its workflow's solo latency fr
 the profiles (the paper measured 1.99/2.07/2.40 s with diffusers; the profiles give
 2.02/2.10/2.10 s).
 
-Reported per system and rate: SLO attainment, p50/p99 latency, goodput, device
-utilisation (actors' busy time over GPU time: above 1 when co-located actors
-time-slice a GPU, each counting its whole slowed run). Then per system: the highest
-rate scale with >= 90% attainment, the largest simultaneous burst with >= 90%, the
-ratios against the best baseline, and the share of the fluid upper bound (GPUs over
-device-seconds per request: the rate no scheduler can beat).
+Reported per system and rate: SLO attainment, the on-time reference (how many of the
+requests an ideal fluid EDF scheduler finishes within their SLO, `clients.bench.reference`)
+and the system's share of it, p50/p99 latency, goodput, device utilisation (actors'
+busy time over GPU time: above 1 when co-located actors time-slice a GPU, each counting
+its whole slowed run). Then per system: the highest rate scale with >= 90% attainment,
+the largest simultaneous burst with >= 90%, the ratios against the best baseline, the
+share of the fluid upper bound (GPUs over device-seconds per request: the rate no
+scheduler can beat) and of the on-time reference. Progress goes to standard error, so
+`--json` prints JSON only.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.catalog import load_catalog, validate_params
+from broker.catalog import Catalog, load_catalog, validate_params
 from broker.costs.model import CostModel
 from clients.bench import records
 from clients.bench.charts import line_chart
@@ -45,18 +55,23 @@ from clients.bench.loadgen import (
     summarize,
     trace_arrivals,
 )
+from clients.bench.reference import Reference, on_time_reference
 from clients.bench.systems import (
     PAPER_TENANTS,
     PAPER_WORKFLOWS,
     SHARING_WORKFLOWS,
     SystemSpec,
+    broker_flags,
+    lego_system,
     paper_systems,
+    shared_gpus_system,
     sharing_systems,
+    static_split_system,
 )
 from clients.client import Client
 from clients.local import LocalCluster, LocalClusterSpec
 
-DATA = Path(__file__).resolve().parent / "data"  # traces and baseline placements (copied from the artifact)
+DATA = Path(__file__).resolve().parent.parent / "data"  # traces and baseline placements (copied from the artifact)
 RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 SHARING_RATES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # requests/s; the fluid bound is about 2.5 on 16 GPUs
 BURSTS = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 48)
@@ -73,6 +88,8 @@ class BenchSettings:
     gpus: int = 8
     time_scale: float = 0.25
     trace_limit_s: float | None = None  # only the first seconds of each trace (quick mode)
+    traces: str | Path | None = None  # an operator's trace file or folder: replayed instead of the rate sweep
+    tenants: dict[str, str] = field(default_factory=lambda: dict(PAPER_TENANTS))  # trace tenant -> workflow
     data_dir: Path = DATA
     run_dir: str = ""
     log_level: str = "warning"
@@ -80,11 +97,91 @@ class BenchSettings:
 
     @property
     def workflows(self) -> list[str]:
-        return list(SHARING_WORKFLOWS if self.setting == "sharing" else PAPER_WORKFLOWS.values())
+        if self.setting == "sharing":
+            return list(SHARING_WORKFLOWS)
+        return tenant_workflows(self.tenants)
 
     @property
     def window_s(self) -> float:
         return self.trace_limit_s or WINDOW_S
+
+    @property
+    def sweep(self) -> str:
+        """What the sweep's x is: the paper's rate scales, or offered requests/s."""
+        return "rate scale" if self.setting == "paper" and self.traces is None else "offered req/s"
+
+
+# ---------------------------------------------------------------- traces and tenants
+
+
+def parse_tenants(text: str, known: Iterable[str] | None = None) -> dict[str, str]:
+    """`A=workflow,B=workflow` as {tenant: workflow}; ValueError naming a malformed entry,
+    a tenant given twice or (with `known`) a workflow not among them."""
+    tenants: dict[str, str] = {}
+    known = None if known is None else set(known)
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        tenant, sep, workflow = (part.strip() for part in entry.partition("="))
+        if not sep or not tenant or not workflow or any(c.isspace() for c in tenant):
+            raise ValueError(f"--tenants: expected TENANT=WORKFLOW, got {entry!r}")
+        if tenant in tenants:
+            raise ValueError(f"--tenants: tenant {tenant!r} is mapped twice")
+        if known is not None and workflow not in known:
+            raise ValueError(f"--tenants: unknown workflow {workflow!r} (known: {', '.join(sorted(known))})")
+        tenants[tenant] = workflow
+    if not tenants:
+        raise ValueError("--tenants: expected TENANT=WORKFLOW[,TENANT=WORKFLOW...]")
+    return tenants
+
+
+def tenant_workflows(tenants: dict[str, str]) -> list[str]:
+    """The workflows a tenant mapping serves, each once, in the mapping's order."""
+    return list(dict.fromkeys(tenants.values()))
+
+
+def trace_files(path: str | Path) -> list[Path]:
+    """A trace file, or a folder's `*.txt` traces in natural order (rs2.0 before rs10.0)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"), key=_natural_order)
+        if not files:
+            raise ValueError(f"--traces: no *.txt trace files in {path}")
+        return files
+    if not path.is_file():
+        raise ValueError(f"--traces: no such file or folder: {path}")
+    return [path]
+
+
+def _natural_order(file: Path) -> list[tuple[int, float | str]]:
+    return [(0, float(x)) if x[0].isdigit() else (1, x) for x in re.findall(r"\d+\.?\d*|\D+", file.name)]
+
+
+def trace_window_s(file: Path, arrivals: list[Arrival], limit_s: float | None = None) -> float:
+    """The arrival window a trace covers: `limit_s`, else the `_tNNN_` of its name (the
+    artifact names its window), else up to its last arrival (at least 1 s)."""
+    if limit_s:
+        return limit_s
+    span = re.search(r"_t(\d+)_", file.name)
+    return float(span.group(1)) if span else max((a.at_s for a in arrivals), default=0.0) or 1.0
+
+
+def trace_label(file: Path) -> str:
+    """`trace x4.0 (300 s)` for the artifact's traces (the window only when not 120 s), else the file's stem."""
+    rate, span = re.search(r"_rs([\d.]+)_", file.name), re.search(r"_t(\d+)_", file.name)
+    if not rate:
+        return file.stem
+    return f"trace x{rate.group(1)}" + (f" ({span.group(1)} s)" if span and span.group(1) != "120" else "")
+
+
+@dataclass(frozen=True)
+class Load:
+    """One point of the rate sweep: its x, its name, its arrivals (unscaled) and window."""
+
+    key: float  # a rate scale (the paper's traces) or offered requests/s
+    label: str
+    arrivals: list[Arrival]
+    window_s: float
 
 
 def trace_path(data_dir: Path, rate: float) -> Path:
@@ -96,14 +193,73 @@ def arrivals_at(s: BenchSettings, rate: float) -> list[Arrival]:
     setting bursty Gamma arrivals (CV 2) at `rate` requests/s over an equal mix."""
     if s.setting == "sharing":
         return gamma_arrivals(rate, 2.0, s.window_s, s.workflows, seed=666)
-    return trace_arrivals(trace_path(s.data_dir, rate), PAPER_TENANTS, s.trace_limit_s)
+    return trace_arrivals(trace_path(s.data_dir, rate), s.tenants, s.trace_limit_s)
 
 
-def systems_of(s: BenchSettings) -> list[SystemSpec]:
+def rate_loads(s: BenchSettings) -> list[Load]:
+    """The sweep: the settings' rates, or each of the operator's traces at its offered rate."""
+    unserved = sorted(set(s.tenants.values()) - set(s.workflows))
+    if unserved and (s.traces is not None or s.setting == "paper"):  # Gamma arrivals name no tenants
+        raise ValueError(f"--tenants: the {s.setting} setting serves no {', '.join(unserved)}")
+    if s.traces is None:
+        return [Load(rate, f"{rate:g}", arrivals_at(s, rate), s.window_s) for rate in s.rates]
+    loads: dict[float, Load] = {}
+    for file in trace_files(s.traces):
+        arrivals = trace_arrivals(file, s.tenants, s.trace_limit_s)
+        window = trace_window_s(file, arrivals, s.trace_limit_s)
+        key = round(len(arrivals) / window, 4)
+        if key in loads:  # the sweep is keyed by rate: one would hide the other
+            raise ValueError(f"--traces: {file.name} and {loads[key].label} both offer {key:g} requests/s; "
+                             f"replay them in separate runs")
+        loads[key] = Load(key, trace_label(file), arrivals, window)
+    return [loads[key] for key in sorted(loads)]
+
+
+def workflow_mix(loads: list[Load], workflows: list[str]) -> dict[str, float]:
+    """Requests per workflow over every load (each served workflow at least a little)."""
+    counts = dict.fromkeys(workflows, 0.0)
+    for load in loads:
+        for a in load.arrivals:
+            counts[a.workflow] = counts.get(a.workflow, 0.0) + 1
+    return {w: c or 1.0 for w, c in counts.items()}
+
+
+# ---------------------------------------------------------------- systems
+
+
+# Pooled needs a monolith that holds each model once for all its workflows; the
+# emulated monolith backend (actors/backends/monolith.py) keeps a copy per workflow,
+# so on real processes it would load models while serving and measure something else.
+NOT_EMULATED = {"pooled": "the emulated monolith backend keeps one copy of each model per workflow "
+                          "(no shared model cache yet): compare it with `lego bench simulate`"}
+
+
+def systems_of(s: BenchSettings, mix: dict[str, float] | None = None) -> list[SystemSpec]:
+    for name in s.systems:
+        if name in NOT_EMULATED:
+            raise ValueError(f"systems: {name} cannot run on emulated processes yet: {NOT_EMULATED[name]}")
     catalog = load_catalog()
     if s.setting == "sharing":
         return sharing_systems(catalog, s.gpus, s.time_scale, s.systems)
-    return paper_systems(catalog, s.data_dir / "baselines", s.gpus, s.time_scale, s.systems)
+    if s.workflows == list(PAPER_WORKFLOWS.values()):
+        return paper_systems(catalog, s.data_dir / "baselines", s.gpus, s.time_scale, s.systems)
+    return mapped_systems(catalog, mix or dict.fromkeys(s.workflows, 1.0), s.gpus, s.time_scale, s.systems)
+
+
+def mapped_systems(catalog: Catalog, mix: dict[str, float], gpus: int, time_scale: float,
+                   names: tuple[str, ...]) -> list[SystemSpec]:
+    """The systems for an operator's own workflows (no artifact placement names them):
+    lego's placement, an equal static split (basic), a split in proportion to the
+    requests (shepherd), every GPU hosting every workflow (clockwork)."""
+    workflows = list(mix)
+    makers = {"lego": lambda: lego_system(catalog, workflows, gpus, time_scale),
+              "basic": lambda: static_split_system("basic", workflows, gpus),
+              "shepherd": lambda: static_split_system("shepherd", workflows, gpus, mix),
+              "clockwork": lambda: shared_gpus_system("clockwork", workflows, gpus)}
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"systems: unknown system {unknown[0]!r} for mapped workflows (known: {', '.join(makers)})")
+    return [makers[name]() for name in names]
 
 
 def cluster_spec(system: SystemSpec, s: BenchSettings, run_dir: str) -> LocalClusterSpec:
@@ -115,7 +271,7 @@ def cluster_spec(system: SystemSpec, s: BenchSettings, run_dir: str) -> LocalClu
         serving=system.serving, drop_late=system.drop_late, drop_hopeless=system.drop_hopeless,
         admission=system.admission, cfg_split=system.cfg_split,
         scheduler=system.scheduler, scheduler_args=list(system.scheduler_args), placement=placement,
-        run_dir=run_dir, log_level=log_level, heartbeat_interval_s=1.0)
+        run_dir=run_dir, log_level=log_level, heartbeat_interval_s=1.0, broker_args=broker_flags(system))
 
 
 def _busy_s(client: Client) -> float:
@@ -143,15 +299,19 @@ def run_arrivals(system: SystemSpec, arrivals: list[Arrival], window_s: float, s
     return summary
 
 
-def rate_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[float, dict]:
+def rate_sweep(system: SystemSpec, loads: list[Load], references: dict[float, Reference], s: BenchSettings,
+               run_dir: str) -> dict[float, dict]:
     out = {}
-    for rate in s.rates:
-        arrivals = arrivals_at(s, rate)
-        window = s.window_s * s.time_scale
-        out[rate] = run_arrivals(system, scale_arrivals(arrivals, s.time_scale), window, s, f"{run_dir}/rate-{rate:g}")
-        out[rate]["requests_per_s"] = round(len(arrivals) / s.window_s, 3)
-        print(f"  {system.name} rate x{rate:g}: attainment {out[rate]['slo_attainment']:.3f} "
-              f"({out[rate]['count']} requests)", flush=True)
+    for load in loads:
+        window = load.window_s * s.time_scale
+        run = run_arrivals(system, scale_arrivals(load.arrivals, s.time_scale), window, s,
+                           f"{run_dir}/rate-{load.key:g}")
+        run["load"] = load.label
+        run["requests_per_s"] = round(len(load.arrivals) / load.window_s, 3)
+        run.update(references[load.key].beside(run["slo_met"]))
+        out[load.key] = run
+        print(f"  {system.name} {s.sweep} {load.label}: attainment {run['slo_attainment']:.3f} "
+              f"({run['count']} requests; on-time reference {run['on_time_ref_count']})", file=sys.stderr, flush=True)
     return out
 
 
@@ -165,11 +325,16 @@ def burst_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[int,
             outcomes = run_open_loop_sync(cluster.frontend, burst_arrivals(n, workflows), default_params,
                                           timeout_s=120)
             out[n] = summarize(outcomes, 1.0)["slo_attainment"]
-            print(f"  {system.name} burst {n}: attainment {out[n]:.3f}", flush=True)
+            print(f"  {system.name} burst {n}: attainment {out[n]:.3f}", file=sys.stderr, flush=True)
             if out[n] < 0.5:
                 break  # larger bursts only do worse
             time.sleep(2.0 * s.time_scale + 0.5)  # idle again
     return out
+
+
+def burst_shares(bursts: dict[int, float], references: dict[int, Reference]) -> dict[int, float | None]:
+    """Each burst's on-time count (attainment x its size) as a share of the reference."""
+    return {n: references[n].share_of(round(attainment * n)) for n, attainment in bursts.items()}
 
 
 def fluid_bound_per_s(workflows: list[str]) -> float:
@@ -189,18 +354,30 @@ def best_at(values: dict, threshold: float = TARGET) -> float | None:
 
 
 def run_cluster_bench(s: BenchSettings) -> dict:
-    systems = systems_of(s)
+    loads = rate_loads(s)
+    systems = systems_of(s, workflow_mix(loads, s.workflows))
+    costs = CostModel(load_catalog())
+    rate_refs = {load.key: on_time_reference(load.arrivals, s.gpus, costs) for load in loads}
+    burst_refs = {n: on_time_reference(burst_arrivals(n, s.workflows), s.gpus, costs) for n in s.bursts}
     started = time.monotonic()
     result = {"date": records.utc_now(),
               "machine": records.machine(), "setting": s.setting, "workflows": s.workflows, "gpus": s.gpus,
-              "time_scale": s.time_scale, "trace_limit_s": s.trace_limit_s, "systems": {}}
+              "time_scale": s.time_scale, "trace_limit_s": s.trace_limit_s,
+              "traces": str(s.traces) if s.traces is not None else None, "tenants": s.tenants, "sweep": s.sweep,
+              "reference": {
+                  "rates": {load.key: {**rate_refs[load.key].to_dict(), "load": load.label,
+                                       "requests_per_s": round(len(load.arrivals) / load.window_s, 3)}
+                            for load in loads},
+                  "bursts": {n: ref.to_dict() for n, ref in burst_refs.items()}},
+              "systems": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = s.run_dir or tmp
         for system in systems:
-            print(f"{system.name}:", flush=True)
-            rates = rate_sweep(system, s, f"{root}/{system.name}")
+            print(f"{system.name}:", file=sys.stderr, flush=True)
+            rates = rate_sweep(system, loads, rate_refs, s, f"{root}/{system.name}")
             bursts = burst_sweep(system, s, f"{root}/{system.name}/bursts") if s.bursts else {}
-            result["systems"][system.name] = {"rates": rates, "bursts": bursts}
+            result["systems"][system.name] = {"rates": rates, "bursts": bursts,
+                                              "bursts_share_of_ref": burst_shares(bursts, burst_refs)}
     result["wall_s"] = round(time.monotonic() - started, 1)
     result["derived"] = derive(result, s.gpus)
     return result
@@ -209,13 +386,17 @@ def run_cluster_bench(s: BenchSettings) -> dict:
 def derive(result: dict, gpus: int) -> dict:
     fluid = fluid_bound_per_s(result["workflows"]) * gpus
     derived: dict = {"fluid_requests_per_s": round(fluid, 3), "systems": {}}
+    reference = result.get("reference")
+    if reference:
+        derived["reference"] = _reference_limits(reference, fluid)
     for name, runs in result["systems"].items():
         rate = best_at({r: v["slo_attainment"] for r, v in runs["rates"].items()})
         rps = runs["rates"][rate]["requests_per_s"] if rate is not None else None
         burst = best_at(runs["bursts"])
         derived["systems"][name] = {"sustainable_rate_scale": rate, "sustainable_requests_per_s": rps,
                                     "burst_tolerance": burst,
-                                    "fluid_share": round(rps / fluid, 3) if rps else None}
+                                    "fluid_share": round(rps / fluid, 3) if rps else None,
+                                    "share_of_ref": _share_of_ref(runs["rates"].values())}
     baselines = {n: d for n, d in derived["systems"].items() if n != "lego"}
     lego = derived["systems"].get("lego")
     if lego and baselines:
@@ -230,29 +411,56 @@ def derive(result: dict, gpus: int) -> dict:
     return derived
 
 
+def _reference_limits(reference: dict, fluid: float) -> dict:
+    """The on-time reference read like a system: its highest rate and largest burst >= 90%."""
+    rate = best_at({k: v["share"] for k, v in reference["rates"].items()})
+    rps = reference["rates"][rate]["requests_per_s"] if rate is not None else None
+    return {"sustainable_rate_scale": rate, "sustainable_requests_per_s": rps,
+            "burst_tolerance": best_at({n: v["share"] for n, v in reference["bursts"].items()}),
+            "fluid_share": round(rps / fluid, 3) if rps else None}
+
+
+def _share_of_ref(runs: Iterable[dict]) -> float | None:
+    """On-time requests over every rate of the sweep, as a share of the reference's."""
+    runs = [r for r in runs if "on_time_ref_count" in r]
+    reference = sum(r["on_time_ref_count"] for r in runs)
+    return round(sum(r["slo_met"] for r in runs) / reference, 3) if reference else None
+
+
 def _fmt(x, pattern="{:.3f}") -> str:
     return "-" if x is None else pattern.format(x)
 
 
+def _sweep_label(result: dict) -> str:
+    return result.get("sweep") or ("rate scale" if result.get("setting", "paper") == "paper" else "offered req/s")
+
+
 def cluster_table(result: dict) -> str:
-    label = "rate scale" if result.get("setting", "paper") == "paper" else "offered req/s"
-    lines = [f"| system | {label} | req/s | SLO attainment | p50 (s) | p99 (s) | goodput (req/s) | rejected | dropped | actor busy / GPU time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    label = _sweep_label(result)
+    traces = result.get("traces") is not None
+    lines = [f"| system | {'trace' if traces else label} | req/s | SLO attainment | on-time ref | share of ref | p50 (s) | "
+             f"p99 (s) | goodput (req/s) | rejected | dropped | actor busy / GPU time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     scale = result["time_scale"]
     for name, runs in result["systems"].items():
         for rate, r in runs["rates"].items():
             dropped = r["codes"].get("deadline_exceeded", 0)
+            x = r.get("load", f"{rate:g}") if traces else f"{rate:g}"
             # latencies and goodput back in the trace's (unscaled) time
-            lines.append(f"| {name} | {rate:g} | {r['requests_per_s']} | {r['slo_attainment']:.3f} | "
+            lines.append(f"| {name} | {x} | {r['requests_per_s']} | {r['slo_attainment']:.3f} | "
+                         f"{_fmt(r.get('on_time_ref'), '{:.1%}')} | {_fmt(r.get('share_of_ref'), '{:.1%}')} | "
                          f"{_fmt(r['p50_latency_s'] and r['p50_latency_s'] / scale, '{:.2f}')} | "
                          f"{_fmt(r['p99_latency_s'] and r['p99_latency_s'] / scale, '{:.2f}')} | "
                          f"{r['goodput_per_s'] * scale:.3f} | {r['rejected']} | {dropped} | {r['utilisation']:.2f} |")
     d = result["derived"]
-    lines += ["", f"| system | highest {label} >= 90% (req/s) | largest burst >= 90% | share of fluid bound |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", f"| system | highest {label} >= 90% (req/s) | largest burst >= 90% | share of fluid bound | "
+                  f"share of on-time ref |",
+              "| --- | --- | --- | --- | --- |"]
+    if d.get("reference"):
+        lines.append(_limits_row("on-time ref", d["reference"], "100%"))
     for name, v in d["systems"].items():
-        lines.append(f"| {name} | {_fmt(v['sustainable_rate_scale'], '{:g}')} ({_fmt(v['sustainable_requests_per_s'])}) | "
-                     f"{_fmt(v['burst_tolerance'], '{}')} | {_fmt(v['fluid_share'], '{:.0%}')} |")
+        lines.append(_limits_row(name, v, _fmt(v.get("share_of_ref"), "{:.1%}")))
+    lines += _burst_lines(result)
     ratio = d.get("lego_vs_best_baseline")
     if ratio:
         lines += ["", f"lego vs the best baseline: sustainable rate x{_fmt(ratio['rate_ratio'], '{}')} (target >= 3), "
@@ -261,10 +469,43 @@ def cluster_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _limits_row(name: str, v: dict, share_of_ref: str) -> str:
+    return (f"| {name} | {_fmt(v['sustainable_rate_scale'], '{:g}')} ({_fmt(v['sustainable_requests_per_s'])}) | "
+            f"{_fmt(v['burst_tolerance'], '{}')} | {_fmt(v['fluid_share'], '{:.0%}')} | {share_of_ref} |")
+
+
+def _burst_lines(result: dict) -> list[str]:
+    """Per burst size: the reference, then each system's attainment and share of it
+    ('-': not run, a smaller burst already fell below 50%)."""
+    references = result.get("reference", {}).get("bursts", {})
+    if not references:
+        return []
+    names = list(result["systems"])
+    lines = ["", f"| burst | on-time ref | {' | '.join(f'{n} (share of ref)' for n in names)} |",
+             f"| --- | --- | {' | '.join('---' for _ in names)} |"]
+    for n, ref in references.items():
+        cells = []
+        for name in names:
+            runs = result["systems"][name]
+            attainment = runs["bursts"].get(n)
+            share = runs.get("bursts_share_of_ref", {}).get(n)
+            cells.append("-" if attainment is None else f"{attainment:.1%} ({_fmt(share, '{:.0%}')})")
+        lines.append(f"| {n} | {ref['on_time']} of {ref['requests']} ({_fmt(ref['share'], '{:.0%}')}) | "
+                     f"{' | '.join(cells)} |")
+    return lines
+
+
 def attainment_chart(result: dict, path: str | Path) -> Path:
     series = {name: [(rate, r["slo_attainment"]) for rate, r in runs["rates"].items()]
               for name, runs in result["systems"].items()}
+    reference = result.get("reference", {}).get("rates", {})
+    if reference:  # drawn beside the systems: how many an ideal scheduler finishes on time
+        series["on-time ref"] = [(rate, r["share"]) for rate, r in reference.items() if r["share"] is not None]
     paper = result.get("setting", "paper") == "paper"
     what = "3 FLUX.1-schnell workflows" if paper else f"{len(result['workflows'])} SD3/SD3.5L/Flux-dev ControlNet workflows"
+    if paper and result["workflows"] != list(PAPER_WORKFLOWS.values()):
+        what = f"{len(result['workflows'])} workflows"
+    if result.get("traces") is not None:
+        what += f", traces {Path(result['traces']).name}"
     return line_chart(series, path, f"SLO attainment vs load ({result['gpus']} emulated H800s, {what}, SLO 2x solo)",
-                      "rate scale" if paper else "offered requests/s", "SLO attainment", guide_y=TARGET)
+                      _sweep_label(result).replace("req/s", "requests/s"), "SLO attainment", guide_y=TARGET)

@@ -199,6 +199,8 @@ def cmd_bench_cluster(args) -> int:
         BenchSettings,
         attainment_chart,
         cluster_table,
+        parse_tenants,
+        rate_loads,
         run_cluster_bench,
     )
     def numbers(text: str, cast) -> tuple:
@@ -208,10 +210,17 @@ def cmd_bench_cluster(args) -> int:
     rates = numbers(args.rates, float) if args.rates else (SHARING_RATES if sharing else RATES)
     settings = BenchSettings(setting=args.setting, systems=tuple(s for s in args.systems.split(",") if s), rates=rates,
                              bursts=numbers(args.bursts, int), gpus=args.gpus or (16 if sharing else 8),
-                             time_scale=args.time_scale, trace_limit_s=args.trace_limit_s)
+                             time_scale=args.time_scale, trace_limit_s=args.trace_limit_s, traces=args.traces)
     if args.quick:
         settings.gpus, settings.rates, settings.bursts = 4, (1.0, 4.0), (1, 4)
         settings.trace_limit_s, settings.time_scale = 6.0, 0.2
+    try:  # a tenant mapping or a trace that cannot be replayed fails before any cluster starts
+        if args.tenants:
+            settings.tenants = parse_tenants(args.tenants, load_catalog().workflows)
+        rate_loads(settings)
+    except ValueError as exc:
+        print(f"lego bench cluster: {exc}", file=sys.stderr)
+        return 2
     result = run_cluster_bench(settings)
     print(json.dumps(result, indent=2, default=str) if args.json else cluster_table(result))
     chart = attainment_chart(result, f"{args.plot}/slo_attainment_{args.setting}.png") if args.plot else None
@@ -352,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--gpus", type=int, help="default 8 (paper), 16 (sharing)")
     cb.add_argument("--time-scale", type=float, default=0.25, help="emulated times and arrival gaps x this")
     cb.add_argument("--trace-limit-s", type=float, help="replay only the first seconds of each trace")
+    cb.add_argument("--traces", metavar="FILE|DIR",
+                    help="replay these traces (TENANT GAP_SECONDS lines; a folder: its *.txt files) instead of the "
+                         "rate sweep, each at its offered requests/s")
+    cb.add_argument("--tenants", metavar="A=WORKFLOW,...",
+                    help="trace tenants -> workflows (default: A, B, C -> the paper's three FLUX.1-schnell workflows)")
     cb.add_argument("--quick", action="store_true", help="CI check of the harness: 4 GPUs, 6 s of two traces, small bursts")
     cb.add_argument("--json", action="store_true")
     cb.add_argument("--plot", metavar="DIR", help="write the SLO-attainment chart (PNG) there")
@@ -386,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--load-s", type=float, help="seconds of arrivals per scenario (default 20)")
     ch.add_argument("--time-scale", type=float, help="emulated model times x this (default 1)")
     ch.add_argument("--seed", type=int)
-    ch.add_argument("--admission-bound", choices=("max", "sum"), help="overload: the broker's admission bound (default max)")
+    ch.add_argument("--admission-bound", choices=("max", "sum", "lookahead"),  # broker.core.rules.ADMISSION_BOUNDS
+                    help="overload: the broker's admission bound (default: the chaos bench's, see docs/reliability.md)")
     ch.add_argument("--admission-overhead-s", type=float, help="overload: the broker's admission_overhead_s (default 0)")
     ch.add_argument("--run-dir", help="clusters' logs here (default: a fresh temporary directory)")
     ch.add_argument("--quick", action="store_true", help="CI check: 5 s of load per scenario, every scenario")

@@ -12,15 +12,25 @@ cluster size they are generated the same way (`cluster_systems`):
 - basic: GPUs split evenly between the workflows (the artifact's 3/3/2 on 8);
 - shepherd: GPUs split in proportion to the workflow mix (the artifact's 4/2/2 on 8
   for the paper's traces);
-- clockwork: every GPU hosts every workflow, loading them on demand.
+- clockwork: every GPU hosts every workflow, loading them on demand;
+- pooled: every GPU one process holding every model once, one deadline-ordered queue,
+  lego's admission and drop rules; where the models do not fit `--gpu-memory-gib`, the
+  workflows split into groups that fit (`clients.bench.systems.pooled_system`).
 
 `--setting sharing` runs `clients.bench.systems.sharing_systems` instead (six ControlNet
 workflows over SD3, SD3.5 Large and FLUX.1-dev, 16 GPUs by default) under Gamma
 arrivals, as `lego bench cluster --setting sharing` does.
 
-Each (system, load) is one fresh simulation; the table shows SLO attainment, p50/p99
-latency (completed requests), goodput (SLO-met requests/s over the arrival window)
-and the wall time the simulation took.
+`--traces FILE|DIR` replays trace files (`TENANT GAP_SECONDS` lines), tenants mapped to
+workflows by `--tenants A=workflow,...` (default: A/B/C -> the paper's three), so an
+operator can plan capacity from their own logs; the systems then serve the mapped
+workflows (the artifact's placement files only where they are the paper's).
+
+Each (system, load) is one fresh simulation; the table shows SLO attainment, the
+on-time reference (how many of the load's requests an ideal fluid EDF scheduler
+finishes within their SLO on the same GPUs, `clients.bench.reference`) and the
+system's share of it, p50/p99 latency (completed requests), goodput (SLO-met
+requests/s over the arrival window) and the wall time the simulation took.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +46,13 @@ from pathlib import Path
 from broker.catalog import Catalog, load_catalog, unroll, validate_params
 from broker.core.rules import ADMISSION_BOUNDS
 from broker.costs.model import CostModel
+from clients.bench.cluster import (
+    parse_tenants,
+    tenant_workflows,
+    trace_files,
+    trace_label,
+    trace_window_s,
+)
 from clients.bench.loadgen import (
     PAPER_TENANTS,
     Arrival,
@@ -46,6 +62,7 @@ from clients.bench.loadgen import (
     summarize,
     trace_arrivals,
 )
+from clients.bench.reference import on_time_reference
 from clients.bench.sim.simulator import PROCESS_START_S, simulate
 from clients.bench.sim.timing import MEASURED, Overheads
 from clients.bench.systems import (
@@ -55,6 +72,7 @@ from clients.bench.systems import (
     SystemSpec,
     baseline_system,
     lego_system,
+    pooled_system,
     read_baseline,
     shared_gpus_system,
     sharing_systems,
@@ -63,7 +81,7 @@ from clients.bench.systems import (
 
 # The workflow mix of the paper's traces (tenants A/B/C: 45% / 31.5% / 23.5% of requests).
 PAPER_MIX = {"flux-schnell-txt2img-cfg": 0.45, "flux-schnell-canny-cfg": 0.315, "flux-schnell-depth-cfg": 0.235}
-DATA = Path(__file__).resolve().parent.parent / "clients" / "data"  # traces/ and baselines/ from the artifact
+DATA = Path(__file__).resolve().parent.parent.parent / "data"  # clients/data: traces/ and baselines/ from the artifact
 
 
 def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale: float = 1.0,
@@ -99,7 +117,7 @@ def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale:
 
 def cluster_systems(catalog: Catalog, gpus: int, names: tuple[str, ...] = ("lego", *BASELINES),
                     mix: dict[str, float] | None = None, time_scale: float = 1.0,
-                    baselines_dir: Path | None = None, hosts: int = 1) -> list[SystemSpec]:
+                    baselines_dir: Path | None = None, hosts: int = 1, gpu_memory_gib: float = 80.0) -> list[SystemSpec]:
     """The paper setting's systems on `gpus` GPUs (see the module docstring); with
     `baselines_dir` and 8 GPUs, the baselines are the artifact's placement files."""
     mix = mix or PAPER_MIX
@@ -115,16 +133,18 @@ def cluster_systems(catalog: Catalog, gpus: int, names: tuple[str, ...] = ("lego
             systems.append(static_split_system(name, workflows, gpus, mix if name == "shepherd" else None))
         elif name == "clockwork":
             systems.append(shared_gpus_system(name, workflows, gpus))
+        elif name == "pooled":
+            systems.append(pooled_system(catalog, workflows, gpus, mix, gpu_memory_gib))
         else:
             raise ValueError(f"systems: unknown system {name!r} (known: lego, {', '.join(BASELINES)})")
     return systems
 
 
 def setting_systems(setting: str, catalog: Catalog, gpus: int, names: tuple[str, ...], mix: dict[str, float],
-                    time_scale: float, baselines_dir: Path | None, hosts: int) -> list[SystemSpec]:
+                    time_scale: float, baselines_dir: Path | None, hosts: int, gpu_memory_gib: float = 80.0) -> list[SystemSpec]:
     if setting == "paper":
-        return cluster_systems(catalog, gpus, names, mix, time_scale, baselines_dir, hosts)
-    systems = sharing_systems(catalog, gpus, time_scale, names)
+        return cluster_systems(catalog, gpus, names, mix, time_scale, baselines_dir, hosts, gpu_memory_gib)
+    systems = sharing_systems(catalog, gpus, time_scale, names, gpu_memory_gib)
     # the scheduler may use every GPU (its default cap is 64 replicas per model)
     return [dataclasses.replace(s, scheduler_args=(*s.scheduler_args, "--max-replicas", str(max(64, gpus))))
             if s.scheduler else s for s in systems]
@@ -134,20 +154,12 @@ def _loads(args, workflows: list[str]) -> list[tuple[str, list[Arrival], float]]
     """(label, arrivals, window_s) of every load asked for."""
     loads = []
     if args.traces:
-        path = Path(args.traces)
-        files = sorted(path.glob("*.txt"), key=lambda f: [float(x) if x[0].isdigit() else x for x in re.findall(r"\d+\.?\d*|\D+", f.name)]) \
-            if path.is_dir() else [path]
-        for file in files:
-            arrivals = trace_arrivals(file, PAPER_TENANTS, args.time_limit_s)
+        for file in trace_files(args.traces):
+            arrivals = trace_arrivals(file, args.tenants, args.time_limit_s)
+            window = trace_window_s(file, arrivals, args.time_limit_s)
             if args.trace_scale != 1.0:  # replicate the trace (shifted copies) for a bigger cluster
                 arrivals = _replicate(arrivals, args.trace_scale)
-            rate = re.search(r"_rs([\d.]+)_", file.name)
-            span = re.search(r"_t(\d+)_", file.name)  # the artifact's traces name their window
-            label = f"trace x{rate.group(1)}" if rate else file.stem
-            if span and span.group(1) != "120":
-                label += f" ({span.group(1)} s)"
-            window = args.time_limit_s or (float(span.group(1)) if span else max((a.at_s for a in arrivals), default=0.0) or 1.0)
-            loads.append((label, arrivals, window))
+            loads.append((trace_label(file), arrivals, window))
     for rate in args.rates or ():
         duration = args.time_limit_s or args.duration_s
         mix = {w: PAPER_MIX.get(w, 1.0) for w in workflows}  # the sharing setting: an equal mix
@@ -188,9 +200,12 @@ def run_matrix(systems: list[SystemSpec], loads, catalog: Catalog, gpus: int, ho
     """Every (load, system), each a fresh simulation. With `time_scale` s != 1 the cluster
     runs as `lego bench cluster`'s emulated one does: profile times x s and the arrivals
     compressed alike, so only the runtime's overheads (real seconds) change in weight;
-    latencies and goodput come back in the trace's own time."""
+    latencies and goodput come back in the trace's own time. Each result carries the
+    load's on-time reference (in the trace's time too: it scales out) beside the system."""
     results = []
+    costs = CostModel(catalog)
     for label, arrivals, window in loads:
+        reference = on_time_reference(arrivals, gpus, costs)
         for system in systems:
             outcomes, stats = simulate(system, scale_arrivals(arrivals, time_scale), catalog, gpus, hosts, time_scale,
                                        **options)
@@ -200,6 +215,7 @@ def run_matrix(systems: list[SystemSpec], loads, catalog: Catalog, gpus: int, ho
             summary = summarize(outcomes, window) if outcomes else {}
             stats = {k: v for k, v in stats.items() if k not in ("timeline", "decisions")}
             results.append({"system": system.name, "load": label, "requests": len(arrivals), "window_s": window,
+                            **reference.beside(summary.get("slo_met", 0)), "reference": reference.to_dict(),
                             "summary": summary, "stats": stats})
             if progress:
                 progress(results[-1])
@@ -236,12 +252,14 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| load | system | requests | SLO attainment | p50 s | p99 s | goodput /s | drops/rejects | GPU util | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| load | system | requests | SLO attainment | on-time ref | share of ref | p50 s | p99 s | goodput /s | "
+             "drops/rejects | GPU util | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s, st = r["summary"], r["stats"]
         codes = ", ".join(f"{k} {v}" for k, v in s.get("codes", {}).items()) or "-"
         lines.append(f"| {r['load']} | {r['system']} | {r['requests']} | {_fmt(s.get('slo_attainment'), '.1%')} | "
+                     f"{_fmt(r.get('on_time_ref'), '.1%')} | {_fmt(r.get('share_of_ref'), '.1%')} | "
                      f"{_fmt(s.get('p50_latency_s'))} | {_fmt(s.get('p99_latency_s'))} | {_fmt(s.get('goodput_per_s'))} | "
                      f"{codes} | {_fmt(st['utilisation'], '.0%')} | {st['wall_s']:.1f} |")
     return "\n".join(lines)
@@ -254,6 +272,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                              "Flux-dev ControlNet workflows, equal mix, Gamma arrivals (rates)")
     parser.add_argument("--systems", default="lego,basic,shepherd,clockwork", help="comma-separated")
     parser.add_argument("--traces", help="a trace file, or a folder of them (TENANT GAP_SECONDS lines)")
+    parser.add_argument("--tenants", metavar="A=WORKFLOW,...",
+                        help="trace tenants -> workflows (default: A, B, C -> the paper's three FLUX.1-schnell workflows)")
     parser.add_argument("--trace-scale", type=float, default=1.0, help="replay N interleaved copies of each trace")
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",") if x], help="Poisson requests/s, comma-separated")
     parser.add_argument("--bursts", type=lambda s: [int(x) for x in s.split(",") if x],
@@ -296,13 +316,21 @@ def cli_main(argv: list[str] | None = None) -> int:
     sharing = args.setting == "sharing"
     if not args.traces and not args.rates and not args.bursts:
         parser.error("give --traces DIR|FILE, --rates R1,R2,... and/or --bursts N1,N2,...")
-    if sharing and args.traces:
-        parser.error("--traces replays the paper's tenants: use --rates with --setting sharing")
     args.gpus = args.gpus or (16 if sharing else 8)
     args.cv = args.cv or (2.0 if sharing else 1.0)
     catalog = load_catalog()
-    workflows = list(SHARING_WORKFLOWS if sharing else PAPER_WORKFLOWS.values())
-    loads = _loads(args, workflows)
+    try:
+        args.tenants = parse_tenants(args.tenants, catalog.workflows) if args.tenants else dict(PAPER_TENANTS)
+    except ValueError as exc:
+        parser.error(str(exc))
+    workflows = list(SHARING_WORKFLOWS) if sharing else tenant_workflows(args.tenants)
+    if args.traces and not set(args.tenants.values()) <= set(workflows):
+        parser.error(f"--tenants: the sharing setting serves {', '.join(workflows)}; map the trace's tenants onto them")
+    paper_workflows = workflows == list(PAPER_WORKFLOWS.values())
+    try:
+        loads = _loads(args, workflows)
+    except ValueError as exc:  # a trace that cannot be replayed: its file and line
+        parser.error(str(exc))
     hosts = args.hosts or max(1, math.ceil(args.gpus / 8))
     names = tuple(n for n in args.systems.split(",") if n)
     counts = {w: 0 for w in workflows}
@@ -310,7 +338,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         for a in arrivals:
             counts[a.workflow] = counts.get(a.workflow, 0) + 1
     mix = {w: c for w, c in counts.items() if c} or PAPER_MIX
-    systems = setting_systems(args.setting, catalog, args.gpus, names, mix, args.time_scale, Path(args.baselines), hosts)
+    # the artifact's placement files name the paper's workflows: another mapping gets generated baselines
+    baselines = Path(args.baselines) if paper_workflows else None
+    systems = setting_systems(args.setting, catalog, args.gpus, names, mix, args.time_scale, baselines, hosts,
+                              args.gpu_memory_gib)
     if args.admission_bound:
         systems = [with_admission_bound(s, args.admission_bound) for s in systems]
 
@@ -331,7 +362,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(f"\nsimulated {len(results)} run(s) in {wall:.1f} s of wall time")
     if args.json:
         Path(args.json).write_text(json.dumps({"setting": args.setting, "gpus": args.gpus, "hosts": hosts, "time_scale": args.time_scale,
-                                               "wall_s": round(wall, 3), "results": results}, indent=1, default=str))
+                                               "tenants": args.tenants, "wall_s": round(wall, 3), "results": results},
+                                              indent=1, default=str))
     return 0
 
 

@@ -6,8 +6,9 @@ speaks the same protocol messages to the broker core and times work the same way
 
 - An agent (one per host) reports N emulated GPUs of a given memory plus the CPU,
   accounts each spawned actor's profiled resident memory (a monolith: its largest
-  hosted workflow) as the real agent does, refuses what does not fit, and names
-  actors `MODEL@HOST/DEVICE#SPAWN_ID` as the real agent does.
+  hosted workflow; with a shared model cache, every hosted model once) as the real
+  agent does, refuses what does not fit, and names actors `MODEL@HOST/DEVICE#SPAWN_ID`
+  as the real agent does.
 - An actor runs one batch at a time in arrival order (the runtime's compute thread):
   it first pays the runtime's per-batch overhead (the dispatch hop and its own
   Python, `Overheads.batch_s`) and fetches the inputs it does not hold
@@ -21,7 +22,10 @@ speaks the same protocol messages to the broker core and times work the same way
   still takes its turn on the device); a monolith takes the workflow's whole
   `CostModel.request(...).work_s` per request x `time_scale`, plus the load time of
   the workflow's models (profile load_s x `load_time_scale`) when it is not resident
-  (least recently used workflows are evicted beyond the GPU's memory).
+  (least recently used workflows are evicted beyond the GPU's memory). A system with
+  `model_cache="model"` (pooled) holds one copy of every hosted model instead, all
+  loaded at its start and accounted so by its agent, and never loads while serving
+  (the emulated monolith backend has no such cache yet: it holds a copy per workflow).
 - Outputs stay "held" (TaskResult with nbytes of the emulated tensor sizes); a
   returned output (a request's result) carries no tensors.
 - A spawned actor says hello after `process_start_s` plus its load time; a stopped
@@ -38,11 +42,17 @@ import itertools
 from typing import TYPE_CHECKING
 
 from broker import protocol as p
-from broker.catalog import PIPELINE_PREFIX
+from broker.catalog import PIPELINE_PREFIX, Catalog
 from clients.bench.sim.timing import CPU_BYTES
 
 if TYPE_CHECKING:  # the simulator imports this module
     from clients.bench.sim.simulator import Simulation
+
+
+def hosted_models(catalog: Catalog, pipeline: str) -> list[str]:
+    """Every model of the workflows a `pipeline/...` model hosts, once each."""
+    return list(dict.fromkeys(m for w in catalog.model(pipeline).workflows for m in w.models))
+
 
 class SimDevice:
     """One emulated GPU. "fifo": one batch computes at a time, first come first served
@@ -136,11 +146,16 @@ class SimActor:
         self.resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # monolith: workflow -> bytes
         if self.monolith:
             self.workflows = [w.name for w in sim.catalog.model(msg.model).workflows]
+            self.shared_models = sim.system.model_cache == "model"  # pooled: every model resident once, from the start
 
     # ------------------------------------------------------------------ life cycle
 
     def startup_s(self) -> float:
         timing = self.sim.timing
+        if self.monolith and self.shared_models:  # every hosted model, one copy each
+            self.resident.update((w, timing.footprint(w)) for w in self.workflows)
+            self.sim.loads += 1
+            return timing.load_s(hosted_models(self.sim.catalog, self.model))
         if self.monolith:  # the backend's load(): its first workflow becomes resident
             return self._make_resident(self.workflows[0])
         return timing.load_s([self.model])
@@ -247,6 +262,8 @@ class SimAgent:
 
     def _memory_needed(self, msg: p.SpawnActor) -> int:
         spec = self.sim.catalog.model(msg.model)
+        if msg.backend == "monolith" and self.sim.system.model_cache == "model":
+            return sum(self.sim.costs.resident_bytes(m) for m in hosted_models(self.sim.catalog, msg.model))
         if msg.backend == "monolith":
             return max(self.sim.timing.footprint(w.name) for w in spec.workflows)
         return self.sim.costs.resident_bytes(msg.model)

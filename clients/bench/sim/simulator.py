@@ -23,8 +23,10 @@ the clock are replaced, so hundreds of GPUs and hours of trace take minutes.
   `telemetry_min_gap_s` after a change (the broker server's rule, `BrokerConfig`);
   the core's tick (drained actors stopped) runs every `heartbeat_interval_s / 4`, as
   the server's loop runs it.
-- Start-up: the system's initial placement joins at time 0, warm (loaded before the
-  trace starts, as a benchmark waits for it). Later spawns (the scheduler's) go
+- Start-up: the broker gets the system's serving, drop, admission and CFG settings and
+  its `broker_settings` (one AdminConfigure, as an operator would send); the system's
+  initial placement joins at time 0, warm (loaded before the trace starts, as a
+  benchmark waits for it). Later spawns (the scheduler's) go
   AdminSpawn -> SPAWN_ACTOR -> agent, and join after `process_start_s` plus the
   model's profile load time x `load_time_scale`; stops go AdminStop -> drain ->
   STOP_ACTOR -> DISCONNECT.
@@ -157,7 +159,7 @@ class Simulation:
         s = self.system
         admin = AdminLink(self)
         admin.configure({"serving": s.serving, "drop_late": s.drop_late, "drop_hopeless": s.drop_hopeless,
-                         "admission": s.admission, "cfg_split": s.cfg_split})
+                         "admission": s.admission, "cfg_split": s.cfg_split, **dict(s.broker_settings)})
         self.warm_start = True
         for model, device, backend in s.placement:
             gpu = int(device.split(":")[1])
