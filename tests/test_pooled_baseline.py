@@ -25,6 +25,7 @@ from clients.bench.sim.timing import NO_OVERHEADS
 from clients.bench.systems import (
     BASELINES,
     GIB,
+    MONOLITH_ADMISSION_OVERHEAD_S,
     PAPER_WORKFLOWS,
     SHARING_WORKFLOWS,
     SystemSpec,
@@ -65,7 +66,8 @@ def test_pooled_is_one_process_per_gpu_hosting_every_workflow_with_micro_serving
     assert (pooled.admission, pooled.drop_late, pooled.drop_hopeless) == (lego.admission, lego.drop_late, lego.drop_hopeless) \
         == (True, True, True)
     assert settings["admission_bound"] == args[args.index("--admission-bound") + 1]
-    assert settings["admission_overhead_s"] == float(args[args.index("--admission-overhead-s") + 1])
+    # the runtime's own time per request is one batch deep for a monolith, about ten micro-served
+    assert settings["admission_overhead_s"] == MONOLITH_ADMISSION_OVERHEAD_S < float(args[args.index("--admission-overhead-s") + 1])
     assert settings["queue_order"] == "deadline"
     # a broker of processes (`lego bench cluster`) takes the same settings as flags
     cli = {k: v for k, v in vars(build_parser().parse_args(broker_flags(pooled))).items() if k != "config"}
@@ -93,7 +95,8 @@ def test_pooled_drops_what_cannot_make_its_deadline_instead_of_running_it_late(c
     outcomes, stats = simulate(pooled_system(catalog, WORKFLOWS, 8), burst_arrivals(24, WORKFLOWS), catalog, 8,
                                overheads=NO_OVERHEADS)
     codes = Counter(o.code for o in outcomes if o.status != "ok")
-    assert set(codes) == {"deadline_exceeded"} and 8 <= sum(o.status == "ok" for o in outcomes) < 24
+    # refused at arrival (lookahead sees the queue) or dropped before running late
+    assert set(codes) <= {"slo_unattainable", "deadline_exceeded"} and 8 <= sum(o.status == "ok" for o in outcomes) < 24
     assert all(o.slo_met for o in outcomes if o.status == "ok")
     assert stats["monolith_loads"] == 8
 
