@@ -206,6 +206,22 @@ def test_repeated_batch_answer_returns_no_second_credit():
     assert state_of(core) == before
 
 
+def test_restarts_a_suspected_poison_causes_do_not_count_against_its_victims():
+    """An encoder actor dies running a task that already killed an actor (a suspect,
+    solo): the requests that only lose the embeddings it held restart without coming
+    nearer to max_request_restarts; the same loss without a suspect counts."""
+    for suspect in (True, False):
+        core = make_core()
+        started(core, "r1", den=("den-1",))  # r1's embedding is held on enc-a-1, its step 0 on den-1
+        sends = submit(core, "r2")
+        (batch,) = batches(sends, "enc-a-1")
+        node = core.requests["r2"].nodes[batch.tasks[0].task_id.split("/", 1)[1]]
+        node.solo, node.losses = suspect, int(suspect)
+        core.on_unreachable(BACKEND, ident("enc-a-1"), 1.0)
+        assert core.requests["r1"].restarts == 1
+        assert core.requests["r1"].forgiven == int(suspect)
+
+
 # ------------------------------------------------------------------ 5: unreachable peers
 
 

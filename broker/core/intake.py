@@ -124,7 +124,8 @@ class Intake:
             if not decision.admit:
                 self.load.stats(workflow.name).rejected += 1
                 # When the queue sets the bound: once it has drained by that much, it fits.
-                retry = max(0.0, decision.bound_s - slo)
+                # (at least a millisecond: a refusal always says when to come back)
+                retry = max(0.001, decision.bound_s - slo)
                 return reject(ErrorCode.SLO_UNATTAINABLE, decision.reason, None, round(retry, 3))
         request = Request(msg.request_id, identity, workflow.name, params, self.directory.next_seq(), now, msg.progress)
         request.tensors, request.frames = list(msg.tensors), list(payload)

@@ -51,6 +51,10 @@ class Recovery:
         # (an actor with credits to spare) may be the poison's neighbour, not the poison.
         reached = {batch_id: batch for batch_id, batch in actor.in_flight.items() if batch_id not in innocent}
         alone = sum(len(batch) for batch in reached.values()) == 1
+        # It died running a task already suspected of killing actors: the requests that
+        # only lose what it held are that task's victims, and a poison request must not
+        # use up their restarts (max_request_restarts) one crash after another.
+        suspect_ran = any(node.solo and node.losses for batch in reached.values() for node, _ in batch)
         touched = set()
         for batch_id, batch in actor.in_flight.items():
             for node, attempt in batch:
@@ -78,7 +82,7 @@ class Recovery:
         actor.in_flight.clear()
         for request in lost_held.values():
             if not request.finished:
-                self.restart(request, reason, now)
+                self.restart(request, reason, now, counted=not suspect_ran)
         self.dispatcher.dispatch_all(touched, now)
 
     def requeue(self, node: Node, reason: str, now: float, alone: bool = False, blame: bool = True) -> None:
@@ -105,10 +109,13 @@ class Recovery:
         log.info("task_requeued", request_id=node.request.request_id, task_id=node.task_id, attempt=node.attempt)
         self.directory.make_ready(node, now)
 
-    def restart(self, request: Request, reason: str, now: float) -> None:
-        """An intermediate tensor is gone: recompute the request (seeded, so same result)."""
+    def restart(self, request: Request, reason: str, now: float, counted: bool = True) -> None:
+        """An intermediate tensor is gone: recompute the request (seeded, so same result).
+        A restart not `counted` (the loss was a suspected poison's doing) does not bring
+        it nearer to max_request_restarts."""
         request.restarts += 1
-        if request.restarts > self.settings.max_request_restarts:
+        request.forgiven += not counted
+        if request.restarts - request.forgiven > self.settings.max_request_restarts:
             self.directory.fail(request, ErrorCode.ATTEMPTS_EXHAUSTED,
                                 f"intermediate results lost {request.restarts} times (last: {reason})", now)
             return

@@ -85,6 +85,7 @@ class Request:
     nodes: dict[str, Node] = field(default_factory=dict)
     done_nodes: int = 0
     restarts: int = 0
+    forgiven: int = 0  # restarts that were a suspected poison's doing: not counted against the limit
     finished: bool = False
     total_steps: int = 0  # denoise nodes, for progress
     # Tensors the client sent (an img2img image): kept, unread, until the request ends,
