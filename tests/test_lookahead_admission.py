@@ -125,6 +125,15 @@ def test_a_request_that_ran_late_raises_the_margin_and_one_on_time_earns_nothing
     assert load.admission_margin_s(CFG, 2.0) == 0.0
 
 
+def test_the_learned_factor_is_in_the_stats_a_status_shows():
+    core = flux_cluster(8)
+    for _ in range(3):
+        core.load.request_done(CFG, 2.5, 2.0)
+    (stats,) = [w for w in core.snapshot(0.0).workflows if w.workflow == CFG]
+    assert stats.admission_factor == pytest.approx(1.25)
+    assert p.WorkflowStats.from_wire(stats.to_wire()).admission_factor == pytest.approx(1.25)  # it travels
+
+
 def test_the_margin_makes_admission_refuse_sooner():
     plain = sum(burst(flux_cluster(8), 24))
     core = flux_cluster(8)

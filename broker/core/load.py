@@ -128,6 +128,10 @@ class LoadTracker:
         mean, spread = self.admission_error.get(workflow, (1.0, 0.0))
         return max(0.0, (mean + MARGIN_DEVIATIONS * spread - 1.0) * predicted_s)
 
+    def admission_factor(self, workflow: str) -> float:
+        """What the margin stretches a prediction by (for telemetry: 1 + margin / prediction)."""
+        return 1.0 + self.admission_margin_s(workflow, 1.0)
+
     def request_done(self, workflow: str, latency_s: float, predicted_s: float | None) -> None:
         """A request admitted with `predicted_s` took `latency_s` (a dropped one: at least that)."""
         if predicted_s is None or predicted_s <= 0:

@@ -98,5 +98,6 @@ def _workflow_stats(catalog: Catalog, load: LoadTracker, operator: Operator, slo
         if workflow is not None:
             stats.slo_s, stats.solo_s = (round(x, 4) for x in load.default_slo(workflow, slo_multiple))
         stats.paused = name in operator.paused
+        stats.admission_factor = round(load.admission_factor(name), 3)
         out.append(stats)
     return out

@@ -245,6 +245,9 @@ class WorkflowStats(Struct):
     solo_s: float = 0.0
     latency_mode: int = 0  # requests that ran their CFG branches on two actors
     paused: bool = False  # an operator paused its admission: new submissions are rejected
+    # Lookahead admission's learned factor: its estimates are stretched by this much
+    # (1.0: none learned yet, or its requests ran as predicted)
+    admission_factor: float = 1.0
 
 
 @struct

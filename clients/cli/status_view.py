@@ -90,9 +90,9 @@ def workflow_lines(stats: p.Stats) -> list[str]:
             continue
         attained = f"{100 * w.slo_met / w.completed:.1f}%" if w.completed else "-"
         rows.append([w.workflow, "paused" if w.workflow in paused else "open", w.submitted, w.completed, attained,
-                     w.rejected, w.failed, w.latency_mode, w.slo_s])
+                     w.rejected, w.failed, w.latency_mode, w.slo_s, f"x{w.admission_factor:.2f}"])
     return table(["workflow", "admission", "submitted", "completed", "SLO met", "rejected", "failed",
-                  "latency mode", "SLO s"], rows) if rows else []
+                  "latency mode", "SLO s", "margin"], rows) if rows else []
 
 
 def outcome_lines(stats: p.Stats, limit: int = RECENT_SHOWN) -> list[str]:
