@@ -125,6 +125,16 @@ def test_a_request_that_ran_late_raises_the_margin_and_one_on_time_earns_nothing
     assert load.admission_margin_s(CFG, 2.0) == 0.0
 
 
+def test_only_a_prediction_near_its_slo_teaches_the_margin():
+    """A request predicted with slack to spare (the first of a burst, on an idle cluster)
+    says little about wrong admissions: it does not move the margin."""
+    load = flux_cluster(8).load
+    load.request_done(CFG, 3.9, 1.3, slo_s=4.0)  # predicted at a third of its SLO: no sample
+    assert CFG not in load.admission_error
+    load.request_done(CFG, 3.9, 3.0, slo_s=4.0)  # near the edge: 1.3x
+    assert load.admission_margin_s(CFG, 1.0) == pytest.approx(0.3)
+
+
 def test_the_learned_factor_is_in_the_stats_a_status_shows():
     core = flux_cluster(8)
     for _ in range(3):

@@ -223,7 +223,8 @@ class RequestDirectory:
         stats = self.load.stats(request.workflow)
         stats.completed += 1
         stats.slo_met += request.deadline is None or now <= request.deadline
-        self.load.request_done(request.workflow, latency, request.predicted_s)
+        slo = None if request.deadline is None else request.deadline - request.submitted_at
+        self.load.request_done(request.workflow, latency, request.predicted_s, slo)
         self.meters.request_done(request.workflow, latency)
         log.info("request_completed", request_id=request.request_id, latency_s=round(latency, 4))
         self.out.send(FRONTEND, request.client, p.Result(request.request_id, tensors, latency, request.restarts + 1),

@@ -82,7 +82,7 @@ class Dispatcher:
                     node.state = WAITING  # already out of the queue
                     # it would finish no sooner than this: what admission's estimate missed by
                     self.load.request_done(request.workflow, now + node.tail_s - request.submitted_at,
-                                           request.predicted_s)
+                                           request.predicted_s, request.deadline - request.submitted_at)
                     self.directory.fail(request, ErrorCode.DEADLINE_EXCEEDED,
                                         f"{node.key} could start {now - request.deadline:+.3f} s from the deadline, "
                                         f"with {node.tail_s:.3f} s of its critical path left", now)

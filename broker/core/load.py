@@ -22,6 +22,7 @@ from broker.costs.model import CostModel
 RATE_WINDOW_S = 5.0  # arrival rates and per-request work are averaged over about this long
 SERVICE_WEIGHT = 0.1  # weight of the newest task in the per-model service time average
 ERROR_WEIGHT = 0.1  # weight of the newest completed request in the admission error average
+EDGE_SHARE = 0.5  # a prediction this close to its SLO (or closer) teaches lookahead's margin
 MARGIN_DEVIATIONS = 2.0  # lookahead's margin: mean + this x mean deviation of its misses
 
 
@@ -132,9 +133,16 @@ class LoadTracker:
         """What the margin stretches a prediction by (for telemetry: 1 + margin / prediction)."""
         return 1.0 + self.admission_margin_s(workflow, 1.0)
 
-    def request_done(self, workflow: str, latency_s: float, predicted_s: float | None) -> None:
-        """A request admitted with `predicted_s` took `latency_s` (a dropped one: at least that)."""
+    def request_done(self, workflow: str, latency_s: float, predicted_s: float | None,
+                     slo_s: float | None = None) -> None:
+        """A request admitted with `predicted_s` took `latency_s` (a dropped one: at least
+        that). Only a prediction near its SLO (`EDGE_SHARE` of it or more) teaches the
+        margin: that is where a miss means a wrong admission. One with slack to spare
+        says little (the first requests of a burst, predicted on an idle cluster, share
+        the GPUs with the ones after them and all end together)."""
         if predicted_s is None or predicted_s <= 0:
+            return
+        if slo_s is not None and predicted_s < EDGE_SHARE * slo_s:
             return
         ratio = latency_s / predicted_s
         old = self.admission_error.get(workflow)

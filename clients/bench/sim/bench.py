@@ -112,13 +112,16 @@ def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale:
     host_ranks = [list(range(h * per_host, min(gpus, (h + 1) * per_host))) for h in range(hosts)]
     host_ranks = [ranks for ranks in host_ranks if ranks]
     placement = [p for p in base.placement if p[0] in denoisers]
+    pinned = []
     for i, model in enumerate(small):
-        count = max(len(host_ranks), math.ceil(gpus * share[model] / base_s - 1e-9),
-                    burst_replicas(catalog.models[model].kind, alone[model], solo, gpus))
+        burst = burst_replicas(catalog.models[model].kind, alone[model], solo, gpus)
+        count = max(len(host_ranks), math.ceil(gpus * share[model] / base_s - 1e-9), burst)
         for k in range(count):  # round robin over hosts, then over each host's GPUs
             ranks = host_ranks[k % len(host_ranks)]
             placement.append((model, f"emu:{ranks[(i + k // len(host_ranks) * len(small)) % len(ranks)]}", "emulated"))
-    args = (*base.scheduler_args, "--max-replicas", str(max(64, gpus)))
+        if burst:  # idle between bursts, but the next one needs them at once: the scheduler keeps them
+            pinned += ["--model-min", f"{model}={burst}"]
+    args = (*base.scheduler_args, *pinned, "--max-replicas", str(max(64, gpus)))
     return dataclasses.replace(base, placement=tuple(placement), scheduler_args=args)
 
 
