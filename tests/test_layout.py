@@ -19,7 +19,7 @@ LAZY_IMPORTS = {
     ("clients/cli/commands.py", "clients.gateway.server"): "aiohttp costs every other subcommand ~0.3 s",
     **{("clients/cli/commands.py", module): _CLI for module in (
         "broker.server", "actors.agent", "actors.runtime", "scheduler.controller", "actors.models.tiny",
-        "clients.local", "clients.bench.overhead", "clients.bench.cluster", "clients.bench.sim.bench",
+        "clients.local", "clients.bench.overhead", "clients.bench.cluster", "clients.bench.sim.bench", "clients.bench.sim.suite",
         "clients.bench.scheduler", "clients.bench.lora", "clients.bench.chaos")},
     ("actors/models/tiny.py", "actors.models.single_file"): "imports torch; building catalogs needs none",
 }

@@ -241,6 +241,11 @@ def cmd_bench_simulate(args) -> int:
     return cli_main(args.rest)
 
 
+def cmd_bench_suite(args) -> int:
+    from clients.bench.sim.suite import cli_main
+    return cli_main(args.rest)
+
+
 def cmd_bench_scheduler(args) -> int:
     from clients.bench.scheduler import run_scheduler_bench, scheduler_table
     result = run_scheduler_bench(args.time_scale, args.rounds, args.burst)
@@ -375,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                           add_help=False)
     sim.add_argument("rest", nargs=argparse.REMAINDER)
     sim.set_defaults(func=cmd_bench_simulate)
+    suite = bsub.add_parser("suite", help="issue 14's acceptance suite, simulated: generated Gamma traces and bursts, "
+                                          "every system, both settings, beside the on-time reference", add_help=False)
+    suite.add_argument("rest", nargs=argparse.REMAINDER)
+    suite.set_defaults(func=cmd_bench_suite)
     sb = bsub.add_parser("scheduler", help="parallel groups and scaling on 8 emulated H800s (the paper's Flux workflows)")
     sb.add_argument("--time-scale", type=float, default=0.5, help="emulated times x this")
     sb.add_argument("--rounds", type=int, default=5, help="idle requests per mode")
@@ -450,6 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         from clients.bench.sim.bench import cli_main
 
         sys.exit(cli_main(argv[2:]))
+    if argv[:2] == ["bench", "suite"]:  # likewise
+        from clients.bench.sim.suite import cli_main as suite_main
+
+        sys.exit(suite_main(argv[2:]))
     args = build_parser().parse_args(argv)
     # A command's own output is stdout (tables, --json); the client library's log lines
     # (a resubmit, an unreachable broker) go to stderr, warnings and worse only. A command
