@@ -87,11 +87,18 @@ DATA = Path(__file__).resolve().parent.parent.parent / "data"  # clients/data: t
 def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale: float = 1.0,
                  hosts: int = 1) -> SystemSpec:
     """`lego_system`'s placement on every host (a base-model actor on every GPU, one
-    actor of every other model spread over the host's GPUs), plus more replicas of a
-    model whose share of the device time asks for more (full-batch profile costs
-    weighted by the workflow mix) or that a burst would queue on (`burst_replicas`);
+    actor of every other model spread over the host's GPUs), sized by `sized_replicas`;
     the scheduler may use every GPU."""
-    base = lego_system(catalog, list(mix), gpus, time_scale)
+    return sized_replicas(lego_system(catalog, list(mix), gpus, time_scale), catalog, gpus, mix, hosts)
+
+
+def sized_replicas(system: SystemSpec, catalog: Catalog, gpus: int, mix: dict[str, float], hosts: int = 1) -> SystemSpec:
+    """A lego system's base-model actors as placed, and every other model with more
+    replicas where its share of the device time asks for more (full-batch profile costs
+    weighted by the workflow mix: one ControlNet actor beside eight base ones queues every
+    step of a model whose ControlNet costs a third of it) or a burst would queue on it
+    (`burst_replicas`); the scheduler keeps those (it would stop them between bursts)
+    and may use every GPU."""
     costs = CostModel(catalog)
     share: dict[str, float] = {}
     alone: dict[str, float] = {}
@@ -111,7 +118,7 @@ def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale:
     per_host = -(-gpus // hosts)
     host_ranks = [list(range(h * per_host, min(gpus, (h + 1) * per_host))) for h in range(hosts)]
     host_ranks = [ranks for ranks in host_ranks if ranks]
-    placement = [p for p in base.placement if p[0] in denoisers]
+    placement = [p for p in system.placement if p[0] in denoisers]
     pinned = []
     for i, model in enumerate(small):
         burst = burst_replicas(catalog.models[model].kind, alone[model], solo, gpus)
@@ -119,10 +126,10 @@ def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale:
         for k in range(count):  # round robin over hosts, then over each host's GPUs
             ranks = host_ranks[k % len(host_ranks)]
             placement.append((model, f"emu:{ranks[(i + k // len(host_ranks) * len(small)) % len(ranks)]}", "emulated"))
-        if burst:  # idle between bursts, but the next one needs them at once: the scheduler keeps them
-            pinned += ["--model-min", f"{model}={burst}"]
-    args = (*base.scheduler_args, *pinned, "--max-replicas", str(max(64, gpus)))
-    return dataclasses.replace(base, placement=tuple(placement), scheduler_args=args)
+        if count > len(host_ranks):  # sized for the mix and its bursts, not for the last seconds' queue
+            pinned += ["--model-min", f"{model}={count}"]
+    args = (*system.scheduler_args, *pinned, "--max-replicas", str(max(64, gpus)))
+    return dataclasses.replace(system, placement=tuple(placement), scheduler_args=args)
 
 
 BURST_ENCODER_SHARE = 0.01  # a text encoder costing this share of a request's solo latency is "heavy"
@@ -171,6 +178,7 @@ def setting_systems(setting: str, catalog: Catalog, gpus: int, names: tuple[str,
     if setting == "paper":
         return cluster_systems(catalog, gpus, names, mix, time_scale, baselines_dir, hosts, gpu_memory_gib)
     systems = sharing_systems(catalog, gpus, time_scale, names, gpu_memory_gib)
+    systems = [sized_replicas(s, catalog, gpus, mix, max(1, -(-gpus // 8))) if s.name == "lego" else s for s in systems]
     # the scheduler may use every GPU (its default cap is 64 replicas per model)
     return [dataclasses.replace(s, scheduler_args=(*s.scheduler_args, "--max-replicas", str(max(64, gpus))))
             if s.scheduler else s for s in systems]
