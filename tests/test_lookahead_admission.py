@@ -159,3 +159,18 @@ def test_an_admitted_request_carries_its_prediction_and_its_completion_feeds_the
     assert request.predicted_s == pytest.approx(core.load.solo_s(core.catalog.workflows[CFG], request.params), rel=0.05)
     core.on_frontend(CLIENT, p.Cancel("r0"), [], 0.0)
     assert CFG not in core.load.admission_error  # a cancel says nothing about the estimate
+
+
+def test_past_its_node_budget_lookahead_falls_back_to_sum_and_counts_it(monkeypatch):
+    from broker.core import intake
+    core = flux_cluster(8)
+    burst(core, 3)
+    assert core.directory.ops_live == sum(len(r.nodes) for r in core.requests.values())
+    monkeypatch.setattr(intake, "MAX_LOOKAHEAD_OPS", core.directory.ops_live - 1)
+    calls = []
+    monkeypatch.setattr(rules, "lookahead_finish", lambda *a: calls.append(a) or 0.0)
+    of(submit(core, "next", CFG), p.Accepted)
+    assert calls == [] and core.counters["admissions_approximated"] == 1
+    core.on_frontend(CLIENT, p.Cancel("r0"), [], 0.0)
+    assert core.directory.ops_live == sum(len(r.nodes) for r in core.requests.values())
+

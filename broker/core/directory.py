@@ -37,6 +37,7 @@ class RequestDirectory:
         self.tasks: dict[str, Node] = {}  # task_id -> node, for nodes of live requests
         self.queues: dict[str, ReadyQueue] = {}
         self.live_cfg: dict[str, int] = {}  # denoiser -> live CFG requests (for the parallel-group rule)
+        self.ops_live = 0  # nodes of the live requests (what lookahead admission would simulate)
         self.changed = False  # ready work changed: the telemetry publisher sends a snapshot soon
         self._seq = itertools.count()  # arrival order of requests, creation order of nodes
 
@@ -75,6 +76,7 @@ class RequestDirectory:
         for node in reversed(list(request.nodes.values())):  # consumers come after producers
             node.tail_s = node.cost_s + max((c.tail_s for c in node.consumers), default=0.0)
         self.requests[request.request_id] = request
+        self.ops_live += len(request.nodes)
         self.meters.counters["requests_submitted"] += 1
         for node in request.nodes.values():
             self.load.queue(node.model, node.min_cost_s)
@@ -122,6 +124,7 @@ class RequestDirectory:
         if request.finished:
             return
         request.finished = True
+        self.ops_live -= len(request.nodes)
         for node in request.nodes.values():
             if node.state != DONE:
                 self.load.queue(node.model, -node.min_cost_s)
