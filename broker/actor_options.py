@@ -70,7 +70,8 @@ OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "emulated": {**_SCALES, **_SHARING, **_LORA, **_LORA_COSTS, **_FAULTS, "profile": _profile},
     "monolith": {**_SCALES, **_SHARING, "gpu_memory_gib": _number(1.0, 4096.0)},
     "diffusers": {**_LORA, "batching": _choice("exact", "fused")},
-    "noop": {**_SCALES},
+    # step_shapes: a family of actors.backends.emulated.STEP_SHAPES (`lego bench overhead --step-shapes`)
+    "noop": {**_SCALES, "step_shapes": _choice("sd15", "sdxl", "sd3", "flux")},
 }
 
 

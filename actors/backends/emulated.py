@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -169,13 +170,63 @@ class EmulatedBackend:
         raise ValueError(f"task kind {task.kind!r} is not one this backend runs")
 
 
+@dataclass(frozen=True)
+class StepShapes:
+    """One family's tensors at full size, as the diffusers backend's bundles hold them."""
+
+    size: int  # image width and height (px): the family's default
+    dtype: str
+    latents: tuple
+    cond: dict  # name -> shape: built at step 0 from the encoders, carried with every latent
+    cfg: bool  # two rows of conditioning (the pipeline's classifier-free guidance)
+
+
+GENERATOR_STATE_BYTES = 5056  # a CPU torch.Generator's state: `state/generator` travels with the latent
+
+# Guidance scales and Flux's text/image ids are built inside each step from the task's
+# parameters, so they never travel; everything below does.
+STEP_SHAPES = {
+    "sd15": StepShapes(512, "float16", (1, 4, 64, 64), {"embeds": (2, 77, 768)}, cfg=True),
+    "sdxl": StepShapes(1024, "float16", (1, 4, 128, 128),
+                       {"embeds": (2, 77, 2048), "pooled": (2, 1280), "time_ids": (2, 6)}, cfg=True),
+    # SD3: CLIP-L and CLIP-G padded to T5's width, then T5's 256 rows; the two pooled vectors joined
+    "sd3": StepShapes(1024, "bfloat16", (1, 16, 128, 128), {"embeds": (2, 77 + 256, 4096), "pooled": (2, 2048)},
+                      cfg=True),
+    # FLUX.1-dev: guidance-distilled (one row), 2x2-packed latents, T5's 512 rows and CLIP's pooled vector
+    "flux": StepShapes(1024, "bfloat16", (1, 4096, 64), {"embeds": (1, 512, 4096), "pooled": (1, 768)}, cfg=False),
+}
+
+
+def noop_output(shapes: StepShapes, kind: str, inputs: list[Bundle], first: bool = False) -> Bundle:
+    """What a model that computes nothing returns: zeros of the real sizes. The step
+    passes its conditioning on by reference, as the diffusers backend's step does."""
+    if kind == TaskKind.ENCODE:
+        return {name: raw_zeros(shapes.dtype, shape) for name, shape in shapes.cond.items()}
+    if kind == TaskKind.DENOISE:
+        if first:
+            cond = {f"cond/{name}": tensor for bundle in inputs for name, tensor in bundle.items()}
+        else:
+            cond = {name: tensor for name, tensor in inputs[0].items() if name.startswith("cond/")}
+        return {"latents": raw_zeros(shapes.dtype, shapes.latents), **cond,
+                "state/generator": raw_zeros("uint8", (GENERATOR_STATE_BYTES,))}
+    if kind == TaskKind.DECODE:
+        return {"image": raw_zeros("uint8", (shapes.size, shapes.size, 3))}
+    raise ValueError(f"task kind {kind!r} is not one the noop backend runs")
+
+
 class NoopBackend:
-    """Returns at once with tiny outputs: measures the runtime's own overhead."""
+    """Returns at once: measures the runtime's own overhead. Its outputs are one byte,
+    or, with `options.step_shapes` (a family of STEP_SHAPES), that family's full-size
+    tensors (`lego bench overhead --step-shapes`)."""
 
     tensor_kind = "raw"
 
     def __init__(self, model: ModelSpec, device: str, options: dict):
         self.model = model
+        family = options.get("step_shapes")
+        if family is not None and family not in STEP_SHAPES:
+            raise ValueError(f"options.step_shapes: expected one of {sorted(STEP_SHAPES)}, got {family!r}")
+        self.shapes = STEP_SHAPES.get(family)
 
     def memory_bytes(self) -> int:
         return 0
@@ -184,4 +235,7 @@ class NoopBackend:
         return None
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
-        return [{"out": RawTensor("uint8", (1,), b"\0")} for _ in tasks]
+        if self.shapes is None:
+            return [{"out": RawTensor("uint8", (1,), b"\0")} for _ in tasks]
+        return [noop_output(self.shapes, t.kind, bundles, t.kind == TaskKind.DENOISE and t.params.first)
+                for t, bundles in zip(tasks, inputs, strict=True)]

@@ -13,6 +13,8 @@ actors running the `noop` backend, which returns at once):
    task, without ZeroMQ or the scheduler's wake-ups.
 4. floor: the round trip of a small message between two bare pyzmq processes on
    the same machine, in the same run, so the hop can be read against it.
+
+`--step-shapes` runs instead the per-step cost with full-size tensors (step_shapes.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from broker.catalog import parse_catalog
 from broker.core.machine import BrokerCore
 from clients.bench import records
 from clients.bench.real import real_table, run_real_bench
+from clients.bench.step_shapes import parse_families, run_step_shapes, step_shapes_table
 from clients.client import Client
 from clients.local import LocalCluster, LocalClusterSpec, free_port
 
@@ -51,6 +54,10 @@ inputs.steps = { default = 8, max = 1000 }
 inputs.width = { default = 64 }
 inputs.height = { default = 64 }
 """
+
+
+THROUGHPUT_STEPS = 48  # steps per request of the throughput run, unless --steps
+STEP_SHAPES_STEPS = 20  # --step-shapes: a typical request's steps, unless --steps
 
 
 ECHO_SERVER = """
@@ -237,9 +244,32 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_step_shapes(args) -> int:
+    try:
+        families = parse_families(args.step_shapes)
+    except ValueError as exc:
+        print(f"lego bench overhead: {exc}", file=sys.stderr)
+        return 2
+    steps = args.steps or STEP_SHAPES_STEPS
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_step_shapes(families, steps, args.repeats, tmp)
+    result = {"date": records.utc_now(), "machine": records.machine(), "families": rows}
+    print(json.dumps(result, indent=2) if args.json else step_shapes_table(rows))
+    if args.record:
+        command = f"lego bench overhead --step-shapes {','.join(families)} --steps {steps} --repeats {args.repeats}"
+        with open(args.record, "a") as out:
+            out.write(f"\n### Runtime overhead per step with full-size tensors, no-op models ({result['date']})\n\n"
+                      f"Machine: {result['machine']}. Command: `{command}`. Medians of {args.repeats} requests.\n\n"
+                      f"{step_shapes_table(rows)}\n")
+    return 0
+
+
 def run_overhead_bench(args) -> int:
     if args.real:
         return _run_real(args)
+    if args.step_shapes:
+        return _run_step_shapes(args)
+    args.steps = args.steps or THROUGHPUT_STEPS
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "noop.toml"
         catalog.write_text(NOOP_CATALOG)

@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--actors", type=int, default=2)
     o.add_argument("--max-batch-rows", type=int, default=64)
     o.add_argument("--requests", type=int, default=400)
-    o.add_argument("--steps", type=int, default=48)
+    o.add_argument("--steps", type=int, help="steps per request (default 48; --step-shapes: 20)")
     o.add_argument("--rate", type=float, default=1000.0, help="offered tasks/s for the latency run")
     o.add_argument("--latency-seconds", type=float, default=5.0)
     o.add_argument("--json", action="store_true")
@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: a micro-served mid SD 1.5 image vs the in-process diffusers pipeline")
     o.add_argument("--models-dir", default="run/models/mid", help="--real: where the mid models are (built if missing)")
     o.add_argument("--rounds", type=int, default=5, help="--real: images per side")
+    o.add_argument("--step-shapes", metavar="FAMILIES",
+                   help="instead: per-step overhead with full-size tensors of these families (sd15,sdxl,sd3,flux)")
+    o.add_argument("--repeats", type=int, default=5, help="--step-shapes: timed requests per family (median)")
     o.set_defaults(func=cmd_bench)
     return parser
 
