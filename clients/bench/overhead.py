@@ -34,17 +34,16 @@ from broker.catalog import parse_catalog
 from broker.core.machine import BrokerCore
 from clients.bench import records
 from clients.bench.real import real_table, run_real_bench
-from clients.bench.step_shapes import parse_families, run_step_shapes, step_shapes_table
+from clients.bench.step_shapes import (
+    NOOP_MODELS,
+    parse_families,
+    run_step_shapes,
+    step_shapes_table,
+)
 from clients.client import Client
 from clients.local import LocalCluster, LocalClusterSpec, free_port
 
-NOOP_CATALOG = """
-[models.noop-encoder]
-kind = "text_encoder"
-[models.noop-base]
-kind = "denoiser"
-[models.noop-vae]
-kind = "vae"
+NOOP_CATALOG = NOOP_MODELS + """
 [workflows.noop]
 description = "no-op models, for measuring the runtime's own overhead"
 text_encoders = ["noop-encoder"]

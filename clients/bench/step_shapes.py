@@ -37,7 +37,8 @@ REQUEST_TIMEOUT_S = 300.0
 # Where the steps run: (label, base actors, the broker's affinity).
 PLACEMENTS = (("stay", 1, "prefer"), ("migrate", 2, "avoid"))
 
-_MODELS = """
+# The no-op models every overhead run uses (clients.bench.overhead adds its own workflow).
+NOOP_MODELS = """
 [models.noop-encoder]
 kind = "text_encoder"
 [models.noop-base]
@@ -54,7 +55,7 @@ def catalog_text() -> str:
         guidance = "cfg = true" if shapes.cfg else "distilled_guidance = true"
         workflows.append(f'[workflows.noop-{family}]\ntext_encoders = ["noop-encoder"]\ndenoiser = "noop-base"\n'
                          f'vae = "noop-vae"\n{guidance}\n')
-    return _MODELS + "\n".join(workflows)
+    return NOOP_MODELS + "\n".join(workflows)
 
 
 def parse_families(text: str) -> tuple[str, ...]:
