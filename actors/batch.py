@@ -20,6 +20,7 @@ from actors.fetcher import Fetcher, InputUnavailable
 from actors.store import Bundle, TensorStore, bundle_nbytes, pack_bundle, unpack_bundle
 from broker import protocol as p
 from broker.protocol.errors import ErrorCode
+from broker.protocol.tasks import KINDS_WITHOUT_CONSTANTS
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +53,9 @@ class BatchRunner:
         exec_s = time.perf_counter() - started
         results, payload = [], []
         for task, bundle in zip(tasks, outputs, strict=True):
+            # A step's conditioning, made or used here, is held here: when the request's
+            # steps come back from a peer, theirs need not travel again.
+            self.fetcher.constants.keep(task.request_id, bundle)
             nbytes = bundle_nbytes(bundle)
             if task.return_output:
                 descs, buffers = pack_bundle(bundle, first_frame=len(payload))
@@ -84,17 +88,20 @@ class BatchRunner:
         One task's missing input (its request was cancelled, its holder died) must not
         cost the other requests of the batch their step.
         """
-        fetched: dict[str, Bundle] = {}
+        fetched: dict[tuple[str, bool], Bundle] = {}
         runnable, resolved, missing = [], [], {}
         for task in tasks:
+            reads_constants = task.kind not in KINDS_WITHOUT_CONSTANTS
             try:
                 bundles = []
                 for ref in task.inputs:
                     if ref.holder == self.actor_id:
                         bundle = self.store.get(ref.tensor_id)
                     else:
-                        bundle = fetched.get(ref.tensor_id) or self.fetcher.fetch(ref, task.request_id)
-                        fetched[ref.tensor_id] = bundle
+                        key = (ref.tensor_id, reads_constants)
+                        bundle = fetched.get(key) or self.fetcher.fetch(ref, task.request_id,
+                                                                        constants=reads_constants)
+                        fetched[key] = bundle
                     if bundle is None:
                         raise InputUnavailable(f"{ref.tensor_id} is not in this actor's store")
                     bundles.append(bundle)

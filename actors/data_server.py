@@ -8,7 +8,8 @@ data plane is actor-to-actor: the broker moves references, never tensors.
 A peer's FETCH is answered by the best transport it allows: CUDA IPC handles for CUDA
 tensors on the asker's GPU (`IpcExporter`, actors/cuda_ipc.py), else shared-memory
 segments if it is on this host and asked for them (`ShmExporter`, actors/shm.py),
-else the bytes as frames. The exporters keep what they shared until the compute
+else the bytes as frames; the request constants the asker says it holds
+(`Fetch.omit`), or all of them for a task that reads none, are left out. The exporters keep what they shared until the compute
 thread's FREE (`release`) or a new session (`drop_exports`). Keys on: a ZAP handler
 (`RoleAuthenticator`) admits only holders of the actors' key to the data socket.
 
@@ -27,10 +28,10 @@ from actors import cuda_ipc
 from actors.addresses import advertised
 from actors.cuda_ipc import IpcExporter, IpcUnavailable
 from actors.shm import ShmExporter
-from actors.store import TensorStore, pack_bundle
+from actors.store import TensorStore, pack_bundle, virtual_nbytes
 from broker import auth
 from broker import protocol as p
-from broker.protocol.constants import DEFAULT_LIMITS
+from broker.protocol.constants import DEFAULT_LIMITS, REQUEST_CONSTANT_PREFIX
 from broker.protocol.errors import ErrorCode
 
 log = structlog.get_logger(__name__)
@@ -117,8 +118,12 @@ class DataServer:
         if entry is None:
             return p.encode(p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} is not held here", "tensor_id",
                                     msg.request_id))
-        bundle, ready = entry
+        held, ready = entry
         cuda_ipc.wait_ready(ready)  # its producing work may still be queued on the GPU
+        # The asker holds these request constants already (actors/request_constants.py).
+        omitted = [name for name in held if name.startswith(REQUEST_CONSTANT_PREFIX)] if not msg.constants else [
+            name for name in msg.omit if name in held]
+        bundle = {k: v for k, v in held.items() if k not in omitted} if omitted else held
         descs, buffers = None, []
         shared = cuda_ipc.ipc_candidates(bundle, msg.gpu_uuid, self.ipc.uuid_of) if self.ipc_enabled else []
         if shared:
@@ -131,18 +136,18 @@ class DataServer:
                 rest, buffers = pack_bundle({k: v for k, v in bundle.items() if k not in by_name})
                 by_name.update((d.name, d) for d in rest)
                 descs = [by_name[name] for name in bundle]
-        if descs is None and msg.shm:
+        if descs is None and msg.shm and not virtual_nbytes(bundle):  # a virtual tensor's head is a few bytes
             try:
                 descs = self.exporter.export(msg.tensor_id, bundle)
             except OSError as exc:  # e.g. /dev/shm full: answer with frames instead
                 log.warning("shm_export_failed", actor_id=self.actor_id, tensor_id=msg.tensor_id, error=str(exc))
         if descs is None:
             descs, buffers = pack_bundle(bundle)
-        if self.store.get(msg.tensor_id) is not bundle:
+        if self.store.get(msg.tensor_id) is not held:
             # FREEd while we exported, maybe before our export existed to be released:
             # undo it here, and answer as if it had gone before we looked.
             self.ipc.release([msg.tensor_id])
             self.exporter.release([msg.tensor_id])
             return p.encode(p.Error(ErrorCode.NOT_FOUND.value, f"{msg.tensor_id} was freed", "tensor_id",
                                     msg.request_id))
-        return p.encode(p.FetchReply(msg.tensor_id, descs), buffers)
+        return p.encode(p.FetchReply(msg.tensor_id, descs, omitted), buffers)

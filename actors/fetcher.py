@@ -10,19 +10,27 @@ bundle comes through shared memory (actors/shm.py), and CUDA tensors on this act
 own GPU come as CUDA IPC handles (actors/cuda_ipc.py), each falling back to the next
 when it fails, counted in the telemetry (`ipc_fallbacks` is kept here and folded in
 by the runtime, with the data thread's export failures).
+
+A request's constants (its step conditioning) are fetched once: the fetcher keeps them
+(actors/request_constants.py) and asks later peers to leave them out of their replies.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import structlog
 import zmq
 
 from actors import cuda_ipc
 from actors.cuda_ipc import IpcUnavailable
+from actors.request_constants import DEFAULT_MAX_BYTES, RequestConstants
 from actors.shm import PREFIX, ShmUnavailable, attach_bundle
-from actors.store import Bundle, unpack_bundle
+from actors.store import Bundle, unpack_bundle, value_nbytes
 from broker import auth
 from broker import protocol as p
+from broker.protocol.tensors import VIRTUAL
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +42,8 @@ class InputUnavailable(Exception):
 class Fetcher:
     def __init__(self, context: zmq.Context, *, actor_id: str, host: str, device: str, as_torch: bool,
                  key: auth.KeyFile | None, telemetry: p.ActorTelemetry, timeout_s: float, shm: bool,
-                 shm_min_bytes: int, ipc: bool):
+                 shm_min_bytes: int, ipc: bool, constants_bytes: int = DEFAULT_MAX_BYTES,
+                 transfer_s: Callable[[int, str], float] | None = None):
         self.context = context
         self.actor_id = actor_id
         self.host = host
@@ -47,6 +56,10 @@ class Fetcher:
         self.peers: dict[str, zmq.Socket] = {}
         self.ipc_fallbacks = 0  # IPC transfers that failed here and went by another transport
         self._gpu: str | None = None  # this actor's GPU UUID ("" for none), found at the first fetch
+        self.constants = RequestConstants(constants_bytes)  # each request's conditioning, once fetched
+        # An emulating backend's price of moving virtual bytes: (nbytes, path) -> seconds,
+        # path "device" (same host and device), "host" (same host) or "network"
+        self.transfer_s = transfer_s
 
     def local_gpu(self) -> str:
         """This actor's GPU UUID, advertised in same-host fetches; "" when IPC cannot apply."""
@@ -55,22 +68,26 @@ class Fetcher:
             self._gpu = cuda_ipc.device_uuid(self.device) if usable else ""
         return self._gpu
 
-    def fetch(self, ref: p.TensorRef, request_id: str = "", *, shm: bool | None = None,
+    def fetch(self, ref: p.TensorRef, request_id: str = "", *, constants: bool = True, shm: bool | None = None,
               gpu: str | None = None) -> Bundle:
         """Fetch a peer's bundle by the best transport that works: CUDA IPC, shared memory, frames.
 
         Each failed transport is dropped for a retry (counted: `ipc_fallbacks`,
         `fetch_fallbacks`); a holder that has not got the bundle or does not answer is
         no transport failure, and is not retried. `shm`/`gpu` given (tools and tests)
-        force one attempt by that transport.
+        force one attempt by that transport. `constants=False`: the task reads none of
+        the request's constants, so none come (the bundle lacks them).
         """
+        held = self.constants.held(request_id) if request_id and constants else {}
         if shm is not None or gpu is not None:
-            return self._fetch_from(ref, request_id, bool(shm), gpu or "")
-        shm, gpu = cuda_ipc.fetch_request(same_host=ref.host == self.host, nbytes=ref.nbytes, shm=self.shm,
+            return self._fetch_from(ref, request_id, bool(shm), gpu or "", held, constants)
+        # What will come, for the transport's choice: the request's constants held here stay out.
+        nbytes = max(0, ref.nbytes - sum(value_nbytes(v) for v in held.values()))
+        shm, gpu = cuda_ipc.fetch_request(same_host=ref.host == self.host, nbytes=nbytes, shm=self.shm,
                                           shm_min_bytes=self.shm_min_bytes, gpu=self.local_gpu())
         while True:
             try:
-                return self._fetch_from(ref, request_id, shm, gpu)
+                return self._fetch_from(ref, request_id, shm, gpu, held, constants)
             except IpcUnavailable as exc:
                 self.ipc_fallbacks += 1
                 log.warning("cuda_ipc_fetch_fell_back", actor_id=self.actor_id, tensor_id=ref.tensor_id, error=str(exc))
@@ -96,9 +113,11 @@ class Fetcher:
             sock.connect(address)
         return sock
 
-    def _fetch_from(self, ref: p.TensorRef, request_id: str, shm: bool, gpu: str) -> Bundle:
+    def _fetch_from(self, ref: p.TensorRef, request_id: str, shm: bool, gpu: str, held: dict,
+                    constants: bool) -> Bundle:
         sock = self._socket(ref.address)
-        sock.send_multipart([b"", *p.encode(p.Fetch(ref.tensor_id, request_id, shm, gpu))])
+        ask = p.Fetch(ref.tensor_id, request_id, shm, gpu, sorted(held), constants)
+        sock.send_multipart([b"", *p.encode(ask)])
         if not sock.poll(self.timeout_s * 1000):
             # A late reply would confuse the next fetch on this socket: start afresh.
             self.peers.pop(ref.address).close(linger=0)
@@ -115,6 +134,19 @@ class Fetcher:
             raise InputUnavailable(f"{ref.holder} sent a bad fetch reply: {err}") from None
         self.telemetry.fetches += 1
         self.telemetry.fetched_bytes += sum(d.nbytes for d in msg.tensors)
+        virtual = sum(d.nbytes for d in msg.tensors if d.where == VIRTUAL)
+        if virtual and self.transfer_s is not None:  # the time the emulated hardware would take
+            path = "network" if ref.host != self.host else "device" if ref.device == self.device else "host"
+            time.sleep(self.transfer_s(virtual, path))
+        if not constants:  # none asked for: the task reads none
+            return bundle
+        unasked = [name for name in msg.omitted if name not in held]
+        if unasked:
+            raise InputUnavailable(f"{ref.holder} left out {unasked}, which this actor does not hold")
+        for name in msg.omitted:
+            bundle[name] = held[name]
+        self.constants.keep(request_id, bundle)
+        self.telemetry.reused_bytes += sum(value_nbytes(held[name]) for name in msg.omitted)
         return bundle
 
     def _unpack_reply(self, ref: p.TensorRef, msg: p.FetchReply, payload: list, shm: bool, gpu: str) -> Bundle:
@@ -140,4 +172,4 @@ class Fetcher:
             self.telemetry.shm_fetches += 1
             self.telemetry.shm_bytes += sum(d.nbytes for d in descs)
             return bundle
-        return unpack_bundle(descs, payload, as_torch=self.as_torch)
+        return unpack_bundle(descs, payload, as_torch=self.as_torch, virtual=True)

@@ -74,6 +74,9 @@ class ActorConfig:
     shm: bool = True  # fetch from same-host peers through shared memory instead of sockets
     shm_min_bytes: int = 1 << 20  # below this a segment costs more than sending the bytes
     ipc: bool = True  # CUDA tensors on this actor's GPU, held by a same-host peer: fetch by CUDA IPC
+    # Each request's conditioning, once fetched, is kept (up to this many bytes, least
+    # recently used out first) so that it crosses to this actor once per request.
+    constants_cache_bytes: int = 512 * 1024**2
     reconnect_max_s: float = 5.0
     options: dict = field(default_factory=dict)  # backend settings, e.g. time_scale
     log_format: str = "console"
@@ -117,7 +120,8 @@ class ActorRuntime:
         self.fetcher = Fetcher(self.context, actor_id=self.actor_id, host=self.host, device=config.device,
                                as_torch=self.backend.tensor_kind == "torch", key=self.key, telemetry=self.telemetry,
                                timeout_s=config.fetch_timeout_s, shm=config.shm, shm_min_bytes=config.shm_min_bytes,
-                               ipc=config.ipc)
+                               ipc=config.ipc, constants_bytes=config.constants_cache_bytes,
+                               transfer_s=getattr(self.backend, "transfer_s", None))
         self.batches = BatchRunner(actor_id=self.actor_id, backend=self.backend, store=self.store,
                                    fetcher=self.fetcher, telemetry=self.telemetry)
         self.heartbeat = Heartbeat(self.context, config.broker_backend, self.key, self.session,

@@ -32,41 +32,46 @@ class ShmExporter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._segments: dict[str, tuple[list[TensorDesc], list[shared_memory.SharedMemory]]] = {}
+        # tensor_id -> {tensor name: (its descriptor, its segment)}: each tensor is copied
+        # once, when a fetch first asks for it (a peer holding the request's constants
+        # asks for the latents only)
+        self._segments: dict[str, dict[str, tuple[TensorDesc, shared_memory.SharedMemory]]] = {}
 
     def export(self, tensor_id: str, bundle: Bundle) -> list[TensorDesc]:
+        """Descriptors of `bundle`'s tensors in segments (made for those not exported yet)."""
         with self._lock:
-            known = self._segments.get(tensor_id)
-            if known is not None:
-                return known[0]
-            descs, buffers = pack_bundle(bundle)
-            segments = []
+            known = self._segments.setdefault(tensor_id, {})
+            new = {name: value for name, value in bundle.items() if name not in known}
+            descs, buffers = pack_bundle(new)
+            made = {}
             try:
                 for desc, buf in zip(descs, buffers, strict=True):
                     view = memoryview(buf).cast("B")
                     segment = shared_memory.SharedMemory(name=f"{PREFIX}{uuid.uuid4().hex[:20]}", create=True,
                                                          size=max(1, view.nbytes))
                     segment.buf[: view.nbytes] = view
-                    segments.append(segment)
+                    made[desc.name] = (desc, segment)
                     desc.where, desc.handle, desc.frame = "shm", segment.name, -1
             except BaseException:
-                _destroy(segments)
+                _destroy([segment for _, segment in made.values()])
+                if not known:
+                    del self._segments[tensor_id]
                 raise
-            self._segments[tensor_id] = (descs, segments)
-            return descs
+            known.update(made)
+            return [known[name][0] for name in bundle]
 
     def release(self, tensor_ids: list[str]) -> None:
         with self._lock:
-            doomed = [self._segments.pop(t)[1] for t in tensor_ids if t in self._segments]
-        for segments in doomed:
-            _destroy(segments)
+            doomed = [self._segments.pop(t) for t in tensor_ids if t in self._segments]
+        for exported in doomed:
+            _destroy([segment for _, segment in exported.values()])
 
     def close(self) -> None:
         self.release(list(self._segments))
 
     def count(self) -> int:
         with self._lock:
-            return sum(len(segments) for _, segments in self._segments.values())
+            return sum(len(exported) for exported in self._segments.values())
 
 
 def _destroy(segments: list[shared_memory.SharedMemory]) -> None:

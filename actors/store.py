@@ -2,7 +2,8 @@
 
 An output bundle (a node's outputs: name -> tensor) stays in the producing actor's
 memory until the broker sends FREE. Tensors are `RawTensor` (bytes plus dtype and
-shape: the emulated backend, which never imports torch) or torch tensors (the
+shape: the emulated backend, which never imports torch), `VirtualTensor` (the emulated
+backend's, when its payloads are virtual: a size without the bytes) or torch tensors (the
 diffusers backend, on the CPU or a GPU). The store is shared by the compute thread
 (put, free) and the data thread (get for peers), so it takes a lock. A bundle of CUDA
 tensors is stored with `ready`: events recorded after the work that produced it,
@@ -17,7 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol.messages import TensorDesc
-from broker.protocol.tensors import ITEMSIZE, check_payload, pack_torch, raw_desc, unpack_torch
+from broker.protocol.tensors import (
+    ITEMSIZE,
+    VIRTUAL,
+    check_payload,
+    expected_nbytes,
+    pack_torch,
+    raw_desc,
+    unpack_torch,
+)
 
 
 @dataclass(frozen=True)
@@ -33,13 +42,35 @@ class RawTensor:
         return memoryview(self.buffer).nbytes
 
 
+@dataclass(frozen=True)
+class VirtualTensor:
+    """An emulated tensor of `dtype` in `shape` whose bytes do not exist: only its first
+    bytes (`buffer`, the emulated backend's content digest) do. It counts, is stored and
+    is fetched as its full size, and a fetch costs the time moving that size would
+    take on the emulated hardware (actors/backends/emulated.py `transfer_s`), but no
+    CPU copies it: an emulated cluster on a few cores spends its CPU as a GPU cluster's
+    hosts would, not on bytes that a GPU moves."""
+
+    dtype: str
+    shape: tuple
+    buffer: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return expected_nbytes(self.dtype, list(self.shape))
+
+
 Bundle = dict[str, Any]
 
 
 def value_nbytes(value: Any) -> int:
-    if isinstance(value, RawTensor):
+    if isinstance(value, (RawTensor, VirtualTensor)):
         return value.nbytes
     return value.numel() * value.element_size()  # torch
+
+
+def virtual_nbytes(bundle: Bundle) -> int:
+    return sum(v.nbytes for v in bundle.values() if isinstance(v, VirtualTensor))
 
 
 def bundle_nbytes(bundle: Bundle) -> int:
@@ -51,7 +82,11 @@ def pack_bundle(bundle: Bundle, first_frame: int = 0) -> tuple[list[TensorDesc],
     descs, buffers = [], []
     for name, value in bundle.items():
         frame = first_frame + len(buffers)
-        if isinstance(value, RawTensor):
+        if isinstance(value, VirtualTensor):
+            desc = TensorDesc(name=name, dtype=value.dtype, shape=list(value.shape), frame=frame, where=VIRTUAL,
+                              nbytes=value.nbytes)
+            buf = value.buffer
+        elif isinstance(value, RawTensor):
             desc, buf = raw_desc(name, value.dtype, list(value.shape), value.buffer, frame), value.buffer
         else:
             desc, buf = pack_torch(name, value, frame)
@@ -60,13 +95,17 @@ def pack_bundle(bundle: Bundle, first_frame: int = 0) -> tuple[list[TensorDesc],
     return descs, buffers
 
 
-def unpack_bundle(descs: list[TensorDesc], frames: list[Any], as_torch: bool) -> Bundle:
-    """Rebuild a bundle over received frames (no copy). Raises ProtocolError if they disagree."""
-    check_payload(descs, frames)
+def unpack_bundle(descs: list[TensorDesc], frames: list[Any], as_torch: bool, virtual: bool = False) -> Bundle:
+    """Rebuild a bundle over received frames (no copy). Raises ProtocolError if they
+    disagree. `virtual`: virtual tensors are accepted (from peers, on a raw backend)."""
+    check_payload(descs, frames, virtual=virtual and not as_torch)
     out = {}
     for desc in descs:
         frame = frames[desc.frame]
-        if as_torch:
+        if desc.where == VIRTUAL:
+            buf = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+            out[desc.name] = VirtualTensor(desc.dtype, tuple(desc.shape), buf)
+        elif as_torch:
             out[desc.name] = unpack_torch(desc, frame)
         else:
             buf = frame.buffer if hasattr(frame, "buffer") and not isinstance(frame, memoryview) else frame

@@ -18,11 +18,12 @@ import numpy as np
 
 from actors.backends.emulated_gpu import EmulatedGpu
 from actors.backends.lora import ADAPTER_HOST_BYTES, AdapterSwitchCosts, Residency, batch_adapters
-from actors.store import Bundle, RawTensor, raw_zeros
+from actors.store import Bundle, RawTensor, VirtualTensor, raw_zeros
 from broker.catalog import ModelSpec
 from broker.costs.profiles import PROFILE_MODE, load_profile
 from broker.protocol.messages import TaskSpec
 from broker.protocol.tasks import TaskKind
+from broker.protocol.tensors import expected_nbytes
 
 DIGEST_BYTES = 16
 POISON_EXIT_CODE = 70  # the `crash_on_prompt` fault's exit status
@@ -39,11 +40,39 @@ def read_digest(tensor: RawTensor) -> bytes:
     return bytes(memoryview(tensor.buffer).cast("B")[:DIGEST_BYTES])
 
 
-def _stamped(dtype: str, shape: tuple, digest: bytes) -> RawTensor:
+def _stamped(dtype: str, shape: tuple, digest: bytes, virtual: bool = False) -> RawTensor | VirtualTensor:
+    if virtual:  # the size without the bytes: only the digest exists
+        return VirtualTensor(dtype, tuple(shape), digest[: min(DIGEST_BYTES, expected_nbytes(dtype, list(shape)))])
     tensor = raw_zeros(dtype, shape)
     n = min(DIGEST_BYTES, len(tensor.buffer))
     tensor.buffer[:n] = digest[:n]
     return tensor
+
+
+# What one fetch costs this runtime on a GPU host, per path, as (bytes, seconds) points:
+# medians of 20 fetches into the consumer's CUDA memory on the lent H200, 2026-11-27
+# (docs/benchmarks.md, "CUDA IPC and full-size models on a GPU"). "device": the holder
+# is on the consumer's GPU (CUDA IPC: handle and event setup dominate); "host": another
+# GPU of the host, through shared memory from 1 MiB (`shm_min_bytes`) and as frames
+# below it, both through host memory; "network": frames over the holder's data socket
+# (measured on one host's loopback: a real NIC is no faster for this runtime's copies).
+MEASURED_FETCH_S = {
+    "device": ((128 << 10, 1.271e-3), (4 << 20, 1.004e-3), (64 << 20, 1.242e-3)),
+    "host": ((128 << 10, 0.821e-3), (1 << 20, 1.5e-3), (4 << 20, 5.872e-3), (64 << 20, 150.451e-3)),
+    "network": ((128 << 10, 0.821e-3), (4 << 20, 2.67e-3), (64 << 20, 103.773e-3)),
+}
+
+
+def measured_fetch_s(nbytes: int, path: str) -> float:
+    """Linear between the measured points, the first point's time below them, the last
+    segment's slope above them."""
+    points = MEASURED_FETCH_S[path]
+    if nbytes <= points[0][0]:
+        return points[0][1]
+    for (b0, t0), (b1, t1) in zip(points, points[1:], strict=False):
+        if nbytes <= b1 or (b1, t1) == points[-1]:
+            return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+    raise AssertionError("unreachable")
 
 
 RENDER_CELL = 8  # pixels per computed sample: a 1024 px image costs 1 ms, not 55 ms of CPU
@@ -87,6 +116,10 @@ class EmulatedBackend:
         self.residency = Residency.from_options(options)
         self.registry: dict = {}  # the catalog's adapters (attach_catalog)
         self.adapter_switch_s = 0.0  # emulated seconds spent switching LoRA sets (telemetry)
+        # `payloads = "virtual"`: tensors are sizes without bytes (store.VirtualTensor) and a
+        # fetch of them sleeps what it would take on a GPU host (`transfer_s`), so this
+        # machine's CPU is not spent copying what a GPU would move.
+        self.virtual = options.get("payloads", "real") == "virtual"
         # Fault injection: a prompt that kills this process when a task encodes it, as a
         # poison input crashes a real model (tests/test_poison.py, the broker's quarantine).
         self.crash_on_prompt = options.get("crash_on_prompt") or None
@@ -99,6 +132,11 @@ class EmulatedBackend:
 
     def load(self) -> None:
         time.sleep(self.profile.load_s * self.load_time_scale)
+
+    def transfer_s(self, nbytes: int, path: str) -> float:
+        """Seconds a fetch of `nbytes` virtual bytes takes by `path` (device, host or
+        network) on a GPU host (MEASURED_FETCH_S), on the emulation's time scale."""
+        return measured_fetch_s(nbytes, path) * self.time_scale
 
     def run(self, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
         started = time.perf_counter()
@@ -135,19 +173,20 @@ class EmulatedBackend:
         m = self.model
         height, width = task.shape
         params = task.params
+        virtual = self.virtual and not task.return_output  # what goes back to the client has its bytes
         if task.kind == TaskKind.ENCODE:
             digest = content_digest(m.name, params.prompt, params.negative_prompt or "")
-            return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest)}
+            return {"embeds": _stamped(m.dtype, (task.rows, m.seq_len, m.embed_dim), digest, virtual)}
         if task.kind == TaskKind.DENOISE_BRANCH:  # one CFG branch's model output
             source = read_digest(next(iter(inputs[0].values())))  # the latent (or, at step 0, embeddings)
             digest = content_digest(source, params.step, params.branch)
-            return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest)}
+            return {"noise": _stamped(m.dtype, (1, m.latent_channels, height // m.vae_scale, width // m.vae_scale), digest, virtual)}
         if task.kind == TaskKind.CONTROL_IMAGE:  # the prepared control image: a digest of the client's
             digest = content_digest(m.name, *(read_digest(t) for b in inputs for t in b.values()))
-            return {"control/image": _stamped(m.dtype, (task.rows, 3, height // 8, width // 8), digest)}
+            return {"control/image": _stamped(m.dtype, (task.rows, 3, height // 8, width // 8), digest, virtual)}
         if task.kind == TaskKind.CONTROL:  # residuals for this step, from the latent it starts from
             digest = content_digest(m.name, read_digest(next(iter(inputs[0].values()))), params.step)
-            return {"residuals": _stamped(m.dtype, (task.rows, 16, height // 8, width // 8), digest)}
+            return {"residuals": _stamped(m.dtype, (task.rows, 16, height // 8, width // 8), digest, virtual)}
         if task.kind == TaskKind.DENOISE:
             if params.split:
                 inputs = inputs[2:]  # the branches' outputs; the latent chain is the same as unsplit
@@ -162,7 +201,7 @@ class EmulatedBackend:
                 cond = {k: v for k, v in previous.items() if k.startswith("cond/")}
                 digest = content_digest(read_digest(previous["latents"]), params.step, *controls)
             # conditioning travels with the latent, by reference (no copy)
-            return {"latents": _stamped(m.dtype, latent_shape, digest), **cond}
+            return {"latents": _stamped(m.dtype, latent_shape, digest, virtual), **cond}
         if task.kind == TaskKind.DECODE:
             (previous,) = inputs
             image = render_image(read_digest(previous["latents"]), height, width)

@@ -105,7 +105,8 @@ class Dispatcher:
             for producer in node.inputs:
                 holder = self.actors.holder(producer.actor_id)
                 inputs.append(p.TensorRef(producer.output_id, producer.actor_id, holder.data_address if holder else "",
-                                          producer.nbytes, holder.host if holder else ""))
+                                          producer.nbytes, holder.host if holder else "",
+                                          holder.device if holder else ""))
             client_tensors = []
             if node.kind in (TaskKind.ENCODE_IMAGE, TaskKind.CONTROL_IMAGE):  # the client's image rides along, unread
                 wanted = node.params.request_tensors()  # control images name their inputs

@@ -117,6 +117,7 @@ class Meters:
         t.shm_bytes += shm
         t.ipc_bytes += ipc
         t.frames_bytes += max(0, fetched - shm - ipc)
+        t.reused_bytes += grew("reused_bytes")
         t.fetches += grew("fetches")
         t.shm_fallbacks += grew("fetch_fallbacks")
         t.ipc_fallbacks += grew("ipc_fallbacks")

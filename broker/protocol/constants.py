@@ -56,6 +56,16 @@ COMMANDS_BY_VALUE = {c.value: c for c in Command}
 MAX_SEED = 2**63 - 1  # a request's seed: what torch.Generator.manual_seed takes
 MAX_CREDITS = 1024  # batches one actor may ask the broker to queue for it
 
+# Request constants. A tensor whose name starts with this prefix is the same tensor in
+# every bundle of its request that holds it: the conditioning a base model's step 0
+# builds from the text encoders' outputs (prompt embeddings, pooled embeddings, time
+# ids) and hands on, unchanged, with every later step's latents. So an actor that has
+# fetched it once for a request keeps it, and asks peers to leave it out of later
+# replies (`Fetch.omit`): conditioning crosses to each actor once per request, not
+# with every step. Backends must never name anything else with this prefix.
+REQUEST_CONSTANT_PREFIX = "cond/"
+MAX_OMITTED = 64  # names one FETCH may ask to leave out: a bundle holds a handful
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any, ClassVar
 
-from broker.protocol.constants import MAX_CREDITS, Command
+from broker.protocol.constants import MAX_CREDITS, MAX_OMITTED, REQUEST_CONSTANT_PREFIX, Command
+from broker.protocol.errors import ErrorCode, ProtocolError
 from broker.protocol.structs import Struct, bounded, by_kind, struct
 from broker.protocol.tasks import TASK_PARAMS, TaskParams
 
@@ -123,6 +124,7 @@ class TensorRef(Struct):
     address: str
     nbytes: int = 0
     host: str = ""  # the holder's host: a peer on the same host may fetch by shared memory
+    device: str = ""  # the holder's device (an emulated fetch is priced by path: actors/backends/emulated.py)
 
 
 @struct
@@ -212,6 +214,8 @@ class ActorTelemetry(Struct):
     stored_bytes: int = 0
     memory_used_bytes: int = 0
     adapter_switch_s: float = 0.0  # of `busy_s`, the time spent switching LoRA adapter sets
+    # Request constants used from this actor's cache instead of fetched again (not in `fetched_bytes`)
+    reused_bytes: int = 0
 
 
 @struct
@@ -306,6 +310,7 @@ class TransferTotals(Struct):
     frames_bytes: int = 0  # fetched as frames over the holder's data socket
     shm_bytes: int = 0  # fetched through shared memory (same host)
     ipc_bytes: int = 0  # opened through CUDA IPC (same host and GPU)
+    reused_bytes: int = 0  # request constants an actor had fetched before for the request: not moved again
     fetches: int = 0
     shm_fallbacks: int = 0  # shared-memory fetches that went by frames instead
     ipc_fallbacks: int = 0  # CUDA IPC transfers that went by shared memory or frames instead
@@ -474,6 +479,15 @@ class Fetch(Message):
     # The consumer's GPU (CUDA UUID), sent by a CUDA actor on the holder's host: CUDA
     # tensors held on that same GPU are answered with IPC handles instead of bytes.
     gpu_uuid: str = ""
+    # Request constants (REQUEST_CONSTANT_PREFIX) of this request the asker holds already:
+    # the holder leaves them out and names what it left out in `FetchReply.omitted`.
+    omit: list = field(default_factory=list)
+    # False: the asker's task reads no request constant (KINDS_WITHOUT_CONSTANTS), so the
+    # holder leaves every one out (named in `omitted` as well).
+    constants: bool = True
+
+    def check(self, where: str) -> None:
+        _check_constant_names(self.omit, where + "omit")
 
 
 @struct
@@ -481,6 +495,18 @@ class FetchReply(Message):
     COMMAND: ClassVar[Command] = Command.FETCH_REPLY
     tensor_id: str
     tensors: list[TensorDesc]
+    omitted: list = field(default_factory=list)  # of the bundle's tensors, those left out (`Fetch.omit`)
+
+    def check(self, where: str) -> None:
+        _check_constant_names(self.omitted, where + "omitted")
+
+
+def _check_constant_names(names: list, where: str) -> None:
+    if len(names) > MAX_OMITTED:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"at most {MAX_OMITTED} names", where)
+    if any(n.__class__ is not str or not n.startswith(REQUEST_CONSTANT_PREFIX) for n in names):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"names of request constants ({REQUEST_CONSTANT_PREFIX}...) only",
+                            where)
 
 
 # ----------------------------------------------------- client <-> broker (frontend)

@@ -54,7 +54,14 @@ class TaskKind(str, enum.Enum):
     # Logs, f-strings and node keys show the wire value, as a plain string would
     # (what enum.StrEnum does from Python 3.11).
     __str__ = str.__str__
+
     __format__ = str.__format__
+
+
+# Kinds whose tasks never read their inputs' request constants (the step conditioning,
+# REQUEST_CONSTANT_PREFIX): the VAE decodes the latents alone, so its fetch leaves the
+# conditioning out (`Fetch.constants`).
+KINDS_WITHOUT_CONSTANTS = frozenset({TaskKind.DECODE})
 
 
 class TaskParams(Struct):

@@ -59,16 +59,29 @@ def check_strides(shape: list, strides: list | None) -> None:
         expected *= shape[dim]
 
 
-def check_payload(descs: list[TensorDesc], payload: list[Any]) -> None:
-    """Every described tensor points at a payload frame of exactly its size."""
+# An emulated tensor's bytes are not sent: only its first bytes are (the emulated
+# backend's content digest), and its frame is that head. Only between actors that
+# emulate, by descriptor `where`; every other receiver refuses it (`check_payload`).
+VIRTUAL = "virtual"
+MAX_VIRTUAL_HEAD = 64
+
+
+def check_payload(descs: list[TensorDesc], payload: list[Any], virtual: bool = False) -> None:
+    """Every described tensor points at a payload frame of exactly its size (with
+    `virtual`, a virtual tensor's frame is its head: at most MAX_VIRTUAL_HEAD bytes)."""
     for i, d in enumerate(descs):
-        if d.where != "frame":
+        if d.where != "frame" and not (virtual and d.where == VIRTUAL):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"unsupported tensor location {d.where!r}", f"tensors[{i}].where")
         if not 0 <= d.frame < len(payload):
             raise ProtocolError(ErrorCode.BAD_FRAMES, f"tensor {d.name!r} names frame {d.frame}", f"tensors[{i}].frame")
         check_strides(d.shape, d.strides)
         need = expected_nbytes(d.dtype, d.shape)
         have = memoryview(_buffer(payload[d.frame])).nbytes
+        if d.where == VIRTUAL:
+            if have > min(need, MAX_VIRTUAL_HEAD) or d.nbytes != need:
+                raise ProtocolError(ErrorCode.BAD_FRAMES, f"virtual tensor {d.name!r}: head of {have} bytes, "
+                                    f"nbytes {d.nbytes} for {need}", f"tensors[{i}]")
+            continue
         if have != need:
             raise ProtocolError(
                 ErrorCode.BAD_FRAMES, f"tensor {d.name!r} frame has {have} bytes, needs {need}", f"tensors[{i}]"

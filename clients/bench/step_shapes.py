@@ -100,6 +100,7 @@ def served_run(family: str, placement: tuple, steps: int, repeats: int, catalog:
         "moved_bytes": round((moved.frames_bytes + moved.shm_bytes + moved.ipc_bytes) / requests),
         "fetches": moved.fetches / requests,
         "local_bytes": round(moved.local_bytes / requests),
+        "reused_bytes": round(moved.reused_bytes / requests),
     }
 
 
@@ -134,11 +135,13 @@ def run_step_shapes(families: tuple[str, ...], steps: int, repeats: int, tmp: st
 
 def step_shapes_table(rows: list[dict]) -> str:
     lines = ["| family | image | steps | base actors, steps | served ms/step | in-process ms/step | overhead ms/step "
-             "| moved between actors per request (MB) | fetches per request | used in place per request (MB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| moved between actors per request (MB) | fetches per request | used in place per request (MB) "
+             "| conditioning reused, not moved, per request (MB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['image']} | {r['steps']} | {r['base_actors']}, {r['placement']} "
                      f"| {r['served_ms_per_step']:.3f} "
                      f"| {r['in_process_ms_per_step']:.4f} | {r['overhead_ms_per_step']:.3f} "
-                     f"| {r['moved_bytes'] / 1e6:.3f} | {r['fetches']:g} | {r['local_bytes'] / 1e6:.3f} |")
+                     f"| {r['moved_bytes'] / 1e6:.3f} | {r['fetches']:g} | {r['local_bytes'] / 1e6:.3f} "
+                     f"| {r.get('reused_bytes', 0) / 1e6:.3f} |")
     return "\n".join(lines)
