@@ -418,3 +418,16 @@ def test_calibration_separates_per_batch_from_per_request_overhead():
     arrivals, singles = probe_arrivals(2, (8,))
     assert singles == 6 and len(arrivals) == 14 and len({a.index for a in arrivals}) == 14
     assert {a.workflow for a in arrivals[:3]} == set(WORKFLOWS) and len({a.at_s for a in arrivals[singles:]}) == 1
+
+
+def test_a_simulated_request_moves_its_conditioning_once_per_actor_as_the_runtime_does(catalog, systems):
+    """CFG branches on two actors: each fetches the request's conditioning once (the
+    first step), later steps only their latents; the VAE gets no conditioning."""
+    outcome, stats = _one(systems["lego"], catalog)
+    workflow = catalog.workflows[WORKFLOWS[0]]
+    cond = sum(2 * m.seq_len * m.embed_dim * 2 for m in (catalog.models[n] for n in workflow.text_encoders))
+    steps = validate_params(workflow, {"prompt": "x"})["steps"]
+    # each later step would have carried it again: held instead
+    assert stats["reused_bytes"] >= (steps - 1) * cond
+    # what moved: the encoders' outputs reaching the actors of step 0, then latents
+    assert stats["fetched_bytes"] < stats["reused_bytes"]

@@ -13,6 +13,8 @@ model can take any step.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +58,28 @@ def packed_size(model: ActorModel, shape: list) -> tuple[int, int] | None:
     return 2 * (height // scale), 2 * (width // scale)
 
 
+# A scheduler as `make_scheduler` builds it, before any step: (config, sampler, steps,
+# packed size, device) -> (the config, the scheduler). Building one (from_config and
+# set_timesteps) costs about 0.5-1.2 ms of CPU per step; a deep copy of a never-stepped
+# one is the same object for 0.1-0.4 ms (measured on the 2-core dev VM, 2026-12-07).
+# Keyed by the config's identity; the entry keeps the config alive so that the id
+# cannot be reused. Bounded: a few samplers x step counts x sizes per actor.
+_TEMPLATES: dict[tuple, tuple[Any, Any]] = {}
+MAX_TEMPLATES = 256
+
+
 def make_scheduler(model: ActorModel, config: Any, sampler: str, steps: int, packed: tuple[int, int] | None):
+    """A fresh scheduler of the sampler for `steps` (a copy of a cached, never-stepped one)."""
+    key = (id(config), sampler, steps, packed, str(model.device))
+    entry = _TEMPLATES.get(key)
+    if entry is None or entry[0] is not config:
+        if len(_TEMPLATES) >= MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        entry = _TEMPLATES[key] = (config, _build_scheduler(model, config, sampler, steps, packed))
+    return copy.deepcopy(entry[1])
+
+
+def _build_scheduler(model: ActorModel, config: Any, sampler: str, steps: int, packed: tuple[int, int] | None):
     import diffusers
 
     name = SAMPLERS.get(sampler) or config["_class_name"]
@@ -160,13 +183,20 @@ def finish_step(task: TaskSpec, step: Step, noise: torch.Tensor) -> Bundle:
 
 def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
     """What the pipeline's `prepare_extra_step_kwargs` passes: eta=0 and its generator."""
-    accepted = inspect.signature(scheduler.step).parameters
+    takes_eta, takes_generator = _step_accepts(type(scheduler))
     kwargs = {}
-    if "eta" in accepted:
+    if takes_eta:
         kwargs["eta"] = 0.0
-    if "generator" in accepted:
+    if takes_generator:
         kwargs["generator"] = generator
     return kwargs
+
+
+@functools.cache
+def _step_accepts(scheduler_class: type) -> tuple[bool, bool]:
+    """Whether a scheduler class's `step` takes `eta`, `generator` (read once per class)."""
+    accepted = inspect.signature(scheduler_class.step).parameters
+    return "eta" in accepted, "generator" in accepted
 
 
 def _save_multistep(scheduler) -> Bundle:

@@ -41,8 +41,11 @@ import collections
 import itertools
 from typing import TYPE_CHECKING
 
+from actors.request_constants import RequestConstants
+from actors.store import VirtualTensor
 from broker import protocol as p
 from broker.catalog import PIPELINE_PREFIX, Catalog
+from broker.protocol.tasks import KINDS_WITHOUT_CONSTANTS, TaskKind
 from clients.bench.sim.timing import CPU_BYTES
 
 if TYPE_CHECKING:  # the simulator imports this module
@@ -143,6 +146,8 @@ class SimActor:
         self.started_at = 0.0
         self.telemetry = p.ActorTelemetry()
         self.monolith = msg.model.startswith(PIPELINE_PREFIX)
+        # The requests whose conditioning this actor holds, kept as the runtime keeps them
+        self.constants = RequestConstants(clock=lambda: sim.now)
         self.resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # monolith: workflow -> bytes
         if self.monolith:
             self.workflows = [w.name for w in sim.catalog.model(msg.model).workflows]
@@ -196,11 +201,31 @@ class SimActor:
             for ref in task.inputs:
                 if ref.holder != self.actor_id and ref.tensor_id not in seen:
                     seen.add(ref.tensor_id)
-                    seconds += overheads.transfer_s(ref.nbytes, ref.host == self.host)
+                    moved = self._fetched_bytes(task, ref)
+                    seconds += overheads.transfer_s(moved, ref.host == self.host)
+                    self.sim.fetched_bytes += moved
+                    self.sim.reused_bytes += ref.nbytes - moved
+            self._hold_constants(task)
         if seconds > 0:
             self.sim.at(self.sim.now + seconds, self.device.submit, self, batch)
         else:
             self.device.submit(self, batch)
+
+    def _fetched_bytes(self, task: p.TaskSpec, ref: p.TensorRef) -> int:
+        """What the runtime moves for `ref`: a denoise step's bundle without its
+        conditioning when this actor holds the request's already or the task reads none
+        (the VAE), as actors/fetcher.py does."""
+        if "/denoise/" not in ref.tensor_id:  # a step's bundle: ".../denoise/K@attempt"
+            return ref.nbytes
+        if task.kind in KINDS_WITHOUT_CONSTANTS or self.constants.held(task.request_id):
+            return max(0, ref.nbytes - self.sim.timing.constant_bytes(task.workflow))
+        return ref.nbytes
+
+    def _hold_constants(self, task: p.TaskSpec) -> None:
+        """Steps (and the nets beside them) leave this actor holding the request's conditioning."""
+        if task.kind in (TaskKind.DENOISE, TaskKind.DENOISE_BRANCH, TaskKind.CONTROL):
+            size = self.sim.timing.constant_bytes(task.workflow)
+            self.constants.keep(task.request_id, {"cond/all": VirtualTensor("uint8", (size,), b"")})
 
     def compute_s(self, batch: p.Tasks) -> float:
         if not self.monolith:

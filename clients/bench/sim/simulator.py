@@ -99,6 +99,7 @@ class Simulation:
         self.costs = self.core.load.costs  # memoised (broker.costs.model): priced per node of every request
         self.timing = Timing(self.catalog, self.costs, time_scale, time_scale if load_time_scale is None else load_time_scale)
         self.now, self.events, self.loads = 0.0, 0, 0
+        self.fetched_bytes = self.reused_bytes = 0  # moved between actors; conditioning held, not moved
         self.pids = itertools.count(1000)
         self.warm_start = False
         self.replies: list = []
@@ -279,6 +280,7 @@ class Simulation:
             "window_s": self.arrivals[-1].at_s if self.arrivals else 0.0,
             "utilisation": round(busy / (self.gpus * self.now), 4) if self.now > 0 else 0.0,
             "counters": dict(snapshot.counters), "monolith_loads": self.loads,
+            "fetched_bytes": self.fetched_bytes, "reused_bytes": self.reused_bytes,
             "workflows": {w.workflow: dataclasses.asdict(w) for w in snapshot.workflows if w.submitted},
             "replicas": {m.model: m.actors for m in snapshot.models if m.actors},
             "peak_replicas": peak, "timeline": self.timeline,

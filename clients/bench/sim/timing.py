@@ -145,6 +145,19 @@ class Timing:
             size = self._nbytes[key] = self._bundle_bytes(task)
         return size
 
+    def constant_bytes(self, workflow_name: str) -> int:
+        """Of a denoise step's bundle, the request constants (its conditioning): fetched
+        once per actor and request, and never by the VAE (actors/request_constants.py)."""
+        key = ("constants", workflow_name)
+        size = self._nbytes.get(key)
+        if size is None:
+            workflow = self.catalog.workflows.get(workflow_name)
+            rows = 2 if workflow is not None and workflow.cfg else 1  # a denoise step's rows
+            size = self._nbytes[key] = sum(
+                rows * m.seq_len * m.embed_dim * ITEM_BYTES.get(m.dtype, 4)
+                for m in (self.catalog.models[name] for name in (workflow.text_encoders if workflow else ())))
+        return size
+
     def _bundle_bytes(self, task: p.TaskSpec) -> int:
         height, width = task.shape
         if task.kind in (TaskKind.DECODE, TaskKind.PIPELINE):
