@@ -431,3 +431,13 @@ def test_a_simulated_request_moves_its_conditioning_once_per_actor_as_the_runtim
     assert stats["reused_bytes"] >= (steps - 1) * cond
     # what moved: the encoders' outputs reaching the actors of step 0, then latents
     assert stats["fetched_bytes"] < stats["reused_bytes"]
+
+
+def test_gpu_host_fetches_price_each_fetch_by_its_path_as_the_virtual_emulation_does():
+    from actors.backends.emulated import measured_fetch_s
+
+    o = dataclasses.replace(MEASURED, fetch_by_path=True)
+    for path in ("device", "host", "network"):
+        assert o.transfer_s(8 << 20, True, path) == measured_fetch_s(8 << 20, path)
+    assert o.transfer_s(8 << 20, False) == measured_fetch_s(8 << 20, "network")
+    assert MEASURED.transfer_s(8 << 20, True, "device") == MEASURED.fetch_s + (8 << 20) / MEASURED.fetch_bytes_per_s

@@ -272,11 +272,14 @@ def overheads_of(args) -> Overheads:
             raise ValueError(f"{flag}: expected milliseconds >= 0, got {values[field] * 1e3:g}")
     if args.fetch_gbps < 0:
         raise ValueError(f"--fetch-gbps: expected >= 0, got {args.fetch_gbps:g}")
-    return Overheads(**values, fetch_bytes_per_s=args.fetch_gbps * 1e9 if args.fetch_gbps else None)
+    return Overheads(**values, fetch_bytes_per_s=args.fetch_gbps * 1e9 if args.fetch_gbps else None,
+                     fetch_by_path=args.gpu_host_fetches)
 
 
 def describe(o: Overheads) -> str:
     fetch = f"{o.fetch_s * 1e3:g} ms + {o.fetch_bytes_per_s / 1e9:g} GB/s" if o.fetch_bytes_per_s else "H800 table"
+    if o.fetch_by_path:
+        fetch = "this runtime on a GPU host, by path"
     return (f"task {o.task_s * 1e3:g} ms, row {o.row_s * 1e3:g} ms, request {o.request_s * 1e3:g} ms, "
             f"fetch {fetch}")
 
@@ -336,6 +339,9 @@ def cli_main(argv: list[str] | None = None) -> int:
                         default=MEASURED.fetch_bytes_per_s / 1e9 if MEASURED.fetch_bytes_per_s else 0.0,
                         help="fetch bandwidth, GB/s (default: the emulated data plane's, measured; "
                              "0: the artifact's H800 fetch times)")
+    parser.add_argument("--gpu-host-fetches", action="store_true",
+                        help="price each fetch as `lego bench cluster`'s virtual payloads do (this runtime on a GPU "
+                             "host, by path: same GPU, same host, network), instead of --fetch-gbps")
     parser.add_argument("--baselines", default=str(DATA / "baselines"),
                         help="the artifact's placement files (used on 8 GPUs)")
     parser.add_argument("--seed", type=int, default=0)

@@ -202,7 +202,8 @@ class SimActor:
                 if ref.holder != self.actor_id and ref.tensor_id not in seen:
                     seen.add(ref.tensor_id)
                     moved = self._fetched_bytes(task, ref)
-                    seconds += overheads.transfer_s(moved, ref.host == self.host)
+                    path = "network" if ref.host != self.host else "device" if ref.device == self.device.name else "host"
+                    seconds += overheads.transfer_s(moved, ref.host == self.host, path)
                     self.sim.fetched_bytes += moved
                     self.sim.reused_bytes += ref.nbytes - moved
             self._hold_constants(task)

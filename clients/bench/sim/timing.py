@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from actors.backends.emulated import measured_fetch_s
 from broker import protocol as p
 from broker.catalog import Catalog
 from broker.costs.model import CostModel
@@ -69,6 +70,10 @@ class Overheads:
     request_s: float = 0.0
     fetch_s: float = 0.0
     fetch_bytes_per_s: float | None = None
+    # True: a fetch costs what the emulated backend's virtual payloads charge (this
+    # runtime on a GPU host, by path: actors/backends/emulated.py MEASURED_FETCH_S), as
+    # `lego bench cluster` emulates by default; `fetch_s` and `fetch_bytes_per_s` unused.
+    fetch_by_path: bool = False
 
     def __post_init__(self):
         for name in ("task_s", "row_s", "request_s", "fetch_s"):
@@ -82,8 +87,10 @@ class Overheads:
         """The runtime's time around one batch of `tasks` tasks."""
         return self.task_s + self.row_s * max(0, tasks - 1)
 
-    def transfer_s(self, nbytes: int, same_host: bool) -> float:
-        """One fetch of `nbytes` from a peer."""
+    def transfer_s(self, nbytes: int, same_host: bool, path: str = "") -> float:
+        """One fetch of `nbytes` from a peer (`path`: device, host or network)."""
+        if self.fetch_by_path:
+            return measured_fetch_s(nbytes, path or ("host" if same_host else "network"))
         if self.fetch_bytes_per_s is None:
             return fetch_s(nbytes, same_host)
         return self.fetch_s + nbytes / self.fetch_bytes_per_s
