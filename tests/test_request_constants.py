@@ -175,3 +175,19 @@ def test_conditioning_an_actor_made_itself_is_not_fetched_back(pair):
     got = fetch("step1", "r", STEP_BYTES + COND_BYTES)
     assert consumer.telemetry.fetched_bytes == STEP_BYTES and consumer.telemetry.reused_bytes == COND_BYTES
     assert torch.equal(got["cond/embeds"], COND["cond/embeds"])
+
+
+def test_a_received_tensor_is_aligned_as_torch_aligns_its_own():
+    """Where a frame lands depends on the frames before it; kernels round differently
+    for differently aligned inputs, so a misaligned frame is computed on from a copy."""
+    from broker.protocol.tensors import TORCH_ALIGNMENT, pack_torch, unpack_torch
+
+    tensor = torch.randn(2, 333, 32)
+    desc, buf = pack_torch("cond/embeds", tensor, 0)
+    raw = bytearray(len(bytes(buf)) + 128)
+    for offset in (0, 4, 8, 16):
+        start = (-torch.frombuffer(raw, dtype=torch.uint8).data_ptr()) % 64 + offset
+        frame = memoryview(raw)[start: start + desc.nbytes]
+        frame[:] = bytes(buf)
+        got = unpack_torch(desc, frame)
+        assert torch.equal(got, tensor) and got.data_ptr() % TORCH_ALIGNMENT == 0
