@@ -67,9 +67,13 @@ def _prompt(value: Any) -> str:
 _FAULTS = {"crash_on_prompt": _prompt}
 
 OPTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "emulated": {**_SCALES, **_SHARING, **_LORA, **_LORA_COSTS, **_FAULTS, "profile": _profile},
+    # payloads: "virtual" carries sizes without bytes, each fetch priced as on a GPU host
+    "emulated": {**_SCALES, **_SHARING, **_LORA, **_LORA_COSTS, **_FAULTS, "profile": _profile,
+                 "payloads": _choice("real", "virtual")},
     "monolith": {**_SCALES, **_SHARING, "gpu_memory_gib": _number(1.0, 4096.0)},
-    "diffusers": {**_LORA, "batching": _choice("exact", "fused")},
+    # batching: "fused" (the default) runs a batch of plain denoise steps as one model call;
+    # "exact" one call per task, bit for bit the pipeline's result (actors/backends/diffusers/backend.py)
+    "diffusers": {**_LORA, "batching": _choice("fused", "exact")},
     # step_shapes: a family of actors.backends.emulated.STEP_SHAPES (`lego bench overhead --step-shapes`)
     "noop": {**_SCALES, "step_shapes": _choice("sd15", "sdxl", "sd3", "flux")},
 }

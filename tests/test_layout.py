@@ -22,6 +22,8 @@ LAZY_IMPORTS = {
         "clients.local", "clients.bench.overhead", "clients.bench.cluster", "clients.bench.sim.bench", "clients.bench.sim.suite",
         "clients.bench.scheduler", "clients.bench.lora", "clients.bench.chaos")},
     ("actors/models/tiny.py", "actors.models.single_file"): "imports torch; building catalogs needs none",
+    ("clients/bench/gpu_check.py", "actors.backends.diffusers"): "imports torch and diffusers; the GPU check's "
+                                                                "driver and its other stages need neither",
 }
 
 

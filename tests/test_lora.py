@@ -149,7 +149,9 @@ def test_concurrent_requests_with_different_adapters_on_one_actor_never_share_a_
     root, catalog_path, _ = tiny
     spec = LocalClusterSpec(workflows=["tiny-sd15-lora", "tiny-sd15-txt2img"], backend="diffusers",
                             catalog=[str(catalog_path)], run_dir=str(tmp_path / "run"), log_level="warning",
-                            max_batch_rows=8)
+                            # concurrent requests of one adapter set share denoise batches, and each image
+                            # is compared bit for bit: fused batching (the default) is only within a tolerance
+                            max_batch_rows=8, options={"batching": "exact"})
     sets = [[("ink", 1.0)], [("clay", 1.0)], [("ink", 1.0)], [("neon", 0.5), ("clay", -1.0)], []]
     with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
         jobs = [client.submit("tiny-sd15-lora", **params_for("sd15", adapters, 30)) for adapters in sets]

@@ -1,6 +1,6 @@
 """The GPU check: CUDA IPC and full-size models on a lent GPU machine, in one short run.
 
-`python -m clients.bench.gpu_check run [--dry-run] [--record] [--out DIR]` (what
+`python -m clients.bench.gpu_check run [--dry-run] [--record] [--stages LIST] [--out DIR]` (what
 scripts/gpu-check.sh runs). Processes and sockets: this driver's main thread owns a
 client DEALER to the broker it starts and the fetch DEALERs of a consumer actor
 runtime (`Consumer`); it starts, as processes of its own, a producer peer
@@ -18,6 +18,12 @@ Stages, each under a hard time budget (SIGALRM), each reported even when it fail
   a CUDA IPC fetch; the micro-served image must equal the diffusers pipeline's; the
   served and in-process times at 4 and 20 steps give the per-step overhead (the slope)
   and the per-request overhead (the rest).
+- batching: SDXL (fp16), SD3 (bf16) and Flux (bf16, FLUX.1-schnell's transformer)
+  denoisers at full size and 1024 px, built in memory on the GPU, stepping batches of
+  1, 2, 4 and 8 requests (SDXL and SD3 with CFG: two rows each; Flux without: one)
+  through the diffusers backend in `fused` mode (one model call) and `exact` mode (one
+  call per task): denoise steps per second of each and the fused results' largest
+  difference from the exact ones.
 
 `--dry-run` runs the same code on the CPU with shrunken components at 64 px and no
 IPC, so a machine without a GPU catches what would break on one.
@@ -41,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.models import fullsize
+from broker.catalog import ModelSpec
+from broker.protocol.messages import TaskSpec
+from broker.protocol.tasks import DenoiseParams
 from clients.bench import records
 from clients.bench.gpu_transfers import (
     KIB,
@@ -57,6 +66,15 @@ from clients.local import free_port
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root (this file is clients/bench/gpu_check.py)
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk", "blurry"  # SDXL zeroes an empty negative prompt
+BATCH_SIZES = (1, 2, 4, 8)  # requests per denoise batch in the batching stage
+# FLUX.1-schnell's transformer (black-forest-labs/FLUX.1-schnell, transformer/config.json: 12 B
+# parameters) and a shrunken one of the same structure for --dry-run.
+FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "pooled_projection_dim": 768, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56)}
+FLUX_TRANSFORMER_DRY = {**FLUX_TRANSFORMER, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                        "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+                        "axes_dims_rope": (4, 6, 6)}
 
 
 class MiniCluster:
@@ -191,6 +209,140 @@ def check_family(family: str, *, dry: bool, device: str, root: Path, short: int,
     return result
 
 
+# ------------------------------------------------------------------ fused vs exact batching
+
+
+def _batching_denoiser(family: str, dry: bool, device: str, dtype: Any) -> tuple[Any, Any]:
+    """(denoiser module, scheduler config) at full size (or shrunken), random weights,
+    initialised on the device in `dtype` (Flux in float32 would need 48 GB)."""
+    import diffusers
+    import torch
+
+    cls, config, scheduler = {
+        "sdxl": (diffusers.UNet2DConditionModel, fullsize.SDXL_UNET_DRY if dry else fullsize.SDXL_UNET,
+                 diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                  steps_offset=1, timestep_spacing="leading")),
+        "sd3": (diffusers.SD3Transformer2DModel, fullsize.SD3_TRANSFORMER_DRY if dry else fullsize.SD3_TRANSFORMER,
+                diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)),
+        "flux": (diffusers.FluxTransformer2DModel, FLUX_TRANSFORMER_DRY if dry else FLUX_TRANSFORMER,
+                 diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0,
+                                                           use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                           base_image_seq_len=256, max_image_seq_len=4096)),
+    }[family]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    # what `DDIMScheduler.load_config` gives an actor: the config with its class name
+    return module.eval(), {**scheduler.config, "_class_name": type(scheduler).__name__}
+
+
+def _encoder_outputs(family: str, dry: bool, rows: int, seed: int, dtype: Any) -> list[dict]:
+    """What the family's text encoders hand step 0 (random, of their real shapes)."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(shape, generator=generator).to(dtype)
+
+    clip_l, clip_g = (32, 32) if dry else (768, 1280)
+    if family == "sdxl":
+        return [{"embeds": rand(rows, 77, clip_l)}, {"embeds": rand(rows, 77, clip_g), "pooled": rand(rows, clip_g)}]
+    if family == "sd3":
+        return [{"embeds": rand(rows, 77, clip_l), "pooled": rand(rows, clip_l)},
+                {"embeds": rand(rows, 77, clip_g), "pooled": rand(rows, clip_g)}]
+    config = FLUX_TRANSFORMER_DRY if dry else FLUX_TRANSFORMER
+    return [{"pooled": rand(rows, config["pooled_projection_dim"])},
+            {"t5": rand(rows, 16 if dry else 512, config["joint_attention_dim"])}]
+
+
+def bench_batching(family: str, *, dry: bool, device: str, rounds: int) -> dict:
+    """One denoise step of 1, 2, 4 and 8 requests as one batch through the diffusers backend,
+    fused and exact: medians of `rounds` timed batches after a warm-up each."""
+    import torch
+
+    from actors.backends.diffusers import DiffusersBackend
+
+    dtype_name = {"sdxl": "float16", "sd3": "bfloat16", "flux": "bfloat16"}[family]
+    dtype, size = getattr(torch, dtype_name), 64 if dry else 1024
+    rows = 1 if family == "flux" else 2  # Flux (schnell-style) without CFG, the others with
+    started = time.perf_counter()
+    module, scheduler_config = _batching_denoiser(family, dry, device, dtype)
+    spec = ModelSpec(f"batching-{family}", "denoiser", dtype=dtype_name, source="(built in memory)", family=family,
+                     latent_channels=module.config.in_channels)
+    backends = {}
+    for mode in ("exact", "fused"):
+        backends[mode] = DiffusersBackend(spec, device, {"batching": mode})
+        backends[mode].loaded.component, backends[mode].loaded.scheduler_config = module, scheduler_config
+    result: dict = {"family": family, "dtype": dtype_name, "size": size, "rows": rows, "rounds": rounds,
+                    "build_s": round(time.perf_counter() - started, 1), "steps_per_s": {}, "max_abs_diff": {}}
+
+    def batch(n: int) -> tuple[list, list]:
+        # each request at step 0 of a schedule of its own length: every row has its own timestep
+        tasks = [TaskSpec(f"b{i}", f"r{i}", 0, "denoise/0", "denoise", spec.name, "batching", rows, [size, size],
+                          DenoiseParams(step=0, steps=20 + i, first=True, seed=i, sampler="default",
+                                        guidance=7.5 if rows == 2 else None), [], f"b{i}") for i in range(n)]
+        return tasks, [_encoder_outputs(family, dry, rows, i, dtype) for i in range(n)]
+
+    for n in BATCH_SIZES:
+        tasks, inputs = batch(n)
+        times, outputs = {}, {}
+        for mode, backend in backends.items():
+            outputs[mode] = backend.run(tasks, inputs)  # warm-up (and the outputs compared below)
+            samples = []
+            for _ in range(rounds):
+                synchronize(device)
+                t0 = time.perf_counter()
+                backend.run(tasks, inputs)
+                synchronize(device)
+                samples.append(time.perf_counter() - t0)
+            times[mode] = statistics.median(samples)
+        result["steps_per_s"][n] = {mode: round(n / t, 2) for mode, t in times.items()}
+        result["max_abs_diff"][n] = max((a["latents"].float() - b["latents"].float()).abs().max().item()
+                                        for a, b in zip(outputs["exact"], outputs["fused"], strict=True))
+    del backends, module
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_batching(*, dry: bool, device: str, families: tuple[str, ...] = ("sdxl", "sd3", "flux")) -> dict:
+    """The batching stage: each family on its own, one failure reported without hiding the rest."""
+    report = {}
+    for family in families:
+        try:
+            report[family] = bench_batching(family, dry=dry, device=device, rounds=1 if dry else 3)
+        except StageTimeout as exc:  # the stage's budget is spent: keep what was measured
+            report[family] = {"error": str(exc)}
+            break
+        except Exception as exc:  # reported in the table
+            report[family] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return report
+
+
+def batching_rows(report: dict, dry: bool) -> list[tuple[str, str, str]]:
+    rows = []
+    for family, r in report.items():
+        if "error" in r:
+            rows.append((f"batching {family}", f"FAILED: {r['error'].splitlines()[0][:300]}", ""))
+            continue
+        label = (f"{family.upper()} {'shrunken (dry run)' if dry else 'full size'}, {r['dtype']}, {r['size']} px, "
+                 f"{r['rows']} row(s) per request")
+        cells = []
+        for n, by in r["steps_per_s"].items():
+            gain = by["fused"] / by["exact"] if by["exact"] else 0.0
+            cells.append(f"{n}: {by['exact']} / {by['fused']} (x{gain:.2f})")
+        rows.append((f"{label}: denoise steps/s, exact / fused, at batch {', '.join(str(n) for n in r['steps_per_s'])} "
+                     f"requests (medians of {r['rounds']})", "; ".join(cells), "fused > exact from batch 2"))
+        diffs = ", ".join(f"{n}: {d:.2g}" for n, d in r["max_abs_diff"].items())
+        rows.append((f"{label}: fused vs exact, max abs diff of the step's latents", diffs, "0 at batch 1"))
+    return rows
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -270,6 +422,10 @@ def table(report: dict) -> str:
                      f"{r['per_step_overhead_ms']} / {r['per_request_overhead_ms']}", ""))
         rows.append((f"{label}: fetches, of them by CUDA IPC; IPC fallbacks; pins left",
                      f"{r['fetches']}, {r['ipc_fetches']}; {r['ipc_fallbacks']}; {r['ipc_pins_left']}", ""))
+    if report.get("batching"):
+        batching = report["batching"]
+        rows += ([("batching", f"FAILED: {batching['error'].splitlines()[0][:300]}", "")] if "error" in batching
+                 else batching_rows(batching, report["dry_run"]))
     lines = ["| metric | measured | target |", "| --- | --- | --- |"]
     return "\n".join([*lines, *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
 
@@ -289,7 +445,8 @@ def run_check(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"date": records.utc_now(),
                     "machine": machine(device), "device": device, "dry_run": dry, "note": args.note}
-    budgets = {"transfers": 20 if dry else 45, "sdxl": 240 if dry else 150, "sd3": 240 if dry else 120}
+    budgets = {"transfers": 20 if dry else 45, "sdxl": 240 if dry else 150, "sd3": 240 if dry else 120,
+               "batching": 120 if dry else 150}
     root = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
     root.mkdir(parents=True, exist_ok=True)
     for stage in stages:
@@ -300,6 +457,8 @@ def run_check(args: argparse.Namespace) -> int:
                 if stage == "transfers":
                     transports = TRANSPORTS if device.startswith("cuda") else ("shm", "frames")
                     report[stage] = bench_transfers(device, TRANSFER_SIZES, 3 if dry else 20, transports)
+                elif stage == "batching":
+                    report[stage] = run_batching(dry=dry, device=device)
                 else:
                     report[stage] = check_family(stage, dry=dry, device=device, root=root, short=2 if dry else 4,
                                                  long=4 if dry else 20, rounds=1 if dry else 3)
@@ -334,6 +493,10 @@ def _passed(report: dict, stages: list[str]) -> bool:
             left = r["leftover"]
             if left["allocated"] != left["baseline"] or left["pins"] or left["segments"]:
                 return False
+        elif stage == "batching":
+            # a measurement, save one rule: a batch of one task is the pipeline's computation in either mode
+            if any("error" in f or f["max_abs_diff"][BATCH_SIZES[0]] != 0 for f in r.values()):
+                return False
         elif not r.get("identical") or r.get("ipc_fallbacks") or r.get("ipc_pins_left"):
             return False
         elif report["device"].startswith("cuda") and not r.get("ipc_fetches"):
@@ -348,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true", help="CPU, shrunken components, no IPC")
     run.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     run.add_argument("--device", default="", help="default: cuda:0 where CUDA is, else cpu")
-    run.add_argument("--stages", default="transfers,sdxl,sd3")
+    run.add_argument("--stages", default="transfers,sdxl,sd3,batching", help="of transfers, sdxl, sd3, batching")
     run.add_argument("--out", default=str(REPO / "run" / "gpu-check"), help="where the table and JSON go")
     run.add_argument("--work", default="", help="where models are built (each removed after its stage; default: a temporary folder)")
     run.add_argument("--note", default="", help="the GPU tests' outcome, for the table")

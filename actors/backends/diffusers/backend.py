@@ -9,11 +9,17 @@ Pipelines blocks declare theirs. Family differences are data (family.py).
 
 A node task does exactly what the diffusers pipeline does at that point, in the same
 order and with the same tensor shapes, so the micro-served result equals the pipeline's
-bit for bit. Tasks of one batch run one after another by default (`options.batching =
-"exact"`): batched kernels are not bit-identical to single calls, and exactness comes
-first. `options.batching = "fused"` runs a batch of plain denoise tasks as one model
-call, each row with its own timestep, for throughput; the difference is measured in the
-tests.
+bit for bit. A batch of several plain denoise tasks runs as one model call by default
+(`options.batching = "fused"`, denoise.py `denoise_fused`): rows of all its requests,
+each with its own timestep, which is what makes a batch cheaper per row on a GPU, as
+the cost profiles that drive batching assume. Batched kernels do not round exactly as
+batch-1 calls do, so such a request differs from the pipeline in the low bits (bounded
+per family in tests/test_fused_batching.py). A batch of one task is always exactly the
+pipeline's computation, fused or not, and the broker forms batches of several tasks only
+up to the rows the model's profile says still pay (`batch_by_profile`, broker/core/
+choosers.py `batch_rows`; a model without a profile batches up to `max_batch_rows`).
+`options.batching = "exact"` runs a batch's tasks one after another: bit for bit the
+pipeline's result whatever the batching, for reproducibility.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class DiffusersBackend:
             raise ValueError(f"models.{model.name}.source: the diffusers backend needs a folder or repo id")
         if model.dtype not in DTYPES:
             raise ValueError(f"models.{model.name}.dtype: expected one of {sorted(DTYPES)}, got {model.dtype!r}")
-        self.batching = str(options.get("batching", "exact"))
+        self.batching = str(options.get("batching", "fused"))
         if self.batching not in ("exact", "fused"):
             raise ValueError(f"options.batching: expected 'exact' or 'fused', got {self.batching!r}")
         self.model = model

@@ -21,6 +21,7 @@ from broker.protocol.messages import TaskSpec
 from broker.protocol.tasks import DenoiseBranchParams, DenoiseParams, TaskKind
 
 ROW_KEYS = ("text_embeds", "time_ids", "pooled_projections")  # added conditioning with one row per CFG branch
+SHARED_KEYS = ("txt_ids", "img_ids")  # Flux: ids per token position, one tensor for every row of a call
 
 
 class DenoiseBlock:
@@ -68,28 +69,47 @@ class DenoiseBranchBlock:
 
 
 def fusable(model: ActorModel, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> bool:
-    """Whether a batch can run as one model call: plain steps (no nets) of a family whose
-    pipeline calls its model on all rows at once."""
-    plain = not any(controlnet.is_control(b) for task_inputs in inputs for b in task_inputs)
-    return (not model.family.calls_per_row and plain and len(tasks) > 1
-            and all(t.kind == TaskKind.DENOISE for t in tasks))
+    """Whether a batch can run as one model call: more than one task (a batch of one is
+    always the pipeline's own computation), plain steps (no ControlNet residuals), and rows
+    the family's pipeline would give its model in one call. SD 1.5, SDXL and SD3 call it
+    on all rows at once (CFG as one batch-2 call), so any mix of CFG and not fuses. Flux
+    calls its transformer on a whole prompt batch at once only without true CFG, so its
+    tasks fuse when each has one row; a true-CFG task (two rows, two batch-1 calls in
+    FluxPipeline) keeps the batch per row.
+
+    ControlNet steps stay unfused: their residuals come from other actors, one set per
+    task, and tasks of one batch may name different nets, scales and guidance windows
+    (SD 1.5 and SDXL residuals cover both CFG rows, Flux's the positive row only), so one
+    call would first need every task's residuals in one layout."""
+    if len(tasks) < 2 or any(t.kind != TaskKind.DENOISE or t.params.split for t in tasks):
+        return False
+    if any(controlnet.is_control(b) for task_inputs in inputs for b in task_inputs):
+        return False
+    return not model.family.calls_per_row or all(t.rows == 1 for t in tasks)
 
 
 def denoise_fused(model: ActorModel, tasks: list[TaskSpec], inputs: list[list[Bundle]]) -> list[Bundle]:
-    """One model call for the whole batch (opt-in: `options.batching = "fused"`).
+    """One model call for the whole batch (`options.batching = "fused"`, the default).
 
-    Rows of all tasks are concatenated, each with its own timestep. Batched kernels
-    do not round exactly as batch-1 calls do, so results differ from the pipeline's
-    in the low bits (tests/test_diffusers.py measures by how much).
+    Rows of all tasks are concatenated, each with its own timestep and conditioning;
+    tensors per position rather than per row (Flux's text and image ids) are shared.
+    Batched kernels do not round exactly as batch-1 calls do, so results differ from the
+    pipeline's in the low bits (tests/test_fused_batching.py bounds by how much, per
+    family). Steps whose tensors cannot be stacked (sequences of different lengths) run
+    one call each, as `exact` does.
     """
     steps = [prepare_step(model, task, task_inputs, model.scheduler_config)
              for task, task_inputs in zip(tasks, inputs, strict=True)]
+    if not _stackable(steps):
+        noises = [call_model(model, s.model_input, s.t, s.embeds, s.added) for s in steps]
+        return [finish_step(task, s, n) for task, s, n in zip(tasks, steps, noises, strict=True)]
     model_input = torch.cat([s.model_input for s in steps])
     timesteps = torch.cat([s.t.reshape(1).expand(s.model_input.shape[0]) for s in steps]).to(model.device)
     embeds = torch.cat([s.embeds for s in steps])
     added = None
     if steps[0].added is not None:
-        added = {k: torch.cat([s.added[k] for s in steps]) for k in steps[0].added}
+        added = {k: v if k in SHARED_KEYS else torch.cat([s.added[k] for s in steps])
+                 for k, v in steps[0].added.items()}
     noise = call_model(model, model_input, timesteps, embeds, added)
     outputs, row = [], 0
     for task, step in zip(tasks, steps, strict=True):
@@ -97,6 +117,27 @@ def denoise_fused(model: ActorModel, tasks: list[TaskSpec], inputs: list[list[Bu
         outputs.append(finish_step(task, step, noise[row: row + rows]))
         row += rows
     return outputs
+
+
+def _stackable(steps: list) -> bool:
+    """Whether the steps' model inputs concatenate into one call: every row tensor alike
+    past its first dimension, every shared tensor equal."""
+    first = steps[0]
+    for step in steps[1:]:
+        if (step.model_input.shape[1:] != first.model_input.shape[1:] or step.embeds.shape[1:] != first.embeds.shape[1:]
+                or (step.added is None) != (first.added is None)):
+            return False
+        if first.added is None:
+            continue
+        if step.added.keys() != first.added.keys():
+            return False
+        for key, value in first.added.items():
+            other = step.added[key]
+            if key in SHARED_KEYS and not torch.equal(other, value):
+                return False
+            if key not in SHARED_KEYS and other.shape[1:] != value.shape[1:]:
+                return False
+    return True
 
 
 def call_model(model: ActorModel, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
@@ -124,15 +165,21 @@ def _flux_call(transformer, model_input, t, embeds, added, residuals) -> torch.T
     if residuals:
         extra = {"controlnet_block_samples": residuals["blocks"],
                  "controlnet_single_block_samples": residuals["singles"], "controlnet_blocks_repeat": False}
-    # FluxPipeline runs true CFG as two batch-1 calls (positive, negative), so one call
-    # per row here gives the same bits; rows stay in [negative; positive] order.
     timestep = t.expand(model_input.shape[0]).to(model_input.dtype) / 1000
-    rows = [transformer(hidden_states=model_input, timestep=timestep, guidance=added.get("guidance"),
-                        pooled_projections=added["pooled_projections"][r: r + 1], encoder_hidden_states=embeds[r: r + 1],
-                        txt_ids=added["txt_ids"], img_ids=added["img_ids"], joint_attention_kwargs={}, return_dict=False,
-                        **extra)[0]
-            for r in range(embeds.shape[0])]
-    return torch.cat(rows)
+
+    def call(hidden, step, pooled, sequence):
+        return transformer(hidden_states=hidden, timestep=step, guidance=added.get("guidance"), pooled_projections=pooled,
+                           encoder_hidden_states=sequence, txt_ids=added["txt_ids"], img_ids=added["img_ids"],
+                           joint_attention_kwargs={}, return_dict=False, **extra)[0]
+
+    if model_input.shape[0] == embeds.shape[0]:
+        # A latent row per prompt row: FluxPipeline's one call on its prompt batch (a
+        # request without true CFG, or a fused batch of such requests, per-row timesteps).
+        return call(model_input, timestep, added["pooled_projections"], embeds)
+    # True CFG: FluxPipeline runs it as two batch-1 calls (positive, negative) on the one
+    # latent, so one call per row here gives the same bits; rows stay in [negative; positive] order.
+    return torch.cat([call(model_input, timestep, added["pooled_projections"][r: r + 1], embeds[r: r + 1])
+                      for r in range(embeds.shape[0])])
 
 
 MODEL_CALLS: dict[str, Callable[..., torch.Tensor]] = {UNET: _unet_call, SD3_DIT: _sd3_call, FLUX_DIT: _flux_call}
