@@ -6,6 +6,11 @@ the CPU), accounts the resident memory each actor's profile says it needs, pins
 actors to GPUs with CUDA_VISIBLE_DEVICES, writes a pidfile and a log per actor, and
 reports every start and exit. It restarts nothing on its own: replacing a dead actor
 is the scheduler's decision.
+
+With `hosted_emulated` on, emulated actors run on threads of this process instead
+(actors/hosted.py: each its own runtime, sockets and ZeroMQ context), with the same
+bookkeeping: an emulated cluster then costs one process, not
+one per actor, on a machine with few cores.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import structlog
 import zmq
 
 from actors.addresses import data_host
+from actors.hosted import HostedActor, hostable
+from actors.runtime import ActorConfig
 from broker import auth, rundir
 from broker import protocol as p
 from broker.actor_options import check_options
@@ -61,6 +68,9 @@ class AgentConfig:
     heartbeat_misses: int = 5
     stop_grace_s: float = 5.0
     actor_log_format: str = ""  # of the actors it starts; empty: the agent's own (and its level)
+    # Emulated actors (backends emulated and monolith, no `crash_on_prompt`) run on threads
+    # of this process (actors/hosted.py) instead of a process each; env LEGO_HOSTED_EMULATED.
+    hosted_emulated: bool = False
     log_format: str = "console"
     log_level: str = "info"
 
@@ -92,9 +102,13 @@ class Child:
     actor_id: str
     device: str
     memory_bytes: int
-    process: subprocess.Popen
-    pidfile: Path
+    process: subprocess.Popen | HostedActor
+    pidfile: Path | None  # None: hosted, no process of its own
     stop_requested_at: float = 0.0
+
+    def forget_pidfile(self) -> None:
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
 
 
 class NodeAgent:
@@ -157,15 +171,31 @@ class NodeAgent:
         if device.kind != "cpu" and need > device.free_bytes:
             return refuse(f"device: {msg.device} has {device.free_bytes} bytes free, {msg.model} needs {need}")
         actor_id = f"{msg.model}@{self.host}/{msg.device}#{msg.spawn_id}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LEGO_EXIT_WITH_PARENT="1")
-        env.pop("LEGO_KEY_FILE", None)  # the agent's own key: an actor gets the actors' key, by flag
-        actor_device = msg.device
-        if device.kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
-            env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
-            actor_device = "cuda:0"
         if device.kind == "emulated":  # the agent's own lock file: never a path from the wire
             # Actors on one emulated GPU take turns computing, as kernels on one GPU do.
             options["device_lock"] = str((self.run_dir / "locks" / f"{msg.device.replace(':', '-')}.lock").resolve())
+        try:
+            if self.config.hosted_emulated and hostable(msg.backend, device.kind, options):
+                process, pidfile = self._start_hosted(msg, actor_id, options), None
+            else:
+                process, pidfile = self._start_process(msg, actor_id, device.kind, options)
+        except OSError as exc:
+            return refuse(f"could not start: {exc}")
+        device.free_bytes -= need
+        self.children[actor_id] = Child(msg.spawn_id, actor_id, msg.device, need, process, pidfile)
+        log.info("actor_started", spawn_id=msg.spawn_id, actor_id=actor_id, pid=process.pid, device=msg.device,
+                 hosted=pidfile is None)
+        self._outbox.append(p.AgentEvent(msg.spawn_id, "started", actor_id, process.pid, devices=list(self.devices.values())))
+
+    def _start_process(self, msg: p.SpawnActor, actor_id: str, device_kind: str,
+                       options: dict) -> tuple[subprocess.Popen, Path]:
+        """`python -m actors ...` with its own log file and pidfile; OSError if it cannot start."""
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LEGO_EXIT_WITH_PARENT="1")
+        env.pop("LEGO_KEY_FILE", None)  # the agent's own key: an actor gets the actors' key, by flag
+        actor_device = msg.device
+        if device_kind == "cuda":  # pin: the actor sees exactly one GPU, as cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = msg.device.split(":")[1]
+            actor_device = "cuda:0"
         cmd = [sys.executable, "-m", "actors", "--model", msg.model, "--broker", self.config.broker_backend,
                "--device", actor_device, "--backend", msg.backend, "--actor-id", actor_id, "--host", self.host,
                "--max-batch-rows", str(msg.max_batch_rows), "--data-bind", f"tcp://{self.data_host}:*",
@@ -179,16 +209,34 @@ class NodeAgent:
         logfile = rundir.open_private(self.run_dir / "logs" / f"actor-{safe}.log")
         try:
             process = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            return refuse(f"could not start: {exc}")
         finally:
             logfile.close()
         pidfile = self.run_dir / "pids" / f"actor-{safe}.pid"
         rundir.write_private(pidfile, f"{process.pid}\n")
-        device.free_bytes -= need
-        self.children[actor_id] = Child(msg.spawn_id, actor_id, msg.device, need, process, pidfile)
-        log.info("actor_started", spawn_id=msg.spawn_id, actor_id=actor_id, pid=process.pid, device=msg.device)
-        self._outbox.append(p.AgentEvent(msg.spawn_id, "started", actor_id, process.pid, devices=list(self.devices.values())))
+        return process, pidfile
+
+    def _start_hosted(self, msg: p.SpawnActor, actor_id: str, options: dict) -> HostedActor:
+        """The same actor on a thread of this process.
+
+        It gets a ZeroMQ context of its own (an IO thread, as its process would have),
+        not this process's: keys on, its data socket starts a ZAP handler, and a context
+        holds one; and a socket it failed to close (a runtime that raised while being
+        built) would keep this process's context from terminating, and the agent from
+        exiting.
+
+        It fetches peers' outputs as frames, not through shared memory: its peers are
+        mostly threads of this process too, and multiprocessing's resource tracker keeps
+        one set of segment names per process, which an attach-then-forget (actors/shm.py)
+        of a segment this process created would empty under its creator."""
+        config = ActorConfig(model=msg.model, broker_backend=self.config.broker_backend, device=msg.device,
+                             backend=msg.backend, catalog=list(self.config.catalog), actor_id=actor_id,
+                             host=self.host, data_bind=f"tcp://{self.data_host}:*",
+                             key_file=self.config.actor_key_file, max_batch_rows=msg.max_batch_rows,
+                             options=dict(options), shm=False)
+        try:
+            return HostedActor(config).start()
+        except RuntimeError as exc:  # no thread to be had
+            raise OSError(str(exc)) from exc
 
     def stop_actor(self, actor_id: str) -> None:
         child = self.children.get(actor_id)
@@ -209,7 +257,7 @@ class NodeAgent:
                     child.process.kill()
                 continue
             del self.children[actor_id]
-            child.pidfile.unlink(missing_ok=True)
+            child.forget_pidfile()
             self.devices[child.device].free_bytes += child.memory_bytes
             log.info("actor_exited", actor_id=actor_id, returncode=code)
             self._outbox.append(p.AgentEvent(child.spawn_id, "exited", actor_id, child.process.pid, code,
@@ -225,7 +273,7 @@ class NodeAgent:
         for child in self.children.values():
             child.process.kill()
             child.process.wait()
-            child.pidfile.unlink(missing_ok=True)
+            child.forget_pidfile()
         self.children.clear()
 
     # ------------------------------------------------------------------ broker link
@@ -311,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir")
     parser.add_argument("--key-file", help="keys on: this agent's key file (env LEGO_KEY_FILE)")
     parser.add_argument("--actor-key-file", help="keys on: the actors' key file, handed to every actor it starts")
+    parser.add_argument("--hosted-emulated", choices=("on", "off"),
+                        help="run emulated actors on threads of the agent, not a process each "
+                             "(env LEGO_HOSTED_EMULATED; default off)")
     parser.add_argument("--data-host", help="the address this host's actors serve tensors on, reachable from other "
                         "hosts (env LEGO_DATA_HOST; default: loopback for a broker on loopback, else the local end "
                         "of the route to the broker)")

@@ -37,6 +37,8 @@ class LocalClusterSpec:
     options: dict = field(default_factory=dict)  # backend options, e.g. {"time_scale": 0.1}
     max_batch_rows: int = 8
     emulate_gpus: int = 2
+    # The node agent runs emulated actors on threads of its own process (actors/hosted.py)
+    hosted_emulated: bool = False
     gpu_memory_gib: float = 80.0
     catalog: list[str] = field(default_factory=list)
     frontend_port: int = 0  # 0: pick a free port
@@ -161,7 +163,8 @@ class LocalCluster:
                                *(["--journal", s.journal] if s.journal else []), *s.broker_args, *common])
         self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
                               "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
-                              "--host", "localhost", *self._keys_of("agent", "--actor-key-file", "actor"), *catalogs, *common])
+                              "--host", "localhost", "--hosted-emulated", "on" if s.hosted_emulated else "off",
+                              *self._keys_of("agent", "--actor-key-file", "actor"), *catalogs, *common])
         deadline = time.monotonic() + timeout_s
         with Client(self.frontend, admin_timeout_s=2.0, key_file=self.key_file("admin")) as client:
             stats = self._wait(client, deadline, lambda st: st.agents, "the node agent to register")

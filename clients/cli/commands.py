@@ -210,7 +210,9 @@ def cmd_bench_cluster(args) -> int:
     rates = numbers(args.rates, float) if args.rates else (SHARING_RATES if sharing else RATES)
     settings = BenchSettings(setting=args.setting, systems=tuple(s for s in args.systems.split(",") if s), rates=rates,
                              bursts=numbers(args.bursts, int), gpus=args.gpus or (16 if sharing else 8),
-                             time_scale=args.time_scale, trace_limit_s=args.trace_limit_s, traces=args.traces)
+                             time_scale=args.time_scale, trace_limit_s=args.trace_limit_s, traces=args.traces,
+                             hosted_actors=not args.actor_processes,
+                             payloads="real" if args.real_payloads else "virtual")
     if args.quick:
         settings.gpus, settings.rates, settings.bursts = 4, (1.0, 4.0), (1, 4)
         settings.trace_limit_s, settings.time_scale = 6.0, 0.2
@@ -229,7 +231,9 @@ def cmd_bench_cluster(args) -> int:
         with open(args.record, "a") as out:
             out.write(f"\n### Micro-serving vs monolithic baselines, {args.setting} setting, emulated ({result['date']})\n\n"
                       f"Machine: {result['machine']}. Command: `{command}`. {result['gpus']} emulated H800s "
-                      f"(profile times x {result['time_scale']:g}, arrivals compressed alike), real processes; "
+                      f"(profile times x {result['time_scale']:g}, arrivals compressed alike), real processes "
+                      f"({'actors hosted in the node agent' if result['hosted_actors'] else 'a process per actor'}, "
+                      f"{result['payloads']} payloads); "
                       f"took {result['wall_s']} s.\n\n{cluster_table(result)}\n")
             if chart:
                 out.write(f"\n![SLO attainment vs rate scale]({chart})\n")
@@ -372,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--tenants", metavar="A=WORKFLOW,...",
                     help="trace tenants -> workflows (default: A, B, C -> the paper's three FLUX.1-schnell workflows)")
     cb.add_argument("--quick", action="store_true", help="CI check of the harness: 4 GPUs, 6 s of two traces, small bursts")
+    cb.add_argument("--actor-processes", action="store_true",
+                    help="a process per emulated actor, as on a GPU node (default: the node agent hosts them on "
+                         "threads of its own process, sparing the cores the emulation runs on)")
+    cb.add_argument("--real-payloads", action="store_true",
+                    help="micro-serving's actors move tensors of the real sizes through this machine's memory "
+                         "(default: virtual payloads, each fetch priced as on a GPU host)")
     cb.add_argument("--json", action="store_true")
     cb.add_argument("--plot", metavar="DIR", help="write the SLO-attainment chart (PNG) there")
     cb.add_argument("--record", metavar="FILE", help="append the tables to FILE (docs/benchmarks.md)")
