@@ -41,14 +41,13 @@ import time
 from actors.shm import ShmExporter, attach_bundle
 from actors.store import raw_zeros
 from broker.catalog import load_catalog
-from clients.bench.cluster import BenchSettings, cluster_spec
+from clients.bench.cluster import BenchSettings, cluster_spec, emulated_cluster
 from clients.bench.loadgen import Arrival, default_params, run_open_loop_sync, scale_arrivals
 from clients.bench.sim.bench import cluster_systems
 from clients.bench.sim.simulator import simulate
 from clients.bench.sim.timing import NO_OVERHEADS, Overheads
 from clients.bench.systems import PAPER_WORKFLOWS, SystemSpec
 from clients.client import Client
-from clients.local import LocalCluster
 
 WORKFLOWS = list(PAPER_WORKFLOWS.values())
 IDLE_GAP_S = 4.0  # trace seconds between single probes: longer than any request alone
@@ -100,12 +99,13 @@ def fetch_fit(repeats: int = 7) -> dict:
     return {"points": points, "fetch_s": max(0.0, my - slope * mx), "fetch_bytes_per_s": 1.0 / slope}
 
 
-def emulated(system: SystemSpec, arrivals: list[Arrival], time_scale: float) -> tuple[list, dict]:
-    """Outcomes (latencies back in trace time) of `arrivals` on a fresh emulated cluster."""
-
-    settings = BenchSettings(time_scale=time_scale)
+def emulated(system: SystemSpec, arrivals: list[Arrival], settings: BenchSettings) -> tuple[list, dict]:
+    """Outcomes (latencies back in trace time) of `arrivals` on a fresh emulated cluster,
+    built as `lego bench cluster` builds it with these settings."""
+    time_scale = settings.time_scale
     with tempfile.TemporaryDirectory() as run_dir:
-        with LocalCluster(cluster_spec(system, settings, run_dir)) as cluster, Client(cluster.frontend) as client:
+        with emulated_cluster(cluster_spec(system, settings, run_dir), settings.hosted_actors) as cluster, \
+                Client(cluster.frontend) as client:
             for workflow in WORKFLOWS:  # every actor has run once, as the benchmark warms up
                 client.generate(workflow, prompt="warm up", seed=0, timeout=300)
             outcomes = run_open_loop_sync(cluster.frontend, scale_arrivals(arrivals, time_scale), default_params,
@@ -171,15 +171,26 @@ def _with(base: Overheads, **changes) -> Overheads:
     return Overheads(**{**vars(base), **changes})
 
 
-def calibrate(time_scale: float, rounds: int, bursts: tuple[int, ...], repeats: int, systems: tuple[str, ...]) -> dict:
+def calibrate(time_scale: float, rounds: int, bursts: tuple[int, ...], repeats: int, systems: tuple[str, ...],
+              hosted_actors: bool = True, payloads: str = "virtual") -> dict:
     """Idle probes fit (task_s, request_s); the bursts of the micro-serving system (many
-    batches per request, so the per-batch term shows) then give task_s under load."""
+    batches per request, so the per-batch term shows) then give task_s under load.
+
+    The emulated clusters are built as `lego bench cluster` builds them by default
+    (actors hosted in the node agent, virtual payloads: fetches priced as on a GPU host,
+    which the simulator then prices alike, `Overheads.fetch_by_path`); with real payloads
+    the shared-memory fetch is measured and fitted instead."""
     catalog = load_catalog()
     specs = {s.name: s for s in cluster_systems(catalog, 8, systems, time_scale=time_scale)}
+    settings = BenchSettings(time_scale=time_scale, hosted_actors=hosted_actors, payloads=payloads)
     arrivals, singles = probe_arrivals(rounds, bursts)
     idle, burst = [a.index for a in arrivals[:singles]], [a.index for a in arrivals[singles:]]
-    fetch = fetch_fit()
-    base = Overheads(fetch_s=fetch["fetch_s"], fetch_bytes_per_s=fetch["fetch_bytes_per_s"])
+    if payloads == "virtual":
+        fetch = {"priced_by_path": True}
+        base = Overheads(fetch_by_path=True)
+    else:
+        fetch = fetch_fit()
+        base = Overheads(fetch_s=fetch["fetch_s"], fetch_bytes_per_s=fetch["fetch_bytes_per_s"])
     unit = 1e-3  # a unit overhead, in real seconds, to measure the slopes with
     gaps, runs = [], []
     for name, system in specs.items():
@@ -188,7 +199,7 @@ def calibrate(time_scale: float, rounds: int, bursts: tuple[int, ...], repeats: 
         per_request = _latencies(simulated(system, arrivals, time_scale, _with(base, request_s=unit)))
         for repeat in range(repeats):
             try:
-                outcomes, info = emulated(system, arrivals, time_scale)
+                outcomes, info = emulated(system, arrivals, settings)
             except Exception as exc:  # a cluster that would not start (a shared, busy machine): the others count
                 print(f"{name} #{repeat}: no run: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 continue
@@ -210,7 +221,8 @@ def calibrate(time_scale: float, rounds: int, bursts: tuple[int, ...], repeats: 
                   f"hop {info['hop_latency_s']}", file=sys.stderr, flush=True)
     task_s, request_s = fit(gaps)
     idle_fit = _with(base, task_s=max(0.0, task_s), request_s=max(0.0, request_s))
-    result = {"time_scale": time_scale, "fetch": fetch, "idle": vars(idle_fit), "runs": runs}
+    result = {"time_scale": time_scale, "hosted_actors": hosted_actors, "payloads": payloads, "fetch": fetch,
+              "idle": vars(idle_fit), "runs": runs}
     if "lego" in specs and burst:
         target = statistics.median(r["burst_mean_s"] for r in runs if r["system"] == "lego")
         loaded = _with(idle_fit, task_s=loaded_task_s(specs["lego"], arrivals, burst, target, time_scale, idle_fit))
@@ -230,10 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bursts", default="8", help="sizes of the simultaneous bursts, comma-separated")
     parser.add_argument("--repeats", type=int, default=2, help="fresh emulated clusters per system")
     parser.add_argument("--systems", default="lego,basic")
+    parser.add_argument("--actor-processes", action="store_true", help="a process per emulated actor (as "
+                        "`lego bench cluster --actor-processes`)")
+    parser.add_argument("--real-payloads", action="store_true", help="real bytes through shared memory (as "
+                        "`lego bench cluster --real-payloads`); the fetch is then measured and fitted")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
     bursts = tuple(int(x) for x in args.bursts.split(",") if x)
-    result = calibrate(args.time_scale, args.rounds, bursts, args.repeats, tuple(args.systems.split(",")))
+    result = calibrate(args.time_scale, args.rounds, bursts, args.repeats, tuple(args.systems.split(",")),
+                       hosted_actors=not args.actor_processes, payloads="real" if args.real_payloads else "virtual")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.json:
         with open(args.json, "w") as out:
