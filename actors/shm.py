@@ -90,8 +90,22 @@ def attach_bundle(descs: list[TensorDesc], as_torch: bool) -> Bundle:
         # Only the producer may unlink: keep this process's tracker out of it.
         resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001 (no public API on 3.10-3.12)
         try:
-            frames.append(bytes(segment.buf[: desc.nbytes]))
+            frames.append(_copy_out(segment.buf[: desc.nbytes], as_torch))
         finally:
             segment.close()
         local.append(TensorDesc(desc.name, desc.dtype, desc.shape, len(frames) - 1, "frame", desc.nbytes, desc.strides))
     return unpack_bundle(local, frames, as_torch)
+
+
+def _copy_out(view: memoryview, as_torch: bool) -> Any:
+    """The segment's bytes in memory of this process. For torch, into a torch allocation,
+    aligned as torch aligns its tensors, so that `unpack_torch` need not copy them again
+    to align them (broker/protocol/tensors.py)."""
+    if not as_torch:
+        return bytes(view)
+    import torch
+
+    out = torch.empty(len(view), dtype=torch.uint8)
+    if len(view):
+        out.numpy()[:] = memoryview(view).cast("B")
+    return out.numpy()
