@@ -1,11 +1,30 @@
 """Helpers shared by the tests that start processes through the launch scripts
 (tests/test_launch_scripts.py, tests/test_two_hosts.py): pidfiles, liveness, and a
-process's environment, so that clean-up kills by pid only what this test started."""
+process's environment, so that clean-up kills by pid only what this test started;
+and a node agent with no broker (tests/test_recovery_and_admin.py,
+tests/test_hosted_actors.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+from actors.agent import AgentConfig, NodeAgent
+from clients.local import free_port
+
+
+@contextlib.contextmanager
+def idle_agent(run_dir: Path, **config):
+    """A node agent on one emulated GPU whose broker address nothing listens on (a started
+    actor just keeps saying hello); its actors stopped and its context ended on exit."""
+    node = NodeAgent(AgentConfig(emulate_gpus=1, run_dir=str(run_dir),
+                                 broker_backend=f"tcp://127.0.0.1:{free_port()}", stop_grace_s=5.0, **config))
+    try:
+        yield node
+    finally:
+        node.stop_all()
+        node.context.term()
 
 
 def pidfiles(root: Path) -> dict[Path, int]:

@@ -10,6 +10,7 @@ actors are one process whose log lines still name each actor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from itertools import pairwise
 
 import psutil
 import pytest
+from process_helpers import idle_agent  # tests/ is on sys.path
 
 from actors.agent import AgentConfig, NodeAgent
 from actors.backends.emulated import EmulatedBackend
@@ -28,8 +30,8 @@ from broker import protocol as p
 from broker.catalog import load_catalog
 from broker.server import BrokerConfig, BrokerServer
 from clients import Client
-from clients.bench.cluster import emulated_cluster, emulation_cpu_s
-from clients.local import LocalClusterSpec, free_port
+from clients.bench.cluster import emulation_cpu_s
+from clients.local import LocalCluster, LocalClusterSpec, free_port
 
 WORKFLOW = "flux-schnell-txt2img"
 MODELS = load_catalog().workflows[WORKFLOW].models  # CLIP, T5, the base model, the VAE
@@ -53,15 +55,8 @@ def _reap_until(agent: NodeAgent, actor_id: str, timeout_s: float = 10.0) -> p.A
 
 @pytest.fixture
 def agent(tmp_path):
-    # nothing listens on this backend address: a started actor just keeps saying hello
-    config = AgentConfig(emulate_gpus=1, run_dir=str(tmp_path), broker_backend=f"tcp://127.0.0.1:{free_port()}",
-                         stop_grace_s=5.0, hosted_emulated=True)
-    node = NodeAgent(config)
-    try:
+    with idle_agent(tmp_path, hosted_emulated=True) as node:
         yield node
-    finally:
-        node.stop_all()
-        node.context.term()
 
 
 # ------------------------------------------------------------------ what is hosted
@@ -280,7 +275,7 @@ def test_the_bench_cluster_hosts_actors_in_the_agent_and_counts_the_cpu_it_uses(
     spec = LocalClusterSpec(workflows=[WORKFLOW], options={"time_scale": 0.05}, emulate_gpus=2,
                             heartbeat_interval_s=0.2, heartbeat_misses=5, run_dir=str(tmp_path / "run"),
                             log_level="info")
-    with emulated_cluster(spec, hosted_actors=hosted) as cluster, Client(cluster.frontend) as client:
+    with LocalCluster(dataclasses.replace(spec, hosted_emulated=hosted)) as cluster, Client(cluster.frontend) as client:
         cpu_before = emulation_cpu_s(cluster)
         result = client.generate(WORKFLOW, prompt="one process", seed=3, steps=2, timeout=60, **SIZE)
         cpu_s = emulation_cpu_s(cluster) - cpu_before

@@ -37,6 +37,7 @@ from broker_helpers import (  # tests/ is on sys.path
     submit,
     task_ids,
 )
+from process_helpers import idle_agent  # tests/ is on sys.path
 
 from actors.agent import AgentConfig, NodeAgent
 from broker import protocol as p
@@ -443,15 +444,8 @@ def test_hello_from_a_new_identity_loses_the_old_session_and_requeues_its_work()
 
 @pytest.fixture
 def agent(tmp_path):
-    # nothing listens on this backend address: a started actor just keeps saying hello
-    config = AgentConfig(emulate_gpus=1, run_dir=str(tmp_path), broker_backend=f"tcp://127.0.0.1:{free_port()}",
-                         stop_grace_s=5.0)
-    node = NodeAgent(config)
-    try:
+    with idle_agent(tmp_path) as node:
         yield node
-    finally:
-        node.stop_all()
-        node.context.term()
 
 
 def _events(agent) -> list[p.AgentEvent]:

@@ -37,8 +37,6 @@ scheduler can beat) and of the on-time reference. Progress goes to standard erro
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import re
 import statistics
@@ -289,14 +287,8 @@ def cluster_spec(system: SystemSpec, s: BenchSettings, run_dir: str) -> LocalClu
         serving=system.serving, drop_late=system.drop_late, drop_hopeless=system.drop_hopeless,
         admission=system.admission, cfg_split=system.cfg_split,
         scheduler=system.scheduler, scheduler_args=list(system.scheduler_args), placement=placement,
-        run_dir=run_dir, log_level=log_level, heartbeat_interval_s=1.0, broker_args=broker_flags(system))
-
-
-@contextlib.contextmanager
-def emulated_cluster(spec: LocalClusterSpec, hosted_actors: bool):
-    """A started cluster whose node agent hosts its emulated actors (or not); stopped on exit."""
-    with LocalCluster(dataclasses.replace(spec, hosted_emulated=hosted_actors)) as cluster:
-        yield cluster
+        run_dir=run_dir, log_level=log_level, heartbeat_interval_s=1.0, broker_args=broker_flags(system),
+        hosted_emulated=s.hosted_actors)
 
 
 def emulation_cpu(cluster: LocalCluster) -> dict[str, float]:
@@ -354,7 +346,7 @@ def run_arrivals(system: SystemSpec, arrivals: list[Arrival], window_s: float, s
     what starting the cluster and warming it up took (`startup_s`, `startup_cpu_s`: the
     cluster's processes only)."""
     starting = time.monotonic()
-    with emulated_cluster(cluster_spec(system, s, run_dir), s.hosted_actors) as cluster, \
+    with LocalCluster(cluster_spec(system, s, run_dir)) as cluster, \
             Client(cluster.frontend) as client:
         _warm_up(client, s.workflows)
         time.sleep(1.0)  # a heartbeat carries the warm-up's busy time
@@ -395,7 +387,7 @@ def burst_sweep(system: SystemSpec, s: BenchSettings, run_dir: str) -> dict[int,
     """Attainment of n simultaneous requests, for growing n, on one cluster (idle between)."""
     out = {}
     workflows = s.workflows
-    with emulated_cluster(cluster_spec(system, s, run_dir), s.hosted_actors) as cluster, \
+    with LocalCluster(cluster_spec(system, s, run_dir)) as cluster, \
             Client(cluster.frontend) as client:
         _warm_up(client, workflows)
         for n in s.bursts:

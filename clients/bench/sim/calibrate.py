@@ -41,13 +41,14 @@ import time
 from actors.shm import ShmExporter, attach_bundle
 from actors.store import raw_zeros
 from broker.catalog import load_catalog
-from clients.bench.cluster import BenchSettings, cluster_spec, emulated_cluster
+from clients.bench.cluster import BenchSettings, cluster_spec
 from clients.bench.loadgen import Arrival, default_params, run_open_loop_sync, scale_arrivals
 from clients.bench.sim.bench import cluster_systems
 from clients.bench.sim.simulator import simulate
 from clients.bench.sim.timing import NO_OVERHEADS, Overheads
 from clients.bench.systems import PAPER_WORKFLOWS, SystemSpec
 from clients.client import Client
+from clients.local import LocalCluster
 
 WORKFLOWS = list(PAPER_WORKFLOWS.values())
 IDLE_GAP_S = 4.0  # trace seconds between single probes: longer than any request alone
@@ -104,7 +105,7 @@ def emulated(system: SystemSpec, arrivals: list[Arrival], settings: BenchSetting
     built as `lego bench cluster` builds it with these settings."""
     time_scale = settings.time_scale
     with tempfile.TemporaryDirectory() as run_dir:
-        with emulated_cluster(cluster_spec(system, settings, run_dir), settings.hosted_actors) as cluster, \
+        with LocalCluster(cluster_spec(system, settings, run_dir)) as cluster, \
                 Client(cluster.frontend) as client:
             for workflow in WORKFLOWS:  # every actor has run once, as the benchmark warms up
                 client.generate(workflow, prompt="warm up", seed=0, timeout=300)
