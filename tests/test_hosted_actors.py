@@ -277,7 +277,9 @@ def test_the_bench_cluster_hosts_actors_in_the_agent_and_counts_the_cpu_it_uses(
                             log_level="info")
     with LocalCluster(dataclasses.replace(spec, hosted_emulated=hosted)) as cluster, Client(cluster.frontend) as client:
         cpu_before = emulation_cpu_s(cluster)
-        result = client.generate(WORKFLOW, prompt="one process", seed=3, steps=2, timeout=60, **SIZE)
+        # a few requests: one 2-step request can fit inside psutil's 10 ms CPU tick (seen: 0.0 s)
+        for seed in range(4):
+            result = client.generate(WORKFLOW, prompt="one process", seed=seed, steps=4, timeout=60, **SIZE)
         cpu_s = emulation_cpu_s(cluster) - cpu_before
         agent = psutil.Process(cluster.processes["agent"].pid)
         actors = _actor_processes(agent)
