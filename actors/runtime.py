@@ -71,8 +71,14 @@ class ActorConfig:
     heartbeat_interval_s: float = 1.0  # until the broker's WELCOME says otherwise
     heartbeat_misses: int = 5
     fetch_timeout_s: float = 10.0
-    shm: bool = True  # fetch from same-host peers through shared memory instead of sockets
-    shm_min_bytes: int = 1 << 20  # below this a segment costs more than sending the bytes
+    # Fetch from same-host peers through shared memory instead of sockets (env LEGO_SHM=1).
+    # Off by default: every output is fetched fresh, and then a segment (made, faulted in,
+    # copied into, copied out of) costs more than the frames' two copies. Measured with
+    # fresh bundles into torch CPU memory (docs/benchmarks.md, "Shared memory or frames"):
+    # 4.5 MiB 6.1 ms by shm, 2.6 ms as frames; 16 MiB 17.9 / 8.6 ms; 64 MiB 84 / 89 ms; on
+    # the H200, 64 MiB into CUDA memory 150 / 104 ms.
+    shm: bool = False
+    shm_min_bytes: int = 1 << 20  # with shm on: below this a segment costs more than sending the bytes
     ipc: bool = True  # CUDA tensors on this actor's GPU, held by a same-host peer: fetch by CUDA IPC
     # Each request's conditioning, once fetched, is kept (up to this many bytes, least
     # recently used out first) so that it crosses to this actor once per request.

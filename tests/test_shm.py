@@ -66,10 +66,11 @@ def test_a_segment_gone_before_the_consumer_maps_it_is_an_error_the_runtime_fall
 
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
-def test_actors_on_one_host_fetch_through_shared_memory(tmp_path):
+def test_actors_on_one_host_fetch_through_shared_memory(tmp_path, monkeypatch):
     from clients import Client
     from clients.local import LocalCluster, LocalClusterSpec
 
+    monkeypatch.setenv("LEGO_SHM", "1")  # off by default (actors/runtime.py): the actors inherit this
     before = ours()
     spec = LocalClusterSpec(workflows=["flux-schnell-txt2img"], replicas={"Flux1Schnell": 2},
                             options={"time_scale": 0.02}, affinity="avoid", heartbeat_interval_s=0.2,

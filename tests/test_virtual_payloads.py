@@ -57,7 +57,7 @@ def test_the_backend_prices_a_fetch_on_its_time_scale():
     catalog = load_catalog()
     backend = create_backend("emulated", catalog.models["Flux1Schnell"], "emu:0",
                              {"time_scale": 0.5, "payloads": "virtual"})
-    assert backend.transfer_s(64 << 20, "host") == pytest.approx(0.5 * 150.451e-3)
+    assert backend.transfer_s(64 << 20, "host") == pytest.approx(0.5 * 103.773e-3)
 
 
 def run_request(payloads: str) -> dict:

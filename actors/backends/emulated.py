@@ -53,13 +53,15 @@ def _stamped(dtype: str, shape: tuple, digest: bytes, virtual: bool = False) -> 
 # medians of 20 fetches into the consumer's CUDA memory on the lent H200, 2026-11-27
 # (docs/benchmarks.md, "CUDA IPC and full-size models on a GPU"). "device": the holder
 # is on the consumer's GPU (CUDA IPC: handle and event setup dominate); "host": another
-# GPU of the host, through shared memory from 1 MiB (`shm_min_bytes`) and as frames
-# below it, both through host memory; "network": frames over the holder's data socket
-# (measured on one host's loopback: a real NIC is no faster for this runtime's copies).
+# GPU of the host, as frames through host memory (shared memory is off by default: it
+# was slower at every size measured there, 5.9 against 2.7 ms at 4 MiB); "network": frames
+# over the holder's data socket (measured on one host's loopback: a real NIC is no
+# faster for this runtime's copies).
+_FRAMES_FETCH_S = ((128 << 10, 0.821e-3), (4 << 20, 2.67e-3), (64 << 20, 103.773e-3))
 MEASURED_FETCH_S = {
     "device": ((128 << 10, 1.271e-3), (4 << 20, 1.004e-3), (64 << 20, 1.242e-3)),
-    "host": ((128 << 10, 0.821e-3), (1 << 20, 1.5e-3), (4 << 20, 5.872e-3), (64 << 20, 150.451e-3)),
-    "network": ((128 << 10, 0.821e-3), (4 << 20, 2.67e-3), (64 << 20, 103.773e-3)),
+    "host": _FRAMES_FETCH_S,
+    "network": _FRAMES_FETCH_S,
 }
 
 
