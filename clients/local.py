@@ -37,6 +37,10 @@ class LocalClusterSpec:
     options: dict = field(default_factory=dict)  # backend options, e.g. {"time_scale": 0.1}
     max_batch_rows: int = 8
     emulate_gpus: int = 2
+    # Emulated hosts the GPUs are split over, one node agent each (as many GPUs on each):
+    # fetches between them are priced and routed as between hosts. GPU N of `placement`
+    # is GPU N % (emulate_gpus / emulate_hosts) of host N // (emulate_gpus / emulate_hosts).
+    emulate_hosts: int = 1
     # The node agent runs emulated actors on threads of its own process (actors/hosted.py)
     hosted_emulated: bool = False
     gpu_memory_gib: float = 80.0
@@ -93,6 +97,9 @@ class LocalCluster:
         self.keys: dict[str, Path] = {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.catalog = load_catalog(spec.catalog)
+        if spec.emulate_hosts < 1 or spec.emulate_gpus % spec.emulate_hosts:
+            raise LegoError(f"emulate_hosts: must be >= 1 and divide emulate_gpus ({spec.emulate_gpus}), "
+                            f"got {spec.emulate_hosts}")
         for name in spec.workflows:
             if name not in self.catalog.workflows:
                 raise LegoError(f"workflows: unknown workflow {name!r} (known: {sorted(self.catalog.workflows)})")
@@ -161,23 +168,32 @@ class LocalCluster:
                                "--batch-by-profile", "on" if s.batch_by_profile else "off",
                                "--cost-scale", str(s.options.get("time_scale", 1.0)), *broker_keys, *catalogs,
                                *(["--journal", s.journal] if s.journal else []), *s.broker_args, *common])
-        self._start("agent", ["actors.agent", "--broker", self.backend, "--emulate-gpus", str(s.emulate_gpus),
-                              "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(self.run_dir),
-                              "--host", "localhost", "--hosted-emulated", "on" if s.hosted_emulated else "off",
-                              *self._keys_of("agent", "--actor-key-file", "actor"), *catalogs, *common])
+        per_host = s.emulate_gpus // s.emulate_hosts
+        for index, host in enumerate(self.hosts):
+            # each agent its own run directory: device locks and pid files are named by device
+            agent_dir = self.run_dir if index == 0 else self.run_dir / host
+            self._start(self._agent_name(index), [
+                "actors.agent", "--broker", self.backend, "--emulate-gpus", str(per_host),
+                "--gpu-memory-gib", str(s.gpu_memory_gib), "--run-dir", str(agent_dir),
+                "--host", host, "--hosted-emulated", "on" if s.hosted_emulated else "off",
+                *self._keys_of("agent", "--actor-key-file", "actor"), *catalogs, *common])
         deadline = time.monotonic() + timeout_s
         with Client(self.frontend, admin_timeout_s=2.0, key_file=self.key_file("admin")) as client:
-            stats = self._wait(client, deadline, lambda st: st.agents, "the node agent to register")
-            devices = {d.device: d.free_bytes for d in stats.agents[0].devices if d.kind == self._device_kind()}
-            devices = devices or {"cpu": 1 << 62}
+            stats = self._wait(client, deadline, lambda st: len(st.agents) >= len(self.hosts),
+                               f"{len(self.hosts)} node agent(s) to register")
+            devices = {(a.host, d.device): d.free_bytes for a in stats.agents for d in a.devices
+                       if d.kind == self._device_kind()}
+            devices = devices or {(self.hosts[0], "cpu"): 1 << 62}
             if s.placement:
                 plan = s.placement
                 for model, device, backend in plan:
-                    client.spawn(model, device, backend, max_batch_rows=s.max_batch_rows, options=s.options)
+                    host, local = self._host_of(device, per_host)
+                    client.spawn(model, local, backend, host=host, max_batch_rows=s.max_batch_rows, options=s.options)
             else:
                 plan = self.actor_plan()
-                for model, device in place(plan, devices):
-                    client.spawn(model, device, s.backend, max_batch_rows=s.max_batch_rows, options=s.options)
+                for model, (host, device) in place(plan, devices):
+                    client.spawn(model, device, s.backend, host=host, max_batch_rows=s.max_batch_rows,
+                                 options=s.options)
             self._wait(client, deadline, lambda st: len(st.actors) >= len(plan), f"{len(plan)} actors to join")
         if s.scheduler:
             options = [arg for key, value in s.options.items() for arg in ("--actor-option", f"{key}={value}")]
@@ -186,6 +202,25 @@ class LocalCluster:
                                       "--workflows", ",".join(s.workflows), "--max-batch-rows", str(s.max_batch_rows),
                                       *options, *self._keys_of("scheduler"), *catalogs, *s.scheduler_args, *common])
         return self
+
+    @property
+    def hosts(self) -> list[str]:
+        """The emulated hosts' names, one node agent each."""
+        if self.spec.emulate_hosts == 1:
+            return ["localhost"]
+        return [f"host-{i}" for i in range(self.spec.emulate_hosts)]
+
+    @staticmethod
+    def _agent_name(index: int) -> str:
+        return "agent" if index == 0 else f"agent-{index}"
+
+    def _host_of(self, device: str, per_host: int) -> tuple[str, str]:
+        """(host, its device) of a cluster-wide emulated device `emu:N`; other devices stay on the first host."""
+        kind, _, number = device.partition(":")
+        if len(self.hosts) == 1 or kind != "emu" or not number.isdigit():
+            return self.hosts[0], device
+        gpu = int(number)
+        return self.hosts[gpu // per_host], f"emu:{gpu % per_host}"
 
     def _wait(self, client: Client, deadline: float, ready, what: str):
         while True:
@@ -211,7 +246,8 @@ class LocalCluster:
     def stop(self, grace_s: float = 10.0) -> None:
         """Scheduler first (it would replace what stops), then the agent (it stops its
         actors), then the broker; SIGKILL what outlives the grace."""
-        for name in ("scheduler", "agent", "broker"):
+        agents = [self._agent_name(i) for i in range(self.spec.emulate_hosts)]
+        for name in ("scheduler", *agents, "broker"):
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 continue

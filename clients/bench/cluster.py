@@ -11,8 +11,8 @@ each at its offered requests/s, and systems serving other workflows than the pap
 are generated as `lego bench simulate` generates them.
 
 Every (system, rate) runs on a fresh emulated cluster of real processes (broker,
-scheduler for `lego`, one node agent with N emulated H800s, actors) so no state
-carries over. The agent hosts its emulated actors on threads of its own process
+scheduler for `lego`, one node agent per 8 emulated H800s as the simulator counts hosts,
+actors) so no state carries over. An agent hosts its emulated actors on threads of its own process
 (`hosted_emulated`, actors/hosted.py: the same runtime and sockets, no process per
 actor) unless `--actor-processes` asks for a process each, as on a real GPU node; each
 run reports the CPU the emulation itself used (broker, scheduler, agent, actors and
@@ -37,6 +37,7 @@ scheduler can beat) and of the on-time reference. Progress goes to standard erro
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
@@ -277,11 +278,19 @@ def mapped_systems(catalog: Catalog, mix: dict[str, float], gpus: int, time_scal
     return [makers[name]() for name in names]
 
 
+def emulated_hosts(gpus: int) -> int:
+    """Hosts of an emulated cluster: one per 8 GPUs where that divides them evenly (as
+    `lego bench simulate` counts them), else one."""
+    hosts = max(1, math.ceil(gpus / 8))
+    return hosts if gpus % hosts == 0 else 1
+
+
 def cluster_spec(system: SystemSpec, s: BenchSettings, run_dir: str) -> LocalClusterSpec:
     gpus, time_scale, log_level = s.gpus, s.time_scale, s.log_level
     placement = [p for p in system.placement if int(p[1].split(":")[1]) < gpus]
     return LocalClusterSpec(
-        workflows=s.workflows, emulate_gpus=gpus,
+        # one node agent per 8 GPUs, as the simulator counts hosts: fetches between them go as between hosts
+        workflows=s.workflows, emulate_gpus=gpus, emulate_hosts=emulated_hosts(gpus),
         options={"time_scale": time_scale, "load_time_scale": time_scale,
                  **({"payloads": s.payloads} if system.serving == "micro" else {})}, max_batch_rows=8,
         serving=system.serving, drop_late=system.drop_late, drop_hopeless=system.drop_hopeless,
