@@ -13,11 +13,14 @@ Stages, each under a hard time budget (SIGALRM), each reported even when it fail
 - transfers: one fp16 tensor of 128 KiB, 4 MiB and 64 MiB fetched from the producer
   process into this one, ending on this process's GPU, by CUDA IPC, shared memory and
   frames (medians of fresh bundles: every fetch pays its export);
-- sdxl, sd3: full-size components (actors/models/fullsize.py, random weights, fp16
-  and bf16) built on the GPU, one actor per component on the same GPU, so every hop is
-  a CUDA IPC fetch; the micro-served image must equal the diffusers pipeline's; the
-  served and in-process times at 4 and 20 steps give the per-step overhead (the slope)
-  and the per-request overhead (the rest).
+- sdxl, sd3, flux: full-size components (actors/models/fullsize.py, random weights;
+  SDXL fp16 with CFG, SD3 bf16 with CFG, Flux bf16 FLUX.1-schnell-sized without CFG and
+  with a 2-layer T5 of T5-XXL's width) built on the GPU, one actor per component on the
+  same GPU, so every hop is a CUDA IPC fetch; the micro-served image must equal the
+  diffusers pipeline's; the served and in-process times at 4 and 20 steps give the
+  per-step overhead (the slope) and the per-request overhead (the rest). By default
+  flux runs last, after batching (its 12 B transformer is loaded twice: served and
+  in-process).
 - batching: SDXL (fp16), SD3 (bf16) and Flux (bf16, FLUX.1-schnell's transformer)
   denoisers at full size and 1024 px, built in memory on the GPU, stepping batches of
   1, 2, 4 and 8 requests (SDXL and SD3 with CFG: two rows each; Flux without: one)
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.models import fullsize
+from actors.models.fullsize import FLUX_TRANSFORMER, FLUX_TRANSFORMER_DRY
 from broker.catalog import ModelSpec
 from broker.protocol.messages import TaskSpec
 from broker.protocol.tasks import DenoiseParams
@@ -67,14 +71,11 @@ from clients.local import free_port
 REPO = Path(__file__).resolve().parents[2]  # the repository root (this file is clients/bench/gpu_check.py)
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk", "blurry"  # SDXL zeroes an empty negative prompt
 BATCH_SIZES = (1, 2, 4, 8)  # requests per denoise batch in the batching stage
-# FLUX.1-schnell's transformer (black-forest-labs/FLUX.1-schnell, transformer/config.json: 12 B
-# parameters) and a shrunken one of the same structure for --dry-run.
-FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-                    "pooled_projection_dim": 768, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56)}
-FLUX_TRANSFORMER_DRY = {**FLUX_TRANSFORMER, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
-                        "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
-                        "axes_dims_rope": (4, 6, 6)}
+FAMILY_DTYPES = {"sdxl": "float16", "sd3": "bfloat16", "flux": "bfloat16"}
+STAGES = ("transfers", "sdxl", "sd3", "batching", "flux")  # all of them, in the default order
+# Kept back from --time-limit: a stage's cleanup after its alarm (stopping its cluster:
+# up to 10 s per process group), and writing the report.
+REPORT_MARGIN_S = 30
 
 
 class MiniCluster:
@@ -131,11 +132,19 @@ class MiniCluster:
                     self.processes[name].wait()
 
 
-def _pipeline_image(pipe: Any, seed: int, steps: int, size: int) -> Any:
+def _guidance(family: str) -> tuple[dict, dict]:
+    """(pipeline arguments, request parameters) of the family's guidance: CFG at 7.5 with a
+    negative prompt, or (Flux, schnell: guidance-distilled, no guidance embedding) none."""
+    if family == "flux":
+        return {"guidance_scale": 0.0}, {}
+    return {"negative_prompt": NEGATIVE, "guidance_scale": 7.5}, {"negative_prompt": NEGATIVE, "guidance": 7.5}
+
+
+def _pipeline_image(pipe: Any, family: str, seed: int, steps: int, size: int) -> Any:
     import torch
 
-    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=size,
-               width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    out = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, **_guidance(family)[0],
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
     return (out * 255).round().astype("uint8")
 
 
@@ -145,8 +154,8 @@ def check_family(family: str, *, dry: bool, device: str, root: Path, short: int,
     import numpy as np
     import torch
 
-    dtype = {"sdxl": "float16", "sd3": "bfloat16"}[family]
-    build = {"sdxl": fullsize.build_sdxl, "sd3": fullsize.build_sd3}[family]
+    dtype = FAMILY_DTYPES[family]
+    build = {"sdxl": fullsize.build_sdxl, "sd3": fullsize.build_sd3, "flux": fullsize.build_flux}[family]
     started = time.perf_counter()
     built = build(root / family, size="dry" if dry else "full", dtype=dtype, device=device)
     prefix = f"check-{family}"
@@ -161,12 +170,11 @@ def check_family(family: str, *, dry: bool, device: str, root: Path, short: int,
         pipe = getattr(diffusers, fullsize.pipeline_class(family)).from_pretrained(
             built.folder, torch_dtype=getattr(torch, dtype), **fullsize.pipeline_extra(family)).to(device)
         pipe.set_progress_bar_config(disable=True)
-        reference = _pipeline_image(pipe, 1, short, built.image)
+        reference = _pipeline_image(pipe, family, 1, short, built.image)
         with Client(cluster.frontend) as client:
             cluster.wait_ready(client, 240)
             result["ready_s"] = round(time.perf_counter() - started, 1)
-            params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 7.5, "width": built.image,
-                      "height": built.image}
+            params = {"prompt": PROMPT, **_guidance(family)[1], "width": built.image, "height": built.image}
             served = client.generate(f"{prefix}-txt2img", timeout=120, seed=1, steps=short, **params).image
             result["identical"] = bool(np.array_equal(served, reference))
             result["max_abs_diff"] = int(np.abs(served.astype(np.int16) - reference.astype(np.int16)).max())
@@ -178,7 +186,7 @@ def check_family(family: str, *, dry: bool, device: str, root: Path, short: int,
                     client.generate(f"{prefix}-txt2img", timeout=120, seed=seed, steps=steps, **params)
                     times[steps]["served"].append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    _pipeline_image(pipe, seed, steps, built.image)
+                    _pipeline_image(pipe, family, seed, steps, built.image)
                     synchronize(device)
                     times[steps]["pipeline"].append(time.perf_counter() - t0)
             time.sleep(1.5)  # one heartbeat carries the actors' telemetry
@@ -225,9 +233,7 @@ def _batching_denoiser(family: str, dry: bool, device: str, dtype: Any) -> tuple
         "sd3": (diffusers.SD3Transformer2DModel, fullsize.SD3_TRANSFORMER_DRY if dry else fullsize.SD3_TRANSFORMER,
                 diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)),
         "flux": (diffusers.FluxTransformer2DModel, FLUX_TRANSFORMER_DRY if dry else FLUX_TRANSFORMER,
-                 diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0,
-                                                           use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                           base_image_seq_len=256, max_image_seq_len=4096)),
+                 diffusers.FlowMatchEulerDiscreteScheduler(**fullsize.FLUX_SCHEDULER)),
     }[family]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -267,7 +273,7 @@ def bench_batching(family: str, *, dry: bool, device: str, rounds: int) -> dict:
 
     from actors.backends.diffusers import DiffusersBackend
 
-    dtype_name = {"sdxl": "float16", "sd3": "bfloat16", "flux": "bfloat16"}[family]
+    dtype_name = FAMILY_DTYPES[family]
     dtype, size = getattr(torch, dtype_name), 64 if dry else 1024
     rows = 1 if family == "flux" else 2  # Flux (schnell-style) without CFG, the others with
     started = time.perf_counter()
@@ -404,7 +410,7 @@ def table(report: dict) -> str:
         left = transfers["leftover"]
         rows.append(("producer after every FREE: allocated over baseline (bytes), IPC pins, shm segments",
                      f"{left['allocated'] - left['baseline']}, {left['pins']}, {left['segments']}", "0, 0, 0"))
-    for family in ("sdxl", "sd3"):
+    for family in ("sdxl", "sd3", "flux"):
         r = report.get(family)
         if r is None:
             continue
@@ -446,14 +452,22 @@ def run_check(args: argparse.Namespace) -> int:
     report: dict = {"date": records.utc_now(),
                     "machine": machine(device), "device": device, "dry_run": dry, "note": args.note}
     budgets = {"transfers": 20 if dry else 45, "sdxl": 240 if dry else 150, "sd3": 240 if dry else 120,
-               "batching": 120 if dry else 150}
+               "batching": 120 if dry else 150, "flux": 240 if dry else 300}
+    # A stage's budget is capped by what is left of --time-limit: an outer `timeout` that
+    # killed the driver mid-stage would lose every stage's report, not just the last one's.
+    deadline = time.monotonic() + args.time_limit - REPORT_MARGIN_S if args.time_limit else None
     root = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
     root.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         started = time.perf_counter()
-        print(f"gpu-check: {stage} (budget {budgets[stage]}s)", file=sys.stderr, flush=True)
+        budget = budgets[stage] if deadline is None else min(budgets[stage], int(deadline - time.monotonic()))
+        if budget < 10:
+            report[stage] = {"error": f"StageTimeout: {stage}: not run, --time-limit {args.time_limit}s is spent"}
+            print(f"gpu-check: {report[stage]['error']}", file=sys.stderr, flush=True)
+            continue
+        print(f"gpu-check: {stage} (budget {budget}s)", file=sys.stderr, flush=True)
         try:
-            with time_budget(budgets[stage], stage):
+            with time_budget(budget, stage):
                 if stage == "transfers":
                     transports = TRANSPORTS if device.startswith("cuda") else ("shm", "frames")
                     report[stage] = bench_transfers(device, TRANSFER_SIZES, 3 if dry else 20, transports)
@@ -511,10 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true", help="CPU, shrunken components, no IPC")
     run.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     run.add_argument("--device", default="", help="default: cuda:0 where CUDA is, else cpu")
-    run.add_argument("--stages", default="transfers,sdxl,sd3,batching", help="of transfers, sdxl, sd3, batching")
+    run.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     run.add_argument("--out", default=str(REPO / "run" / "gpu-check"), help="where the table and JSON go")
     run.add_argument("--work", default="", help="where models are built (each removed after its stage; default: a temporary folder)")
     run.add_argument("--note", default="", help="the GPU tests' outcome, for the table")
+    run.add_argument("--time-limit", type=int, default=0,
+                     help="seconds the whole run may take (an outer timeout's): each stage's budget is capped "
+                          f"by what is left, less {REPORT_MARGIN_S}s for cleanup and the report; 0: no cap")
     peer = sub.add_parser("peer", help="(internal) a producer peer taking commands on stdin")
     peer.add_argument("--device", default="cpu")
     hold = sub.add_parser("hold", help="(internal) a consumer that maps a bundle and holds it")
@@ -522,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     hold.add_argument("--tensor-id", required=True)
     hold.add_argument("--device", default="cuda:0")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        unknown = [s for s in args.stages.split(",") if s and s not in STAGES]
+        if unknown:
+            parser.error(f"--stages: unknown {', '.join(unknown)} (of {', '.join(STAGES)})")
     if args.command == "peer":
         return peer_main(args.device)
     if args.command == "hold":
