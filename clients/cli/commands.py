@@ -21,6 +21,7 @@ from clients import Client, LegoError
 from clients.cli import admin as admin_cli
 from clients.cli.admin import add_broker_flags
 from clients.cli.status_view import status_lines
+from clients.comfy import ComfyImportError, import_graph, load_graph
 
 
 def _print_progress(job, stream=sys.stderr) -> None:
@@ -78,6 +79,37 @@ def cmd_workflows(args) -> int:
         print(f"{'':<28} models: {', '.join(info['models'])}")
         inputs = ", ".join(f"{n}{'*' if i['required'] else '=' + repr(i['default'])}" for n, i in info["inputs"].items())
         print(f"{'':<28} inputs: {inputs}")
+    return 0
+
+
+def cmd_workflows_import(args) -> int:
+    """A ComfyUI graph (API or UI format) -> a catalog file the cluster loads with --catalog."""
+    from pathlib import Path
+
+    out = Path(args.out or f"{args.name}.toml")
+    if out.exists() and not args.replace:
+        print(f"lego workflows import: --out: {out} exists (--replace overwrites it)", file=sys.stderr)
+        return 2
+    try:
+        catalog = load_catalog(args.catalog or [])
+        imported = import_graph(load_graph(args.graph), name=args.name, models_dir=args.models_dir, catalog=catalog,
+                                replace=args.replace)
+    except ComfyImportError as exc:
+        if args.json:
+            print(json.dumps(exc.response(), indent=2))
+        print(f"lego workflows import: {args.graph} cannot be served:\n{exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # the catalog given with --catalog does not load
+        print(f"lego workflows import: {exc}", file=sys.stderr)
+        return 2
+    out.write_text(imported.toml)
+    if args.json:
+        print(json.dumps({"workflow": imported.name, "catalog": str(out), "defaults": imported.defaults,
+                          "images": imported.images, "notes": imported.notes}, indent=2, default=str))
+        return 0
+    print(f"wrote {out}: workflow {imported.name!r}; serve it with --catalog {out}")
+    for note in imported.notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -303,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--catalog", action="append")
     add_broker_flags(w)
     w.set_defaults(func=cmd_workflows)
+    wsub = w.add_subparsers(dest="workflows_action", required=False)
+    imp = wsub.add_parser("import", help="a ComfyUI graph (API or UI format JSON) as a catalog workflow (docs/comfy.md)")
+    imp.add_argument("graph", help="the graph's JSON file")
+    imp.add_argument("--name", required=True, help="the workflow's name in the catalog")
+    imp.add_argument("--models-dir", required=True,
+                     help="a ComfyUI models folder (checkpoints/, diffusion_models/ or unet/, clip/ or text_encoders/, "
+                          "vae/, loras/, controlnet/)")
+    imp.add_argument("--catalog", action="append", help="catalogs whose models the graph may reuse (repeatable; "
+                                                        "the built-in one always)")
+    imp.add_argument("--out", help="the catalog file to write (default NAME.toml)")
+    imp.add_argument("--replace", action="store_true", help="overwrite --out, and a workflow of that name")
+    imp.add_argument("--json", action="store_true", help="print the result (or ComfyUI's node_errors) as JSON")
+    imp.set_defaults(func=cmd_workflows_import)
 
     s = sub.add_parser("status", help="the broker's telemetry snapshot")
     s.add_argument("--json", action="store_true")
