@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from clients.aio import AsyncClient
-from clients.gateway import admin, api
+from clients.gateway import admin, api, comfy_api
 from clients.gateway.auth import SESSION_COOKIE, Sessions, required_role
 from clients.gateway.config import GatewayConfig
 from clients.gateway.errors import ApiError
@@ -188,6 +188,8 @@ def build_app(config: GatewayConfig, keys: KeyRing) -> web.Application:
                                   ("GET", "/openapi.json", openapi)]:
         app.router.add_route(method, path, handler)
     app.router.add_static("/admin/static", admin.STATIC, show_index=False, follow_symlinks=False)
+    if config.comfy_models_dir:  # ComfyUI's HTTP and WebSocket API
+        comfy_api.install(app, config)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app

@@ -23,6 +23,13 @@ class GatewayConfig:
     history_interval_s: float = 2.0  # the console's throughput history: one sample per interval
     history_window_s: float = 600.0  # ... over this window
     session_ttl_s: float = 8 * 3600.0  # an admin console login lasts this long
+    # ComfyUI's API (clients/gateway/comfy_api.py, docs/comfy.md): on when a models folder
+    # is given. The graphs are compiled against it and the catalog files the cluster was
+    # started with (comfy_catalog, separated by os.pathsep); uploads go to comfy_input_dir
+    # (empty: a temporary folder per gateway process).
+    comfy_models_dir: str = ""
+    comfy_catalog: str = ""
+    comfy_input_dir: str = ""
     log_format: str = "console"
     log_level: str = "info"
 
