@@ -433,3 +433,15 @@ def test_interrupt_cancels_the_running_prompt_and_the_socket_says_so(served):
     assert 1 <= len(steps) < 100
     history = request(gateway, "GET", f"/history/{pid}", key=keys["alice"])[2][pid]
     assert history["status"]["status_str"] == "error" and history["outputs"] == {}
+
+
+def test_the_gateway_takes_the_comfy_settings_as_flags():
+    from broker.config import load_config
+    from clients.gateway.config import GatewayConfig
+    from clients.gateway.server import build_parser
+
+    args = build_parser().parse_args(["--comfy-models-dir", "/models", "--comfy-catalog", "a.toml",
+                                      "--comfy-input-dir", "/in"])
+    cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    config = load_config(GatewayConfig, "gateway", None, cli, environ={})
+    assert (config.comfy_models_dir, config.comfy_catalog, config.comfy_input_dir) == ("/models", "a.toml", "/in")

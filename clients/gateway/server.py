@@ -9,6 +9,7 @@ Settings: defaults < `[gateway]` of --config < LEGO_* environment < flags
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from aiohttp import web
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-timeout-s", type=float, help="a run not ended by then is cancelled and failed")
     parser.add_argument("--keep-finished-runs", type=int, help="finished runs kept for GET /v1/runs/{id}")
     parser.add_argument("--keep-finished-s", type=float, help="... for at most this long")
+    parser.add_argument("--comfy-models-dir", help="serve ComfyUI's API too: graphs are compiled against this "
+                                                   "ComfyUI models folder (docs/comfy.md)")
+    parser.add_argument("--comfy-catalog", help="the catalog files the cluster was started with, separated by "
+                                                f"{os.pathsep!r} (ComfyUI graphs are matched against them)")
+    parser.add_argument("--comfy-input-dir", help="where POST /upload/image keeps images (default: a temporary folder)")
     add_common_arguments(parser)
     return parser
 
