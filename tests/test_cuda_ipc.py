@@ -281,8 +281,19 @@ def producer():
 
 @pytest.fixture
 def consumer():
-    with Consumer("cpu") as c:
+    with Consumer("cpu", shm=True) as c:  # shared memory on, as LEGO_SHM=1 turns it on for actors
         yield c
+
+
+def test_a_consumer_with_default_settings_fetches_even_a_big_bundle_as_frames(producer):
+    big_spec = [{"name": "latents", "dtype": "float32", "shape": [1 << 19], "seed": 9}]
+    big = producer.put("big", big_spec)
+    with Consumer("cpu") as consumer:
+        assert compare_bundle(consumer.fetch(producer, "big", big), big_spec, "cpu") == []
+        t = consumer.runtime.refresh_telemetry()
+    assert (t.fetches, t.shm_fetches) == (1, 0)
+    producer.free(["big"])
+    assert producer.stats()["segments"] == 0
 
 
 def test_a_cpu_consumer_never_offers_a_gpu_and_cpu_tensors_keep_their_transports(producer, consumer):

@@ -255,10 +255,11 @@ class PeerProcess:
 class Consumer:
     """An actor runtime in this process that fetches from a peer as a task would."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, shm: bool = False):
+        """`shm`: same-host fetches may go through shared memory (off by default, as for actors)."""
         register_echo_backend()
         self.device = device
-        self.runtime = ActorRuntime(ActorConfig(model=PEER_MODEL, backend=ECHO_BACKEND, device=device))
+        self.runtime = ActorRuntime(ActorConfig(model=PEER_MODEL, backend=ECHO_BACKEND, device=device, shm=shm))
 
     @property
     def gpu(self) -> str:
