@@ -404,12 +404,30 @@ def test_existing_workflow_names_are_not_replaced_unless_asked(tiny):
 # ---- served: the imported SD 1.5 graph on a local cluster equals the diffusers pipeline
 
 
+def sd15_reference_image(root: Path):
+    """sd15_txt2img_api.json as the diffusers pipeline computes it, configured as docs/comfy.md
+    maps the graph (euler / normal), with one torch thread as the actors run."""
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(root / "sd15", safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread count changes the reduction order
+    try:
+        out = pipe("a red fox in the snow", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
+                   height=64, width=64, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+    return (out[0] * 255).round().astype(np.uint8)
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_served_sd15_graph_equals_the_diffusers_pipeline(tiny, tmp_path):
     import numpy as np
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     from clients import Client
     from clients.local import LocalCluster, LocalClusterSpec
@@ -422,18 +440,7 @@ def test_served_sd15_graph_equals_the_diffusers_pipeline(tiny, tmp_path):
                             run_dir=str(tmp_path / "run"), log_level="warning")
     with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
         served = client.generate("comfy-sd15", timeout=120)  # no parameters: the graph's own literals
-
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd15", safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # euler / normal
-    pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actors run: the thread count changes reduction order
-    try:
-        out = pipe("a red fox in the snow", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
-                   height=64, width=64, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
-    finally:
-        torch.set_num_threads(threads)
-    assert np.array_equal(served.image, (out[0] * 255).round().astype("uint8"))
+    assert np.array_equal(served.image, sd15_reference_image(root))
 
 
 # ---- the command line: `lego workflows import`

@@ -158,20 +158,7 @@ def served(tiny, tmp_path_factory):
 
 def reference_image(root) -> np.ndarray:
     """The diffusers pipeline configured as docs/comfy.md maps the graph (euler / normal)."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd15", safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actors run: the thread count changes reduction order
-    try:
-        out = pipe("a red fox in the snow", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
-                   height=64, width=64, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
-    finally:
-        torch.set_num_threads(threads)
-    return (out[0] * 255).round().astype("uint8")
+    return test_comfy_import.sd15_reference_image(root)
 
 
 def png_pixels(data: bytes) -> np.ndarray:

@@ -34,7 +34,10 @@ class Dispatcher:
         self._batch_ids = itertools.count(1)
 
     def dispatch_all(self, models, now: float) -> None:
-        for model in models:
+        # In name order: a set of names iterates in string-hash order, which differs per
+        # process, and the first model dispatched may take the device another wanted; the
+        # same state must dispatch the same way everywhere (the simulator reproduces runs).
+        for model in sorted(models):
             self.dispatch(model, now)
 
     def dispatch(self, model: str, now: float) -> None:
