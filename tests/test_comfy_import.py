@@ -482,3 +482,39 @@ def test_the_cli_prints_comfyui_node_errors_for_a_graph_it_cannot_serve(tiny, tm
     body = json.loads(capsys.readouterr().out)
     assert body["node_errors"][sampler]["class_type"] == "KSampler"
     assert body["node_errors"][sampler]["errors"][0]["extra_info"]["input_name"] == "sampler_name"
+
+
+# ---- sharing: two imported graphs on one checkpoint use the same actors
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_two_imported_graphs_on_one_checkpoint_share_its_actors(tiny, tmp_path):
+    from clients import Client
+    from clients.local import LocalCluster, LocalClusterSpec
+
+    _, catalog_path, catalog, models = tiny
+    first = import_graph(graph("sd15_txt2img_api.json"), name="comfy-fox", models_dir=models, catalog=catalog)
+    other = graph("sd15_txt2img_api.json")
+    sampler = next(k for k, n in other.items() if n["class_type"] == "KSampler")
+    other[sampler]["inputs"].update(seed=7, steps=3)
+    second = import_graph(other, name="comfy-fox-3", models_dir=models, catalog=first.catalog)
+    assert first.workflow.models == second.workflow.models  # the same checkpoint: the same models
+    paths = []
+    for result in (first, second):
+        paths.append(tmp_path / f"{result.name}.toml")
+        paths[-1].write_text(result.toml)
+    spec = LocalClusterSpec(workflows=["comfy-fox", "comfy-fox-3"], backend="diffusers",
+                            catalog=[str(catalog_path), *map(str, paths)], heartbeat_interval_s=0.2,
+                            run_dir=str(tmp_path / "run"), log_level="warning")
+    with LocalCluster(spec) as cluster, Client(cluster.frontend) as client:
+        jobs = [client.submit("comfy-fox"), client.submit("comfy-fox-3")]
+        for job in jobs:
+            job.result(timeout=120)
+        stats = client.stats()
+    for model in first.workflow.models:
+        row = next(m for m in stats.models if m.model == model)
+        assert row.actors == 1, model  # one actor each, serving both workflows
+        assert sorted(row.workflows) == ["comfy-fox", "comfy-fox-3"], model
+    denoiser = next(m for m in stats.models if m.model == first.workflow.denoiser)
+    assert denoiser.tasks_done >= 4 + 3  # both requests' steps on the one denoiser actor
