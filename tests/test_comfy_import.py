@@ -446,29 +446,32 @@ def test_served_sd15_graph_equals_the_diffusers_pipeline(tiny, tmp_path):
 # ---- the command line: `lego workflows import`
 
 
-def lego(*argv: str) -> int:
-    from clients.cli.commands import main
+def lego(*argv: str):
+    """The `lego` command in a process of its own (in this one, its logging setup would
+    outlive the test, bound to a captured stream that pytest then closes)."""
+    import subprocess
+    import sys
 
-    with pytest.raises(SystemExit) as ended:
-        main(list(argv))
-    return ended.value.code
+    return subprocess.run([sys.executable, "-m", "clients.cli", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
 
 
-def test_the_cli_writes_a_catalog_the_loader_reads_and_refuses_to_overwrite_it(tiny, tmp_path, capsys):
+def test_the_cli_writes_a_catalog_the_loader_reads_and_refuses_to_overwrite_it(tiny, tmp_path):
     _, catalog_path, _, models = tiny
     out = tmp_path / "mine.toml"
     args = ["workflows", "import", str(DATA / "sd15_txt2img_ui.json"), "--name", "mine", "--models-dir", str(models),
             "--catalog", str(catalog_path), "--out", str(out)]
-    assert lego(*args) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    done = lego(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
     assert "mine" in load_catalog([catalog_path, out]).workflows
-    assert lego(*args) == 2  # exists: not overwritten without --replace
-    assert "--replace" in capsys.readouterr().err
-    assert lego(*args, "--replace", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["workflow"] == "mine"
+    done = lego(*args)
+    assert done.returncode == 2 and "--replace" in done.stderr  # exists: not overwritten without --replace
+    done = lego(*args, "--replace", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["workflow"] == "mine"
 
 
-def test_the_cli_prints_comfyui_node_errors_for_a_graph_it_cannot_serve(tiny, tmp_path, capsys):
+def test_the_cli_prints_comfyui_node_errors_for_a_graph_it_cannot_serve(tiny, tmp_path):
     _, catalog_path, _, models = tiny
     bad = graph("sd15_txt2img_api.json")
     sampler = next(k for k, n in bad.items() if n["class_type"] == "KSampler")
@@ -476,10 +479,10 @@ def test_the_cli_prints_comfyui_node_errors_for_a_graph_it_cannot_serve(tiny, tm
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     out = tmp_path / "bad.toml"
-    code = lego("workflows", "import", str(path), "--name", "bad", "--models-dir", str(models),
+    done = lego("workflows", "import", str(path), "--name", "bad", "--models-dir", str(models),
                 "--catalog", str(catalog_path), "--out", str(out), "--json")
-    assert code == 1 and not out.exists()
-    body = json.loads(capsys.readouterr().out)
+    assert done.returncode == 1 and not out.exists()
+    body = json.loads(done.stdout)
     assert body["node_errors"][sampler]["class_type"] == "KSampler"
     assert body["node_errors"][sampler]["errors"][0]["extra_info"]["input_name"] == "sampler_name"
 
