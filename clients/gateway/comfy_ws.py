@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import time
 import uuid
@@ -118,10 +119,8 @@ COMFY = web.AppKey("comfy", ComfyState)
 
 
 def _put(queue: asyncio.Queue, message: dict) -> None:
-    try:
+    with contextlib.suppress(asyncio.QueueFull):  # the socket's writer closes it: a client that reads nothing gets nothing
         queue.put_nowait(message)
-    except asyncio.QueueFull:  # the socket's writer closes it: a client that reads nothing gets nothing
-        pass
 
 
 def _now_ms() -> int:
@@ -362,11 +361,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _write(ws: web.WebSocketResponse, queue: asyncio.Queue) -> None:
-    try:
+    with contextlib.suppress(ConnectionResetError, RuntimeError):  # the socket went away while we wrote
         while not ws.closed:
             if queue.full():
                 await ws.close(code=1008, message=b"too far behind")
                 return
             await ws.send_str(json.dumps(await queue.get()))
-    except (ConnectionResetError, RuntimeError):  # the socket went away while we wrote
-        pass
