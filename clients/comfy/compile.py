@@ -310,8 +310,9 @@ class _Importer:
         spec = self.catalog.models.get(denoiser_name)
         scale = spec.vae_scale if spec is not None else new_models[denoiser_name].get("vae_scale", 8)
         for size in ("width", "height"):
-            if size in inputs:  # ComfyUI takes any multiple of 8 from 16: the model's own multiple is the bound
-                inputs[size]["min"] = 2 * scale
+            # ComfyUI takes any multiple of 8 from 16: the model's own multiple is the bound, for
+            # img2img too (its size, the image's, has no default but must not be held to 64)
+            inputs.setdefault(size, {})["min"] = 2 * scale
         if group(family) == "flow":
             inputs["sampler"]["choices"] = ["default"]
         workflow["inputs"] = inputs
