@@ -39,6 +39,8 @@ def test_a_burst_the_cluster_absorbs_loses_nothing_whichever_way_it_is_admitted(
     assert row["reference"] == 8
     assert row["systems"]["lego"]["as shipped"] == 8
     assert row["systems"]["lego"]["given the reference's set"] == 8
+    # eight requests on eight GPUs: each ends when its lookahead said, give or take overheads
+    assert 1.0 <= row["systems"]["lego"]["estimates ran long x"] < 1.5
     assert set(row["systems"]["lego"]) >= {"cfg split never", "bound sum", "no hopeless drop"}
     assert "| burst 8 | 8 | 8 |" in table(rows)
 
