@@ -37,7 +37,6 @@ scheduler can beat) and of the on-time reference. Progress goes to standard erro
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import statistics
@@ -71,6 +70,7 @@ from clients.bench.systems import (
     SHARING_WORKFLOWS,
     SystemSpec,
     broker_flags,
+    hosts_for,
     lego_system,
     paper_systems,
     shared_gpus_system,
@@ -281,7 +281,7 @@ def mapped_systems(catalog: Catalog, mix: dict[str, float], gpus: int, time_scal
 def emulated_hosts(gpus: int) -> int:
     """Hosts of an emulated cluster: one per 8 GPUs where that divides them evenly (as
     `lego bench simulate` counts them), else one."""
-    hosts = max(1, math.ceil(gpus / 8))
+    hosts = hosts_for(gpus)
     return hosts if gpus % hosts == 0 else 1
 
 

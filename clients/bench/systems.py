@@ -18,6 +18,7 @@ simulator (`clients/bench/sim/simulator.py`), so both run exactly the same confi
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,12 @@ PAPER_WORKFLOWS = {
 }
 PAPER_TENANTS = dict(zip("ABC", PAPER_WORKFLOWS.values(), strict=True))
 BASELINES = ("basic", "shepherd", "clockwork", "pooled")
+GPUS_PER_HOST = 8  # the paper's H800 nodes: hosts are counted this way everywhere a benchmark places GPUs
+
+
+def hosts_for(gpus: int) -> int:
+    """Hosts a cluster of `gpus` GPUs spans: one per GPUS_PER_HOST, the last one partly filled."""
+    return max(1, math.ceil(gpus / GPUS_PER_HOST))
 # Admission as the broker ships it, for every system that admits: lookahead (the
 # broker's default), plus the runtime's own time per request beside its profile times,
 # for a cold start (a burst before any request has completed; lookahead learns the rest).

@@ -71,6 +71,7 @@ from clients.bench.systems import (
     SHARING_WORKFLOWS,
     SystemSpec,
     baseline_system,
+    hosts_for,
     lego_system,
     pooled_system,
     read_baseline,
@@ -178,7 +179,7 @@ def setting_systems(setting: str, catalog: Catalog, gpus: int, names: tuple[str,
     if setting == "paper":
         return cluster_systems(catalog, gpus, names, mix, time_scale, baselines_dir, hosts, gpu_memory_gib)
     systems = sharing_systems(catalog, gpus, time_scale, names, gpu_memory_gib)
-    systems = [sized_replicas(s, catalog, gpus, mix, max(1, -(-gpus // 8))) if s.name == "lego" else s for s in systems]
+    systems = [sized_replicas(s, catalog, gpus, mix, hosts_for(gpus)) if s.name == "lego" else s for s in systems]
     # the scheduler may use every GPU (its default cap is 64 replicas per model)
     return [dataclasses.replace(s, scheduler_args=(*s.scheduler_args, "--max-replicas", str(max(64, gpus))))
             if s.scheduler else s for s in systems]
@@ -371,7 +372,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         loads = _loads(args, workflows)
     except ValueError as exc:  # a trace that cannot be replayed: its file and line
         parser.error(str(exc))
-    hosts = args.hosts or max(1, math.ceil(args.gpus / 8))
+    hosts = args.hosts or hosts_for(args.gpus)
     names = tuple(n for n in args.systems.split(",") if n)
     counts = {w: 0 for w in workflows}
     for _, arrivals, _ in loads:

@@ -36,7 +36,7 @@ from clients.bench.sim.bench import DATA, setting_systems
 from clients.bench.sim.simulator import simulate
 from clients.bench.sim.suite import SETTINGS, suite_traces
 from clients.bench.sim.timing import MEASURED
-from clients.bench.systems import SystemSpec
+from clients.bench.systems import SystemSpec, hosts_for
 
 DEFAULT_TRACES = ("paper cv 1 85%", "paper cv 2 85%", "paper cv 4 50%", "paper cv 4 85%", "burst 16", "burst 24")
 
@@ -74,7 +74,7 @@ def diagnose(setting_name: str, labels: tuple[str, ...], names: tuple[str, ...] 
     unknown = set(labels) - {t.label for t in traces}
     if unknown:
         raise ValueError(f"traces: not in the {setting_name} suite: {sorted(unknown)}")
-    hosts = max(1, -(-setting.gpus // 8))
+    hosts = hosts_for(setting.gpus)
 
     def run(system: SystemSpec, arrivals, window_s: float) -> tuple[int, float]:
         """(requests on time, the largest admission factor of a workflow at the end)."""

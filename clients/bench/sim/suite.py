@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from clients.bench.cluster import best_at, fluid_bound_per_s
 from clients.bench.loadgen import Arrival, burst_arrivals, gamma_arrivals
 from clients.bench.sim.bench import DATA, PAPER_MIX, run_matrix, setting_systems
 from clients.bench.sim.timing import MEASURED
-from clients.bench.systems import BASELINES, SHARING_WORKFLOWS
+from clients.bench.systems import BASELINES, SHARING_WORKFLOWS, hosts_for
 
 LOADS = (0.5, 0.7, 0.85)  # shares of the fluid bound
 CVS = (1.0, 2.0, 4.0)
@@ -133,7 +132,7 @@ def run_setting(setting: Setting, traces: list[Trace], names: tuple[str, ...], s
                 progress=None) -> list[dict]:
     """Every (trace, system) of `setting`: one row per trace, its reference and each system's result."""
     catalog = load_catalog()
-    hosts = max(1, math.ceil(setting.gpus / 8))
+    hosts = hosts_for(setting.gpus)
     rows: dict[int, dict] = {}  # by the trace's position, so the table keeps the suite's order
     for mix_name in dict.fromkeys(t.mix for t in traces):
         # the artifact's placement files are sized for the paper's traces: other mixes get generated ones
