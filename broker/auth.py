@@ -36,7 +36,8 @@ ROLES = ("client", "admin", "scheduler", "agent", "actor")
 FRONTEND, BACKEND, DATA, TELEMETRY = "frontend", "backend", "data", "telemetry"
 
 _CLIENT = frozenset({C.SUBMIT, C.CANCEL, C.LIST_WORKFLOWS, C.GET_STATS})
-_ADMIN_ONLY = frozenset({C.ADMIN_SPAWN, C.ADMIN_STOP, C.ADMIN_CONFIGURE, C.ADMIN_DRAIN, C.ADMIN_REPLICAS, C.ADMIN_PAUSE})
+_ADMIN_ONLY = frozenset({C.ADMIN_SPAWN, C.ADMIN_STOP, C.ADMIN_CONFIGURE, C.ADMIN_DRAIN, C.ADMIN_REPLICAS, C.ADMIN_PAUSE,
+                         C.ADMIN_REGISTER})
 # socket -> role -> the commands that role may send there. A role absent from a socket
 # cannot even connect to it (the ZAP handler refuses the handshake).
 COMMANDS: dict[str, dict[str, frozenset]] = {

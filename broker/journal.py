@@ -14,6 +14,11 @@ system's own metadata makes too. Parameters are msgpack (never pickle); tensors 
 raw bytes with their descriptions. Ended entries are pruned after `retention_s`, so the
 file's size follows the load, not the uptime. A journal that cannot be read stops the
 broker with `JournalError` naming the file: silently starting empty would lose work.
+
+The same file keeps the workflows registered at run time (ADMIN_REGISTER; table
+`workflows`: name, msgpack definition), written before the reply that accepts one and
+never pruned: a restarted broker registers them again before it re-runs the requests,
+which may use them. A file written before that table existed gets it when opened.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ CREATE TABLE IF NOT EXISTS requests (
     user TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_open ON requests (status, seq);
+CREATE TABLE IF NOT EXISTS workflows (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    definition BLOB NOT NULL,
+    registered_at REAL NOT NULL
+);
 """
 
 
@@ -115,6 +126,16 @@ class Journal:
         return [Entry(rid, bytes(client), workflow, msgpack.unpackb(params, raw=False),
                       [(desc, raw) for desc, raw in msgpack.unpackb(tensors, raw=False)], bool(progress), at, user)
                 for rid, client, workflow, params, tensors, progress, at, user in rows]
+
+    def register_workflow(self, name: str, definition: dict, now: float | None = None) -> None:
+        """Record a workflow registered at run time (a later one of the same name replaces it)."""
+        self._write("INSERT OR REPLACE INTO workflows (name, definition, registered_at) VALUES (?, ?, ?)",
+                    (name, msgpack.packb(definition, use_bin_type=True), time.time() if now is None else now))
+
+    def workflows(self) -> list[tuple[str, dict]]:
+        """Every registered workflow as (name, definition), in the order they were registered."""
+        rows = self._read("SELECT name, definition FROM workflows ORDER BY seq")
+        return [(name, msgpack.unpackb(definition, raw=False)) for name, definition in rows]
 
     def status(self, request_id: str) -> str | None:
         rows = self._read("SELECT status FROM requests WHERE request_id = ?", (request_id,))

@@ -18,9 +18,11 @@ binds loopback addresses only.
 
 With `journal` set it also owns the request journal (`broker.journal`, SQLite): it
 writes the core's journal records in their place among the sends (a request is durable
-before its ACCEPTED leaves), re-runs the requests the journal holds unfinished before it
-reads the first message, and prunes ended ones. A journal it cannot read or write stops
-the broker: accepting work it cannot keep would break what a restart relies on.
+before its ACCEPTED leaves) and the workflows registered at run time (before the reply
+that accepts one); before it reads the first message it registers those again and then
+re-runs the requests the journal holds unfinished; it prunes ended ones. A journal it
+cannot read or write stops the broker: accepting work it cannot keep would break what a
+restart relies on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from broker import protocol as p
 from broker.catalog import load_catalog
 from broker.config import add_common_arguments, add_flags, load_config, setting
 from broker.core.machine import BACKEND, FRONTEND, BrokerCore, BrokerSettings, Record, Send
-from broker.core.outbox import ACCEPTED
+from broker.core.outbox import ACCEPTED, Registration
 from broker.endpoints import is_loopback_endpoint
 from broker.journal import Entry, Journal, JournalError
 from broker.logs import configure_logging, message_ids
@@ -162,11 +164,13 @@ class BrokerServer:
         log.info("broker_keys_on", key=self.key.user_id, authorized=len(self.authenticator.authorized))
 
     def resume(self) -> int:
-        """Re-run every request the journal holds unfinished, in the order they were
-        accepted (once, before the first message is read); how many."""
+        """Register again the workflows the journal holds, then re-run every request it
+        holds unfinished, in the order they were accepted (once, before the first message
+        is read); how many requests."""
         if self.journal is None or self._resumed:
             return 0
         self._resumed = True
+        self._restore_workflows()
         entries = self.journal.unfinished()
         now = time.monotonic()
         for e in entries:
@@ -184,6 +188,23 @@ class BrokerServer:
         if entries:
             log.info("journal_resumed", requests=len(entries), journal=str(self.journal.path))
         return len(entries)
+
+    def _restore_workflows(self) -> None:
+        """A registered workflow today's catalog no longer takes (a model gone, a name now a
+        catalog file's) is left out, logged; its journaled requests then fail typed."""
+        restored = 0
+        for name, definition in self.journal.workflows():
+            try:
+                why = self.core.restore_workflow(name, definition)
+            except Exception:  # a bad entry must not keep every later restart from starting
+                log.exception("workflow_restore_failed", workflow=name)
+                continue
+            if why is None:
+                restored += 1
+            else:
+                log.warning("workflow_not_restored", workflow=name, error=why)
+        if restored:
+            log.info("journal_workflows_restored", workflows=restored, journal=str(self.journal.path))
 
     def serve_forever(self) -> None:
         self.resume()
@@ -269,10 +290,13 @@ class BrokerServer:
                 return []
             return [Send(reply_to[0], reply_to[1], p.Error(code=ErrorCode.INTERNAL.value, message=f"broker error: {exc}"))]
 
-    def _apply(self, sends: list[Send | Record]) -> None:
+    def _apply(self, sends: list[Send | Record | Registration]) -> None:
         for send in sends:
             if isinstance(send, Record):  # durable before anything after it leaves
                 self._journal(send)
+                continue
+            if isinstance(send, Registration):
+                self.journal.register_workflow(send.name, send.definition)
                 continue
             if (send.socket, send.identity) in self.cut_off:
                 self.core.counters["sends_dropped"] += 1

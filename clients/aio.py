@@ -154,6 +154,9 @@ class AsyncClient:
     async def resume_workflow(self, workflow: str) -> p.AdminReply:
         return admin_outcome(await self._admin(p.AdminPause(workflow, False)), "resume")
 
+    async def register_workflow(self, name: str, definition: dict) -> p.AdminReply:
+        return admin_outcome(await self._admin(p.AdminRegister(name, definition)), "register_workflow")
+
     async def close(self) -> None:
         await asyncio.to_thread(self._core.close)
 

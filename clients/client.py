@@ -165,6 +165,12 @@ class Client:
     def resume_workflow(self, workflow: str, timeout: float | None = None) -> p.AdminReply:
         return admin_outcome(self._admin(p.AdminPause(workflow, False), timeout), "resume")
 
+    def register_workflow(self, name: str, definition: dict, timeout: float | None = None) -> p.AdminReply:
+        """Serve a new workflow from now on (admin keys only): `definition` is the table a
+        catalog file holds under [workflows.NAME], over models the broker's catalog declares.
+        An identical one registered again is accepted; the broker journals it (a restart keeps it)."""
+        return admin_outcome(self._admin(p.AdminRegister(name, definition), timeout), "register_workflow")
+
     def configure(self, settings: dict | None = None, plan: dict | None = None,
                   timeout: float | None = None) -> p.AdminReply:
         """Set the broker's live settings (admission, slo_multiple, cfg_split); post a plan."""

@@ -3,7 +3,9 @@
 Unit tests of the graph shape and the definition match; then a cluster of the tiny SD 1.5
 models serving an imported graph, a gateway with ComfyUI's API on, and the real
 `comfy-api-simplified` package (unmodified) queueing the graph and getting its image:
-the diffusers pipeline's pixels for the graph's seed.
+the diffusers pipeline's pixels for the graph's seed. A graph no served workflow computes,
+over the served models, is registered at the broker and runs on the same actors (the
+pipeline's pixels again); malformed and unsupported graphs get ComfyUI's node errors.
 """
 
 from __future__ import annotations
@@ -91,21 +93,31 @@ def test_the_match_is_cached_by_shape_and_checked_against_each_compile(tiny, tmp
     from clients.gateway.state import GATEWAY
 
     _, _, catalog, models = tiny
-    asked = []
+    asked, registered = [], {}
+    listed = ("tiny-sd15-txt2img-nocfg", "tiny-sd15-img2img")
 
     async def workflows():
         asked.append(1)
         return [p.WorkflowInfo(name, wf.description, wf.models, [], "image") for name, wf in catalog.workflows.items()
-                if name in ("tiny-sd15-txt2img-nocfg", "tiny-sd15-img2img")]
+                if name in listed] + [p.WorkflowInfo(name, "", ["tiny-sd15-clip", "tiny-sd15-unet", "tiny-sd15-vae"],
+                                                     [], "image", True) for name in registered]
 
-    gw = SimpleNamespace(client=SimpleNamespace(workflows=workflows),
+    async def register_workflow(name, definition):
+        registered[name] = definition
+        return p.AdminReply(True, f"registered {name}")
+
+    async def stats():  # actors of the SD 1.5 checkpoint's models only
+        return SimpleNamespace(actors=[SimpleNamespace(model=m, stopping=False)
+                                       for m in ("tiny-sd15-clip", "tiny-sd15-unet", "tiny-sd15-vae")])
+
+    gw = SimpleNamespace(client=SimpleNamespace(workflows=workflows, register_workflow=register_workflow, stats=stats),
                          metrics=SimpleNamespace(broker_up=SimpleNamespace(set=lambda v: None)))
-    state = ComfyState(models, tmp_path, catalog, 8, 60.0)
+    state = ComfyState(models, tmp_path, load_catalog_like(catalog), 8, 60.0)
     request = SimpleNamespace(app={GATEWAY: gw, COMFY: state})
 
     def match(g: dict) -> str:
-        spec = import_graph(g, name="x", models_dir=models, catalog=catalog).workflow
-        return asyncio.run(served_workflow(request, graph_shape(g), spec, g, ["9"]))
+        imported = import_graph(g, name="comfy-prompt", models_dir=models, catalog=catalog, replace=True)
+        return asyncio.run(served_workflow(request, graph_shape(g), imported, ["9"]))
 
     no_cfg = copy.deepcopy(graph(GRAPH))
     no_cfg["3"]["inputs"]["cfg"] = 1.0
@@ -114,10 +126,32 @@ def test_the_match_is_cached_by_shape_and_checked_against_each_compile(tiny, tmp
     other["3"]["inputs"].update(seed=3, steps=7)
     assert match(other) == "tiny-sd15-txt2img-nocfg" and len(asked) == 1  # same shape: the cached match
     assert list(state.cache) == [graph_shape(no_cfg)]
-    with_cfg = graph(GRAPH)  # same shape, another definition (CFG): asked again, and nothing serves it
+    with_cfg = graph(GRAPH)  # same shape, another definition (CFG): asked again; registered over the same models
+    name = match(with_cfg)
+    assert len(asked) == 2 and list(registered) == [name] and name.startswith("comfy-")
+    assert "default" not in json.dumps(registered[name]["inputs"])  # the graph's literals are not part of it
+    assert set(registered[name]) >= {"denoiser", "vae", "text_encoders", "cfg"}
+    literals = copy.deepcopy(with_cfg)
+    literals["3"]["inputs"].update(seed=5, steps=9)
+    literals["6"]["inputs"]["text"] = "a cat"
+    assert match(literals) == name and len(asked) == 2 and len(registered) == 1  # cached: one workflow per structure
+    state.cache.clear()
+    assert match(literals) == name and len(asked) == 3 and len(registered) == 1  # served now: matched, not registered
+    single_file_vae = copy.deepcopy(graph(GRAPH))  # a VAE no actor runs: not served, not registered
+    single_file_vae["11"] = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_sd15_file.safetensors"}}
+    single_file_vae["8"]["inputs"]["vae"] = ["11", 0]
     with pytest.raises(ComfyImportError) as err:
-        match(with_cfg)
-    assert len(asked) == 2 and err.value.node_errors["9"]["errors"][0]["type"] == "workflow_not_served"
+        match(single_file_vae)
+    error = err.value.node_errors["9"]["errors"][0]
+    assert error["type"] == "workflow_not_served" and "lego workflows import" in error["details"]
+    assert len(registered) == 1
+
+
+def load_catalog_like(catalog):
+    """A copy the gateway may add registered workflows to (the fixture's is shared)."""
+    from broker.catalog import Catalog
+
+    return Catalog(dict(catalog.models), dict(catalog.workflows), dict(catalog.adapters))
 
 
 def test_safe_relative_refuses_what_leaves_the_folder():
@@ -150,6 +184,7 @@ def served(tiny, tmp_path_factory):
                       f"comfy_input_dir = {json.dumps(str(tmp / 'input'))}\n")
     with LocalCluster(spec) as cluster:
         gateway = Gateway(cluster.frontend, tmp / "keys.txt", tmp / "gateway.log", "--config", str(config))
+        gateway.broker = cluster.frontend  # for the tests that ask the broker itself
         try:
             yield gateway, keys, root
         finally:
@@ -234,6 +269,56 @@ def test_comfy_api_simplified_gets_the_diffusers_pipelines_image_and_ws_reports_
     assert status == 404  # another key's image
 
 
+def malformed_variants(good: dict) -> list[tuple[dict, str, str]]:
+    """(graph, node id, input name) the importer refuses, each for another reason: ComfyUI's
+    own validation errors and what has no diffusers equivalent."""
+    def changed(node_id: str, source: dict | None = None, **inputs) -> dict:
+        g = copy.deepcopy(source or good)
+        g[node_id]["inputs"].update(inputs)
+        return g
+
+    def advanced(**inputs) -> dict:
+        g = copy.deepcopy(good)
+        i = g["3"]["inputs"]
+        g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "add_noise": "enable", "noise_seed": i["seed"], "steps": i["steps"], "cfg": i["cfg"],
+            "sampler_name": i["sampler_name"], "scheduler": i["scheduler"], "start_at_step": 0, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable", "model": i["model"], "positive": i["positive"],
+            "negative": i["negative"], "latent_image": i["latent_image"], **inputs}}
+        return g
+
+    lora = titled(graph("sd15_lora_api.json"))
+    return [
+        (changed("3", scheduler="karras"), "3", "scheduler"),
+        (changed("3", sampler_name="dpmpp_2m_sde"), "3", "sampler_name"),
+        (changed("3", sampler_name=3), "3", "sampler_name"),
+        (changed("3", cfg=0.5), "3", "cfg"),
+        (changed("3", cfg="high"), "3", "cfg"),
+        (changed("3", steps="four"), "3", "steps"),
+        (changed("3", steps=0), "3", "steps"),
+        (changed("3", steps=100000), "3", "steps"),
+        (changed("3", seed=-1), "3", "seed"),
+        (changed("3", denoise=0.5), "3", "denoise"),  # on an empty latent
+        (changed("3", positive=["4", 0]), "3", "positive"),  # a MODEL where CONDITIONING goes
+        (changed("5", batch_size=2), "5", "batch_size"),
+        (changed("5", width=17), "5", "width"),
+        (changed("5", width="wide"), "5", "width"),
+        (changed("6", text="a (fox:1.2)"), "6", "text"),  # prompt weighting
+        (changed("6", text="embedding:ink a fox"), "6", "text"),
+        (changed("6", text=5), "6", "text"),
+        (changed("6", clip=["4", 0]), "6", "clip"),
+        (changed("8", vae=["4", 7]), "8", "vae"),  # an output the loader does not have
+        (changed("4", ckpt_name="old.ckpt"), "4", "ckpt_name"),  # never unpickled
+        (advanced(add_noise="disable"), "3", "add_noise"),
+        (advanced(return_with_leftover_noise="enable"), "3", "return_with_leftover_noise"),
+        (advanced(end_at_step=2), "3", "end_at_step"),
+        (advanced(start_at_step=1), "3", "start_at_step"),
+        (changed("10", lora, strength_model=3.0), "10", "strength_model"),
+        (changed("10", lora, strength_clip=0.3), "10", "strength_clip"),
+        (changed("11", lora, lora_name="nope.safetensors"), "11", "lora_name"),
+    ]
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_malformed_graphs_get_400_with_node_errors_and_a_good_graph_then_works(served):
@@ -257,15 +342,18 @@ def test_malformed_graphs_get_400_with_node_errors_and_a_good_graph_then_works(s
     no_cfg["3"]["inputs"]["cfg"] = 1.0  # no CFG: the built-in tiny-sd15-txt2img-nocfg has that definition
     assert request(gateway, "POST", "/prompt", {"prompt": no_cfg}, key=keys["alice"])[0] == 200
     cases = [(heun, "3", "sampler_name"), (missing, "3", "steps"), (dangling, "8", "samples"),
-             (unknown, "10", None), (other_model, "4", "ckpt_name"), (not_served, "9", None)]
+             (unknown, "10", None), (other_model, "4", "ckpt_name"), (not_served, "9", None),
+             *malformed_variants(good)]
+    assert len(cases) >= 20 and len({json.dumps(g, sort_keys=True) for g, _, _ in cases}) == len(cases)  # distinct
     for bad, node_id, input_name in cases:
         status, _, body = request(gateway, "POST", "/prompt", {"prompt": bad, "client_id": "x"}, key=keys["alice"])
         assert status == 400, (node_id, input_name, body)
         assert set(body) == {"error", "node_errors"} and body["error"]["type"]
         assert node_id in body["node_errors"], body
         errors = body["node_errors"][node_id]["errors"]
+        assert body["node_errors"][node_id]["class_type"] == bad[node_id]["class_type"]
         if input_name:
-            assert errors[0]["extra_info"]["input_name"] == input_name
+            assert errors[0]["extra_info"]["input_name"] == input_name, (node_id, input_name, body)
     status, _, body = request(gateway, "POST", "/prompt", {"prompt": not_served}, key=keys["alice"])
     assert "lego workflows import" in body["node_errors"]["9"]["errors"][0]["details"]
     status, _, body = request(gateway, "POST", "/prompt", {"prompt": no_output}, key=keys["alice"])
@@ -280,6 +368,90 @@ def test_malformed_graphs_get_400_with_node_errors_and_a_good_graph_then_works(s
     assert any(m["type"] == "execution_success" for m in messages)
     status, _, history = request(gateway, "GET", f"/history/{answer['prompt_id']}", key=keys["bob"])
     assert history[answer["prompt_id"]]["status"]["status_str"] == "success"
+
+
+def _upload(gateway, key: str, name: str, png: bytes) -> dict:
+    boundary = "xxBOUNDARYxx"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + \
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, body = request(gateway, "POST", "/upload/image", raw=form, headers=headers, key=key)
+    assert status == 200, body
+    return body
+
+
+def img2img_nocfg_reference(root, image: np.ndarray) -> np.ndarray:
+    """The img2img graph without CFG as the diffusers pipeline computes it: euler_ancestral
+    (EulerAncestralDiscreteScheduler), 4 steps, strength 0.75, guidance 1 (no CFG), seed 42,
+    with one torch thread as the actors run (the thread count changes the reduction order)."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(root / "sd15", safety_checker=None,
+                                                          requires_safety_checker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = pipe("a red fox in the snow", image=Image.fromarray(image), strength=0.75, num_inference_steps=4,
+                   guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+    return (out[0] * 255).round().astype(np.uint8)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_graph_no_served_workflow_computes_is_registered_and_runs_on_the_same_actors(served, tiny):
+    """The img2img graph without CFG compiles to a workflow the cluster was not started with
+    (no catalog workflow has its definition) over the models it serves: the gateway registers
+    it at the broker and it runs on the actors the other workflows use, with the diffusers
+    pipeline's pixels."""
+    from clients import Client
+    from clients.results import encode_png
+
+    gateway, keys, root = served
+    _, _, catalog, models = tiny
+    g = titled(graph("sd15_img2img_api.json"))  # LoadImage fox.png -> VAEEncode -> KSampler (euler_ancestral, 0.75)
+    g["3"]["inputs"].update(cfg=1.0, steps=4)
+    compiled = import_graph(g, name="x", models_dir=models, catalog=catalog).workflow
+    assert not [n for n, wf in catalog.workflows.items() if same_definition(wf, compiled)]  # the premise
+    source = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    _upload(gateway, keys["alice"], "fox.png", encode_png(source))
+    with Client(gateway.broker) as client:
+        before = {w.name for w in client.workflows()}
+        actors_before = sorted((a.actor_id, a.model) for a in client.stats().actors)
+    answer, messages = asyncio.run(_watch(gateway, keys["alice"], {"prompt": g}))
+    assert any(m["type"] == "execution_success" for m in messages), messages
+    history = request(gateway, "GET", f"/history/{answer['prompt_id']}", key=keys["alice"])[2][answer["prompt_id"]]
+    (image,) = history["outputs"]["9"]["images"]
+    status, _, png = request(gateway, "GET", f"/view?filename={image['filename']}&type=output", key=keys["alice"])
+    assert status == 200
+    assert np.array_equal(png_pixels(png), img2img_nocfg_reference(root, source))
+
+    with Client(gateway.broker) as client:
+        infos = {w.name: w for w in client.workflows()}
+        stats = client.stats()
+    assert len(set(infos) - before) == 1, sorted(set(infos) - before)
+    (name,) = set(infos) - before
+    assert name.startswith("comfy-") and infos[name].registered and not infos[SERVED].registered
+    assert infos[name].models == ["tiny-sd15-clip", "tiny-sd15-unet", "tiny-sd15-vae"]
+    assert sorted((a.actor_id, a.model) for a in stats.actors) == actors_before  # no actor of its own
+    for model in infos[name].models:  # its tasks ran on the models' shared actors, beside the other workflows'
+        (model_stats,) = [m for m in stats.models if m.model == model]
+        assert name in model_stats.workflows, (model, model_stats.workflows)
+
+    # the same structure with other literals: the cached registration, one workflow per structure
+    again = copy.deepcopy(g)
+    again["3"]["inputs"]["seed"] = 7
+    again["6"]["inputs"]["text"] = "a cat"
+    answer, messages = asyncio.run(_watch(gateway, keys["alice"], {"prompt": again}))  # her upload
+    assert any(m["type"] == "execution_success" for m in messages)
+    with Client(gateway.broker) as client:
+        assert {w.name for w in client.workflows()} - before == {name}
 
 
 @pytest.mark.cluster
@@ -432,3 +604,37 @@ def test_the_gateway_takes_the_comfy_settings_as_flags():
     cli = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     config = load_config(GatewayConfig, "gateway", None, cli, environ={})
     assert (config.comfy_models_dir, config.comfy_catalog, config.comfy_input_dir) == ("/models", "a.toml", "/in")
+
+
+def test_the_openapi_document_covers_comfyuis_routes_when_they_are_on(tiny, tmp_path):
+    from aiohttp import web
+
+    from clients.gateway.app import build_app
+    from clients.gateway.config import GatewayConfig
+    from clients.gateway.keys import KeyRing
+    from clients.gateway.openapi import openapi_document
+
+    _, catalog_path, _, models = tiny
+    config = GatewayConfig(comfy_models_dir=str(models), comfy_catalog=str(catalog_path),
+                           comfy_input_dir=str(tmp_path / "input"))
+    app = build_app(config, KeyRing.parse("admin 0123456789abcdef0123"))
+    routes = set()
+    for route in app.router.routes():
+        path = route.resource.canonical
+        if isinstance(route.resource, web.StaticResource):
+            path += "/{filename}"
+        if route.method != "HEAD":
+            routes.add((path, route.method.lower()))
+    document = openapi_document(comfy=True)
+    assert routes == {(path, method) for path, ops in document["paths"].items() for method in ops}
+    assert {"/prompt", "/api/prompt", "/ws", "/api/view"} <= set(document["paths"])
+    assert "/prompt" not in openapi_document()["paths"]  # off: not documented
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_the_served_openapi_json_lists_comfyuis_routes(served):
+    gateway, _, _ = served
+    status, _, document = request(gateway, "GET", "/openapi.json")
+    assert status == 200 and "ComfyUI" in document["paths"]["/prompt"]["post"]["summary"]
+    assert "/api/history/{prompt_id}" in document["paths"]

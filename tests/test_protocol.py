@@ -101,6 +101,9 @@ SAMPLES: dict[type, tuple[p.Message, list]] = {
     p.AdminDrain: (p.AdminDrain(actor_id="den-1", drained=False, call_id="c-1"), []),
     p.AdminReplicas: (p.AdminReplicas(model="den", min=1, max=None, call_id="c-2"), []),
     p.AdminPause: (p.AdminPause(workflow="sd15-txt2img", paused=True, call_id="c-3"), []),
+    p.AdminRegister: (p.AdminRegister(name="my-sd15", definition={
+        "text_encoders": ["CLIP_SD15"], "denoiser": "StableDiffusion15", "vae": "StableDiffusion15VAE", "cfg": True,
+        "inputs": {"steps": {"default": 8, "max": 50}, "sampler": {"choices": ["euler", "ddim"]}}}, call_id="c-4"), []),
     p.Error: (p.Error(code="bad_header", message="Credit.credits has type str", field="credits", request_id="r1"), []),
 }
 

@@ -5,9 +5,11 @@ controller) and are answered with ADMIN_REPLY under the caller's call_id (a refu
 names the offending field): spawn actors through a node agent, drain-and-stop an
 actor, drain or undrain one (it stays alive), set a model's replica bounds for the
 scheduler, pause or resume a workflow's admission, set the live policy knobs
-(`broker.core.settings.live_changes`) and post the scheduler's plan. `Admin` owns the
-operator's state (`Operator`: the plan, replica bounds, paused workflows) and the
-spawn id sequence; it changes actors through the actor table it is given.
+(`broker.core.settings.live_changes`), post the scheduler's plan and register a
+workflow (`broker.core.registry`: it joins the catalog, journaled before the reply
+accepts it). `Admin` owns the operator's state (`Operator`: the plan, replica bounds,
+paused workflows), the registered workflows' definitions and the spawn id sequence;
+it changes actors through the actor table it is given.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from broker.core.actors import ActorTable
 from broker.core.dispatch import Dispatcher
 from broker.core.outbox import Outbox
 from broker.core.peers import Peers
+from broker.core.registry import RegistrationError, parse_registration
 from broker.core.settings import BrokerSettings, SettingError, live_changes
 from broker.core.state import BACKEND, FRONTEND
 
@@ -51,6 +54,7 @@ class Admin:
         self.catalog, self.broker_id = catalog, broker_id
         self.actors, self.peers, self.dispatcher, self.out = actors, peers, dispatcher, out
         self.operator = Operator()
+        self.registered: dict[str, dict] = {}  # workflows registered at run time: name -> definition
         self._spawn_ids = itertools.count(1)
 
     def _reply(self, identity: bytes, call_id: str, message: str, field: str | None = None) -> None:
@@ -145,6 +149,37 @@ class Admin:
         self.operator.changed = True
         log.info("workflow_paused" if msg.paused else "workflow_resumed", workflow=msg.workflow)
         self._reply(identity, msg.call_id, f"{'paused' if msg.paused else 'resumed'} {msg.workflow}")
+
+    def register(self, identity: bytes, msg: p.AdminRegister, payload, now: float) -> None:
+        """Add a workflow to the catalog: journaled (when the broker keeps a journal) before
+        the reply that accepts it; an identical one registered again is accepted, unchanged."""
+        try:
+            spec = parse_registration(self.catalog, msg.name, msg.definition, len(self.registered))
+        except RegistrationError as exc:
+            log.info("workflow_register_refused", workflow=msg.name[:128], field=exc.field, error=exc.message[:256])
+            return self._reply(identity, msg.call_id, str(exc), exc.field)
+        if spec is None:
+            return self._reply(identity, msg.call_id, f"{msg.name} is registered already")
+        self.out.registered(msg.name, msg.definition)
+        self._add(spec, msg.definition)
+        self._reply(identity, msg.call_id, f"registered {msg.name} (models {', '.join(spec.models)})")
+
+    def restore(self, name: str, definition: dict) -> str | None:
+        """Register again a workflow a previous broker journaled (at start, before its
+        journaled requests run); why not, when the catalog no longer takes it."""
+        try:
+            spec = parse_registration(self.catalog, name, definition, len(self.registered))
+        except RegistrationError as exc:
+            return str(exc)
+        if spec is not None:
+            self._add(spec, definition)
+        return None
+
+    def _add(self, spec, definition: dict) -> None:
+        self.catalog.workflows[spec.name] = spec
+        self.registered[spec.name] = definition
+        self.operator.changed = True
+        log.info("workflow_registered", workflow=spec.name, models=spec.models)
 
     def configure(self, identity: bytes, msg: p.AdminConfigure, settings: BrokerSettings) -> BrokerSettings:
         """The settings after the call's live changes (all or nothing: `settings` itself

@@ -90,6 +90,7 @@ class BrokerCore:
             p.AdminDrain: self.admin.drain,
             p.AdminReplicas: self.admin.replicas,
             p.AdminPause: self.admin.pause,
+            p.AdminRegister: self.admin.register,
         }
 
     # ------------------------------------------------------------------ entry points
@@ -133,6 +134,11 @@ class BrokerCore:
         the IO shell reads at start): run it again from its start for the same client."""
         return self._run(self.intake.resume, request_id, client, workflow, params, tensors, frames, progress, now)
 
+    def restore_workflow(self, name: str, definition: dict) -> str | None:
+        """A workflow a previous broker registered at run time (from the journal, which the
+        IO shell reads at start, before `on_resume`): registered again; why not, if refused."""
+        return self.admin.restore(name, definition)
+
     def on_tick(self, now: float) -> list[Send]:
         """Heartbeats out, silent peers declared dead, requests that can no longer end
         failed typed. Call about 4x per heartbeat interval."""
@@ -161,7 +167,8 @@ class BrokerCore:
     # ------------------------------------------------------------------ the core's own handlers
 
     def _list_workflows(self, identity: bytes, msg, payload, now: float) -> None:
-        self.out.send(FRONTEND, identity, p.Workflows(telemetry.workflow_infos(self.catalog), msg.call_id))
+        self.out.send(FRONTEND, identity, p.Workflows(telemetry.workflow_infos(self.catalog, self.admin.registered),
+                                                      msg.call_id))
 
     def _get_stats(self, identity: bytes, msg, payload, now: float) -> None:
         stats = self.snapshot(now)

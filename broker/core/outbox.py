@@ -8,7 +8,8 @@ sends and frees dropped with `discard`, so they never leave with the next event.
 
 With `journaling` on (a broker with a request journal), the sends are interleaved with
 `Record`s, in the order they must happen: a request's accepted record before its
-ACCEPTED, its ended record after its RESULT or FAILED. The shell makes each record
+ACCEPTED, its ended record after its RESULT or FAILED; a workflow registered at run
+time (`Registration`) before the reply that accepts it. The shell makes each record
 durable before it sends what follows it; the core itself never touches a file. Off (the
 default: tests, the simulator), no record is made and the sends are the same.
 """
@@ -41,6 +42,15 @@ class Record:
     progress: bool = False
 
 
+@dataclass(frozen=True)
+class Registration:
+    """An instruction for the IO shell: journal this workflow registration (ADMIN_REGISTER)
+    before the reply that accepts it leaves; a restarted broker registers it again."""
+
+    name: str
+    definition: dict
+
+
 @dataclass
 class Send:
     """An instruction for the IO shell: send `msg` (+ raw payload frames) to a peer."""
@@ -54,7 +64,7 @@ class Send:
 class Outbox:
     def __init__(self) -> None:
         self.journaling = False  # set by the IO shell that owns a journal
-        self._sends: list[Send | Record] = []
+        self._sends: list[Send | Record | Registration] = []
         self._frees: dict[bytes, list[str]] = {}  # holder identity -> output ids, one FREE each flush
 
     def send(self, socket: str, identity: bytes, msg: p.Message, payload: list | None = None) -> None:
@@ -79,11 +89,16 @@ class Outbox:
         if self.journaling:
             self._sends.append(Record(request_id, status))
 
+    def registered(self, name: str, definition: dict) -> None:
+        """Journal a workflow registered at run time: before the reply that accepts it."""
+        if self.journaling:
+            self._sends.append(Registration(name, definition))
+
     def free(self, identity: bytes, output_id: str) -> None:
         """The holder behind `identity` may drop `output_id` (sent once per event and holder)."""
         self._frees.setdefault(identity, []).append(output_id)
 
-    def flush(self) -> list[Send | Record]:
+    def flush(self) -> list[Send | Record | Registration]:
         """The event's sends, its FREEs last; the box is empty again."""
         for identity, tensor_ids in self._frees.items():
             self._sends.append(Send(BACKEND, identity, p.Free(tensor_ids)))

@@ -14,12 +14,13 @@ from broker.core.settings import BrokerSettings
 from broker.core.state import DONE, READY, Request
 
 
-def workflow_infos(catalog: Catalog) -> list[p.WorkflowInfo]:
+def workflow_infos(catalog: Catalog, registered=()) -> list[p.WorkflowInfo]:
+    """Every workflow of the catalog; those in `registered` were registered at run time."""
     infos = []
     for wf in catalog.workflows.values():
         inputs = [p.InputInfo(i.name, i.type, i.required, i.default, i.min, i.max,
                               list(i.choices) if i.choices else None, i.description) for i in wf.inputs.values()]
-        infos.append(p.WorkflowInfo(wf.name, wf.description, wf.models, inputs, "image"))
+        infos.append(p.WorkflowInfo(wf.name, wf.description, wf.models, inputs, "image", wf.name in registered))
     return infos
 
 

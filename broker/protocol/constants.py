@@ -48,6 +48,7 @@ class Command(bytes, enum.Enum):
     ADMIN_DRAIN = b"ADRN"
     ADMIN_REPLICAS = b"ARPS"
     ADMIN_PAUSE = b"APAU"
+    ADMIN_REGISTER = b"AREG"
     # any direction: a typed error about one message
     ERROR = b"ERR"
 

@@ -65,6 +65,7 @@ __all__ = [
     "AdminDrain",
     "AdminReplicas",
     "AdminPause",
+    "AdminRegister",
     "Error",
     "MESSAGE_TYPES",
 ]
@@ -188,6 +189,7 @@ class WorkflowInfo(Struct):
     models: list
     inputs: list[InputInfo]
     output: str
+    registered: bool = False  # registered at run time (ADMIN_REGISTER), not read from a catalog file
 
 
 @struct
@@ -701,6 +703,19 @@ class AdminPause(Message):
     COMMAND: ClassVar[Command] = Command.ADMIN_PAUSE
     workflow: str
     paused: bool = True
+    call_id: str = ""
+
+
+@struct
+class AdminRegister(Message):
+    """Register a workflow at run time: `definition` is the table a catalog file holds
+    under `[workflows.NAME]` (broker/catalog/files.py parses both), over models the
+    broker's catalog declares already. Registering an identical definition again is a
+    no-op; the broker journals what it registers and restores it when it restarts."""
+
+    COMMAND: ClassVar[Command] = Command.ADMIN_REGISTER
+    name: str
+    definition: dict
     call_id: str = ""
 
 

@@ -12,6 +12,11 @@ import signal
 import sys
 import threading
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
 from broker import auth
 from broker.catalog import load_catalog
 from broker.config import parse_options
@@ -67,7 +72,8 @@ def cmd_workflows(args) -> int:
         try:
             with Client(args.broker, key_file=args.key_file) as client:
                 infos = [{"name": w.name, "description": w.description, "models": w.models,
-                          "inputs": {i.name: i.to_wire() for i in w.inputs}} for w in client.workflows()]
+                          "inputs": {i.name: i.to_wire() for i in w.inputs}, "registered": w.registered}
+                         for w in client.workflows()]
         except LegoError as exc:
             print(f"lego workflows: {exc}", file=sys.stderr)
             return 1
@@ -75,7 +81,8 @@ def cmd_workflows(args) -> int:
         print(json.dumps(infos, indent=2, default=list))
         return 0
     for info in infos:
-        print(f"{info['name']:<28} {info['description']}")
+        registered = " (registered at run time)" if info.get("registered") else ""
+        print(f"{info['name']:<28} {info['description']}{registered}")
         print(f"{'':<28} models: {', '.join(info['models'])}")
         inputs = ", ".join(f"{n}{'*' if i['required'] else '=' + repr(i['default'])}" for n, i in info["inputs"].items())
         print(f"{'':<28} inputs: {inputs}")
@@ -111,6 +118,38 @@ def cmd_workflows_import(args) -> int:
     for note in imported.notes:
         print(f"  note: {note}")
     return 0
+
+
+def cmd_workflows_register(args) -> int:
+    """The [workflows.*] tables of a catalog file, registered at the running broker (admin key)."""
+    from pathlib import Path
+
+    try:
+        doc = tomllib.loads(Path(args.file).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        print(f"lego workflows register: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    declared = [f"[{table}.{name}]" for table in ("models", "adapters") for name in doc.get(table, {})]
+    if declared:
+        print(f"lego workflows register: {args.file} declares {', '.join(declared)}: the broker registers workflows "
+              "over its catalog's models only (start the cluster with this file as --catalog instead)", file=sys.stderr)
+        return 2
+    tables = doc.get("workflows", {})
+    wanted = args.workflow or list(tables)
+    missing = [name for name in wanted if name not in tables]
+    if not tables or missing:
+        print(f"lego workflows register: {args.file} has no [workflows.{(missing or ['NAME'])[0]}] table",
+              file=sys.stderr)
+        return 2
+    failed = 0
+    with Client(args.broker, key_file=args.key_file) as client:
+        for name in wanted:
+            try:
+                print(client.register_workflow(name, tables[name]).message)
+            except LegoError as exc:
+                print(f"lego workflows register: {name}: {exc}", file=sys.stderr)
+                failed += 1
+    return 1 if failed else 0
 
 
 def cmd_status(args) -> int:
@@ -348,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--replace", action="store_true", help="overwrite --out, and a workflow of that name")
     imp.add_argument("--json", action="store_true", help="print the result (or ComfyUI's node_errors) as JSON")
     imp.set_defaults(func=cmd_workflows_import)
+    reg = wsub.add_parser("register", help="serve a catalog file's [workflows.*] from now on, at the running broker "
+                                           "(over the models its catalog declares; an admin key with keys on)")
+    reg.add_argument("file", help="a catalog TOML file holding [workflows.NAME] tables only")
+    reg.add_argument("--workflow", action="append", help="only this one (repeatable; default: every one in the file)")
+    add_broker_flags(reg)
+    reg.set_defaults(func=cmd_workflows_register)
 
     s = sub.add_parser("status", help="the broker's telemetry snapshot")
     s.add_argument("--json", action="store_true")

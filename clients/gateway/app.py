@@ -138,7 +138,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(comfy=comfy_api.COMFY in request.app))
 
 
 def _on_run_end(gw: Gateway, run) -> None:

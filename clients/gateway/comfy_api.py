@@ -2,14 +2,19 @@
 
 `POST /prompt` compiles the graph with clients/comfy's importer against the gateway's
 catalog (`comfy_catalog`: the catalog files the cluster was started with) and models
-folder (`comfy_models_dir`), finds the served workflow with the same definition (the
-broker cannot register workflows at run time: a graph whose workflow is not served is
-refused, naming the command that imports it) and submits one run with the graph's
-literals as its parameters. The match is cached by the graph's shape (`graph_shape`: the
-graph without its literal values); each graph is still compiled (~2 ms: that reads its
-literals and checks them). `/history`, `/view`, `/queue`, `/interrupt`, `/upload/image`,
-`/object_info`, `/system_stats` answer in ComfyUI's shapes; the WebSocket is comfy_ws.py.
-Every route also answers under `/api/` (ComfyUI's newer front end). docs/comfy.md.
+folder (`comfy_models_dir`), finds the served workflow with the same definition and
+submits one run with the graph's literals as its parameters. Where the broker serves no
+such workflow but every model of the compiled one (each a catalog model with a live
+actor; no model file or LoRA the catalog lacks), the gateway registers it at the broker (ADMIN_REGISTER: the gateway's broker key
+is an admin key) under a name its definition gives (`comfy-` + a hash of the definition
+without the graph's literals), so it runs on the actors those models already have,
+batched with every other workflow's steps; a graph over models the cluster does not
+serve is refused with node errors naming the import command. The match is cached by the
+graph's shape (`graph_shape`: the graph without its literal values); each graph is still
+compiled (~2 ms: that reads its literals and checks them). `/history`, `/view`,
+`/queue`, `/interrupt`, `/upload/image`, `/object_info`, `/system_stats` answer in
+ComfyUI's shapes; the WebSocket is comfy_ws.py. Every route also answers under `/api/`
+(ComfyUI's newer front end). docs/comfy.md.
 
 ComfyUI clients send HTTP basic auth (the API key as the password, any user name) or
 `Authorization: Bearer KEY`; the WebSocket also takes `?token=KEY`.
@@ -28,6 +33,11 @@ import sys
 import tempfile
 import time
 import uuid
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 from dataclasses import fields
 from pathlib import Path
 
@@ -36,10 +46,12 @@ import psutil
 import structlog
 from aiohttp import web
 
-from broker.catalog import WorkflowSpec, load_catalog
-from clients.comfy import ComfyImportError, import_graph
+from broker.catalog import CatalogError, WorkflowSpec, load_catalog, parse_catalog
+from clients.comfy import ComfyImportError, ImportedWorkflow, import_graph
 from clients.comfy.errors import node_error
 from clients.comfy.graph import is_link
+from clients.core import AdminRefused
+from clients.errors import LegoError
 from clients.gateway.bodies import MAX_JSON_DEPTH, json_depth
 from clients.gateway.comfy_ws import (
     COMFY,
@@ -61,6 +73,7 @@ log = structlog.get_logger(__name__)
 
 MAX_CACHED_SHAPES = 1024  # graph shapes whose served workflow is remembered (node ids are part of a shape)
 COMPILE_NAME = "comfy-prompt"  # the name graphs are compiled under (never submitted: the served twin is)
+REGISTERED_PREFIX = "comfy-"  # + a hash of the definition: the name a graph's workflow is registered under
 # WorkflowSpec fields that do not change what a request computes: the match ignores them.
 NOT_DEFINITION = ("name", "description", "slo_s", "inputs")
 # ... and of each input, those that do not either: every request sends every value.
@@ -101,6 +114,30 @@ def same_definition(a: WorkflowSpec, b: WorkflowSpec) -> bool:
         if any(getattr(x, f.name) != getattr(y, f.name) for f in fields(x) if f.name not in INPUT_NOT_DEFINITION):
             return False
     return True
+
+
+def registrable(imported: ImportedWorkflow) -> tuple[dict, list[str]]:
+    """The compiled workflow's catalog table without the graph's literals (the inputs'
+    defaults and required flags: every run sends every value), so that graphs of one
+    structure register one workflow; and what the graph declares beyond the catalog
+    (`models.NAME`, `adapters.NAME`: files the cluster does not serve)."""
+    doc = tomllib.loads(imported.toml)
+    definition = doc["workflows"][imported.name]
+    inputs = {}
+    for name, override in definition.get("inputs", {}).items():
+        kept = {k: v for k, v in override.items() if k not in ("default", "required")}
+        if kept:
+            inputs[name] = kept
+    definition = {k: v for k, v in definition.items() if k != "inputs"}
+    if inputs:
+        definition["inputs"] = inputs
+    return definition, [f"{table}.{name}" for table in ("models", "adapters") for name in doc.get(table, {})]
+
+
+def registered_name(definition: dict) -> str:
+    """`comfy-` + 16 hex digits of the definition's SHA-256: one name per definition."""
+    text = json.dumps(definition, sort_keys=True, separators=(",", ":"))
+    return REGISTERED_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def comfy_error(message: str, details: str = "", type_: str = "invalid_prompt", node_errors: dict | None = None,
@@ -159,8 +196,18 @@ def _not_served(api: dict, outputs: list[str], details: str) -> ComfyImportError
     return ComfyImportError(errors)
 
 
-async def served_workflow(request: web.Request, shape: str, spec: WorkflowSpec, api: dict, outputs: list[str]) -> str:
+def _remember(state: ComfyState, shape: str, spec: WorkflowSpec, name: str) -> str:
+    while len(state.cache) >= MAX_CACHED_SHAPES and shape not in state.cache:
+        del state.cache[next(iter(state.cache))]  # the oldest shape
+    state.cache.setdefault(shape, []).append((spec, name))
+    return name
+
+
+async def served_workflow(request: web.Request, shape: str, imported: ImportedWorkflow, outputs: list[str]) -> str:
+    """The name of the workflow the broker serves for this graph: a cached match, a served
+    one of the same definition, or the compiled one, registered now."""
     gw, state = gateway_of(request), request.app[COMFY]
+    spec, api = imported.workflow, imported.api
     for cached, name in state.cache.get(shape, ()):
         if same_definition(cached, spec):
             return name
@@ -168,12 +215,44 @@ async def served_workflow(request: web.Request, shape: str, spec: WorkflowSpec, 
     for info in sorted(infos, key=lambda i: i.name):
         served = state.catalog.workflows.get(info.name)
         if served is not None and list(info.models) == served.models and same_definition(served, spec):
-            while len(state.cache) >= MAX_CACHED_SHAPES and shape not in state.cache:
-                del state.cache[next(iter(state.cache))]  # the oldest shape
-            state.cache.setdefault(shape, []).append((spec, info.name))
-            return info.name
-    raise _not_served(api, outputs, f"the graph compiles to a workflow of models {spec.models} "
-                      f"(cfg {spec.cfg}, img2img {spec.img2img}); the broker serves {sorted(i.name for i in infos)}")
+            return _remember(state, shape, spec, info.name)
+    definition, declared = registrable(imported)
+    if not declared:  # files the catalog declares: served where an actor runs each (the stats say)
+        stats = await ask_broker(gw, gw.client.stats())
+        live = {a.model for a in stats.actors if not a.stopping}
+        declared = [m for m in spec.models if m not in live]
+    if declared:
+        raise _not_served(api, outputs, f"the graph compiles to a workflow of models {spec.models} "
+                          f"(cfg {spec.cfg}, img2img {spec.img2img}) and the cluster does not serve "
+                          f"{', '.join(declared)} (no such catalog model, or no actor runs it); "
+                          f"the broker serves {sorted(i.name for i in infos)}")
+    name = registered_name(definition)
+    listed = {i.name: list(i.models) for i in infos}
+    if name in listed and listed[name] != spec.models:  # the name its definition gives, taken by another
+        raise _not_served(api, outputs, f"the broker serves another workflow under {name}, the name of its definition")
+    if name not in listed:
+        refusal = await ask_broker(gw, _register(gw, name, definition))
+        if refusal is not None:
+            raise _not_served(api, outputs, f"the broker refused to register its workflow {name}: {refusal}")
+        log.info("comfy_workflow_registered", workflow=name, models=spec.models, shape=shape[:16])
+    try:
+        state.catalog.workflows[name] = parse_catalog({"workflows": {name: definition}}, state.catalog).workflows[name]
+    except CatalogError as exc:  # the broker took it, so ours should: a catalog that differs from the cluster's
+        raise _not_served(api, outputs, f"its workflow {name} does not load here: {exc}") from None
+    return _remember(state, shape, spec, name)
+
+
+async def _register(gw, name: str, definition: dict) -> str | None:
+    """None once the broker serves `name`; its refusal otherwise (other errors raise)."""
+    try:
+        await gw.client.register_workflow(name, definition)
+    except AdminRefused as exc:
+        return exc.message
+    except LegoError as exc:
+        if not str(exc).startswith("forbidden"):
+            raise
+        return "the gateway's broker key may not register workflows (give it an admin key: broker_key_file)"
+    return None
 
 
 def _images(state: ComfyState, owner: str, api: dict, imported) -> dict:
@@ -225,7 +304,7 @@ async def post_prompt(request: web.Request) -> web.Response:
                                 replace=True)
         api = imported.api
         outputs = _nodes_of(api, ("SaveImage", "PreviewImage"))
-        workflow = await served_workflow(request, shape, imported.workflow, api, outputs)
+        workflow = await served_workflow(request, shape, imported, outputs)
         params = _images(state, _owner(request), api, imported)
     except ComfyImportError as exc:
         return web.json_response(exc.response(), status=400)

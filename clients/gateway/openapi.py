@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of every route (served at /openapi.json).
 
 Written by hand, checked by tests/test_gateway_http.py: every route the app has must
-appear here with its methods.
+appear here with its methods (ComfyUI's routes, clients/gateway/comfy_api.py, when the
+gateway serves them: `openapi_document(comfy=True)`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,52 @@ IMAGES_OK = {"type": "object", "properties": {"created": {"type": "integer"}, "d
     "type": "object", "properties": {"b64_json": {"type": "string"}}}}}}
 
 
-def openapi_document() -> dict:
+COMFY_ERROR = {"type": "object", "description": "ComfyUI's shape (docs/comfy.md: Errors)", "properties": {
+    "error": {"type": "object", "properties": {"type": {"type": "string"}, "message": {"type": "string"},
+                                               "details": {"type": "string"}, "extra_info": {"type": "object"}}},
+    "node_errors": {"type": "object", "description": "node id -> {errors, dependent_outputs, class_type}"}}}
+PROMPT_BODY = {"type": "object", "required": ["prompt"], "properties": {
+    "prompt": {"type": "object", "description": "the graph in ComfyUI's API format"},
+    "client_id": {"type": "string", "description": "the WebSocket client (/ws?clientId=) that gets its messages"},
+    "extra_data": {"type": "object"}}}
+PROMPT_OK = {"type": "object", "properties": {"prompt_id": {"type": "string"}, "number": {"type": "integer"},
+                                              "node_errors": {"type": "object"}}}
+IDS_BODY = {"type": "object", "properties": {"clear": {"type": "boolean"},
+                                             "delete": {"type": "array", "items": {"type": "string"}}}}
+
+
+def comfy_paths() -> dict:
+    """ComfyUI's routes on the gateway (docs/comfy.md), each also under /api/."""
+    def op(summary: str, ok: dict | None = None, **kwargs) -> dict:
+        return _op(f"ComfyUI: {summary}", ok, errors=COMFY_ERROR, **kwargs)
+
+    paths = {
+        "/prompt": {"post": op("Queue a graph (compiled to a served or registered workflow)", _json(PROMPT_OK),
+                               body=PROMPT_BODY, codes=(400, 401, 413, 429, 503)),
+                    "get": op("The queue's length: {exec_info: {queue_remaining}}", _json(ANY), codes=(401,))},
+        "/history": {"get": op("Ended prompts of this key (?max_items=)", _json(ANY), codes=(401,)),
+                     "post": op("Forget ended prompts: {clear} or {delete: [ids]}", body=IDS_BODY, codes=(400, 401))},
+        "/history/{prompt_id}": {"get": op("One ended prompt (empty when unknown)", _json(ANY), params=["prompt_id"],
+                                           codes=(401,))},
+        "/queue": {"get": op("Running and pending prompts of this key", _json(ANY), codes=(401,)),
+                   "post": op("Cancel pending prompts: {clear} or {delete: [ids]}", body=IDS_BODY, codes=(400, 401))},
+        "/interrupt": {"post": op("Cancel this key's running prompts (or {prompt_id}'s)", codes=(400, 401))},
+        "/view": {"get": op("An image (?filename=&subfolder=&type=output|temp|input)",
+                            {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                            codes=(401, 403, 404))},
+        "/upload/image": {"post": op("Upload an image (multipart `image`, `subfolder`, `overwrite`): a LoadImage choice",
+                                     _json(ANY), codes=(400, 401, 413))},
+        "/object_info": {"get": op("The supported nodes and their inputs", _json(ANY), codes=(401,))},
+        "/object_info/{node_class}": {"get": op("One node class (empty when unsupported)", _json(ANY),
+                                                params=["node_class"], codes=(401,))},
+        "/system_stats": {"get": op("The gateway host; one device standing for the cluster", _json(ANY), codes=(401,))},
+        "/ws": {"get": op("WebSocket (?clientId=, ?token=KEY): status, execution and progress messages",
+                          status="101", codes=(401,))},
+    }
+    return {**paths, **{"/api" + path: ops for path, ops in paths.items()}}
+
+
+def openapi_document(comfy: bool = False) -> dict:
     user = (400, 401, 403, 404)
     paths = {
         "/v1/images/generations": {"post": _op(
@@ -92,9 +138,11 @@ def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "LegoDiffusion gateway", "version": "1",
-                 "description": "OpenAI-compatible images API, native runs API, metrics and admin console. "
-                                "Authorization: Bearer KEY (roles user and admin)."},
+                 "description": "OpenAI-compatible images API, native runs API, metrics and admin console"
+                                + (", ComfyUI's API" if comfy else "") + ". Authorization: Bearer KEY (roles user "
+                                "and admin)" + ("; ComfyUI's routes also take basic auth with the key as the password"
+                                                if comfy else "") + "."},
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
-        "paths": paths,
+        "paths": {**paths, **(comfy_paths() if comfy else {})},
     }
