@@ -25,7 +25,7 @@ Words = tuple[str, ...]  # extra words for text fields (workflow, model names): 
 # fuzzers send other commands to each port as well: a receiver must refuse them.
 FRONTEND_COMMANDS = (Command.SUBMIT, Command.CANCEL, Command.LIST_WORKFLOWS, Command.GET_STATS, Command.ADMIN_SPAWN,
                      Command.ADMIN_STOP, Command.ADMIN_CONFIGURE, Command.ADMIN_DRAIN, Command.ADMIN_REPLICAS,
-                     Command.ADMIN_PAUSE)
+                     Command.ADMIN_PAUSE, Command.ADMIN_REGISTER)
 BACKEND_COMMANDS = (Command.ACTOR_HELLO, Command.AGENT_HELLO, Command.HEARTBEAT, Command.CREDIT, Command.BATCH_DONE,
                     Command.BATCH_FAILED, Command.FREE, Command.DISCONNECT, Command.AGENT_EVENT)
 DATA_COMMANDS = (Command.FETCH,)
