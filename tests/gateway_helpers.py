@@ -79,3 +79,18 @@ def sse_events(gateway: Gateway, path: str, key: str, timeout: float = 60, last_
         return events
     finally:
         conn.close()
+
+
+def app_routes(app) -> set[tuple[str, str]]:
+    """(path, method) of every route an aiohttp app serves, HEAD left out (aiohttp adds it
+    beside GET), a static folder as its `{filename}` path: what /openapi.json must list."""
+    from aiohttp import web
+
+    routes = set()
+    for route in app.router.routes():
+        path = route.resource.canonical
+        if isinstance(route.resource, web.StaticResource):
+            path += "/{filename}"
+        if route.method != "HEAD":
+            routes.add((path, route.method.lower()))
+    return routes

@@ -26,7 +26,7 @@ pytest.importorskip("diffusers")
 aiohttp = pytest.importorskip("aiohttp")
 
 import test_comfy_import  # noqa: E402
-from gateway_helpers import Gateway, request, write_keys  # noqa: E402 (tests/ is on sys.path)
+from gateway_helpers import Gateway, app_routes, request, write_keys  # noqa: E402 (tests/ is on sys.path)
 
 from clients.comfy import import_graph  # noqa: E402
 from clients.gateway.comfy_api import graph_shape, same_definition  # noqa: E402
@@ -607,8 +607,6 @@ def test_the_gateway_takes_the_comfy_settings_as_flags():
 
 
 def test_the_openapi_document_covers_comfyuis_routes_when_they_are_on(tiny, tmp_path):
-    from aiohttp import web
-
     from clients.gateway.app import build_app
     from clients.gateway.config import GatewayConfig
     from clients.gateway.keys import KeyRing
@@ -618,13 +616,7 @@ def test_the_openapi_document_covers_comfyuis_routes_when_they_are_on(tiny, tmp_
     config = GatewayConfig(comfy_models_dir=str(models), comfy_catalog=str(catalog_path),
                            comfy_input_dir=str(tmp_path / "input"))
     app = build_app(config, KeyRing.parse("admin 0123456789abcdef0123"))
-    routes = set()
-    for route in app.router.routes():
-        path = route.resource.canonical
-        if isinstance(route.resource, web.StaticResource):
-            path += "/{filename}"
-        if route.method != "HEAD":
-            routes.add((path, route.method.lower()))
+    routes = app_routes(app)
     document = openapi_document(comfy=True)
     assert routes == {(path, method) for path, ops in document["paths"].items() for method in ops}
     assert {"/prompt", "/api/prompt", "/ws", "/api/view"} <= set(document["paths"])

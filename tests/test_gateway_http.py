@@ -10,7 +10,13 @@ import re
 import time
 
 import pytest
-from gateway_helpers import Gateway, request, sse_events, write_keys  # tests/ is on sys.path
+from gateway_helpers import (  # tests/ is on sys.path
+    Gateway,
+    app_routes,
+    request,
+    sse_events,
+    write_keys,
+)
 
 from clients import Client
 from clients.local import LocalCluster, LocalClusterSpec, free_port
@@ -268,8 +274,6 @@ def test_metrics_parse_as_prometheus_text_and_the_counters_move(setup):
 
 
 def test_the_openapi_document_covers_every_route(setup):
-    from aiohttp import web
-
     from clients.gateway.app import build_app
     from clients.gateway.config import GatewayConfig
     from clients.gateway.keys import KeyRing
@@ -278,13 +282,7 @@ def test_the_openapi_document_covers_every_route(setup):
     status, _, document = request(gateway, "GET", "/openapi.json")  # public
     assert status == 200 and document["openapi"].startswith("3.1")
     app = build_app(GatewayConfig(), KeyRing.parse("admin 0123456789abcdef0123"))
-    routes = set()
-    for route in app.router.routes():
-        path = route.resource.canonical
-        if isinstance(route.resource, web.StaticResource):
-            path += "/{filename}"
-        if route.method != "HEAD":
-            routes.add((path, route.method.lower()))
+    routes = app_routes(app)
     documented = {(path, method) for path, ops in document["paths"].items() for method in ops}
     assert routes == documented
     assert len(routes) >= 16
