@@ -2,12 +2,14 @@
 (tests/test_launch_scripts.py, tests/test_two_hosts.py): pidfiles, liveness, and a
 process's environment, so that clean-up kills by pid only what this test started;
 and a node agent with no broker (tests/test_recovery_and_admin.py,
-tests/test_hosted_actors.py)."""
+tests/test_hosted_actors.py); the `lego` command in a process of its own."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from actors.agent import AgentConfig, NodeAgent
@@ -52,3 +54,11 @@ def environ(pid: int) -> str:
         return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def lego_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m clients.cli ARGV` in a process of its own, from the repository root: run
+    in the test's process, its logging setup would outlive the test, bound to a captured
+    stream pytest then closes (later tests' warnings would fail)."""
+    return subprocess.run([sys.executable, "-m", "clients.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[1])

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from process_helpers import lego_cli  # tests/ is on sys.path
 
 pytest.importorskip("diffusers")
 
@@ -446,28 +447,19 @@ def test_served_sd15_graph_equals_the_diffusers_pipeline(tiny, tmp_path):
 # ---- the command line: `lego workflows import`
 
 
-def lego(*argv: str):
-    """The `lego` command in a process of its own (in this one, its logging setup would
-    outlive the test, bound to a captured stream that pytest then closes)."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "clients.cli", *argv], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
-
 
 def test_the_cli_writes_a_catalog_the_loader_reads_and_refuses_to_overwrite_it(tiny, tmp_path):
     _, catalog_path, _, models = tiny
     out = tmp_path / "mine.toml"
     args = ["workflows", "import", str(DATA / "sd15_txt2img_ui.json"), "--name", "mine", "--models-dir", str(models),
             "--catalog", str(catalog_path), "--out", str(out)]
-    done = lego(*args)
+    done = lego_cli(*args)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout
     assert "mine" in load_catalog([catalog_path, out]).workflows
-    done = lego(*args)
+    done = lego_cli(*args)
     assert done.returncode == 2 and "--replace" in done.stderr  # exists: not overwritten without --replace
-    done = lego(*args, "--replace", "--json")
+    done = lego_cli(*args, "--replace", "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["workflow"] == "mine"
 
 
@@ -479,7 +471,7 @@ def test_the_cli_prints_comfyui_node_errors_for_a_graph_it_cannot_serve(tiny, tm
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     out = tmp_path / "bad.toml"
-    done = lego("workflows", "import", str(path), "--name", "bad", "--models-dir", str(models),
+    done = lego_cli("workflows", "import", str(path), "--name", "bad", "--models-dir", str(models),
                 "--catalog", str(catalog_path), "--out", str(out), "--json")
     assert done.returncode == 1 and not out.exists()
     body = json.loads(done.stdout)

@@ -15,10 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -34,6 +31,7 @@ from broker_helpers import (  # tests/ is on sys.path
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from process_helpers import lego_cli  # tests/ is on sys.path
 
 from broker import auth
 from broker import protocol as p
@@ -48,7 +46,6 @@ from clients.bench import fuzz
 from clients.core import AdminRefused
 from clients.local import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN = b"admin-1"
 MINE = {"text_encoders": ["enc-a"], "denoiser": "den", "vae": "vae", "cfg": False,
         "inputs": {"steps": {"default": 2, "max": 8}, "width": {"default": 64}, "height": {"default": 64}}}
@@ -364,25 +361,10 @@ def test_hostile_registrations_on_the_wire_leave_the_broker_serving(broker):
 # ------------------------------------------------------------------ a broker process restarted
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def lego(*argv: str) -> subprocess.CompletedProcess:
-    """The `lego` command in a process of its own (its logging setup must not outlive a test here)."""
-    return subprocess.run([sys.executable, "-m", "clients.cli", *argv], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
-
-
 @pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_a_workflow_registered_by_the_cli_survives_a_broker_restart_with_its_request_in_flight(tmp_path):
-    from test_broker_restart import BrokerProcess
+    from test_broker_restart import BrokerProcess, _wait
 
     from actors.runtime import ActorConfig, ActorRuntime
 
@@ -404,9 +386,9 @@ def test_a_workflow_registered_by_the_cli_survives_a_broker_restart_with_its_req
     try:
         with Client(frontend, admin_timeout_s=2.0) as client:
             _wait(lambda: len(client.stats(timeout=2.0).actors) == len(models), 60, "the actors to join")
-            done = lego("workflows", "register", str(catalog), "--broker", frontend)
+            done = lego_cli("workflows", "register", str(catalog), "--broker", frontend)
             assert done.returncode == 0 and "registered my-flux" in done.stdout, done.stderr
-            refused = lego("workflows", "register", str(bad), "--broker", frontend)
+            refused = lego_cli("workflows", "register", str(bad), "--broker", frontend)
             assert refused.returncode == 2 and "models.NewVAE" in refused.stderr
             # 1024x1024 on emulated H800s at full time: about a second, so the request is in flight at the kill
             reference = client.generate("my-flux", timeout=60, prompt="a brick", seed=5)
@@ -419,7 +401,7 @@ def test_a_workflow_registered_by_the_cli_survives_a_broker_restart_with_its_req
             infos = {w.name: w for w in client.workflows(timeout=5.0)}
             assert infos["my-flux"].registered and infos["my-flux"].models == models
             assert client.stats(timeout=5.0).counters["requests_resumed"] == 1
-            listed = lego("workflows", "--broker", frontend)
+            listed = lego_cli("workflows", "--broker", frontend)
             assert any(line.startswith("my-flux ") and "(registered at run time)" in line
                        for line in listed.stdout.splitlines()), listed.stdout
     finally:
