@@ -130,3 +130,42 @@ def test_unknown_setting_or_system_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--systems", "lego,nope"])
     assert "unknown" in capsys.readouterr().err
+
+
+def test_spare_memory_holds_a_small_base_model_on_every_gpu_with_room_and_a_burst_spreads_over_it():
+    from broker.catalog import load_catalog
+    from broker.costs.model import CostModel
+    from clients.bench.sim.bench import SPARE_HEADROOM_GIB, setting_systems
+    from clients.bench.sim.simulator import simulate
+
+    setting = SETTINGS["memory-bound"]
+    catalog = load_catalog()
+    costs = CostModel(catalog)
+
+    def lego(gpu_memory_gib):
+        system, = setting_systems(setting.simulate_setting, catalog, setting.gpus, ("lego",), setting.mixes["equal"],
+                                  1.0, None, 2, gpu_memory_gib)
+        return system
+
+    system = lego(setting.gpu_memory_gib)
+    used: dict[str, int] = {}
+    for model, device, _ in system.placement:
+        used[device] = used.get(device, 0) + costs.resident_bytes(model)
+    placed = {m: sum(1 for p in system.placement if p[0] == m) for m in
+              ("StableDiffusion3", "StableDiffusion35Large", "Flux1Dev")}
+    # the work split gives SD3 Medium 2 of 16 GPUs; spare memory holds it on all but the
+    # one GPU whose Flux and two T5 encoders leave no room; the large base models stay as split
+    assert placed == {"StableDiffusion3": 15, "StableDiffusion35Large": 8, "Flux1Dev": 6}
+    with_sd3 = {device for model, device, _ in system.placement if model == "StableDiffusion3"}
+    assert all(used[d] <= (setting.gpu_memory_gib - SPARE_HEADROOM_GIB) * 1024**3 for d in with_sd3)
+    assert max(used.values()) <= setting.gpu_memory_gib * 1024**3
+    args = list(system.scheduler_args)
+    assert args.count("StableDiffusion3=15") == 1 and "StableDiffusion3=2" not in args  # the scheduler keeps them
+    # where every base model fits every GPU (80 GiB), nothing is added
+    roomy = lego(80.0)
+    assert sum(1 for p in roomy.placement if p[0] == "StableDiffusion3") == setting.gpus
+    # the 16-request burst (round robin over the six workflows): every one on time (13 before)
+    burst = next(t for t in suite_traces(setting) if t.label == "burst 16")
+    outcomes, _ = simulate(system, burst.arrivals, catalog, setting.gpus, 2, gpu_memory_gib=setting.gpu_memory_gib,
+                           workflows=setting.workflows)
+    assert sum(o.slo_met for o in outcomes) == 16

@@ -21,7 +21,13 @@ from clients.bench.sim.bench import PAPER_MIX, cluster_systems
 from clients.bench.sim.cluster import SimDevice
 from clients.bench.sim.control import scheduler_config
 from clients.bench.sim.simulator import Simulation, simulate
-from clients.bench.sim.timing import MEASURED, NO_OVERHEADS, Overheads, fetch_s
+from clients.bench.sim.timing import (
+    EMULATION_2026_11_27,
+    MEASURED,
+    NO_OVERHEADS,
+    Overheads,
+    fetch_s,
+)
 from clients.bench.systems import PAPER_WORKFLOWS, SystemSpec
 
 WORKFLOWS = list(PAPER_WORKFLOWS.values())
@@ -353,7 +359,10 @@ def test_fetches_cost_the_h800_table_or_a_measured_bandwidth():
     for bad in ({"task_s": -1.0}, {"request_s": "1"}, {"fetch_bytes_per_s": 0.0}):
         with pytest.raises(ValueError, match=f"overheads.{next(iter(bad))}"):
             Overheads(**bad)
-    assert MEASURED.task_s > 0 and MEASURED.request_s > 0 and MEASURED.fetch_bytes_per_s  # the defaults
+    # the defaults: the runtime as calibrated, each fetch priced by its path on a GPU host
+    assert MEASURED.task_s > 0 and MEASURED.request_s > 0 and MEASURED.fetch_by_path
+    # the old emulation's figures stay to reproduce the tables made with them
+    assert EMULATION_2026_11_27.task_s == 0.0105 and EMULATION_2026_11_27.fetch_bytes_per_s == 1.42e9
 
 
 def test_cli_time_scale_compresses_the_arrivals_and_reports_trace_time(capsys):
@@ -436,8 +445,24 @@ def test_a_simulated_request_moves_its_conditioning_once_per_actor_as_the_runtim
 def test_gpu_host_fetches_price_each_fetch_by_its_path_as_the_virtual_emulation_does():
     from actors.backends.emulated import measured_fetch_s
 
-    o = dataclasses.replace(MEASURED, fetch_by_path=True)
     for path in ("device", "host", "network"):
-        assert o.transfer_s(8 << 20, True, path) == measured_fetch_s(8 << 20, path)
-    assert o.transfer_s(8 << 20, False) == measured_fetch_s(8 << 20, "network")
-    assert MEASURED.transfer_s(8 << 20, True, "device") == MEASURED.fetch_s + (8 << 20) / MEASURED.fetch_bytes_per_s
+        assert MEASURED.transfer_s(8 << 20, True, path) == measured_fetch_s(8 << 20, path)
+    assert MEASURED.transfer_s(8 << 20, False) == measured_fetch_s(8 << 20, "network")
+    shm = EMULATION_2026_11_27
+    assert shm.transfer_s(8 << 20, True, "device") == shm.fetch_s + (8 << 20) / shm.fetch_bytes_per_s
+
+
+def test_the_cli_prices_fetches_by_path_unless_a_bandwidth_is_given(capsys):
+    from clients.bench.sim.bench import cli_main
+
+    def header(*flags):
+        assert cli_main(["--systems", "basic", "--bursts", "1", *flags]) == 0
+        return capsys.readouterr().out.splitlines()[0]
+
+    assert header().endswith("fetch this runtime on a GPU host, by path")
+    assert header("--gpu-host-fetches").endswith("fetch this runtime on a GPU host, by path")
+    assert header("--fetch-gbps", "0").endswith("fetch H800 table")
+    assert header("--fetch-gbps", "2").endswith("fetch 0 ms + 2 GB/s")
+    with pytest.raises(SystemExit):
+        cli_main(["--bursts", "1", "--fetch-gbps", "2", "--gpu-host-fetches"])
+    assert "--fetch-gbps: cannot be combined with --gpu-host-fetches" in capsys.readouterr().err

@@ -19,7 +19,9 @@ cluster size they are generated the same way (`cluster_systems`):
 
 `--setting sharing` runs `clients.bench.systems.sharing_systems` instead (six ControlNet
 workflows over SD3, SD3.5 Large and FLUX.1-dev, 16 GPUs by default) under Gamma
-arrivals, as `lego bench cluster --setting sharing` does.
+arrivals, as `lego bench cluster --setting sharing` does; where the base models do not
+all fit one GPU, a small one also gets an actor on every GPU with room to spare
+(`spare_memory_replicas`).
 
 `--traces FILE|DIR` replays trace files (`TENANT GAP_SECONDS` lines), tenants mapped to
 workflows by `--tenants A=workflow,...` (default: A/B/C -> the paper's three), so an
@@ -133,6 +135,48 @@ def sized_replicas(system: SystemSpec, catalog: Catalog, gpus: int, mix: dict[st
     return dataclasses.replace(system, placement=tuple(placement), scheduler_args=args)
 
 
+SMALL_BASE_SHARE = 1 / 8  # a base model whose weights take at most this share of a GPU is "small"
+SPARE_HEADROOM_GIB = 8.0  # left free on a GPU beside what is placed: activations, the scheduler's own moves
+
+
+def spare_memory_replicas(system: SystemSpec, catalog: Catalog, gpu_memory_gib: float) -> SystemSpec:
+    """A small base model's actor on every GPU that has room for it beside what is placed.
+
+    Where the base models do not all fit one GPU, they split the GPUs by work, and a
+    small model with short requests (SD3 Medium beside SD3.5 Large and FLUX.1-dev on
+    48 GiB GPUs) gets two of sixteen: a burst of its requests queues there while the
+    other GPUs sit idle between steps. A replica costs it 4 GiB that those GPUs leave
+    unused. Simulated on the memory-bound suite (docs/benchmarks.md, issue 14, "spare
+    memory"): on-time share of the reference 73.2 -> 82.6% on the Gamma traces, 67.1 ->
+    73.6% on the bursts. Large base models get no extra replicas: theirs time-slice the
+    GPUs they join with those GPUs' own models (filling every base model: 81.5%)."""
+    costs = CostModel(catalog)
+    capacity = gpu_memory_gib * 1024**3
+    used: dict[str, int] = {}
+    hosted: dict[str, set[str]] = {}
+    for model, device, _ in system.placement:
+        used[device] = used.get(device, 0) + costs.resident_bytes(model)
+        hosted.setdefault(device, set()).add(model)
+    small = sorted((m for m in {m for m, _, _ in system.placement} if catalog.models[m].kind == "denoiser"
+                    and 0 < costs.resident_bytes(m) <= SMALL_BASE_SHARE * capacity), key=costs.resident_bytes)
+    placement = list(system.placement)
+    args = list(system.scheduler_args)
+    for model in small:
+        size = costs.resident_bytes(model)
+        for device in sorted(used, key=lambda d: int(d.rsplit(":", 1)[1])):  # emu:RANK, in rank order
+            if model not in hosted[device] and used[device] + size + SPARE_HEADROOM_GIB * 1024**3 <= capacity:
+                placement.append((model, device, "emulated"))
+                used[device] += size
+                hosted[device].add(model)
+        count = sum(1 for m, _, _ in placement if m == model)
+        # the scheduler keeps them (it would stop an idle replica between bursts)
+        pin = f"{model}="
+        args = [f"{model}={count}" if a.startswith(pin) else a for a in args]
+        if f"{model}={count}" not in args:
+            args += ["--model-min", f"{model}={count}"]
+    return dataclasses.replace(system, placement=tuple(placement), scheduler_args=tuple(args))
+
+
 BURST_ENCODER_SHARE = 0.01  # a text encoder costing this share of a request's solo latency is "heavy"
 
 
@@ -179,7 +223,8 @@ def setting_systems(setting: str, catalog: Catalog, gpus: int, names: tuple[str,
     if setting == "paper":
         return cluster_systems(catalog, gpus, names, mix, time_scale, baselines_dir, hosts, gpu_memory_gib)
     systems = sharing_systems(catalog, gpus, time_scale, names, gpu_memory_gib)
-    systems = [sized_replicas(s, catalog, gpus, mix, hosts_for(gpus)) if s.name == "lego" else s for s in systems]
+    systems = [spare_memory_replicas(sized_replicas(s, catalog, gpus, mix, hosts_for(gpus)), catalog, gpu_memory_gib)
+               if s.name == "lego" else s for s in systems]
     # the scheduler may use every GPU (its default cap is 64 replicas per model)
     return [dataclasses.replace(s, scheduler_args=(*s.scheduler_args, "--max-replicas", str(max(64, gpus))))
             if s.scheduler else s for s in systems]
@@ -271,10 +316,13 @@ def overheads_of(args) -> Overheads:
     for flag, field, _ in OVERHEAD_FLAGS:
         if values[field] < 0:
             raise ValueError(f"{flag}: expected milliseconds >= 0, got {values[field] * 1e3:g}")
-    if args.fetch_gbps < 0:
+    if args.fetch_gbps is not None and args.fetch_gbps < 0:
         raise ValueError(f"--fetch-gbps: expected >= 0, got {args.fetch_gbps:g}")
+    if args.fetch_gbps is not None and args.gpu_host_fetches:
+        raise ValueError("--fetch-gbps: cannot be combined with --gpu-host-fetches (one way to price a fetch)")
+    by_path = args.fetch_gbps is None  # the default, as MEASURED prices them
     return Overheads(**values, fetch_bytes_per_s=args.fetch_gbps * 1e9 if args.fetch_gbps else None,
-                     fetch_by_path=args.gpu_host_fetches)
+                     fetch_by_path=by_path)
 
 
 def describe(o: Overheads) -> str:
@@ -335,14 +383,13 @@ def cli_main(argv: list[str] | None = None) -> int:
                              "fifo: one batch at a time per GPU (its device_sharing=fifo)")
     for flag, field, what in OVERHEAD_FLAGS:
         parser.add_argument(flag, type=float, default=getattr(MEASURED, field) * 1e3,
-                            help=f"{what} (ms; default: measured on the emulated runtime)")
+                            help=f"{what} (ms; default: the runtime as calibrated, MEASURED)")
     parser.add_argument("--fetch-gbps", type=float,
-                        default=MEASURED.fetch_bytes_per_s / 1e9 if MEASURED.fetch_bytes_per_s else 0.0,
-                        help="fetch bandwidth, GB/s (default: the emulated data plane's, measured; "
-                             "0: the artifact's H800 fetch times)")
+                        help="price each fetch at this bandwidth, GB/s, plus --fetch-overhead-ms (0: the artifact's "
+                             "H800 fetch times; default: by path, as --gpu-host-fetches)")
     parser.add_argument("--gpu-host-fetches", action="store_true",
                         help="price each fetch as `lego bench cluster`'s virtual payloads do (this runtime on a GPU "
-                             "host, by path: same GPU, same host, network), instead of --fetch-gbps")
+                             "host, by path: same GPU, same host, network); the default unless --fetch-gbps is given")
     parser.add_argument("--baselines", default=str(DATA / "baselines"),
                         help="the artifact's placement files (used on 8 GPUs)")
     parser.add_argument("--seed", type=int, default=0)
