@@ -41,16 +41,20 @@ GPUS_PER_HOST = 8  # the paper's H800 nodes: hosts are counted this way everywhe
 def hosts_for(gpus: int) -> int:
     """Hosts a cluster of `gpus` GPUs spans: one per GPUS_PER_HOST, the last one partly filled."""
     return max(1, math.ceil(gpus / GPUS_PER_HOST))
+
+
 # Admission as the broker ships it, for every system that admits: lookahead (the
 # broker's default), plus the runtime's own time per request beside its profile times,
 # for a cold start (a burst before any request has completed; lookahead learns the rest).
-# Measured on the emulated runtime (dev VM, docs/benchmarks.md): 10.5 ms per dispatched
-# batch on the request's critical path, 14 ms for submit and result. A FLUX.1-schnell
-# request micro-served is about 10 batches deep; a monolith's is one batch.
+# The runtime as last calibrated (clients/bench/sim/timing.py MEASURED, 2026-12-07):
+# 3.98 ms per dispatched batch on the request's critical path, 9.93 ms for submit and
+# result (until then 10.5 and 14 ms: 0.119 and 0.025 s below; the paper suite's counts
+# are the same with either). A FLUX.1-schnell request micro-served is about 10 batches
+# deep; a monolith's is one batch.
 ADMISSION_BOUND = "lookahead"
-TASK_OVERHEAD_S, REQUEST_OVERHEAD_S = 0.0105, 0.014
-ADMISSION_OVERHEAD_S = round(10 * TASK_OVERHEAD_S + REQUEST_OVERHEAD_S, 3)  # micro-serving: 0.119 s
-MONOLITH_ADMISSION_OVERHEAD_S = round(TASK_OVERHEAD_S + REQUEST_OVERHEAD_S, 3)  # one task: 0.025 s
+TASK_OVERHEAD_S, REQUEST_OVERHEAD_S = 0.00398, 0.00993
+ADMISSION_OVERHEAD_S = round(10 * TASK_OVERHEAD_S + REQUEST_OVERHEAD_S, 3)  # micro-serving: 0.05 s
+MONOLITH_ADMISSION_OVERHEAD_S = round(TASK_OVERHEAD_S + REQUEST_OVERHEAD_S, 3)  # one task: 0.014 s
 MODEL_CACHES = ("workflow", "model")
 GIB = 1024**3
 
