@@ -24,10 +24,9 @@ Runs in the caller's process (no sockets). For each chosen trace of `lego bench 
   from every request and once from those its own admission accepted, the better kept.
   The count is the best admission found with hindsight, not a proven optimum (refusing
   the most late, or the newest of a congested window, found fewer on the traces tried).
-  A trace where
-  even this stays below the reference loses the difference in execution: no admission
-  rule can win it back. It costs one simulation per refused request (minutes per trace
-  for micro-serving).
+  A trace where even this stays below the reference loses the difference in execution:
+  no admission rule can win it back. It costs one simulation per refused request
+  (minutes per trace for micro-serving).
 
 Prints a markdown table (one row per trace); `--json` prints the rows as JSON instead.
 """

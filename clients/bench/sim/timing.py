@@ -104,8 +104,9 @@ NO_OVERHEADS = Overheads()
 # the idle figure is kept, the dearer one), 9.93 ms per request (submit, the image back);
 # each fetch priced by its path as this runtime took on the lent H200 (actors/backends/
 # emulated.py MEASURED_FETCH_S). The emulated paper setting agrees with the simulator on
-# these within 0.4 points of attainment (docs/benchmarks.md, issue 14, five repeated
-# runs); `lego bench overhead` measures 0.7-2.6 ms per step for the runtime itself.
+# these: five repeated runs' means within 0.4 points of attainment on the traces' first
+# 60 s, within 1.4 on their whole 120 s (docs/benchmarks.md, issue 14); `lego bench
+# overhead` measures 0.7-2.6 ms per step for the runtime itself.
 # Per extra task of a batch: the broker core and codec's 34 us (29,000 tasks/s at batch 49).
 MEASURED = Overheads(task_s=0.00398, row_s=0.000034, request_s=0.00993, fetch_by_path=True)
 # What `MEASURED` was until 2026-12-07 (every simulated table in docs/benchmarks.md dated
