@@ -48,8 +48,8 @@ def hosts_for(gpus: int) -> int:
 # for a cold start (a burst before any request has completed; lookahead learns the rest).
 # The runtime as last calibrated (clients/bench/sim/timing.py MEASURED, 2026-12-07):
 # 3.98 ms per dispatched batch on the request's critical path, 9.93 ms for submit and
-# result (until then 10.5 and 14 ms: 0.119 and 0.025 s below; the paper suite's counts
-# are the same with either). A FLUX.1-schnell request micro-served is about 10 batches
+# result (until then 10.5 and 14 ms: 0.119 and 0.025 s below; the paper suite's totals
+# move by 1-3 requests between them). A FLUX.1-schnell request micro-served is about 10 batches
 # deep; a monolith's is one batch.
 ADMISSION_BOUND = "lookahead"
 TASK_OVERHEAD_S, REQUEST_OVERHEAD_S = 0.00398, 0.00993
