@@ -9,7 +9,11 @@ import json
 import numpy as np
 import pytest
 
+from broker.catalog import load_catalog
+from broker.costs.model import CostModel
 from clients.bench.cluster import fluid_bound_per_s
+from clients.bench.sim.bench import SPARE_HEADROOM_GIB, setting_systems
+from clients.bench.sim.simulator import simulate
 from clients.bench.sim.suite import (
     BURSTS,
     SETTINGS,
@@ -133,11 +137,6 @@ def test_unknown_setting_or_system_is_refused(capsys):
 
 
 def test_spare_memory_holds_a_small_base_model_on_every_gpu_with_room_and_a_burst_spreads_over_it():
-    from broker.catalog import load_catalog
-    from broker.costs.model import CostModel
-    from clients.bench.sim.bench import SPARE_HEADROOM_GIB, setting_systems
-    from clients.bench.sim.simulator import simulate
-
     setting = SETTINGS["memory-bound"]
     catalog = load_catalog()
     costs = CostModel(catalog)
