@@ -12,7 +12,15 @@ import pytest
 from broker.catalog import load_catalog
 from broker.costs.model import CostModel
 from clients.bench.cluster import fluid_bound_per_s
-from clients.bench.sim.bench import SPARE_HEADROOM_GIB, setting_systems
+from clients.bench.loadgen import burst_arrivals
+from clients.bench.sim.bench import (
+    CONTROLNET_HEADROOM_GIB,
+    SPARE_HEADROOM_GIB,
+    controlnets_beside_base,
+    setting_systems,
+    sized_replicas,
+    spare_memory_replicas,
+)
 from clients.bench.sim.simulator import simulate
 from clients.bench.sim.suite import (
     BURSTS,
@@ -22,6 +30,7 @@ from clients.bench.sim.suite import (
     suite_traces,
     summarize_setting,
 )
+from clients.bench.systems import sharing_systems
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -141,10 +150,10 @@ def test_spare_memory_holds_a_small_base_model_on_every_gpu_with_room_and_a_burs
     catalog = load_catalog()
     costs = CostModel(catalog)
 
-    def lego(gpu_memory_gib):
-        system, = setting_systems(setting.simulate_setting, catalog, setting.gpus, ("lego",), setting.mixes["equal"],
-                                  1.0, None, 2, gpu_memory_gib)
-        return system
+    def lego(gpu_memory_gib):  # sized for the mix, then spare memory (before the ControlNets go beside)
+        plain, = sharing_systems(catalog, setting.gpus, 1.0, ("lego",), gpu_memory_gib)
+        return spare_memory_replicas(sized_replicas(plain, catalog, setting.gpus, setting.mixes["equal"], 2), catalog,
+                                     gpu_memory_gib)
 
     system = lego(setting.gpu_memory_gib)
     used: dict[str, int] = {}
@@ -168,3 +177,38 @@ def test_spare_memory_holds_a_small_base_model_on_every_gpu_with_room_and_a_burs
     outcomes, _ = simulate(system, burst.arrivals, catalog, setting.gpus, 2, gpu_memory_gib=setting.gpu_memory_gib,
                            workflows=setting.workflows)
     assert sum(o.slo_met for o in outcomes) == 16
+
+
+def test_controlnets_go_beside_every_actor_of_their_base_model_that_has_room_and_a_burst_no_longer_queues_on_two():
+    setting = SETTINGS["memory-bound"]
+    catalog = load_catalog()
+    costs = CostModel(catalog)
+    capacity = setting.gpu_memory_gib * 1024**3
+    mix = setting.mixes["equal"]
+    plain, = sharing_systems(catalog, setting.gpus, 1.0, ("lego",), setting.gpu_memory_gib)
+    before = spare_memory_replicas(sized_replicas(plain, catalog, setting.gpus, mix, 2), catalog, setting.gpu_memory_gib)
+    system, = setting_systems(setting.simulate_setting, catalog, setting.gpus, ("lego",), mix, 1.0, None, 2,
+                              setting.gpu_memory_gib)
+    assert set(before.placement) < set(system.placement)  # only added to
+    on: dict[str, set[str]] = {}
+    used: dict[str, int] = {}
+    for model, device, _ in system.placement:
+        on.setdefault(model, set()).add(device)
+        used[device] = used.get(device, 0) + costs.resident_bytes(model)
+    assert max(used.values()) <= capacity
+    args = list(system.scheduler_args)
+    for workflow in (catalog.workflows[w] for w in setting.workflows):
+        for controlnet in workflow.controlnets:
+            # a GPU of its base model lacks it only where it would not fit with the headroom
+            assert all(used[d] + costs.resident_bytes(controlnet) + CONTROLNET_HEADROOM_GIB * 1024**3 > capacity
+                       for d in on[workflow.denoiser] - on[controlnet])
+            assert args.count(f"{controlnet}={len(on[controlnet])}") == 1  # pinned: the scheduler keeps them
+    assert len(on["SD35LargeControlNetCanny"]) == len(on["StableDiffusion35Large"]) == 8  # was 2
+    # twelve SD3.5 Large canny requests at once: with two ControlNet actors (one on a FLUX.1-dev
+    # GPU) 7 end on time; beside each SD3.5 Large actor, all 12
+    burst = burst_arrivals(12, ["sd35l-canny-cfg"])
+    on_time = [sum(o.slo_met for o in simulate(s, burst, catalog, setting.gpus, 2, gpu_memory_gib=setting.gpu_memory_gib,
+                                               workflows=setting.workflows)[0]) for s in (before, system)]
+    assert on_time == [7, 12]
+    # a ControlNet whose base model is not placed gets nothing; a second pass adds nothing
+    assert controlnets_beside_base(system, catalog, setting.gpu_memory_gib) == system

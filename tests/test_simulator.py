@@ -174,9 +174,11 @@ def test_baseline_placements_on_8_gpus_are_the_artifacts(catalog, systems):
     assert per_workflow(systems["basic"]) == [3, 3, 2]
     assert per_workflow(systems["shepherd"]) == [4, 2, 2]
     assert len(systems["clockwork"].placement) == 8 and all("+" in m for m, _, _ in systems["clockwork"].placement)
-    # a decoder on every GPU and the heavy text encoder on every second one (burst_replicas)
-    assert Counter(m for m, _, _ in systems["lego"].placement) == Counter({BASE: 8, **dict.fromkeys(SMALL, 1),
-                                                                            "Flux1VAE": 8, "T5_Flux": 4})
+    # a decoder on every GPU and the heavy text encoder on every second one (burst_replicas),
+    # each ControlNet beside every base-model actor (controlnets_beside_base)
+    assert Counter(m for m, _, _ in systems["lego"].placement) == Counter({
+        BASE: 8, **dict.fromkeys(SMALL, 1), "Flux1VAE": 8, "T5_Flux": 4,
+        "Flux1DevControlNetCanny": 8, "Flux1DevControlNetDepth": 8})
     big_basic, big_shepherd = cluster_systems(catalog, 256, ("basic", "shepherd"), hosts=32)
     assert per_workflow(big_basic) == [86, 85, 85] and per_workflow(big_shepherd) == [115, 81, 60]
     assert sorted({d for _, d, _ in big_basic.placement}, key=lambda d: int(d[4:])) == [f"emu:{g}" for g in range(256)]

@@ -7,8 +7,9 @@ cluster size they are generated the same way (`cluster_systems`):
 - lego: `lego_system`'s 8-GPU placement on every host: a base-model actor on every
   GPU, one actor of every other model per host (more where the model's share of the
   device time asks for more: full-batch profile costs, weighted by the workflow mix),
-  spread over the host's GPUs; the scheduler runs with the emulated benchmark's
-  settings and may use every GPU (`--max-replicas`).
+  spread over the host's GPUs, and each ControlNet beside every actor of its base model
+  where it fits (`controlnets_beside_base`); the scheduler runs with the emulated
+  benchmark's settings and may use every GPU (`--max-replicas`).
 - basic: GPUs split evenly between the workflows (the artifact's 3/3/2 on 8);
 - shepherd: GPUs split in proportion to the workflow mix (the artifact's 4/2/2 on 8
   for the paper's traces);
@@ -21,7 +22,7 @@ cluster size they are generated the same way (`cluster_systems`):
 workflows over SD3, SD3.5 Large and FLUX.1-dev, 16 GPUs by default) under Gamma
 arrivals, as `lego bench cluster --setting sharing` does; where the base models do not
 all fit one GPU, a small one also gets an actor on every GPU with room to spare
-(`spare_memory_replicas`).
+(`spare_memory_replicas`), and ControlNets go beside their base models as above.
 
 `--traces FILE|DIR` replays trace files (`TENANT GAP_SECONDS` lines), tenants mapped to
 workflows by `--tenants A=workflow,...` (default: A/B/C -> the paper's three), so an
@@ -88,11 +89,13 @@ DATA = Path(__file__).resolve().parent.parent.parent / "data"  # clients/data: t
 
 
 def lego_cluster(catalog: Catalog, gpus: int, mix: dict[str, float], time_scale: float = 1.0,
-                 hosts: int = 1) -> SystemSpec:
+                 hosts: int = 1, gpu_memory_gib: float = 80.0) -> SystemSpec:
     """`lego_system`'s placement on every host (a base-model actor on every GPU, one
-    actor of every other model spread over the host's GPUs), sized by `sized_replicas`;
-    the scheduler may use every GPU."""
-    return sized_replicas(lego_system(catalog, list(mix), gpus, time_scale), catalog, gpus, mix, hosts)
+    actor of every other model spread over the host's GPUs), sized by `sized_replicas`,
+    ControlNets beside the base model (`controlnets_beside_base`); the scheduler may
+    use every GPU."""
+    sized = sized_replicas(lego_system(catalog, list(mix), gpus, time_scale), catalog, gpus, mix, hosts)
+    return controlnets_beside_base(sized, catalog, gpu_memory_gib)
 
 
 def sized_replicas(system: SystemSpec, catalog: Catalog, gpus: int, mix: dict[str, float], hosts: int = 1) -> SystemSpec:
@@ -168,13 +171,61 @@ def spare_memory_replicas(system: SystemSpec, catalog: Catalog, gpu_memory_gib: 
                 placement.append((model, device, "emulated"))
                 used[device] += size
                 hosted[device].add(model)
-        count = sum(1 for m, _, _ in placement if m == model)
         # the scheduler keeps them (it would stop an idle replica between bursts)
-        pin = f"{model}="
-        args = [f"{model}={count}" if a.startswith(pin) else a for a in args]
-        if f"{model}={count}" not in args:
-            args += ["--model-min", f"{model}={count}"]
+        args = _pinned(args, model, sum(1 for m, _, _ in placement if m == model))
     return dataclasses.replace(system, placement=tuple(placement), scheduler_args=tuple(args))
+
+
+CONTROLNET_HEADROOM_GIB = 4.0  # left free on a GPU beside a ControlNet replica: activations
+
+
+def controlnets_beside_base(system: SystemSpec, catalog: Catalog, gpu_memory_gib: float) -> SystemSpec:
+    """Each ControlNet gets an actor on every GPU that holds an actor of its base model,
+    where it fits (`CONTROLNET_HEADROOM_GIB` left free), smallest ControlNet first.
+
+    A ControlNet's task sits on its request's critical path at every step (its residuals
+    feed the base model's call), so a request waits for it once per step. With one or
+    two actors of it (the work split, `sized_replicas`), they queue every such step of
+    the cluster and time-slice GPUs busy with other base models (an SD3.5 Large
+    ControlNet beside FLUX.1-dev steps: its workflow finished 36 of 73 requests on time
+    where its twin with a better-placed ControlNet finished 79 of 80). Beside every base
+    actor, one is free where its request's step just ended. Simulated (docs/benchmarks.md,
+    issue 14, session 11): memory-bound suite on time 5418 -> 5695 (pooled 5578), paper
+    suite 7870 -> 7935.
+    Pinned with --model-min so the scheduler keeps them between bursts."""
+    costs = CostModel(catalog)
+    capacity = gpu_memory_gib * 1024**3
+    used: dict[str, int] = {}
+    hosted: dict[str, set[str]] = {}
+    for model, device, _ in system.placement:
+        used[device] = used.get(device, 0) + costs.resident_bytes(model)
+        hosted.setdefault(device, set()).add(model)
+    placed = {m for m, _, _ in system.placement}
+    bases: dict[str, set[str]] = {}  # ControlNet -> the base models it conditions
+    for workflow in catalog.workflows.values():
+        for controlnet in workflow.controlnets:
+            if controlnet in placed and workflow.denoiser in placed:
+                bases.setdefault(controlnet, set()).add(workflow.denoiser)
+    placement = list(system.placement)
+    args = list(system.scheduler_args)
+    headroom = CONTROLNET_HEADROOM_GIB * 1024**3
+    for controlnet in sorted(bases, key=lambda m: (costs.resident_bytes(m), m)):
+        size = costs.resident_bytes(controlnet)
+        for device in sorted(used, key=lambda d: int(d.rsplit(":", 1)[1])):  # emu:RANK, in rank order
+            if (hosted[device] & bases[controlnet] and controlnet not in hosted[device]
+                    and used[device] + size + headroom <= capacity):
+                placement.append((controlnet, device, "emulated"))
+                used[device] += size
+                hosted[device].add(controlnet)
+        args = _pinned(args, controlnet, sum(1 for m, _, _ in placement if m == controlnet))
+    return dataclasses.replace(system, placement=tuple(placement), scheduler_args=tuple(args))
+
+
+def _pinned(args: list[str], model: str, count: int) -> list[str]:
+    """Scheduler arguments with `--model-min MODEL=count` (replacing one for MODEL)."""
+    pin = f"{model}="
+    args = [f"{model}={count}" if a.startswith(pin) else a for a in args]
+    return args if f"{model}={count}" in args else [*args, "--model-min", f"{model}={count}"]
 
 
 BURST_ENCODER_SHARE = 0.01  # a text encoder costing this share of a request's solo latency is "heavy"
@@ -204,7 +255,7 @@ def cluster_systems(catalog: Catalog, gpus: int, names: tuple[str, ...] = ("lego
     for name in names:
         artifact = Path(baselines_dir) / f"{name}.yml" if baselines_dir is not None else None
         if name == "lego":
-            systems.append(lego_cluster(catalog, gpus, mix, time_scale, hosts))
+            systems.append(lego_cluster(catalog, gpus, mix, time_scale, hosts, gpu_memory_gib))
         elif name in BASELINES and gpus == 8 and artifact is not None and artifact.exists():
             systems.append(baseline_system(name, read_baseline(artifact)))
         elif name in ("basic", "shepherd"):
@@ -218,13 +269,20 @@ def cluster_systems(catalog: Catalog, gpus: int, names: tuple[str, ...] = ("lego
     return systems
 
 
+def lego_sharing(system: SystemSpec, catalog: Catalog, gpus: int, mix: dict[str, float],
+                 gpu_memory_gib: float) -> SystemSpec:
+    """The sharing setting's lego: sized for the mix, a small base model wherever memory
+    is spare, then ControlNets beside their base models in what is left."""
+    sized = sized_replicas(system, catalog, gpus, mix, hosts_for(gpus))
+    return controlnets_beside_base(spare_memory_replicas(sized, catalog, gpu_memory_gib), catalog, gpu_memory_gib)
+
+
 def setting_systems(setting: str, catalog: Catalog, gpus: int, names: tuple[str, ...], mix: dict[str, float],
                     time_scale: float, baselines_dir: Path | None, hosts: int, gpu_memory_gib: float = 80.0) -> list[SystemSpec]:
     if setting == "paper":
         return cluster_systems(catalog, gpus, names, mix, time_scale, baselines_dir, hosts, gpu_memory_gib)
     systems = sharing_systems(catalog, gpus, time_scale, names, gpu_memory_gib)
-    systems = [spare_memory_replicas(sized_replicas(s, catalog, gpus, mix, hosts_for(gpus)), catalog, gpu_memory_gib)
-               if s.name == "lego" else s for s in systems]
+    systems = [lego_sharing(s, catalog, gpus, mix, gpu_memory_gib) if s.name == "lego" else s for s in systems]
     # the scheduler may use every GPU (its default cap is 64 replicas per model)
     return [dataclasses.replace(s, scheduler_args=(*s.scheduler_args, "--max-replicas", str(max(64, gpus))))
             if s.scheduler else s for s in systems]
