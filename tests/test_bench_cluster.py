@@ -186,3 +186,23 @@ def test_the_tables_json_and_chart_carry_the_on_time_reference(tmp_path):
     assert json.loads(json.dumps(result, default=str))["systems"]["lego"]["rates"]["2.0"]["on_time_ref_count"] == 180
     chart = attainment_chart(result, tmp_path / "chart.png")
     assert Image.open(chart).size == (900, 560)
+
+
+def test_the_emulated_cluster_runs_the_lego_the_simulator_runs():
+    """`lego bench cluster` and `lego bench simulate` deploy lego alike (clients.bench.deploy):
+    same placement, same scheduler pins, so their results compare system for system."""
+    from clients.bench.sim.bench import setting_systems
+
+    catalog = load_catalog()
+    mix = {"flux-schnell-txt2img-cfg": 2.0, "flux-schnell-canny-cfg": 1.0, "flux-schnell-depth-cfg": 1.0}
+    paper = BenchSettings(systems=("lego",))
+    emulated, = systems_of(paper, mix)
+    simulated, = setting_systems("paper", catalog, 8, ("lego",), mix, paper.time_scale, None, 1)
+    assert emulated == simulated
+    assert sum(m == "Flux1DevControlNetCanny" for m, _, _ in emulated.placement) == 8  # beside every base actor
+    sharing = BenchSettings(setting="sharing", systems=("lego",), gpus=16)
+    emulated, = systems_of(sharing, dict.fromkeys(sharing.workflows, 1.0))
+    simulated, = setting_systems("sharing", catalog, 16, ("lego",), dict.fromkeys(sharing.workflows, 1.0),
+                                 sharing.time_scale, None, 2)
+    assert sorted(emulated.placement) == sorted(simulated.placement)
+    assert set(emulated.scheduler_args) == set(simulated.scheduler_args)

@@ -12,15 +12,15 @@ import pytest
 from broker.catalog import load_catalog
 from broker.costs.model import CostModel
 from clients.bench.cluster import fluid_bound_per_s
-from clients.bench.loadgen import burst_arrivals
-from clients.bench.sim.bench import (
+from clients.bench.deploy import (
     CONTROLNET_HEADROOM_GIB,
     SPARE_HEADROOM_GIB,
     controlnets_beside_base,
-    setting_systems,
     sized_replicas,
     spare_memory_replicas,
 )
+from clients.bench.loadgen import burst_arrivals
+from clients.bench.sim.bench import setting_systems
 from clients.bench.sim.simulator import simulate
 from clients.bench.sim.suite import (
     BURSTS,

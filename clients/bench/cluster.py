@@ -53,6 +53,7 @@ from broker.catalog import Catalog, load_catalog, validate_params
 from broker.costs.model import CostModel
 from clients.bench import records
 from clients.bench.charts import line_chart
+from clients.bench.deploy import lego_cluster, lego_sharing
 from clients.bench.loadgen import (
     Arrival,
     burst_arrivals,
@@ -242,6 +243,10 @@ def workflow_mix(loads: list[Load], workflows: list[str]) -> dict[str, float]:
 
 # ---------------------------------------------------------------- systems
 
+# Each emulated GPU's memory: the node agent's default (actors/agent.py AgentConfig), which
+# the local cluster this benchmark starts keeps.
+EMULATED_GPU_MEMORY_GIB = 80.0
+
 
 # Pooled needs a monolith that holds each model once for all its workflows; the
 # emulated monolith backend (actors/backends/monolith.py) keeps a copy per workflow,
@@ -255,11 +260,22 @@ def systems_of(s: BenchSettings, mix: dict[str, float] | None = None) -> list[Sy
         if name in NOT_EMULATED:
             raise ValueError(f"systems: {name} cannot run on emulated processes yet: {NOT_EMULATED[name]}")
     catalog = load_catalog()
+    mix = mix or dict.fromkeys(s.workflows, 1.0)
     if s.setting == "sharing":
-        return sharing_systems(catalog, s.gpus, s.time_scale, s.systems)
-    if s.workflows == list(PAPER_WORKFLOWS.values()):
-        return paper_systems(catalog, s.data_dir / "baselines", s.gpus, s.time_scale, s.systems)
-    return mapped_systems(catalog, mix or dict.fromkeys(s.workflows, 1.0), s.gpus, s.time_scale, s.systems)
+        systems = sharing_systems(catalog, s.gpus, s.time_scale, s.systems)
+    elif s.workflows == list(PAPER_WORKFLOWS.values()):
+        systems = paper_systems(catalog, s.data_dir / "baselines", s.gpus, s.time_scale, s.systems)
+    else:
+        systems = mapped_systems(catalog, mix, s.gpus, s.time_scale, s.systems)
+    return [deployed_lego(system, catalog, s, mix) if system.name == "lego" else system for system in systems]
+
+
+def deployed_lego(system: SystemSpec, catalog: Catalog, s: BenchSettings, mix: dict[str, float]) -> SystemSpec:
+    """Lego as `lego bench simulate` deploys it for this workload (`clients.bench.deploy`),
+    so the emulated cluster and the simulator run the same placement and pins."""
+    if s.setting == "sharing":
+        return lego_sharing(system, catalog, s.gpus, mix, EMULATED_GPU_MEMORY_GIB, emulated_hosts(s.gpus))
+    return lego_cluster(catalog, s.gpus, mix, s.time_scale, emulated_hosts(s.gpus), EMULATED_GPU_MEMORY_GIB)
 
 
 def mapped_systems(catalog: Catalog, mix: dict[str, float], gpus: int, time_scale: float,
