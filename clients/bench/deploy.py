@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 from broker.catalog import Catalog, unroll, validate_params
 from broker.costs.model import CostModel
@@ -93,25 +94,12 @@ def spare_memory_replicas(system: SystemSpec, catalog: Catalog, gpu_memory_gib: 
     GPUs they join with those GPUs' own models (filling every base model: 81.5%)."""
     costs = CostModel(catalog)
     capacity = gpu_memory_gib * 1024**3
-    used: dict[str, int] = {}
-    hosted: dict[str, set[str]] = {}
-    for model, device, _ in system.placement:
-        used[device] = used.get(device, 0) + costs.resident_bytes(model)
-        hosted.setdefault(device, set()).add(model)
     small = sorted((m for m in {m for m, _, _ in system.placement} if catalog.models[m].kind == "denoiser"
                     and 0 < costs.resident_bytes(m) <= SMALL_BASE_SHARE * capacity), key=costs.resident_bytes)
-    placement = list(system.placement)
-    args = list(system.scheduler_args)
+    fill = _Filling(system, costs, capacity)
     for model in small:
-        size = costs.resident_bytes(model)
-        for device in sorted(used, key=lambda d: int(d.rsplit(":", 1)[1])):  # emu:RANK, in rank order
-            if model not in hosted[device] and used[device] + size + SPARE_HEADROOM_GIB * 1024**3 <= capacity:
-                placement.append((model, device, "emulated"))
-                used[device] += size
-                hosted[device].add(model)
-        # the scheduler keeps them (it would stop an idle replica between bursts)
-        args = _pinned(args, model, sum(1 for m, _, _ in placement if m == model))
-    return dataclasses.replace(system, placement=tuple(placement), scheduler_args=tuple(args))
+        fill.add(model, SPARE_HEADROOM_GIB, lambda hosted: True)
+    return fill.system()
 
 
 CONTROLNET_HEADROOM_GIB = 4.0  # left free on a GPU beside a ControlNet replica: activations
@@ -131,32 +119,47 @@ def controlnets_beside_base(system: SystemSpec, catalog: Catalog, gpu_memory_gib
     issue 14, session 11): memory-bound suite on time 5418 -> 5695 (pooled 5578), paper
     suite 7870 -> 7935.
     Pinned with --model-min so the scheduler keeps them between bursts."""
-    costs = CostModel(catalog)
-    capacity = gpu_memory_gib * 1024**3
-    used: dict[str, int] = {}
-    hosted: dict[str, set[str]] = {}
-    for model, device, _ in system.placement:
-        used[device] = used.get(device, 0) + costs.resident_bytes(model)
-        hosted.setdefault(device, set()).add(model)
+    fill = _Filling(system, CostModel(catalog), gpu_memory_gib * 1024**3)
     placed = {m for m, _, _ in system.placement}
     bases: dict[str, set[str]] = {}  # ControlNet -> the base models it conditions
     for workflow in catalog.workflows.values():
         for controlnet in workflow.controlnets:
             if controlnet in placed and workflow.denoiser in placed:
                 bases.setdefault(controlnet, set()).add(workflow.denoiser)
-    placement = list(system.placement)
-    args = list(system.scheduler_args)
-    headroom = CONTROLNET_HEADROOM_GIB * 1024**3
-    for controlnet in sorted(bases, key=lambda m: (costs.resident_bytes(m), m)):
-        size = costs.resident_bytes(controlnet)
-        for device in sorted(used, key=lambda d: int(d.rsplit(":", 1)[1])):  # emu:RANK, in rank order
-            if (hosted[device] & bases[controlnet] and controlnet not in hosted[device]
-                    and used[device] + size + headroom <= capacity):
-                placement.append((controlnet, device, "emulated"))
-                used[device] += size
-                hosted[device].add(controlnet)
-        args = _pinned(args, controlnet, sum(1 for m, _, _ in placement if m == controlnet))
-    return dataclasses.replace(system, placement=tuple(placement), scheduler_args=tuple(args))
+    for controlnet in sorted(bases, key=lambda m: (fill.costs.resident_bytes(m), m)):
+        fill.add(controlnet, CONTROLNET_HEADROOM_GIB, lambda hosted, c=controlnet: bool(hosted & bases[c]))
+    return fill.system()
+
+
+class _Filling:
+    """A lego placement being filled up: each device's resident bytes and models, and a
+    model added on every device (in rank order) where a condition on the models already
+    there holds and it fits with some headroom, then pinned with --model-min (the
+    scheduler would otherwise stop an idle replica between bursts)."""
+
+    def __init__(self, system: SystemSpec, costs: CostModel, capacity_bytes: float):
+        self.base, self.costs, self.capacity = system, costs, capacity_bytes
+        self.placement = list(system.placement)
+        self.args = list(system.scheduler_args)
+        self.used: dict[str, int] = {}
+        self.hosted: dict[str, set[str]] = {}
+        for model, device, _ in system.placement:
+            self.used[device] = self.used.get(device, 0) + costs.resident_bytes(model)
+            self.hosted.setdefault(device, set()).add(model)
+
+    def add(self, model: str, headroom_gib: float, beside: Callable[[set[str]], bool]) -> None:
+        size = self.costs.resident_bytes(model)
+        for device in sorted(self.used, key=lambda d: int(d.rsplit(":", 1)[1])):  # emu:RANK, in rank order
+            hosted = self.hosted[device]
+            if (model not in hosted and beside(hosted)
+                    and self.used[device] + size + headroom_gib * 1024**3 <= self.capacity):
+                self.placement.append((model, device, "emulated"))
+                self.used[device] += size
+                hosted.add(model)
+        self.args = _pinned(self.args, model, sum(1 for m, _, _ in self.placement if m == model))
+
+    def system(self) -> SystemSpec:
+        return dataclasses.replace(self.base, placement=tuple(self.placement), scheduler_args=tuple(self.args))
 
 
 def _pinned(args: list[str], model: str, count: int) -> list[str]:
