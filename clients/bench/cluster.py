@@ -243,10 +243,8 @@ def workflow_mix(loads: list[Load], workflows: list[str]) -> dict[str, float]:
 
 # ---------------------------------------------------------------- systems
 
-# Each emulated GPU's memory: the node agent's default (actors/agent.py AgentConfig), which
-# the local cluster this benchmark starts keeps.
-EMULATED_GPU_MEMORY_GIB = 80.0
-
+# Each emulated GPU's memory: what the local cluster this benchmark starts gives its agents.
+EMULATED_GPU_MEMORY_GIB = LocalClusterSpec.gpu_memory_gib
 
 # Pooled needs a monolith that holds each model once for all its workflows; the
 # emulated monolith backend (actors/backends/monolith.py) keeps a copy per workflow,
@@ -276,6 +274,7 @@ def deployed_lego(system: SystemSpec, catalog: Catalog, s: BenchSettings, mix: d
     if s.setting == "sharing":
         return lego_sharing(system, catalog, s.gpus, mix, EMULATED_GPU_MEMORY_GIB, emulated_hosts(s.gpus))
     return lego_cluster(catalog, s.gpus, mix, s.time_scale, emulated_hosts(s.gpus), EMULATED_GPU_MEMORY_GIB)
+
 
 
 def mapped_systems(catalog: Catalog, mix: dict[str, float], gpus: int, time_scale: float,
