@@ -18,7 +18,7 @@ from tests.broker_helpers import CLIENT, make_core, of
 OFF_CLI = {"max_request_restarts", "max_requests_in_flight", "latency_window", "prefetch_below_s"}
 LIVE_KEYS = {"admission", "admission_bound", "slo_multiple", "cfg_split", "serving", "drop_late", "drop_hopeless",
              "adapter_affinity", "adapter_bypass_s", "admission_overhead_s", "request_timeout_s", "orphan_timeout_s",
-             "queue_order"}
+             "queue_order", "admission_probe_s"}
 # `lego broker`'s flags before settings were declared once: none may change or vanish.
 FLAGS = ["--frontend", "--backend", "--catalog", "--telemetry",
          "--key-file", "--authorized-keys",  # added with keys (issue 13)
@@ -26,7 +26,9 @@ FLAGS = ["--frontend", "--backend", "--catalog", "--telemetry",
          "--journal", "--journal-retention-s",  # added with the request journal (issue 13)
          "--heartbeat-interval-s",
          "--heartbeat-misses", "--max-task-attempts", "--affinity", "--cfg-split", "--admission", "--admission-bound",
-         "--admission-overhead-s", "--slo-multiple", "--cost-scale", "--serving", "--drop-late", "--drop-hopeless",
+         "--admission-overhead-s",
+         "--admission-probe-s",  # a margin nothing teaches is probed (issue 14)
+         "--slo-multiple", "--cost-scale", "--serving", "--drop-late", "--drop-hopeless",
          "--queue-order",  # added with the pooled baseline (issue 14)
          "--batch-by-profile", "--adapter-affinity", "--adapter-bypass-s",
          "--request-timeout-s", "--orphan-timeout-s",  # every request ends (issue 13)

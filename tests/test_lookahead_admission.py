@@ -174,3 +174,27 @@ def test_past_its_node_budget_lookahead_falls_back_to_sum_and_counts_it(monkeypa
     core.on_frontend(CLIENT, p.Cancel("r0"), [], 0.0)
     assert core.directory.ops_live == sum(len(r.nodes) for r in core.requests.values())
 
+
+
+def test_a_margin_nothing_can_teach_any_more_is_probed_after_a_while():
+    """A margin learned under a burst refuses every request, even on idle GPUs, and only
+    admitted requests near their SLO teach it: one such request is admitted after
+    `admission_probe_s` without any, and its finish teaches the margin again."""
+    def refused_by_margin(slo_multiple=1.5, **settings):  # predicted ~ solo: 2/3 of the SLO, a teaching one
+        core = flux_cluster(8, slo_multiple=slo_multiple, **settings)
+        for _ in range(20):
+            core.load.request_done(CFG, 3.0, 1.0)  # ran 3x their prediction
+        return core
+
+    core = refused_by_margin(admission_probe_s=5.0)
+    admitted = [bool(of(submit(core, f"a{t}", CFG, now=t), p.Accepted)) for t in (0.0, 4.0, 6.0, 7.0, 12.5)]
+    assert admitted == [False, False, True, False, True]  # the clock restarts at each admission that teaches
+    assert core.counters["admission_probes"] == 2
+    off = refused_by_margin(admission_probe_s=0.0)
+    assert not any(of(submit(off, f"a{t}", CFG, now=t), p.Accepted) for t in (0.0, 6.0, 60.0))
+    # a request whose own prediction misses its SLO is never probed
+    full = refused_by_margin(admission_probe_s=5.0, slo_multiple=0.9)
+    assert not any(of(submit(full, f"a{t}", CFG, now=t), p.Accepted) for t in (0.0, 6.0, 60.0))
+    assert full.counters["admission_probes"] == 0
+    with pytest.raises(ValueError, match="admission_probe_s"):
+        flux_core(admission_probe_s=-1.0)

@@ -255,7 +255,13 @@ class Intake:
             finish = rules.lookahead_finish(ahead, mine, self.actors.replicas())
             predicted = finish + self.settings.admission_overhead_s
             estimate = predicted + self.load.admission_margin_s(workflow.name, predicted)
-            return rules.Admission(estimate <= slo, estimate, slo, predicted)
+            admit = estimate <= slo
+            if not admit and predicted <= slo and self.load.probe_due(
+                    workflow.name, now, self.settings.admission_probe_s * self.settings.cost_scale):
+                admit = True  # refused by the learned margin alone, which nothing has taught for a while
+                self.meters.counters["admission_probes"] += 1
+            self.load.admission_decided(workflow.name, admit, predicted, slo, now)
+            return rules.Admission(admit, estimate, slo, predicted)
         if bound == "sum":
             # its wait: the work queued on its workflow's models, over the devices they run on
             devices = {(a.host, a.device) for m in workflow.models for a in self.actors.of_model(m) if not a.draining}

@@ -57,6 +57,7 @@ class LoadTracker:
         # fetches and Python, devices shared by actors, batching that pays less than
         # modelled), added back at admission.
         self.admission_error: dict[str, tuple[float, float]] = {}
+        self.edge_admitted_at: dict[str, float] = {}  # workflow -> its last admission that will teach the margin
 
     # ---------------------------------------------------------------- per request
 
@@ -128,6 +129,19 @@ class LoadTracker:
         average misses half the time); never negative (an early finish earns no credit)."""
         mean, spread = self.admission_error.get(workflow, (1.0, 0.0))
         return max(0.0, (mean + MARGIN_DEVIATIONS * spread - 1.0) * predicted_s)
+
+    def probe_due(self, workflow: str, now: float, every_s: float) -> bool:
+        """Whether to admit a request that the learned margin alone refuses: none of this
+        workflow's requests has been admitted near its SLO (where a finish teaches the
+        margin) for `every_s` seconds, since the last such admission or the first look
+        (0: never). Without it a margin grown under a burst would never shrink again."""
+        since = self.edge_admitted_at.setdefault(workflow, now)
+        return every_s > 0 and now - since >= every_s
+
+    def admission_decided(self, workflow: str, admitted: bool, predicted_s: float, slo_s: float, now: float) -> None:
+        """An admission that will teach the margin (`request_done`'s rule) resets `probe_due`'s clock."""
+        if admitted and predicted_s >= EDGE_SHARE * slo_s:
+            self.edge_admitted_at[workflow] = now
 
     def admission_factor(self, workflow: str) -> float:
         """What the margin stretches a prediction by (for telemetry: 1 + margin / prediction)."""

@@ -21,7 +21,7 @@ COUNTERS = ("requests_submitted", "requests_completed", "requests_failed", "requ
             "requests_restarted", "tasks_dispatched", "tasks_done", "tasks_requeued", "stale_results", "actors_lost",
             "protocol_errors", "adapter_switches", "peers_cut_off", "sends_dropped", "encode_errors", "commands_refused",
             "requests_resumed", "submits_repeated", "requests_expired", "requests_orphaned", "agents_lost",
-            "hellos_refused", "tasks_quarantined", "admissions_approximated")
+            "hellos_refused", "tasks_quarantined", "admissions_approximated", "admission_probes")
 # Upper bounds in seconds. Task times run from a CLIP call (ms) to a full-size base
 # model step (s); requests from a tiny emulated image to a minute-long one.
 TASK_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

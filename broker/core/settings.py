@@ -53,6 +53,15 @@ class BrokerSettings:
     # profiles time model calls alone; a request that just fits its SLO on paper misses it.
     admission_overhead_s: float = setting(0.0, live=True,
                                           help="runtime seconds per request added to the solo latency at admission")
+    # Lookahead admission learns its margin only from requests admitted near their SLO; a
+    # workflow whose margin grew under a burst can then be refused for good, on idle GPUs
+    # (simulated: `sd35l-depth-cfg` refused from 100 s to the end at x2.07, its twin
+    # served). After this long (profile seconds) with no such admission, one request that
+    # the margin alone refuses is admitted to learn from (0: never). docs/benchmarks.md,
+    # issue 14, session 11: memory-bound suite 5695 -> 5764 on time, paper 7935 -> 7944.
+    admission_probe_s: float = setting(5.0, live=True,
+                                       help="admit a request the learned margin alone refuses when none of its "
+                                            "workflow was admitted near its SLO for this long (0: never)")
     slo_multiple: float = setting(2.0, live=True, help="SLO = this x the solo latency, where a workflow sets no slo_s")
     cost_scale: float = setting(1.0, help="profile times x this (an emulated cluster's time_scale)")
     # "micro": requests are unrolled into node tasks; "monolith": each request is one
@@ -125,7 +134,7 @@ class BrokerSettings:
             raise ValueError(f"adapter_affinity: expected true or false, got {self.adapter_affinity!r}")
         if not (isinstance(self.admission_overhead_s, (int, float)) and self.admission_overhead_s >= 0):
             raise ValueError(f"admission_overhead_s: expected seconds >= 0, got {self.admission_overhead_s!r}")
-        for name in ("request_timeout_s", "orphan_timeout_s"):
+        for name in ("request_timeout_s", "orphan_timeout_s", "admission_probe_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"{name}: expected seconds >= 0 (0: never), got {value!r}")
