@@ -41,6 +41,12 @@ class Rate:
         return self.value * math.exp(-max(0.0, now - self.at) / RATE_WINDOW_S)
 
 
+def teaches_margin(predicted_s: float, slo_s: float | None) -> bool:
+    """Whether a request admitted with this prediction teaches lookahead's margin when it
+    ends: one predicted near its SLO (`EDGE_SHARE` of it or more, or with no SLO known)."""
+    return slo_s is None or predicted_s >= EDGE_SHARE * slo_s
+
+
 class LoadTracker:
     def __init__(self, catalog: Catalog, cost_scale: float = 1.0):
         self.catalog = catalog
@@ -140,7 +146,7 @@ class LoadTracker:
 
     def admission_decided(self, workflow: str, admitted: bool, predicted_s: float, slo_s: float, now: float) -> None:
         """An admission that will teach the margin (`request_done`'s rule) resets `probe_due`'s clock."""
-        if admitted and predicted_s >= EDGE_SHARE * slo_s:
+        if admitted and teaches_margin(predicted_s, slo_s):
             self.edge_admitted_at[workflow] = now
 
     def admission_factor(self, workflow: str) -> float:
@@ -154,9 +160,7 @@ class LoadTracker:
         margin: that is where a miss means a wrong admission. One with slack to spare
         says little (the first requests of a burst, predicted on an idle cluster, share
         the GPUs with the ones after them and all end together)."""
-        if predicted_s is None or predicted_s <= 0:
-            return
-        if slo_s is not None and predicted_s < EDGE_SHARE * slo_s:
+        if predicted_s is None or predicted_s <= 0 or not teaches_margin(predicted_s, slo_s):
             return
         ratio = latency_s / predicted_s
         old = self.admission_error.get(workflow)
